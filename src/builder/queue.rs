@@ -1,0 +1,159 @@
+//! The build queue: one running request, at most `queue_limit` waiting, in
+//! arrival order across all repos (they share one store and machine).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+/// Why a request could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// `queue_limit` requests are already waiting.
+    Full,
+    /// The builder is shutting down.
+    Closed,
+}
+
+struct State<J> {
+    waiting: VecDeque<J>,
+    running: bool,
+    closed: bool,
+}
+
+/// A FIFO with a single consumer that knows whether it is busy.
+pub struct Queue<J> {
+    state: Mutex<State<J>>,
+    wake: Notify,
+    limit: usize,
+}
+
+impl<J> Queue<J> {
+    /// A queue that lets `limit` jobs wait behind the running one.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                running: false,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            limit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<J>> {
+        // A panic while holding this lock cannot leave the queue half
+        // updated (every critical section is a single push or pop).
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends a job; returns how many jobs are ahead of it (0: it starts now).
+    pub fn push(&self, job: J) -> Result<usize, PushError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(PushError::Closed);
+        }
+        if state.waiting.len() >= self.limit {
+            return Err(PushError::Full);
+        }
+        let position = state.waiting.len() + usize::from(state.running);
+        state.waiting.push_back(job);
+        drop(state);
+        self.wake.notify_one();
+        Ok(position)
+    }
+
+    /// Waits for the next job and marks the queue busy until [`Self::done`].
+    /// Returns `None` once the queue is closed.
+    pub async fn next(&self) -> Option<J> {
+        loop {
+            let notified = self.wake.notified();
+            {
+                let mut state = self.lock();
+                if state.closed {
+                    return None;
+                }
+                if let Some(job) = state.waiting.pop_front() {
+                    state.running = true;
+                    return Some(job);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The running job is finished.
+    pub fn done(&self) {
+        self.lock().running = false;
+    }
+
+    /// Refuses new jobs and hands back the ones still waiting.
+    pub fn close(&self) -> Vec<J> {
+        let mut state = self.lock();
+        state.closed = true;
+        let waiting = state.waiting.drain(..).collect();
+        drop(state);
+        self.wake.notify_waiters();
+        waiting
+    }
+
+    /// Number of jobs waiting (not counting the running one).
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn positions_count_the_running_job_and_those_waiting() {
+        let queue = Queue::new(2);
+        assert_eq!(queue.push("a"), Ok(0));
+        assert_eq!(queue.next().await, Some("a"));
+        assert_eq!(queue.push("b"), Ok(1));
+        assert_eq!(queue.push("c"), Ok(2));
+        assert_eq!(queue.push("d"), Err(PushError::Full));
+        queue.done();
+        assert_eq!(queue.next().await, Some("b"));
+        assert_eq!(queue.push("e"), Ok(2));
+    }
+
+    #[tokio::test]
+    async fn next_waits_for_a_push() {
+        let queue = std::sync::Arc::new(Queue::new(1));
+        let consumer = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.next().await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(queue.push(7), Ok(0));
+        assert_eq!(consumer.await.unwrap(), Some(7));
+    }
+
+    #[tokio::test]
+    async fn close_returns_waiting_jobs_and_refuses_more() {
+        let queue = std::sync::Arc::new(Queue::new(4));
+        queue.push(1).unwrap();
+        queue.push(2).unwrap();
+        assert_eq!(queue.close(), vec![1, 2]);
+        assert_eq!(queue.push(3), Err(PushError::Closed));
+        assert_eq!(queue.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn close_wakes_an_idle_consumer() {
+        let queue = std::sync::Arc::new(Queue::<u8>::new(1));
+        let consumer = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.next().await }
+        });
+        tokio::task::yield_now().await;
+        queue.close();
+        assert_eq!(consumer.await.unwrap(), None);
+    }
+}

@@ -1,0 +1,141 @@
+//! `homelab-deploy build`: request builds and follow them to the end.
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use super::output::View;
+use super::{Exit, NatsArgs};
+use crate::client::{BuildClient, ClientError, Timeouts, validate};
+use crate::protocol::{ALL_TARGET, BuildRequest, BuildStatus, Event};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Repo name as configured on the builder (e.g. nixos-servers).
+    repo: String,
+    /// Hosts to build; each is its own request, run one after the other.
+    targets: Vec<String>,
+    /// Build every host of the repo (target "all").
+    #[arg(long, conflicts_with = "targets")]
+    all: bool,
+    /// Build this branch or tag instead of the repo's default.
+    #[arg(long = "ref", value_name = "REF")]
+    git_ref: Option<String>,
+    /// Build this exact commit (40 hex digits).
+    #[arg(long, value_name = "SHA")]
+    rev: Option<String>,
+    /// Print every event as received, one JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Give up on a request after this long (e.g. 90m, 3h).
+    #[arg(long, default_value = "3h", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+pub async fn run(args: Args) -> Exit {
+    let targets = if args.all {
+        vec![ALL_TARGET.to_owned()]
+    } else if args.targets.is_empty() {
+        eprintln!("error: name at least one host to build, or pass --all");
+        return Exit::Usage;
+    } else {
+        args.targets.clone()
+    };
+    let request = BuildRequest {
+        git_ref: args.git_ref.clone(),
+        rev: args.rev.clone(),
+    };
+    for target in &targets {
+        if let Err(err) = validate(&args.repo, target, &request) {
+            eprintln!("error: {err}");
+            return Exit::Usage;
+        }
+    }
+
+    let client = match BuildClient::connect(&args.nats.settings("homelab-deploy-build")).await {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return Exit::NoBuilder;
+        }
+    };
+    let timeouts = Timeouts {
+        total: args.timeout,
+        ..Timeouts::default()
+    };
+    let mut worst = Exit::Success;
+    for target in &targets {
+        let exit = follow(&client, &args, target, &request, timeouts).await;
+        worst = worst.max(exit);
+        if exit == Exit::NoBuilder {
+            // The remaining requests would go unanswered the same way.
+            break;
+        }
+    }
+    worst
+}
+
+/// Sends one request and shows its events; returns its exit code.
+async fn follow(
+    client: &BuildClient,
+    args: &Args,
+    target: &str,
+    request: &BuildRequest,
+    timeouts: Timeouts,
+) -> Exit {
+    let stdout = std::io::stdout();
+    let live = !args.json && stdout.is_terminal();
+    let mut view = View::new(stdout.lock(), live);
+    let mut events = match client.request(&args.repo, target, request, timeouts).await {
+        Ok(events) => events,
+        Err(err) => return report_error(&mut view, &err),
+    };
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let next = tokio::select! {
+            next = events.next() => next,
+            _ = ticker.tick() => {
+                view.tick();
+                continue;
+            }
+        };
+        let received = match next {
+            Ok(Some(received)) => received,
+            Ok(None) => return report_error(&mut view, &ClientError::Closed),
+            Err(err) => return report_error(&mut view, &err),
+        };
+        if args.json {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&received.raw);
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+        } else {
+            view.event(&received.reply);
+        }
+        match &received.reply.event {
+            Event::Finished { status, .. } => {
+                return match status {
+                    BuildStatus::Success => Exit::Success,
+                    BuildStatus::Failed | BuildStatus::Cancelled => Exit::Failed,
+                };
+            }
+            Event::Rejected { .. } => return Exit::Usage,
+            _ => {}
+        }
+    }
+}
+
+fn report_error<W: Write>(view: &mut View<W>, err: &ClientError) -> Exit {
+    view.finish();
+    eprintln!("error: {err}");
+    match err {
+        ClientError::Invalid(_) | ClientError::InvalidRepo(_) => Exit::Usage,
+        ClientError::Connect(_)
+        | ClientError::NoResponders { .. }
+        | ClientError::NotAcknowledged { .. }
+        | ClientError::TimedOut { .. }
+        | ClientError::Nats(_)
+        | ClientError::Closed => Exit::NoBuilder,
+    }
+}

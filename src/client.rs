@@ -1,0 +1,242 @@
+//! The requesting side of the protocol, shared by the CLI and the MCP server:
+//! publish a build request and follow its events to the terminal one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::{StatusCode, Subscriber};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use thiserror::Error;
+use tokio::time::Instant;
+
+use crate::nats::{self, ConnectSettings, NatsError};
+use crate::protocol::{
+    self, BuildRequest, RESPONSES_PREFIX, RESPONSES_TOKEN, Reply, RequestError, Target,
+};
+
+/// Why a request got no (complete) answer.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Connect(#[from] NatsError),
+    #[error("invalid request: {0}")]
+    Invalid(#[from] RequestError),
+    #[error("invalid repo name {0}: use letters, digits, '-' and '_'")]
+    InvalidRepo(String),
+    #[error("no builder is listening on {subject} (NATS reported no responders)")]
+    NoResponders { subject: String },
+    #[error("no builder acknowledged the request on {subject} within {}", humantime::format_duration(*.waited))]
+    NotAcknowledged { subject: String, waited: Duration },
+    #[error("gave up after {}: the build did not finish in time (raise --timeout)", humantime::format_duration(*.waited))]
+    TimedOut { waited: Duration },
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("the NATS connection closed before the build finished")]
+    Closed,
+}
+
+/// How long to wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For the whole request, from publishing to the terminal event.
+    pub total: Duration,
+    /// For the first reply (`accepted` is sent at once on receipt).
+    pub accept: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            total: Duration::from_secs(3 * 60 * 60),
+            accept: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A connection that sends build requests.
+pub struct BuildClient {
+    nats: async_nats::Client,
+    client_id: String,
+    sequence: AtomicU64,
+}
+
+/// One reply as received: parsed, and the exact bytes (for `--json`).
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub reply: Reply,
+    pub raw: Bytes,
+}
+
+impl BuildClient {
+    /// Connects with the CLI's settings; fails at once if no server answers.
+    pub async fn connect(settings: &ConnectSettings) -> Result<Self, ClientError> {
+        let nats = nats::connect(settings, |_| {}).await?;
+        Ok(Self::new(nats))
+    }
+
+    /// Uses an existing connection.
+    pub fn new(nats: async_nats::Client) -> Self {
+        Self {
+            nats,
+            client_id: protocol::random_hex::<8>(),
+            sequence: AtomicU64::new(0),
+        }
+    }
+
+    /// The underlying connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// A fresh reply subject under `build.responses.`.
+    pub fn reply_subject(&self) -> String {
+        let n = self.sequence.fetch_add(1, Ordering::Relaxed);
+        format!("{RESPONSES_PREFIX}{}.{n}", self.client_id)
+    }
+
+    /// Validates and publishes a build request, subscribed to its reply
+    /// subject first so no event can be missed.
+    pub async fn request(
+        &self,
+        repo: &str,
+        target: &str,
+        request: &BuildRequest,
+        timeouts: Timeouts,
+    ) -> Result<BuildEvents, ClientError> {
+        validate(repo, target, request)?;
+        let subject = protocol::request_subject(repo, target);
+        let reply_to = self.reply_subject();
+        let subscriber = self
+            .nats
+            .subscribe(reply_to.clone())
+            .await
+            .map_err(|err| ClientError::Nats(err.to_string()))?;
+        let body = if request == &BuildRequest::default() {
+            Bytes::new()
+        } else {
+            serde_json::to_vec(request)
+                .map_err(|err| ClientError::Nats(err.to_string()))?
+                .into()
+        };
+        self.nats
+            .publish_with_reply(subject.clone(), reply_to, body)
+            .await
+            .map_err(|err| ClientError::Nats(err.to_string()))?;
+        self.nats
+            .flush()
+            .await
+            .map_err(|err| ClientError::Nats(err.to_string()))?;
+        let now = Instant::now();
+        Ok(BuildEvents {
+            subscriber,
+            subject,
+            started: now,
+            deadline: now + timeouts.total,
+            accept_deadline: now + timeouts.accept.min(timeouts.total),
+            heard: false,
+            finished: false,
+        })
+    }
+}
+
+/// Checks a request the way the builder will, before anything is sent.
+pub fn validate(repo: &str, target: &str, request: &BuildRequest) -> Result<(), ClientError> {
+    if !protocol::is_valid_name(repo) || repo == RESPONSES_TOKEN {
+        return Err(ClientError::InvalidRepo(protocol::quote_for_error(repo)));
+    }
+    Target::parse(target)?;
+    request.validate()?;
+    Ok(())
+}
+
+/// The events of one request, ending with its terminal event.
+pub struct BuildEvents {
+    subscriber: Subscriber,
+    subject: String,
+    started: Instant,
+    deadline: Instant,
+    accept_deadline: Instant,
+    heard: bool,
+    finished: bool,
+}
+
+impl BuildEvents {
+    /// The next event; `Ok(None)` after the terminal one.
+    pub async fn next(&mut self) -> Result<Option<Received>, ClientError> {
+        while !self.finished {
+            let wait_until = if self.heard {
+                self.deadline
+            } else {
+                self.accept_deadline
+            };
+            let message = match tokio::time::timeout_at(wait_until, self.subscriber.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err(ClientError::Closed),
+                Err(_) if self.heard => {
+                    return Err(ClientError::TimedOut {
+                        waited: self.started.elapsed(),
+                    });
+                }
+                Err(_) => {
+                    return Err(ClientError::NotAcknowledged {
+                        subject: self.subject.clone(),
+                        waited: self.started.elapsed(),
+                    });
+                }
+            };
+            if message.status == Some(StatusCode::NO_RESPONDERS) {
+                return Err(ClientError::NoResponders {
+                    subject: self.subject.clone(),
+                });
+            }
+            if message.status.is_some() {
+                continue;
+            }
+            match serde_json::from_slice::<Reply>(&message.payload) {
+                Ok(reply) => {
+                    self.heard = true;
+                    self.finished = reply.is_terminal();
+                    return Ok(Some(Received {
+                        reply,
+                        raw: message.payload,
+                    }));
+                }
+                Err(err) => tracing::warn!(%err, "ignoring a malformed reply"),
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_side_validation_matches_the_builder() {
+        let ok = BuildRequest::default();
+        assert!(validate("nixos-servers", "all", &ok).is_ok());
+        assert!(validate("nixos-servers", "ns1", &ok).is_ok());
+        assert!(matches!(
+            validate("responses", "x", &ok),
+            Err(ClientError::InvalidRepo(_))
+        ));
+        assert!(matches!(
+            validate("a.b", "x", &ok),
+            Err(ClientError::InvalidRepo(_))
+        ));
+        assert!(matches!(
+            validate("r", "$(id)", &ok),
+            Err(ClientError::Invalid(_))
+        ));
+        let bad_ref = BuildRequest {
+            git_ref: Some("--upload-pack=x".into()),
+            rev: None,
+        };
+        assert!(matches!(
+            validate("r", "all", &bad_ref),
+            Err(ClientError::Invalid(_))
+        ));
+    }
+}

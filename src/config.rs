@@ -1,0 +1,448 @@
+//! The builder's TOML configuration: its shape, defaults and validation.
+//!
+//! `config.example.toml` shows every key; the key names are a contract with
+//! the NixOS module and existing deployments, so keys are added, never renamed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::protocol::{RESPONSES_TOKEN, is_valid_name};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// How to reach the NATS server.
+    pub nats: NatsConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// How builds run.
+    #[serde(default)]
+    pub builder: BuilderConfig,
+    /// Repo name (the second subject token) → flake to build.
+    pub repos: BTreeMap<String, RepoConfig>,
+}
+
+/// `[nats]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL, or a list of them (`nats://host:4222`, `tls://host:4222`).
+    pub url: ServerUrls,
+    /// File holding an NKey user seed (`SU...`); surrounding whitespace is ignored.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and seed), the alternative to `nkey_seed_file`.
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// One server URL or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ServerUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl ServerUrls {
+    /// The URLs as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(url) => vec![url.clone()],
+            Self::Many(urls) => urls.clone(),
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address the Prometheus endpoint listens on.
+    #[serde(default = "defaults::metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::metrics_listen(),
+        }
+    }
+}
+
+/// `[builder]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderConfig {
+    /// Requests that may wait behind the running one; more are rejected
+    /// with `queue_full`.
+    #[serde(default = "defaults::queue_limit")]
+    pub queue_limit: usize,
+    /// Wall-clock limit for one host (evaluation and build), e.g. `"2h"`.
+    #[serde(default = "defaults::host_timeout", with = "humantime_serde")]
+    pub host_timeout: Duration,
+    /// How often a building host reports progress when Nix itself is quiet.
+    #[serde(default = "defaults::progress_interval", with = "humantime_serde")]
+    pub progress_interval: Duration,
+    /// Where successful outputs are rooted, as `<dir>/<repo>/<host>`, so the
+    /// garbage collector keeps them; without it builds use `--no-link`.
+    pub gc_roots_dir: Option<PathBuf>,
+}
+
+impl Default for BuilderConfig {
+    fn default() -> Self {
+        Self {
+            queue_limit: defaults::queue_limit(),
+            host_timeout: defaults::host_timeout(),
+            progress_interval: defaults::progress_interval(),
+            gc_roots_dir: None,
+        }
+    }
+}
+
+/// `[repos.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    /// Flake URL without a ref or rev, e.g. `git+https://host/owner/repo.git`.
+    pub url: String,
+    /// Branch or tag built when a request names none; without it, the
+    /// remote's default branch.
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    /// Hosts that target `all` skips (they can still be built by name).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// The defaults, in one place.
+mod defaults {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    pub fn metrics_listen() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9973))
+    }
+    pub fn queue_limit() -> usize {
+        16
+    }
+    pub fn host_timeout() -> Duration {
+        Duration::from_secs(2 * 60 * 60)
+    }
+    pub fn progress_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+/// Everything that can be wrong with a configuration file.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("[nats] url is empty: give a server URL such as \"nats://nats.example:4222\"")]
+    NoNatsUrl,
+    #[error("[nats] url {url:?} is not a NATS server URL (nats://, tls://, ws:// or wss://)")]
+    BadNatsUrl { url: String },
+    #[error("[nats] sets both nkey_seed_file and credentials_file: keep one of them")]
+    ConflictingNatsAuth,
+    #[error("no [repos.<name>] tables: configure at least one flake to build")]
+    NoRepos,
+    #[error("repo name {name:?} is not allowed: use letters, digits, '-' and '_' only")]
+    BadRepoName { name: String },
+    #[error("repo name \"responses\" is reserved for reply subjects (build.responses.>)")]
+    ReservedRepoName,
+    #[error("[repos.{repo}] url {url:?}: {reason}")]
+    BadRepoUrl {
+        repo: String,
+        url: String,
+        reason: &'static str,
+    },
+    #[error("[repos.{repo}] ref: {reason}")]
+    BadRepoRef { repo: String, reason: String },
+    #[error("[repos.{repo}] exclude: {host:?} is not a valid host name")]
+    BadExclude { repo: String, host: String },
+    #[error("[builder] {key} must be greater than zero")]
+    Zero { key: &'static str },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string().trim_end().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let urls = self.nats.url.to_vec();
+        if urls.is_empty() {
+            return Err(ConfigError::NoNatsUrl);
+        }
+        for url in urls {
+            let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme));
+            if !scheme_ok || url.chars().any(char::is_whitespace) {
+                return Err(ConfigError::BadNatsUrl { url });
+            }
+        }
+        if self.nats.nkey_seed_file.is_some() && self.nats.credentials_file.is_some() {
+            return Err(ConfigError::ConflictingNatsAuth);
+        }
+        if self.builder.queue_limit == 0 {
+            return Err(ConfigError::Zero { key: "queue_limit" });
+        }
+        if self.builder.host_timeout.is_zero() {
+            return Err(ConfigError::Zero {
+                key: "host_timeout",
+            });
+        }
+        if self.builder.progress_interval.is_zero() {
+            return Err(ConfigError::Zero {
+                key: "progress_interval",
+            });
+        }
+        if self.repos.is_empty() {
+            return Err(ConfigError::NoRepos);
+        }
+        for (name, repo) in &self.repos {
+            if name == RESPONSES_TOKEN {
+                return Err(ConfigError::ReservedRepoName);
+            }
+            if !is_valid_name(name) {
+                return Err(ConfigError::BadRepoName { name: name.clone() });
+            }
+            repo.validate(name)?;
+        }
+        Ok(())
+    }
+}
+
+impl RepoConfig {
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let bad_url = |reason| ConfigError::BadRepoUrl {
+            repo: name.to_owned(),
+            url: self.url.clone(),
+            reason,
+        };
+        if self.url.is_empty() {
+            return Err(bad_url("it is empty"));
+        }
+        if self
+            .url
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad_url("it contains whitespace"));
+        }
+        if self.url.starts_with('-') {
+            return Err(bad_url("it starts with '-'"));
+        }
+        if !self.url.contains(':') {
+            return Err(bad_url(
+                "it is not a flake URL (expected e.g. git+https://host/repo.git)",
+            ));
+        }
+        if self.url.contains('#') {
+            return Err(bad_url(
+                "remove the '#...' part; the builder selects nixosConfigurations itself",
+            ));
+        }
+        if let Some((_, query)) = self.url.split_once('?') {
+            if query
+                .split('&')
+                .any(|param| param.starts_with("ref=") || param.starts_with("rev="))
+            {
+                return Err(bad_url(
+                    "put the branch in the repo's `ref` key, not in the URL",
+                ));
+            }
+        }
+        if let Some(git_ref) = &self.git_ref {
+            crate::protocol::validate_ref(git_ref).map_err(|err| ConfigError::BadRepoRef {
+                repo: name.to_owned(),
+                reason: err.to_string(),
+            })?;
+        }
+        for host in &self.exclude {
+            if !is_valid_name(host) {
+                return Err(ConfigError::BadExclude {
+                    repo: name.to_owned(),
+                    host: host.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config.example.toml");
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[nats]
+url = "nats://127.0.0.1:4222"
+[repos.demo]
+url = "git+file:///srv/demo"
+"#;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let config = parse(EXAMPLE).unwrap();
+        assert_eq!(config.builder.queue_limit, 16);
+        assert_eq!(config.builder.host_timeout, Duration::from_secs(7200));
+        assert_eq!(config.metrics.listen.port(), 9973);
+        assert_eq!(
+            config.repos["nixos-servers"].exclude,
+            vec!["template".to_string()]
+        );
+        assert_eq!(
+            config.repos["nixos-servers"].git_ref.as_deref(),
+            Some("master")
+        );
+    }
+
+    #[test]
+    fn defaults_fill_optional_sections() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.builder.queue_limit, 16);
+        assert_eq!(config.builder.progress_interval, Duration::from_secs(30));
+        assert_eq!(config.metrics.listen.to_string(), "0.0.0.0:9973");
+        assert!(config.builder.gc_roots_dir.is_none());
+        assert!(config.repos["demo"].git_ref.is_none());
+    }
+
+    #[test]
+    fn url_may_be_a_list() {
+        let text = MINIMAL.replace(
+            r#"url = "nats://127.0.0.1:4222""#,
+            r#"url = ["nats://a:4222", "tls://b:4222"]"#,
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.nats.url.to_vec().len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let text = format!("{MINIMAL}\nqueue_lmit = 3\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("queue_lmit"), "{err}");
+        let text = MINIMAL.replace("[repos.demo]", "[builder]\nqueue_lmit = 3\n[repos.demo]");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("queue_lmit"), "{err}");
+    }
+
+    #[test]
+    fn bad_durations_are_reported() {
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "[builder]\nhost_timeout = \"soon\"\n[repos.demo]",
+        );
+        assert!(matches!(parse(&text), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn responses_is_reserved() {
+        let text = MINIMAL.replace("[repos.demo]", "[repos.responses]");
+        assert!(matches!(parse(&text), Err(ConfigError::ReservedRepoName)));
+    }
+
+    #[test]
+    fn repo_names_are_checked() {
+        let text = MINIMAL.replace("[repos.demo]", "[repos.\"a.b\"]");
+        assert!(matches!(parse(&text), Err(ConfigError::BadRepoName { .. })));
+    }
+
+    #[test]
+    fn repo_urls_are_checked() {
+        for url in [
+            "",
+            "no-scheme",
+            "git+file:///x#nixosConfigurations",
+            "git+file:///x?ref=main",
+            "git+file:///x?dir=a&rev=abc",
+            "-x:y",
+            "git+file:///a b",
+        ] {
+            let text = MINIMAL.replace("git+file:///srv/demo", url);
+            assert!(
+                matches!(parse(&text), Err(ConfigError::BadRepoUrl { .. })),
+                "{url}"
+            );
+        }
+        let text = MINIMAL.replace("git+file:///srv/demo", "git+file:///srv/demo?dir=sub");
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn refs_and_excludes_are_checked() {
+        let text = format!("{MINIMAL}ref = \"a..b\"\n");
+        assert!(matches!(parse(&text), Err(ConfigError::BadRepoRef { .. })));
+        let text = format!("{MINIMAL}exclude = [\"ok\", \"not ok\"]\n");
+        assert!(matches!(parse(&text), Err(ConfigError::BadExclude { .. })));
+    }
+
+    #[test]
+    fn both_auth_files_conflict() {
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "nkey_seed_file = \"/a\"\ncredentials_file = \"/b\"\n[repos.demo]",
+        );
+        assert!(matches!(
+            parse(&text),
+            Err(ConfigError::ConflictingNatsAuth)
+        ));
+    }
+
+    #[test]
+    fn nats_urls_are_checked() {
+        let text = MINIMAL.replace("nats://127.0.0.1:4222", "http://x");
+        assert!(matches!(parse(&text), Err(ConfigError::BadNatsUrl { .. })));
+        let text = MINIMAL.replace("\"nats://127.0.0.1:4222\"", "[]");
+        assert!(matches!(parse(&text), Err(ConfigError::NoNatsUrl)));
+    }
+
+    #[test]
+    fn zero_limits_are_errors() {
+        let text = MINIMAL.replace("[repos.demo]", "[builder]\nqueue_limit = 0\n[repos.demo]");
+        assert!(matches!(parse(&text), Err(ConfigError::Zero { .. })));
+    }
+
+    #[test]
+    fn no_repos_is_an_error() {
+        let text = "[nats]\nurl = \"nats://x:1\"\n[repos]\n";
+        assert!(matches!(parse(text), Err(ConfigError::NoRepos)));
+    }
+}

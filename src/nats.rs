@@ -1,0 +1,209 @@
+//! Connecting to NATS: server URLs, NKey seed or `.creds` authentication,
+//! and reconnect events.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{ConnectOptions, Event, ServerAddr};
+use thiserror::Error;
+
+/// How to authenticate to the server.
+#[derive(Debug, Clone, Default)]
+pub enum Auth {
+    /// No credentials (a server without authorization, or tests).
+    #[default]
+    None,
+    /// An NKey user seed file.
+    NkeySeedFile(PathBuf),
+    /// A `.creds` file with a user JWT and seed.
+    CredentialsFile(PathBuf),
+}
+
+/// Everything needed to open a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectSettings {
+    /// Server URLs (`nats://`, `tls://`, ...); any of them will do.
+    pub urls: Vec<String>,
+    /// Credentials.
+    pub auth: Auth,
+    /// Connection name shown by the server's monitoring.
+    pub name: String,
+    /// Keep trying when no server is reachable at start (the daemon) instead
+    /// of failing at once (the CLI).
+    pub retry_initial_connect: bool,
+}
+
+/// Why no connection could be made.
+#[derive(Debug, Error)]
+pub enum NatsError {
+    #[error("NKey seed file {path}: {source}")]
+    SeedUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "NKey seed file {path} is readable by every user; restrict it (chmod 600) before using it"
+    )]
+    SeedWorldReadable { path: PathBuf },
+    #[error(
+        "NKey seed file {path} does not hold a valid user seed (a line starting with \"SU\"): {reason}"
+    )]
+    BadSeed { path: PathBuf, reason: String },
+    #[error("credentials file {path}: {source}")]
+    Credentials {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid NATS server URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot connect to NATS at {urls}: {source}")]
+    Connect {
+        urls: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Reads an NKey seed file, refusing one that every user on the host can read.
+pub fn read_seed(path: &Path) -> Result<String, NatsError> {
+    let metadata = std::fs::metadata(path).map_err(|source| NatsError::SeedUnreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    if metadata.permissions().mode() & 0o004 != 0 {
+        return Err(NatsError::SeedWorldReadable {
+            path: path.to_owned(),
+        });
+    }
+    let seed = std::fs::read_to_string(path).map_err(|source| NatsError::SeedUnreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    let seed = seed.trim().to_owned();
+    nkeys::KeyPair::from_seed(&seed).map_err(|err| NatsError::BadSeed {
+        path: path.to_owned(),
+        reason: err.to_string(),
+    })?;
+    Ok(seed)
+}
+
+/// Parses the server URLs.
+pub fn server_addrs(urls: &[String]) -> Result<Vec<ServerAddr>, NatsError> {
+    urls.iter()
+        .map(|url| {
+            ServerAddr::from_str(url).map_err(|err| NatsError::BadUrl {
+                url: url.clone(),
+                reason: err.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Opens a connection. `on_event` sees every connection event (connects,
+/// disconnects, server errors) after it has been logged.
+pub async fn connect(
+    settings: &ConnectSettings,
+    on_event: impl Fn(&Event) + Send + Sync + 'static,
+) -> Result<async_nats::Client, NatsError> {
+    let addrs = server_addrs(&settings.urls)?;
+    let mut options =
+        match &settings.auth {
+            Auth::None => ConnectOptions::new(),
+            Auth::NkeySeedFile(path) => ConnectOptions::with_nkey(read_seed(path)?),
+            Auth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| NatsError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?,
+        };
+    let on_event = Arc::new(on_event);
+    options = options
+        .name(&settings.name)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let on_event = Arc::clone(&on_event);
+            async move {
+                match &event {
+                    Event::Connected => tracing::info!("connected to NATS"),
+                    Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                    Event::ServerError(err) => tracing::warn!(%err, "NATS server error"),
+                    Event::ClientError(err) => tracing::warn!(%err, "NATS client error"),
+                    Event::SlowConsumer(sid) => {
+                        tracing::warn!(sid, "NATS slow consumer: messages were dropped")
+                    }
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
+                on_event(&event);
+            }
+        });
+    if settings.retry_initial_connect {
+        options = options.retry_on_initial_connect();
+    }
+    options
+        .connect(addrs)
+        .await
+        .map_err(|source| NatsError::Connect {
+            urls: settings.urls.join(", "),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_seed(dir: &Path, content: &str, mode: u32) -> PathBuf {
+        let path = dir.join("seed");
+        std::fs::write(&path, content).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn seeds_are_trimmed_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = nkeys::KeyPair::new_user();
+        let seed = pair.seed().unwrap();
+        let path = write_seed(dir.path(), &format!("  {seed}\n"), 0o600);
+        assert_eq!(read_seed(&path).unwrap(), seed);
+    }
+
+    #[test]
+    fn world_readable_seeds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let path = write_seed(dir.path(), &seed, 0o644);
+        assert!(matches!(
+            read_seed(&path),
+            Err(NatsError::SeedWorldReadable { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_and_garbage_seeds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            read_seed(&dir.path().join("absent")),
+            Err(NatsError::SeedUnreadable { .. })
+        ));
+        let path = write_seed(dir.path(), "not a seed", 0o600);
+        assert!(matches!(read_seed(&path), Err(NatsError::BadSeed { .. })));
+    }
+
+    #[test]
+    fn urls_are_parsed() {
+        assert_eq!(
+            server_addrs(&["nats://127.0.0.1:4222".into(), "tls://h:4443".into()])
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(server_addrs(&["nats://bad host:1".into()]).is_err());
+    }
+}

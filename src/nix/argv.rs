@@ -1,0 +1,335 @@
+//! The exact command lines the builder runs, built without running anything.
+//!
+//! Everything version-dependent lives here and is unit-tested per version.
+//! Only checked values reach these functions: repo URLs from the config,
+//! refs and revs that passed [`crate::protocol::validate_ref`] /
+//! [`crate::protocol::validate_rev`], host names that Nix itself listed, and
+//! store paths that Nix printed.
+
+use std::fmt;
+
+use super::NixVersion;
+
+/// The attribute under each host that is built.
+pub const TOPLEVEL_ATTR: &str = "config.system.build.toplevel";
+
+/// One program invocation: no shell is involved, each arg is passed as is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    pub program: String,
+    pub args: Vec<String>,
+}
+
+impl fmt::Display for Invocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.program)?;
+        for arg in &self.args {
+            if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || c == '\'') {
+                write!(f, " {arg:?}")?;
+            } else {
+                write!(f, " {arg}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds `nix` command lines for one detected Nix version.
+#[derive(Debug, Clone)]
+pub struct NixCli {
+    program: String,
+    version: NixVersion,
+}
+
+impl NixCli {
+    /// A command-line builder for `program` (normally `nix`) at `version`.
+    pub fn new(program: impl Into<String>, version: NixVersion) -> Self {
+        Self {
+            program: program.into(),
+            version,
+        }
+    }
+
+    /// The Nix version the command lines are written for.
+    pub fn version(&self) -> NixVersion {
+        self.version
+    }
+
+    fn invocation<I, S>(&self, args: I) -> Invocation
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        // The host's nix.conf need not enable flakes: enable them per call.
+        let mut all = vec![
+            "--extra-experimental-features".to_owned(),
+            "nix-command flakes".to_owned(),
+        ];
+        all.extend(args.into_iter().map(Into::into));
+        Invocation {
+            program: self.program.clone(),
+            args: all,
+        }
+    }
+
+    /// Fetches the flake afresh (ignoring Nix's git cache, which would
+    /// otherwise serve a branch head up to an hour old) and prints its locked
+    /// URL and revision as JSON.
+    pub fn flake_metadata(&self, flake_url: &str) -> Invocation {
+        self.invocation([
+            "flake",
+            "metadata",
+            "--json",
+            "--refresh",
+            "--log-format",
+            "internal-json",
+            flake_url,
+        ])
+    }
+
+    /// Prints the names of `nixosConfigurations` as a JSON list.
+    pub fn list_hosts(&self, locked_url: &str) -> Invocation {
+        self.invocation([
+            "eval".to_owned(),
+            "--json".to_owned(),
+            "--log-format".to_owned(),
+            "internal-json".to_owned(),
+            format!("{locked_url}#nixosConfigurations"),
+            "--apply".to_owned(),
+            "builtins.attrNames".to_owned(),
+        ])
+    }
+
+    /// Evaluates one host to the store path of its toplevel derivation.
+    pub fn eval_drv_path(&self, locked_url: &str, host: &str) -> Invocation {
+        self.invocation([
+            "eval".to_owned(),
+            "--raw".to_owned(),
+            "--log-format".to_owned(),
+            "internal-json".to_owned(),
+            format!("{locked_url}#nixosConfigurations.{host}.{TOPLEVEL_ATTR}.drvPath"),
+        ])
+    }
+
+    /// Builds a derivation's outputs, printing them as JSON on stdout and the
+    /// log as `internal-json` on stderr. With `out_link`, the output is rooted
+    /// there; otherwise nothing is linked.
+    pub fn build_drv(&self, drv_path: &str, out_link: Option<&str>) -> Invocation {
+        let mut args = vec![
+            "build".to_owned(),
+            "--json".to_owned(),
+            "--log-format".to_owned(),
+            "internal-json".to_owned(),
+        ];
+        match out_link {
+            Some(link) => {
+                args.push("--out-link".to_owned());
+                args.push(link.to_owned());
+            }
+            None => args.push("--no-link".to_owned()),
+        }
+        args.push(self.drv_outputs_installable(drv_path));
+        self.invocation(args)
+    }
+
+    /// The installable that means "all outputs of this derivation": a bare
+    /// `.drv` path before Nix 2.15, `drv^*` from then on. Getting this wrong
+    /// on a new Nix "builds" the `.drv` file itself and reports success.
+    pub fn drv_outputs_installable(&self, drv_path: &str) -> String {
+        if self.version.drv_needs_output_selector() {
+            format!("{drv_path}^*")
+        } else {
+            drv_path.to_owned()
+        }
+    }
+}
+
+/// Appends `ref` and `rev` to a flake URL from the config.
+pub fn flake_url_with_ref(url: &str, git_ref: Option<&str>, rev: Option<&str>) -> String {
+    let mut result = url.to_owned();
+    let mut separator = if url.contains('?') { '&' } else { '?' };
+    for (key, value) in [("ref", git_ref), ("rev", rev)] {
+        if let Some(value) = value {
+            result.push(separator);
+            result.push_str(key);
+            result.push('=');
+            result.push_str(value);
+            separator = '&';
+        }
+    }
+    result
+}
+
+/// Whether Nix printed something that looks like a derivation store path.
+pub fn is_drv_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path.ends_with(".drv")
+        && !path.contains("..")
+        && !path.contains(|c: char| c.is_whitespace() || c.is_control() || c == '^' || c == '#')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DRV: &str = "/nix/store/icxl17vk34xp34pp37bjwls2yrw13p3y-a2.drv";
+    const LOCKED: &str =
+        "git+file:///srv/demo?ref=master&rev=609da7ab2bec60c568928f7e8d760a36e14805b0";
+
+    fn cli(major: u32, minor: u32) -> NixCli {
+        NixCli::new("nix", NixVersion::new(major, minor, 0))
+    }
+
+    fn args(inv: &Invocation) -> Vec<&str> {
+        inv.args.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn every_call_enables_flakes_itself() {
+        for inv in [
+            cli(2, 8).flake_metadata("git+file:///x"),
+            cli(2, 24).list_hosts(LOCKED),
+            cli(2, 24).eval_drv_path(LOCKED, "ns1"),
+            cli(2, 8).build_drv(DRV, None),
+        ] {
+            assert_eq!(inv.program, "nix");
+            assert_eq!(
+                &args(&inv)[..2],
+                ["--extra-experimental-features", "nix-command flakes"]
+            );
+        }
+    }
+
+    #[test]
+    fn build_on_nix_2_8_uses_the_bare_drv_path() {
+        assert_eq!(
+            args(&cli(2, 8).build_drv(DRV, None))[2..],
+            [
+                "build",
+                "--json",
+                "--log-format",
+                "internal-json",
+                "--no-link",
+                DRV
+            ]
+        );
+    }
+
+    #[test]
+    fn build_on_nix_2_14_still_uses_the_bare_drv_path() {
+        assert_eq!(cli(2, 14).drv_outputs_installable(DRV), DRV);
+    }
+
+    #[test]
+    fn build_on_nix_2_15_and_later_selects_all_outputs() {
+        let expected = format!("{DRV}^*");
+        assert_eq!(cli(2, 15).drv_outputs_installable(DRV), expected);
+        assert_eq!(
+            args(&cli(2, 24).build_drv(DRV, None))[2..],
+            [
+                "build",
+                "--json",
+                "--log-format",
+                "internal-json",
+                "--no-link",
+                expected.as_str()
+            ]
+        );
+    }
+
+    #[test]
+    fn build_with_gc_root_links_instead_of_no_link() {
+        let inv = cli(2, 24).build_drv(DRV, Some("/var/lib/gc/repo/ns1"));
+        let a = args(&inv);
+        assert!(
+            a.windows(2)
+                .any(|w| w == ["--out-link", "/var/lib/gc/repo/ns1"])
+        );
+        assert!(!a.contains(&"--no-link"));
+    }
+
+    #[test]
+    fn metadata_refreshes_the_fetch_cache() {
+        let inv = cli(2, 8).flake_metadata("git+https://h/r.git?ref=master");
+        assert_eq!(
+            args(&inv)[2..],
+            [
+                "flake",
+                "metadata",
+                "--json",
+                "--refresh",
+                "--log-format",
+                "internal-json",
+                "git+https://h/r.git?ref=master"
+            ]
+        );
+    }
+
+    #[test]
+    fn host_evaluation_selects_the_toplevel_drv_path() {
+        let inv = cli(2, 24).eval_drv_path(LOCKED, "ns1");
+        assert_eq!(
+            args(&inv)[2..],
+            [
+                "eval",
+                "--raw",
+                "--log-format",
+                "internal-json",
+                &format!("{LOCKED}#nixosConfigurations.ns1.config.system.build.toplevel.drvPath")
+            ]
+        );
+        let inv = cli(2, 8).list_hosts(LOCKED);
+        assert_eq!(
+            args(&inv)[2..],
+            [
+                "eval",
+                "--json",
+                "--log-format",
+                "internal-json",
+                &format!("{LOCKED}#nixosConfigurations"),
+                "--apply",
+                "builtins.attrNames"
+            ]
+        );
+    }
+
+    #[test]
+    fn refs_and_revs_are_appended_to_the_url() {
+        assert_eq!(
+            flake_url_with_ref("git+file:///x", None, None),
+            "git+file:///x"
+        );
+        assert_eq!(
+            flake_url_with_ref("git+file:///x", Some("main"), None),
+            "git+file:///x?ref=main"
+        );
+        assert_eq!(
+            flake_url_with_ref("git+file:///x?dir=sub", Some("main"), Some("abc")),
+            "git+file:///x?dir=sub&ref=main&rev=abc"
+        );
+        assert_eq!(
+            flake_url_with_ref("git+file:///x", None, Some("abc")),
+            "git+file:///x?rev=abc"
+        );
+    }
+
+    #[test]
+    fn drv_paths_are_recognised() {
+        assert!(is_drv_path(DRV));
+        assert!(!is_drv_path("/nix/store/x-a2"));
+        assert!(!is_drv_path("--option x.drv"));
+        assert!(!is_drv_path("/nix/store/x.drv\n/other.drv"));
+        assert!(!is_drv_path("/nix/store/x.drv^*.drv"));
+    }
+
+    #[test]
+    fn invocations_display_readably() {
+        let inv = cli(2, 8).build_drv(DRV, None);
+        assert_eq!(
+            inv.to_string(),
+            format!(
+                "nix --extra-experimental-features \"nix-command flakes\" build --json --log-format internal-json --no-link {DRV}"
+            )
+        );
+    }
+}

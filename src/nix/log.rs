@@ -1,0 +1,462 @@
+//! Reading Nix's `--log-format internal-json` stream.
+//!
+//! Each stderr line is either `@nix {json}` or plain text. The format grew
+//! over the years (2.8 has no `parent` on activities, newer releases add
+//! fields, activity and result types); unknown types and fields are ignored,
+//! never errors.
+
+use std::collections::VecDeque;
+
+use serde::Deserialize;
+
+use crate::protocol::{MAX_ERROR_MESSAGE_BYTES, keep_tail};
+
+/// Activity type of the "building N derivations" umbrella activity.
+const ACT_BUILDS: u64 = 104;
+/// Activity type of one derivation build.
+const ACT_BUILD: u64 = 105;
+/// Result type of a line of a builder's output.
+const RES_BUILD_LOG_LINE: u64 = 101;
+/// Result type of a progress update `[done, expected, running, failed]`.
+const RES_PROGRESS: u64 = 105;
+/// Result type of a post-build-hook output line.
+const RES_POST_BUILD_LOG_LINE: u64 = 107;
+/// Verbosity of errors.
+const LEVEL_ERROR: u64 = 0;
+
+/// Longest single line kept from a builder's log.
+pub const MAX_LINE_BYTES: usize = 1024;
+
+/// What one stderr line of Nix means to the builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    /// A line a derivation's builder printed.
+    BuildLine(String),
+    /// Derivation counts of the running command.
+    Progress {
+        done: u64,
+        expected: u64,
+        running: u64,
+        failed: u64,
+    },
+    /// A derivation started building.
+    BuildStarted { drv_path: String },
+    /// A message Nix printed (level 0 is an error).
+    Message { level: u64, text: String },
+    /// A line that is not `@nix` JSON.
+    Plain(String),
+    /// Something the builder has no use for.
+    Ignored,
+}
+
+#[derive(Deserialize)]
+struct RawLine {
+    action: String,
+    #[serde(default)]
+    id: u64,
+    #[serde(rename = "type", default)]
+    kind: u64,
+    #[serde(default)]
+    level: u64,
+    #[serde(default)]
+    msg: Option<String>,
+    #[serde(default)]
+    fields: Vec<serde_json::Value>,
+}
+
+/// Turns stderr lines into [`LogEvent`]s; remembers which activity carries
+/// the derivation counts.
+#[derive(Debug, Default)]
+pub struct LogParser {
+    builds_activity: Option<u64>,
+}
+
+impl LogParser {
+    /// A parser for one Nix invocation.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Interprets one stderr line (without its newline).
+    pub fn parse(&mut self, line: &str) -> LogEvent {
+        let Some(json) = line.strip_prefix("@nix ") else {
+            return LogEvent::Plain(clean_line(line));
+        };
+        let Ok(raw) = serde_json::from_str::<RawLine>(json) else {
+            return LogEvent::Ignored;
+        };
+        match raw.action.as_str() {
+            "start" if raw.kind == ACT_BUILDS => {
+                self.builds_activity = Some(raw.id);
+                LogEvent::Ignored
+            }
+            "start" if raw.kind == ACT_BUILD => match raw.fields.first() {
+                Some(serde_json::Value::String(drv_path)) => LogEvent::BuildStarted {
+                    drv_path: drv_path.clone(),
+                },
+                _ => LogEvent::Ignored,
+            },
+            "result" if raw.kind == RES_BUILD_LOG_LINE || raw.kind == RES_POST_BUILD_LOG_LINE => {
+                match raw.fields.first() {
+                    Some(serde_json::Value::String(text)) => LogEvent::BuildLine(clean_line(text)),
+                    _ => LogEvent::Ignored,
+                }
+            }
+            "result" if raw.kind == RES_PROGRESS && Some(raw.id) == self.builds_activity => {
+                let field = |i: usize| {
+                    raw.fields
+                        .get(i)
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0)
+                };
+                LogEvent::Progress {
+                    done: field(0),
+                    expected: field(1),
+                    running: field(2),
+                    failed: field(3),
+                }
+            }
+            "msg" => LogEvent::Message {
+                level: raw.level,
+                text: strip_ansi(raw.msg.as_deref().unwrap_or_default()),
+            },
+            _ => LogEvent::Ignored,
+        }
+    }
+}
+
+/// Removes ANSI escape sequences and control characters (except newline and
+/// tab) from text Nix or a builder printed.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters and intermediates, then a final byte @..~
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ESC \
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' {
+                            break;
+                        }
+                        if c == '\u{1b}' {
+                            chars.next_if_eq(&'\\');
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A single log line, stripped and cut to [`MAX_LINE_BYTES`].
+fn clean_line(line: &str) -> String {
+    let mut text = strip_ansi(line);
+    if text.len() > MAX_LINE_BYTES {
+        let mut end = MAX_LINE_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [...]");
+    }
+    text
+}
+
+/// The bounded memory of what went wrong: Nix's error messages and the last
+/// lines of build output, from which the `error.message` of a failed host is
+/// made.
+#[derive(Debug)]
+pub struct ErrorTail {
+    messages: VecDeque<String>,
+    log_lines: VecDeque<String>,
+    max_log_lines: usize,
+}
+
+impl Default for ErrorTail {
+    fn default() -> Self {
+        Self::new(25)
+    }
+}
+
+impl ErrorTail {
+    const MAX_MESSAGES: usize = 16;
+
+    /// Keeps up to `max_log_lines` of build output.
+    pub fn new(max_log_lines: usize) -> Self {
+        Self {
+            messages: VecDeque::new(),
+            log_lines: VecDeque::new(),
+            max_log_lines,
+        }
+    }
+
+    /// Takes note of one event.
+    pub fn observe(&mut self, event: &LogEvent) {
+        match event {
+            LogEvent::BuildLine(line) => {
+                push_bounded(&mut self.log_lines, line.clone(), self.max_log_lines)
+            }
+            LogEvent::Message { level, text } if *level == LEVEL_ERROR => {
+                push_bounded(
+                    &mut self.messages,
+                    keep_tail(text.clone(), MAX_ERROR_MESSAGE_BYTES),
+                    Self::MAX_MESSAGES,
+                );
+            }
+            LogEvent::Plain(line) if !line.trim().is_empty() => {
+                push_bounded(&mut self.messages, line.clone(), Self::MAX_MESSAGES)
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether anything was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.log_lines.is_empty()
+    }
+
+    /// Nix's messages followed by the last build lines, at most
+    /// [`MAX_ERROR_MESSAGE_BYTES`]; the newest lines are kept when cutting.
+    pub fn summary(&self) -> String {
+        let messages: Vec<&str> = self.messages.iter().map(String::as_str).collect();
+        let messages = keep_tail(messages.join("\n"), MAX_ERROR_MESSAGE_BYTES / 2);
+        let header = "\nlast log lines:\n";
+        let mut budget = MAX_ERROR_MESSAGE_BYTES
+            .saturating_sub(messages.len())
+            .saturating_sub(header.len());
+        let mut lines = Vec::new();
+        for line in self.log_lines.iter().rev() {
+            let cost = line.len() + 3;
+            if cost > budget {
+                break;
+            }
+            budget -= cost;
+            lines.push(line.as_str());
+        }
+        if lines.is_empty() {
+            return messages;
+        }
+        lines.reverse();
+        let mut out = messages;
+        out.push_str(header);
+        for line in lines {
+            out.push_str("> ");
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.pop();
+        out.trim_start_matches('\n').to_owned()
+    }
+}
+
+fn push_bounded(queue: &mut VecDeque<String>, item: String, max: usize) {
+    if max == 0 {
+        return;
+    }
+    if queue.len() == max {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failing build as Nix 2.8 logs it (captured from Debian's nix-bin).
+    const NIX_2_8_FAILED_BUILD: &str = r#"@nix {"action":"start","id":13537736916992,"level":0,"text":"","type":102}
+@nix {"action":"start","id":13537736916993,"level":0,"text":"","type":104}
+@nix {"action":"start","id":13537736916994,"level":0,"text":"","type":103}
+@nix {"action":"result","fields":[0,1,0,0],"id":13537736916993,"type":105}
+@nix {"action":"result","fields":[0,0,0,0],"id":13537736916994,"type":105}
+@nix {"action":"result","fields":[101,0],"id":13537736916992,"type":106}
+@nix {"action":"start","id":13537736916995,"level":6,"text":"querying info about missing paths","type":0}
+@nix {"action":"stop","id":13537736916995}
+@nix {"action":"start","fields":["/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv","",1,1],"id":13537736916996,"level":3,"text":"building '/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv'","type":105}
+@nix {"action":"result","fields":[0,1,1,0],"id":13537736916993,"type":105}
+@nix {"action":"result","fields":["about to fail"],"id":13537736916996,"type":101}
+@nix {"action":"result","fields":["\u001b[31mred\u001b[0m"],"id":13537736916996,"type":101}
+@nix {"action":"result","fields":[0,0,0,1],"id":13537736916993,"type":105}
+@nix {"action":"stop","id":13537736916996}
+@nix {"action":"stop","id":13537736916993}
+@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m \u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3\u001b[0m","raw_msg":"\u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3\u001b[0m"}"#;
+
+    /// The same failure in the shape Nix 2.24 writes it: activities carry a
+    /// `parent`, messages carry a `trace`, and fetch activities (type 112)
+    /// and fetch-status results (type 108) appear that 2.8 never sent.
+    const NIX_2_24_FAILED_BUILD: &str = r#"@nix {"action":"start","id":7021741629440,"level":4,"parent":0,"text":"fetching git input 'git+file:///srv/demo'","type":112}
+@nix {"action":"result","fields":["done"],"id":7021741629440,"type":108}
+@nix {"action":"stop","id":7021741629440}
+@nix {"action":"start","id":7021741629441,"level":0,"parent":0,"text":"","type":102}
+@nix {"action":"start","id":7021741629442,"level":0,"parent":0,"text":"","type":104}
+@nix {"action":"result","fields":[0,1,0,0],"id":7021741629442,"type":105}
+@nix {"action":"start","fields":["/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv","",1,1],"id":7021741629443,"level":3,"parent":0,"text":"building '/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv'","type":105}
+@nix {"action":"result","fields":[0,1,1,0],"id":7021741629442,"type":105}
+@nix {"action":"result","fields":[104,"buildPhase"],"id":7021741629443,"type":104}
+@nix {"action":"result","fields":["about to fail"],"id":7021741629443,"type":101}
+@nix {"action":"result","fields":[0,1,0,1],"id":7021741629442,"type":105}
+@nix {"action":"stop","id":7021741629443}
+@nix {"action":"stop","id":7021741629442}
+@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m builder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3;\n       last 1 log lines:\n       > about to fail\n       For full logs, run 'nix log /nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv'.","raw_msg":"builder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3","trace":[]}"#;
+
+    fn parse_all(text: &str) -> Vec<LogEvent> {
+        let mut parser = LogParser::new();
+        text.lines().map(|line| parser.parse(line)).collect()
+    }
+
+    fn progress(events: &[LogEvent]) -> Vec<(u64, u64)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::Progress { done, expected, .. } => Some((*done, *expected)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nix_2_8_progress_comes_only_from_the_builds_activity() {
+        let events = parse_all(NIX_2_8_FAILED_BUILD);
+        // The copy-paths activity (type 103) also reports progress; it must
+        // not be mistaken for derivation counts.
+        assert_eq!(progress(&events), vec![(0, 1), (0, 1), (0, 0)]);
+    }
+
+    #[test]
+    fn nix_2_8_build_lines_are_stripped_of_ansi() {
+        let events = parse_all(NIX_2_8_FAILED_BUILD);
+        let lines: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::BuildLine(l) => Some(l.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lines, ["about to fail", "red"]);
+        assert!(events.contains(&LogEvent::BuildStarted {
+            drv_path: "/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv".into()
+        }));
+    }
+
+    #[test]
+    fn nix_2_8_error_tail_has_the_error_and_the_log() {
+        let mut tail = ErrorTail::default();
+        for event in parse_all(NIX_2_8_FAILED_BUILD) {
+            tail.observe(&event);
+        }
+        assert_eq!(
+            tail.summary(),
+            "error: builder for '/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv' failed with exit code 3\nlast log lines:\n> about to fail\n> red"
+        );
+    }
+
+    #[test]
+    fn nix_2_24_newer_types_and_fields_are_ignored() {
+        let events = parse_all(NIX_2_24_FAILED_BUILD);
+        assert_eq!(progress(&events), vec![(0, 1), (0, 1), (0, 1)]);
+        let mut tail = ErrorTail::default();
+        for event in &events {
+            tail.observe(event);
+        }
+        let summary = tail.summary();
+        assert!(
+            summary.starts_with("error: builder for '/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv' failed with exit code 3;"),
+            "{summary}"
+        );
+        assert!(
+            summary.ends_with("last log lines:\n> about to fail"),
+            "{summary}"
+        );
+        assert!(!summary.contains('\u{1b}'));
+    }
+
+    #[test]
+    fn plain_lines_and_garbage_do_not_break_parsing() {
+        let mut parser = LogParser::new();
+        assert_eq!(
+            parser.parse("error: unrecognised flag '--bogus'"),
+            LogEvent::Plain("error: unrecognised flag '--bogus'".into())
+        );
+        assert_eq!(parser.parse("@nix {not json"), LogEvent::Ignored);
+        assert_eq!(
+            parser.parse(r#"@nix {"action":"future"}"#),
+            LogEvent::Ignored
+        );
+        assert_eq!(
+            parser.parse(r#"@nix {"action":"result","id":1,"type":999,"fields":[{"x":1}]}"#),
+            LogEvent::Ignored
+        );
+    }
+
+    #[test]
+    fn ansi_and_control_characters_are_removed() {
+        assert_eq!(strip_ansi("\u{1b}[31;1merror:\u{1b}[0m x"), "error: x");
+        assert_eq!(
+            strip_ansi("a\u{1b}]8;;http://x\u{7}link\u{1b}]8;;\u{1b}\\b"),
+            "alinkb"
+        );
+        assert_eq!(strip_ansi("progress\r50%\u{8}"), "progress50%");
+        assert_eq!(
+            strip_ansi("keep\ttabs\nand newlines"),
+            "keep\ttabs\nand newlines"
+        );
+    }
+
+    #[test]
+    fn long_lines_are_cut() {
+        let mut parser = LogParser::new();
+        let long = format!(
+            r#"@nix {{"action":"result","id":1,"type":101,"fields":["{}"]}}"#,
+            "y".repeat(10_000)
+        );
+        let LogEvent::BuildLine(line) = parser.parse(&long) else {
+            panic!("not a build line");
+        };
+        assert!(line.len() <= MAX_LINE_BYTES + 10);
+    }
+
+    #[test]
+    fn the_tail_is_bounded_and_keeps_the_newest_lines() {
+        let mut tail = ErrorTail::new(25);
+        for i in 0..10_000 {
+            tail.observe(&LogEvent::BuildLine(format!(
+                "line {i} {}",
+                "z".repeat(200)
+            )));
+        }
+        tail.observe(&LogEvent::Message {
+            level: 0,
+            text: "error: boom".into(),
+        });
+        let summary = tail.summary();
+        assert!(summary.len() <= MAX_ERROR_MESSAGE_BYTES);
+        assert!(summary.starts_with("error: boom"));
+        assert!(summary.contains("line 9999"));
+        assert!(!summary.contains("line 9974 "));
+    }
+
+    #[test]
+    fn warnings_are_not_errors() {
+        let mut tail = ErrorTail::default();
+        tail.observe(&LogEvent::Message {
+            level: 1,
+            text: "warning: Git tree is dirty".into(),
+        });
+        assert!(tail.is_empty());
+    }
+}

@@ -1,0 +1,793 @@
+//! Wire protocol v1: subjects, the request body and every reply event.
+//!
+//! This module is the single source of the protocol that `docs/protocol.md`
+//! describes for people; the builder, the CLI client and the MCP server all
+//! speak through these types. Change both together.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// First token of every subject the service uses.
+pub const SUBJECT_ROOT: &str = "build";
+/// Second token reserved for replies; never a repo name.
+pub const RESPONSES_TOKEN: &str = "responses";
+/// Prefix of every reply subject (`build.responses.<client>.<unique>`).
+pub const RESPONSES_PREFIX: &str = "build.responses.";
+/// What the builder subscribes to for build requests.
+pub const REQUEST_SUBSCRIPTION: &str = "build.*.*";
+/// The target that means every host of the repo.
+pub const ALL_TARGET: &str = "all";
+/// Largest request body accepted; a valid body is far smaller.
+pub const MAX_BODY_BYTES: usize = 4096;
+/// Longest git ref accepted in a request.
+pub const MAX_REF_BYTES: usize = 200;
+/// Longest repo or host name accepted.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Longest error message carried in a reply.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+
+/// The subject a build request for `repo`/`target` is published on.
+pub fn request_subject(repo: &str, target: &str) -> String {
+    format!("{SUBJECT_ROOT}.{repo}.{target}")
+}
+
+/// What a subject received on [`REQUEST_SUBSCRIPTION`] means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectKind<'a> {
+    /// `build.<repo>.<target>`: a build request (not yet validated).
+    Build { repo: &'a str, target: &'a str },
+    /// Anything under `build.responses.`: a reply, never a request.
+    Response,
+    /// Not a subject of this protocol.
+    Other,
+}
+
+/// Classifies a subject. Replies are recognised first so that a three-token
+/// `build.responses.x` can never be taken for a build of repo `responses`.
+pub fn classify_subject(subject: &str) -> SubjectKind<'_> {
+    let mut tokens = subject.split('.');
+    if tokens.next() != Some(SUBJECT_ROOT) {
+        return SubjectKind::Other;
+    }
+    let Some(repo) = tokens.next() else {
+        return SubjectKind::Other;
+    };
+    if repo == RESPONSES_TOKEN {
+        return SubjectKind::Response;
+    }
+    match (tokens.next(), tokens.next()) {
+        (Some(target), None) => SubjectKind::Build { repo, target },
+        _ => SubjectKind::Other,
+    }
+}
+
+/// Whether `name` is a valid repo or host name: `[A-Za-z0-9_-]+`, bounded,
+/// and not starting with `-` (so it can never read as an option).
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name.len() <= MAX_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The body of a build request: empty, or a JSON object with these fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    /// Git branch or tag to build instead of the repo's default ref.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// Exact commit (40 hex digits) to build; must be reachable from the ref.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+}
+
+impl BuildRequest {
+    /// Parses and validates a request body. An empty (or all-whitespace)
+    /// body means "the repo's default ref, its current head".
+    pub fn parse(body: &[u8]) -> Result<Self, RequestError> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(RequestError::BodyTooLarge { len: body.len() });
+        }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let malformed = |err: serde_json::Error| RequestError::MalformedBody(err.to_string());
+        // serde would also accept a JSON array for a struct; only an object is valid.
+        let value: serde_json::Value = serde_json::from_slice(body).map_err(malformed)?;
+        if !value.is_object() {
+            return Err(RequestError::MalformedBody("not a JSON object".to_owned()));
+        }
+        let request: Self = serde_json::from_value(value).map_err(malformed)?;
+        request.validate()?;
+        Ok(request)
+    }
+
+    /// Checks `ref` and `rev`; the same rules apply on the client side.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if let Some(git_ref) = &self.git_ref {
+            validate_ref(git_ref)?;
+        }
+        if let Some(rev) = &self.rev {
+            validate_rev(rev)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a git ref against a strict allowlist.
+///
+/// The ref ends up in a flake URL query (`?ref=...`), so beyond git's own
+/// rules (no `..`, no leading `-`, ...) anything that could change the URL's
+/// meaning (`&`, `#`, `?`, `%`, `=`) is refused outright.
+pub fn validate_ref(git_ref: &str) -> Result<(), RequestError> {
+    let unsafe_ref = |reason: &'static str| RequestError::UnsafeRef {
+        git_ref: quote_for_error(git_ref),
+        reason,
+    };
+    if git_ref.is_empty() {
+        return Err(unsafe_ref("it is empty"));
+    }
+    if git_ref.len() > MAX_REF_BYTES {
+        return Err(unsafe_ref("it is longer than 200 bytes"));
+    }
+    if git_ref.starts_with('-') {
+        return Err(unsafe_ref("it starts with '-'"));
+    }
+    if git_ref.contains("..") {
+        return Err(unsafe_ref("it contains '..'"));
+    }
+    if git_ref.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(unsafe_ref("it contains whitespace or control characters"));
+    }
+    if !git_ref
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+    {
+        return Err(unsafe_ref(
+            "only letters, digits and '-', '_', '.', '/' are allowed",
+        ));
+    }
+    if git_ref.starts_with('/')
+        || git_ref.ends_with('/')
+        || git_ref.contains("//")
+        || git_ref.ends_with('.')
+        || git_ref.ends_with(".lock")
+        || git_ref.split('/').any(|part| part.starts_with('.'))
+    {
+        return Err(unsafe_ref("it is not a valid git ref name"));
+    }
+    Ok(())
+}
+
+/// Checks a commit id: exactly 40 hexadecimal digits.
+pub fn validate_rev(rev: &str) -> Result<(), RequestError> {
+    if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(RequestError::InvalidRev {
+            rev: quote_for_error(rev),
+        })
+    }
+}
+
+/// What the target token of a request names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every host of the repo, minus the repo's `exclude` list.
+    All,
+    /// One host (an attribute of `nixosConfigurations`).
+    Host(String),
+}
+
+impl Target {
+    /// Parses the target token of a request subject.
+    pub fn parse(token: &str) -> Result<Self, RequestError> {
+        if token == ALL_TARGET {
+            Ok(Self::All)
+        } else if is_valid_name(token) {
+            Ok(Self::Host(token.to_owned()))
+        } else {
+            Err(RequestError::InvalidTarget {
+                target: quote_for_error(token),
+            })
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All => f.write_str(ALL_TARGET),
+            Self::Host(host) => f.write_str(host),
+        }
+    }
+}
+
+/// Why a request was refused on receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RequestError {
+    #[error("unknown repo {repo}; this builder builds: {known}")]
+    UnknownRepo { repo: String, known: String },
+    #[error("invalid target {target}: use a host name ([A-Za-z0-9_-]+) or 'all'")]
+    InvalidTarget { target: String },
+    #[error("request body is {len} bytes; the limit is {MAX_BODY_BYTES}")]
+    BodyTooLarge { len: usize },
+    #[error(
+        "malformed request body: {0}; expected empty or a JSON object with optional \"ref\" and \"rev\""
+    )]
+    MalformedBody(String),
+    #[error("unsafe ref {git_ref}: {reason}")]
+    UnsafeRef {
+        git_ref: String,
+        reason: &'static str,
+    },
+    #[error("invalid rev {rev}: expected a 40-digit hexadecimal commit id")]
+    InvalidRev { rev: String },
+    #[error("reply subject {subject} is not under build.responses.; replies could not reach you")]
+    BadReplySubject { subject: String },
+}
+
+impl RequestError {
+    /// The protocol error code this rejection is reported with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::UnknownRepo { .. } => ErrorCode::UnknownRepo,
+            Self::InvalidTarget { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::MalformedBody(_)
+            | Self::UnsafeRef { .. }
+            | Self::InvalidRev { .. }
+            | Self::BadReplySubject { .. } => ErrorCode::InvalidRequest,
+        }
+    }
+
+    /// This error as it travels in a reply.
+    pub fn to_error_body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), self.to_string())
+    }
+}
+
+/// Quotes untrusted input for an error message: escaped and cut short, so a
+/// hostile 64 KiB target does not come back 64 KiB long.
+pub fn quote_for_error(input: &str) -> String {
+    const KEEP: usize = 64;
+    if input.len() <= KEEP {
+        format!("{input:?}")
+    } else {
+        let mut end = KEEP;
+        while !input.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{:?}... ({} bytes)", &input[..end], input.len())
+    }
+}
+
+/// Machine-readable reason carried in every `error` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request named a repo the builder is not configured for.
+    UnknownRepo,
+    /// The target or the body was not valid.
+    InvalidRequest,
+    /// `queue_limit` requests are already waiting.
+    QueueFull,
+    /// The flake could not be fetched or its ref/rev resolved.
+    FetchFailed,
+    /// The target host is not an attribute of `nixosConfigurations`.
+    UnknownHost,
+    /// Nix could not evaluate the flake or the host.
+    EvalFailed,
+    /// The host's build failed.
+    BuildFailed,
+    /// The host's build ran past `host_timeout` and was killed.
+    Timeout,
+    /// The build was cancelled.
+    Cancelled,
+    /// The builder is stopping and takes no new requests.
+    ShuttingDown,
+    /// The builder itself failed; see the message.
+    Internal,
+    /// A code from a newer builder that this client does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownRepo => "unknown_repo",
+            Self::InvalidRequest => "invalid_request",
+            Self::QueueFull => "queue_full",
+            Self::FetchFailed => "fetch_failed",
+            Self::UnknownHost => "unknown_host",
+            Self::EvalFailed => "eval_failed",
+            Self::BuildFailed => "build_failed",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `{code, message}`: why something failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// Human-readable detail, at most [`MAX_ERROR_MESSAGE_BYTES`], no ANSI codes.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error body, its message cut to the protocol's limit (keeping the end,
+    /// where Nix puts the interesting part).
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: keep_tail(message.into(), MAX_ERROR_MESSAGE_BYTES),
+        }
+    }
+}
+
+/// Cuts `text` to its last `max` bytes on a character boundary.
+pub fn keep_tail(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_owned()
+}
+
+/// Outcome of one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostStatus {
+    Success,
+    Failed,
+    Timeout,
+    Cancelled,
+}
+
+impl HostStatus {
+    /// The status as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failed => "failed",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for HostStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Outcome of a whole request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    /// Every host succeeded.
+    Success,
+    /// At least one host, or the request itself, failed.
+    Failed,
+    /// The request was cancelled.
+    Cancelled,
+}
+
+impl BuildStatus {
+    /// The status as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One host's line in the `finished` summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSummary {
+    pub host: String,
+    pub status: HostStatus,
+    pub duration_ms: u64,
+    pub out_path: Option<String>,
+}
+
+/// Every reply: a build id plus one event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Assigned by the builder to every request, rejected ones too.
+    pub build_id: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+impl Reply {
+    /// Whether this is the last event a requester will get for the request.
+    pub fn is_terminal(&self) -> bool {
+        self.event.is_terminal()
+    }
+}
+
+/// The events of a build, in the order they are sent (see docs/protocol.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Sent at once on receipt.
+    Accepted {
+        repo: String,
+        target: String,
+        /// The ref that will be fetched: the request's, else the repo's
+        /// default; `null` means the remote's default branch.
+        #[serde(rename = "ref")]
+        git_ref: Option<String>,
+        /// How many requests are ahead of this one (0: it starts now).
+        queue_position: usize,
+    },
+    /// The flake is fetched and pinned; the hosts are resolved.
+    Started {
+        repo: String,
+        target: String,
+        /// The commit every host of this request is built from (`null` only
+        /// for flake types without one).
+        rev: Option<String>,
+        hosts: Vec<String>,
+    },
+    /// A host begins (evaluation, then build).
+    HostStarted {
+        host: String,
+        /// Position of the host, counting from 1.
+        index: usize,
+        total: usize,
+    },
+    /// A sign of life while a host builds, with Nix's derivation counts.
+    Progress {
+        host: String,
+        /// Derivations built so far for this host.
+        done: u64,
+        /// Derivations Nix expects to build for this host (0 until known).
+        expected: u64,
+    },
+    /// A host is done.
+    HostFinished {
+        host: String,
+        status: HostStatus,
+        duration_ms: u64,
+        /// The built store path, on success.
+        out_path: Option<String>,
+        /// Why, when not successful.
+        error: Option<ErrorBody>,
+    },
+    /// Terminal: the request is done.
+    Finished {
+        repo: String,
+        target: String,
+        rev: Option<String>,
+        status: BuildStatus,
+        duration_ms: u64,
+        succeeded: usize,
+        failed: usize,
+        hosts: Vec<HostSummary>,
+        /// Why the request failed before any host built, or why it was cancelled.
+        error: Option<ErrorBody>,
+    },
+    /// Terminal: the request was refused on receipt.
+    Rejected { error: ErrorBody },
+    /// An event type from a newer builder; clients skip it.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Event {
+    /// Whether this event ends the request.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Finished { .. } | Self::Rejected { .. })
+    }
+
+    /// The wire name of the event.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Accepted { .. } => "accepted",
+            Self::Started { .. } => "started",
+            Self::HostStarted { .. } => "host_started",
+            Self::Progress { .. } => "progress",
+            Self::HostFinished { .. } => "host_finished",
+            Self::Finished { .. } => "finished",
+            Self::Rejected { .. } => "rejected",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// Generates a build id: 16 random lowercase hex digits.
+pub fn new_build_id() -> String {
+    random_hex::<8>()
+}
+
+/// `N` random bytes as lowercase hex.
+pub fn random_hex<const N: usize>() -> String {
+    let mut bytes = [0u8; N];
+    // The OS random source failing is not something to recover from; fall
+    // back to the clock so ids stay distinct rather than aborting a request.
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = (nanos >> ((i % 16) * 8)) as u8;
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_accepts_exactly_three_tokens() {
+        assert_eq!(
+            classify_subject("build.nixos-servers.ns1"),
+            SubjectKind::Build {
+                repo: "nixos-servers",
+                target: "ns1"
+            }
+        );
+        assert_eq!(classify_subject("build.nixos-servers"), SubjectKind::Other);
+        assert_eq!(classify_subject("build.a.b.c"), SubjectKind::Other);
+        assert_eq!(classify_subject("deploy.a.b"), SubjectKind::Other);
+        assert_eq!(classify_subject("build"), SubjectKind::Other);
+    }
+
+    #[test]
+    fn classify_never_treats_responses_as_a_build() {
+        assert_eq!(classify_subject("build.responses.x"), SubjectKind::Response);
+        assert_eq!(
+            classify_subject("build.responses.client.1"),
+            SubjectKind::Response
+        );
+    }
+
+    #[test]
+    fn names_allow_only_the_documented_charset() {
+        for good in ["ns1", "nixos-servers", "host_2", "A-b_9"] {
+            assert!(is_valid_name(good), "{good}");
+        }
+        for bad in [
+            "", "a.b", "a b", "$(id)", "--option", "ns1#foo", "../x", "é", "\"q\"",
+        ] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+        assert!(!is_valid_name(&"a".repeat(MAX_NAME_BYTES + 1)));
+    }
+
+    #[test]
+    fn target_all_and_hosts() {
+        assert_eq!(Target::parse("all"), Ok(Target::All));
+        assert_eq!(Target::parse("ns1"), Ok(Target::Host("ns1".into())));
+        let err = Target::parse("$(id)").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn empty_body_means_defaults() {
+        assert_eq!(BuildRequest::parse(b"").unwrap(), BuildRequest::default());
+        assert_eq!(
+            BuildRequest::parse(b" \n").unwrap(),
+            BuildRequest::default()
+        );
+        assert_eq!(BuildRequest::parse(b"{}").unwrap(), BuildRequest::default());
+    }
+
+    #[test]
+    fn body_with_ref_and_rev() {
+        let rev = "0123456789abcdef0123456789abcdef01234567";
+        let body = format!(r#"{{"ref":"flake-update/2026-11-28","rev":"{rev}"}}"#);
+        let request = BuildRequest::parse(body.as_bytes()).unwrap();
+        assert_eq!(request.git_ref.as_deref(), Some("flake-update/2026-11-28"));
+        assert_eq!(request.rev.as_deref(), Some(rev));
+    }
+
+    #[test]
+    fn body_rejects_unknown_fields_and_malformed_json() {
+        for body in [
+            &br#"{"ref":"master","extra":1}"#[..],
+            b"{",
+            b"[]",
+            b"\"master\"",
+            b"null",
+            br#"{"ref":1}"#,
+        ] {
+            let err = BuildRequest::parse(body).unwrap_err();
+            assert_eq!(
+                err.code(),
+                ErrorCode::InvalidRequest,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn body_size_is_bounded() {
+        let body = format!(r#"{{"ref":"{}"}}"#, "a".repeat(MAX_BODY_BYTES));
+        assert!(matches!(
+            BuildRequest::parse(body.as_bytes()),
+            Err(RequestError::BodyTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn unsafe_refs_are_rejected() {
+        let long = "a".repeat(201);
+        for bad in [
+            "",
+            "-x",
+            "--upload-pack=evil",
+            "a..b",
+            "a b",
+            "a\tb",
+            "a\u{7}b",
+            long.as_str(),
+            "master&rev=abc",
+            "x#y",
+            "x?y",
+            "a%20b",
+            "$(id)",
+            "/abs",
+            "trailing/",
+            "a//b",
+            "dot.",
+            "x.lock",
+            "a/.hidden",
+            "ünï",
+        ] {
+            assert!(validate_ref(bad).is_err(), "{bad:?} should be rejected");
+        }
+        for good in [
+            "master",
+            "flake-update/2026-11-28",
+            "v1.2.3",
+            "refs/heads/main",
+            &"a".repeat(200),
+        ] {
+            assert!(validate_ref(good).is_ok(), "{good:?} should be accepted");
+        }
+    }
+
+    #[test]
+    fn rev_must_be_40_hex() {
+        assert!(validate_rev("0123456789abcdef0123456789abcdef01234567").is_ok());
+        assert!(validate_rev("0123456789ABCDEF0123456789ABCDEF01234567").is_ok());
+        assert!(validate_rev("0123456789abcdef").is_err());
+        assert!(validate_rev("g123456789abcdef0123456789abcdef01234567").is_err());
+        assert!(validate_rev("").is_err());
+    }
+
+    #[test]
+    fn error_quotes_are_short_and_escaped() {
+        let quoted = quote_for_error(&"x".repeat(65536));
+        assert!(quoted.len() < 120, "{quoted}");
+        assert!(quoted.contains("65536 bytes"));
+        assert_eq!(quote_for_error("a\"b"), r#""a\"b""#);
+        // Cutting must respect character boundaries.
+        let quoted = quote_for_error(&"é".repeat(100));
+        assert!(quoted.contains("200 bytes"));
+    }
+
+    #[test]
+    fn error_messages_keep_their_tail() {
+        let message = format!("{}END", "x".repeat(10_000));
+        let body = ErrorBody::new(ErrorCode::BuildFailed, message);
+        assert_eq!(body.message.len(), MAX_ERROR_MESSAGE_BYTES);
+        assert!(body.message.ends_with("END"));
+        assert_eq!(keep_tail("ééé".into(), 3), "é");
+    }
+
+    #[test]
+    fn replies_serialize_flat_with_event_tag() {
+        let reply = Reply {
+            build_id: "abc".into(),
+            event: Event::Accepted {
+                repo: "r".into(),
+                target: "all".into(),
+                git_ref: None,
+                queue_position: 1,
+            },
+        };
+        let json: serde_json::Value = serde_json::to_value(&reply).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "build_id": "abc", "event": "accepted", "repo": "r",
+                "target": "all", "ref": null, "queue_position": 1
+            })
+        );
+        let back: Reply = serde_json::from_value(json).unwrap();
+        assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn clients_tolerate_newer_events_fields_and_codes() {
+        let reply: Reply =
+            serde_json::from_str(r#"{"event":"brand_new","build_id":"x","whatever":[1,2]}"#)
+                .unwrap();
+        assert_eq!(reply.event, Event::Unknown);
+        assert!(!reply.is_terminal());
+
+        let reply: Reply = serde_json::from_str(
+            r#"{"event":"rejected","build_id":"x","error":{"code":"new_code","message":"m"}}"#,
+        )
+        .unwrap();
+        assert!(reply.is_terminal());
+        let Event::Rejected { error } = reply.event else {
+            panic!("not rejected");
+        };
+        assert_eq!(error.code, ErrorCode::Unknown);
+
+        let reply: Reply = serde_json::from_str(
+            r#"{"event":"progress","build_id":"x","host":"h","done":1,"expected":2,"new":true}"#,
+        )
+        .unwrap();
+        assert!(matches!(reply.event, Event::Progress { done: 1, .. }));
+    }
+
+    #[test]
+    fn error_code_names_match_serde() {
+        for code in [
+            ErrorCode::UnknownRepo,
+            ErrorCode::InvalidRequest,
+            ErrorCode::QueueFull,
+            ErrorCode::FetchFailed,
+            ErrorCode::UnknownHost,
+            ErrorCode::EvalFailed,
+            ErrorCode::BuildFailed,
+            ErrorCode::Timeout,
+            ErrorCode::Cancelled,
+            ErrorCode::ShuttingDown,
+            ErrorCode::Internal,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+
+    #[test]
+    fn build_ids_are_distinct_hex() {
+        let a = new_build_id();
+        let b = new_build_id();
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
