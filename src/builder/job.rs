@@ -336,7 +336,9 @@ impl Runner {
         deadline: Instant,
         cancel: &CancellationToken,
     ) -> Result<String, HostFailure> {
-        let reporter = ProgressReporter::new(job, host, self.config.builder.progress_interval);
+        let builder = &self.config.builder;
+        let reporter =
+            ProgressReporter::new(job, host, builder.progress_interval, builder.host_timeout);
 
         let eval = self.nix.eval_drv_path(&pinned.locked_url, host);
         let stdout = reporter
@@ -400,7 +402,12 @@ impl Runner {
             tail.observe(&parser.parse(line));
         })
         .await;
-        interpret(outcome, tail, failure_code)
+        interpret(
+            outcome,
+            tail,
+            failure_code,
+            self.config.builder.host_timeout,
+        )
     }
 }
 
@@ -411,15 +418,17 @@ struct ProgressReporter<'a> {
     job: &'a Job,
     host: &'a str,
     interval: Duration,
+    time_limit: Duration,
     last: Mutex<(u64, u64)>,
 }
 
 impl<'a> ProgressReporter<'a> {
-    fn new(job: &'a Job, host: &'a str, interval: Duration) -> Self {
+    fn new(job: &'a Job, host: &'a str, interval: Duration, time_limit: Duration) -> Self {
         Self {
             job,
             host,
             interval,
+            time_limit,
             last: Mutex::new((0, 0)),
         }
     }
@@ -461,7 +470,7 @@ impl<'a> ProgressReporter<'a> {
                 }
             }
         };
-        interpret(outcome, tail, failure_code)
+        interpret(outcome, tail, failure_code, self.time_limit)
     }
 
     async fn send(&self, (done, expected): (u64, u64)) {
@@ -490,6 +499,7 @@ fn interpret(
     outcome: Result<Outcome, process::SpawnError>,
     tail: ErrorTail,
     failure_code: ErrorCode,
+    time_limit: Duration,
 ) -> Result<Vec<u8>, HostFailure> {
     match outcome {
         Err(err) => Err(HostFailure::failed(ErrorCode::Internal, err.to_string())),
@@ -505,7 +515,13 @@ fn interpret(
             status: HostStatus::Timeout,
             error: ErrorBody::new(
                 ErrorCode::Timeout,
-                with_tail("killed after exceeding host_timeout", &tail),
+                with_tail(
+                    &format!(
+                        "killed after exceeding host_timeout ({})",
+                        humantime::format_duration(time_limit)
+                    ),
+                    &tail,
+                ),
             ),
         }),
         Ok(Outcome::Cancelled) => Err(HostFailure {

@@ -1,0 +1,278 @@
+//! `scripts/bench`: the builder against plain `nix build`, on an offline
+//! flake of 16 hosts whose evaluation costs about a second each — half of it
+//! shared by every host (like importing nixpkgs), half per host (like each
+//! host's modules) — plus request latency and the builder's memory.
+//!
+//! Not a test: it prints numbers for docs/performance.md.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use homelab_deploy::protocol::{BuildStatus, Event, HostStatus, Reply};
+
+const HOSTS: usize = 16;
+/// Units of evaluation work (one unit is 1000 recursive calls) shared by all
+/// hosts, and per host. Calibrated so each costs about half a second here.
+const SHARED_WORK: usize = 1600;
+const HOST_WORK: usize = 1600;
+const LATENCY_REQUESTS: usize = 1000;
+
+fn host_names() -> Vec<String> {
+    (1..=HOSTS).map(|i| format!("host{i:02}")).collect()
+}
+
+/// The benchmark flake: every host evaluates `shared` (memoised within one
+/// evaluator process) and its own work, and builds a few derivations that
+/// share a base.
+fn bench_flake_source(salt: &str, system: &str) -> String {
+    let hosts = host_names()
+        .iter()
+        .map(|h| format!("\"{h}\""))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        r#"{{
+  outputs = {{ self }}:
+    let
+      system = "{system}";
+      salt = "{salt}";
+      # Evaluation work that scales with n, standing in for a module system.
+      burn = n:
+        let f = k: if k == 0 then 0 else 1 + f (k - 1);
+        in builtins.foldl' (acc: _: acc + f 1000) 0 (builtins.genList (x: x) n);
+      shared = burn {SHARED_WORK};
+      drv = name: script: deps: extra: derivation ({{
+        inherit name system salt deps;
+        builder = "/bin/sh";
+        args = [ "-c" script ];
+      }} // extra);
+      base = drv "bench-base" "echo base > $out" [ ] {{ }};
+      host = name: {{
+        config.system.build.toplevel = drv "nixos-system-${{name}}"
+          "echo ${{name}} $work > $out"
+          [ base (drv "${{name}}-etc" "echo etc > $out" [ base ] {{ }}) ]
+          {{ work = toString (shared + burn {HOST_WORK}); }};
+      }};
+    in {{
+      nixosConfigurations = builtins.listToAttrs
+        (map (name: {{ inherit name; value = host name; }}) [ {hosts} ]);
+    }};
+}}
+"#
+    )
+}
+
+fn nix(args: &[&str]) -> Command {
+    let mut command = Command::new("nix");
+    command
+        .args(["--extra-experimental-features", "nix-command flakes"])
+        .args(args)
+        .env("NIX_CONFIG", nix_config());
+    command
+}
+
+fn toplevel(flake: &Flake, host: &str) -> String {
+    format!(
+        "{}#nixosConfigurations.{host}.config.system.build.toplevel",
+        flake.url()
+    )
+}
+
+/// (b): a plain shell loop of `nix build`, one host after the other.
+fn shell_loop(flake: &Flake) -> Duration {
+    let hosts = host_names().join(" ");
+    let script = format!(
+        "for h in {hosts}; do nix --extra-experimental-features 'nix-command flakes' build --no-link '{url}#nixosConfigurations.'$h'.config.system.build.toplevel' || exit 1; done",
+        url = flake.url()
+    );
+    let started = Instant::now();
+    let status = Command::new("sh")
+        .args(["-c", &script])
+        .env("NIX_CONFIG", nix_config())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the shell loop failed");
+    started.elapsed()
+}
+
+/// (c): one `nix build --keep-going` of every host at once.
+fn one_nix_build(flake: &Flake) -> Duration {
+    let installables: Vec<String> = host_names().iter().map(|h| toplevel(flake, h)).collect();
+    let mut args = vec!["build", "--no-link", "--keep-going"];
+    args.extend(installables.iter().map(String::as_str));
+    let started = Instant::now();
+    let status = nix(&args).status().unwrap();
+    assert!(status.success(), "nix build --keep-going failed");
+    started.elapsed()
+}
+
+/// The out paths Nix itself computes for `flake`, to check the builder's.
+fn expected_out_paths(flake: &Flake) -> Vec<String> {
+    host_names()
+        .iter()
+        .map(|h| {
+            let out = nix(&["eval", "--raw", &format!("{}.outPath", toplevel(flake, h))])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap()
+        })
+        .collect()
+}
+
+/// (a): the builder's `all`; returns its wall time and per-host results.
+async fn builder_all(
+    client: &Requester,
+    repo: &str,
+) -> (Duration, Vec<(String, HostStatus, Option<String>)>) {
+    let started = Instant::now();
+    let replies = client.build(&format!("build.{repo}.all"), "").await;
+    let elapsed = started.elapsed();
+    let Event::Finished { status, hosts, .. } = &replies.last().unwrap().event else {
+        panic!("no finished event: {replies:?}");
+    };
+    assert_eq!(*status, BuildStatus::Success, "{replies:?}");
+    let results = hosts
+        .iter()
+        .map(|h| (h.host.clone(), h.status, h.out_path.clone()))
+        .collect();
+    (elapsed, results)
+}
+
+fn rss_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() {
+    let nix_version = String::from_utf8(nix(&["--version"]).output().unwrap().stdout).unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "homelab-deploy benchmark: {HOSTS} hosts, {cpus} CPUs, {}",
+        nix_version.trim()
+    );
+
+    let flake_a = Flake::with_source(bench_flake_source);
+    let flake_b = Flake::with_source(bench_flake_source);
+    let flake_c = Flake::with_source(bench_flake_source);
+    let gate = Flake::new(&[("gated", Host::Gated), ("noop", Host::Ok)]);
+
+    let nats = NatsServer::start();
+    let mut options = BuilderOptions::new(&flake_a)
+        .host_timeout("10m")
+        .builder(&format!("queue_limit = {}", LATENCY_REQUESTS + 10));
+    options.repos = vec![
+        ("bench".into(), flake_a.url(), None),
+        ("gate".into(), gate.url(), None),
+    ];
+    let mut builder = Builder::start(&nats, &options);
+    let pid = builder.pid();
+    let client = Requester::new(&nats).await;
+
+    // Let the process settle before reading its idle footprint.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = rss_kb(pid, "VmRSS:");
+
+    println!("\nfresh store paths:");
+    let (fresh_a, results) = builder_all(&client, "bench").await;
+    println!("  (a) builder, target all              {}", secs(fresh_a));
+    let fresh_b = shell_loop(&flake_b);
+    println!("  (b) shell loop of nix build          {}", secs(fresh_b));
+    let fresh_c = one_nix_build(&flake_c);
+    println!("  (c) one nix build --keep-going       {}", secs(fresh_c));
+    println!(
+        "  a/b = {:.2}",
+        fresh_a.as_secs_f64() / fresh_b.as_secs_f64()
+    );
+
+    let expected = expected_out_paths(&flake_a);
+    let identical = results.len() == HOSTS
+        && results
+            .iter()
+            .zip(&expected)
+            .all(|((_, status, out), want)| {
+                *status == HostStatus::Success && out.as_deref() == Some(want.as_str())
+            });
+    println!(
+        "  builder's per-host results identical to Nix's own: {}",
+        if identical { "yes" } else { "NO" }
+    );
+
+    println!("\nalready built, unchanged flake:");
+    let (cached_a, _) = builder_all(&client, "bench").await;
+    println!("  (a) builder, target all              {}", secs(cached_a));
+    let cached_b = shell_loop(&flake_b);
+    println!("  (b) shell loop of nix build          {}", secs(cached_b));
+    let cached_c = one_nix_build(&flake_c);
+    println!("  (c) one nix build --keep-going       {}", secs(cached_c));
+    println!(
+        "  a/b = {:.2}",
+        cached_a.as_secs_f64() / cached_b.as_secs_f64()
+    );
+    let build_peak = rss_kb(pid, "VmHWM:");
+
+    // Latency while a build runs: one request at a time, time to `accepted`.
+    let mut running = client.send("build.gate.gated", "").await;
+    running
+        .until(|e| matches!(e, Event::HostStarted { .. }))
+        .await;
+    let mut latencies = Vec::with_capacity(LATENCY_REQUESTS);
+    for _ in 0..LATENCY_REQUESTS {
+        let started = Instant::now();
+        let mut pending = client.send("build.gate.noop", "").await;
+        let first: Reply = pending.next().await.reply;
+        latencies.push(started.elapsed());
+        assert!(matches!(first.event, Event::Accepted { .. }), "{first:?}");
+    }
+    latencies.sort();
+    println!(
+        "\nrequest to accepted while a build runs ({LATENCY_REQUESTS} requests, one at a time):"
+    );
+    println!(
+        "  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().unwrap().as_secs_f64() * 1e3
+    );
+    let peak_rss = rss_kb(pid, "VmHWM:");
+
+    println!("\nbuilder memory:");
+    println!(
+        "  idle RSS                             {:.1} MB",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "  peak RSS during the all builds       {:.1} MB",
+        build_peak as f64 / 1024.0
+    );
+    println!(
+        "  peak RSS after {LATENCY_REQUESTS} queued requests  {:.1} MB",
+        peak_rss as f64 / 1024.0
+    );
+
+    // Cancels the gated build and the queued ones.
+    let status = builder.terminate();
+    assert!(status.success());
+    gate.open_gate();
+}

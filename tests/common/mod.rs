@@ -1,0 +1,786 @@
+//! Shared helpers for the integration tests: a real nats-server on a free
+//! loopback port, the real builder binary, offline fixture flakes built by
+//! the real `nix`, and waiting with deadlines instead of sleeping.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use homelab_deploy::protocol::{Event, Reply};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_homelab-deploy");
+
+/// Longest any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `condition` until it holds or `timeout` passes; panics with `what`.
+pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Blocking variant of [`wait_for`] for synchronous helpers.
+pub fn wait_for_blocking(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{name}` is not installed; run ./scripts/test, which installs it (Debian: apt-get install nats-server nix-bin)"
+    );
+}
+
+/// A directory that lives as long as the test process, for files every test
+/// shares (the empty flake registry).
+fn shared_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().unwrap()).path()
+}
+
+/// `NIX_CONFIG` for every Nix the tests start: no binary cache, no global
+/// flake registry, nothing leaves the machine.
+pub fn nix_config() -> String {
+    let registry = shared_dir().join("registry.json");
+    if !registry.exists() {
+        let tmp = shared_dir().join(format!("registry.{}", std::process::id()));
+        std::fs::write(&tmp, r#"{"flakes":[],"version":2}"#).unwrap();
+        std::fs::rename(&tmp, &registry).unwrap();
+    }
+    format!(
+        "substituters =\nflake-registry = {}\nsandbox = false\nwarn-dirty = false\n",
+        registry.display()
+    )
+}
+
+// ---------------------------------------------------------------------------
+// nats-server
+
+/// A nats-server child process on 127.0.0.1; killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    config: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server on a port it picks itself.
+    pub fn start() -> Self {
+        Self::start_with(None, None)
+    }
+
+    /// Starts a server with a config file (authorization etc.).
+    pub fn start_with_config(config: &str) -> Self {
+        Self::start_with(Some(config), None)
+    }
+
+    fn start_with(config: Option<&str>, port: Option<u16>) -> Self {
+        require_tool("nats-server");
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = config.map(|text| {
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        let (child, port) = spawn_nats(config_path.as_deref(), port, dir.path());
+        Self {
+            child: Some(child),
+            port,
+            config: config_path,
+            _dir: dir,
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (an outage).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let (child, _) = spawn_nats(self.config.as_deref(), Some(self.port), self._dir.path());
+        self.child = Some(child);
+    }
+
+    /// A client connection for the test itself.
+    pub async fn connect(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+}
+
+fn spawn_nats(config: Option<&Path>, port: Option<u16>, dir: &Path) -> (Child, u16) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1"]);
+        match port {
+            Some(port) => command.args(["-p", &port.to_string()]),
+            None => command.args(["-p", "-1"]),
+        };
+        if let Some(config) = config {
+            command.arg("-c").arg(config);
+        }
+        let log = dir.join(format!("nats-{}.log", std::process::id()));
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            let mut file = std::fs::File::create(log).ok();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(file) = file.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(file, "{line}");
+                }
+                if !sent {
+                    if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                        let port = addr.trim().rsplit(':').next().unwrap().parse::<u16>().ok();
+                        let _ = tx.send(port);
+                        sent = true;
+                    }
+                }
+            }
+            let _ = tx.send(None);
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Some(port)) => return (child, port),
+            _ => {
+                // A restart can race the old socket's release; retry.
+                let _ = child.kill();
+                let _ = child.wait();
+                assert!(Instant::now() < deadline, "nats-server did not start");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fixture flakes
+
+/// The Nix system string of this machine (`x86_64-linux`, `aarch64-linux`).
+pub fn nix_system() -> String {
+    format!("{}-linux", std::env::consts::ARCH)
+}
+
+/// What a host of a fixture flake does.
+#[derive(Debug, Clone)]
+pub enum Host {
+    /// Builds quickly, depending on the flake's shared derivation.
+    Ok,
+    /// Its build fails (exit code 3) after printing a few lines.
+    FailBuild,
+    /// Its evaluation throws.
+    FailEval,
+    /// Its build waits until the gate file exists (bounded to ~60 s).
+    Gated,
+    /// Builds after printing `lines` lines of log.
+    Noisy { lines: u32 },
+}
+
+/// An offline homelab flake in a git repository: plain derivations with
+/// `builder = "/bin/sh"`, no nixpkgs. Every fixture has a random salt so its
+/// derivations are new to the store and really build.
+pub struct Flake {
+    dir: tempfile::TempDir,
+    pub salt: String,
+    hosts: BTreeMap<String, Host>,
+    /// A complete flake.nix to use instead of one made from `hosts`.
+    source: Option<String>,
+}
+
+impl Flake {
+    /// A flake with these hosts, committed on branch `master`.
+    pub fn new(hosts: &[(&str, Host)]) -> Self {
+        require_tool("nix");
+        let flake = Self {
+            salt: homelab_deploy::protocol::random_hex::<6>(),
+            dir: tempfile::tempdir().unwrap(),
+            hosts: hosts
+                .iter()
+                .map(|(name, host)| ((*name).to_owned(), host.clone()))
+                .collect(),
+            source: None,
+        };
+        flake.init();
+        flake
+    }
+
+    /// A flake whose flake.nix is `source(salt, system)`.
+    pub fn with_source(source: impl FnOnce(&str, &str) -> String) -> Self {
+        require_tool("nix");
+        let salt = homelab_deploy::protocol::random_hex::<6>();
+        let flake = Self {
+            source: Some(source(&salt, &nix_system())),
+            salt,
+            dir: tempfile::tempdir().unwrap(),
+            hosts: BTreeMap::new(),
+        };
+        flake.init();
+        flake
+    }
+
+    fn init(&self) {
+        let flake = self;
+        flake.git(&["init", "-q", "-b", "master"]);
+        flake.write_files("initial");
+        flake.git(&["add", "-A"]);
+        flake.git(&["commit", "-q", "-m", "initial"]);
+    }
+
+    /// The usual fixture: two hosts sharing a dependency, one that fails to
+    /// build and one that fails to evaluate.
+    pub fn homelab() -> Self {
+        Self::new(&[
+            ("ns1", Host::Ok),
+            ("ns2", Host::Ok),
+            ("broken-build", Host::FailBuild),
+            ("broken-eval", Host::FailEval),
+        ])
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `git+file://...` URL of the repository.
+    pub fn url(&self) -> String {
+        format!("git+file://{}", self.path().display())
+    }
+
+    /// The gate file of `Gated` hosts; creating it lets them finish.
+    pub fn gate(&self) -> PathBuf {
+        self.path().join(".gate")
+    }
+
+    pub fn open_gate(&self) {
+        std::fs::write(self.gate(), "open").unwrap();
+    }
+
+    /// Commits a change that alters every host's output, on the current branch.
+    pub fn commit_change(&self, marker: &str) -> String {
+        self.write_files(marker);
+        self.git(&["commit", "-q", "-am", marker]);
+        self.head()
+    }
+
+    /// Creates `branch` from the current head and switches to it.
+    pub fn branch(&self, branch: &str) {
+        self.git(&["checkout", "-q", "-b", branch]);
+    }
+
+    pub fn checkout(&self, branch: &str) {
+        self.git(&["checkout", "-q", branch]);
+    }
+
+    /// The commit the current branch points at.
+    pub fn head(&self) -> String {
+        self.rev_of("HEAD")
+    }
+
+    pub fn rev_of(&self, reference: &str) -> String {
+        let out = self.git(&["rev-parse", reference]);
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    fn git(&self, args: &[&str]) -> Output {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(self.path())
+            .env("GIT_AUTHOR_NAME", "test")
+            .env("GIT_AUTHOR_EMAIL", "test@localhost")
+            .env("GIT_COMMITTER_NAME", "test")
+            .env("GIT_COMMITTER_EMAIL", "test@localhost")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn write_files(&self, marker: &str) {
+        std::fs::write(self.path().join("marker.txt"), marker).unwrap();
+        std::fs::write(self.path().join("flake.nix"), self.flake_nix()).unwrap();
+    }
+
+    fn flake_nix(&self) -> String {
+        if let Some(source) = &self.source {
+            return source.clone();
+        }
+        let gate = self.gate();
+        let mut hosts = String::new();
+        for (name, host) in &self.hosts {
+            let toplevel = match host {
+                Host::Ok => {
+                    format!(r#"mk "{name}" "echo building {name}; echo $marker $shared > $out""#)
+                }
+                Host::FailBuild => format!(
+                    r#"mk "{name}" "echo about to fail; echo 'error detail from {name}'; exit 3""#
+                ),
+                Host::FailEval => format!(r#"throw "host {name} does not evaluate""#),
+                Host::Gated => format!(
+                    r#"mk "{name}" "i=0; while [ ! -e {gate} ]; do i=$((i+1)); if [ $i -gt 1200 ]; then exit 7; fi; /bin/sleep 0.05; done; echo $marker > $out""#,
+                    gate = gate.display()
+                ),
+                Host::Noisy { lines } => format!(
+                    r#"mk "{name}" "i=0; while [ $i -lt {lines} ]; do echo log line $i of {name}; i=$((i+1)); done; echo $marker > $out""#
+                ),
+            };
+            let _ = writeln!(
+                hosts,
+                "      {name} = {{ config.system.build.toplevel = {toplevel}; }};"
+            );
+        }
+        format!(
+            r#"{{
+  description = "homelab-deploy test fixture";
+  outputs = {{ self }}:
+    let
+      system = "{system}";
+      salt = "{salt}";
+      marker = builtins.readFile ./marker.txt;
+      shared = derivation {{
+        name = "shared-dep"; inherit system salt;
+        builder = "/bin/sh";
+        args = [ "-c" "echo shared > $out" ];
+      }};
+      mk = name: script: derivation {{
+        inherit name system salt marker shared;
+        builder = "/bin/sh";
+        args = [ "-c" script ];
+      }};
+    in {{
+      nixosConfigurations = {{
+{hosts}      }};
+    }};
+}}
+"#,
+            salt = self.salt,
+            system = nix_system()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The builder
+
+/// Options for a builder under test.
+#[derive(Debug, Clone)]
+pub struct BuilderOptions {
+    pub host_timeout: String,
+    pub repos: Vec<(String, String, Option<String>)>,
+    pub extra_builder: String,
+    pub extra_repo: String,
+    /// Directory prepended to PATH (e.g. a recording `nix` wrapper).
+    pub path_prefix: Option<PathBuf>,
+}
+
+impl BuilderOptions {
+    /// One repo called `homelab` pointing at `flake`.
+    pub fn new(flake: &Flake) -> Self {
+        Self {
+            host_timeout: "60s".into(),
+            repos: vec![("homelab".into(), flake.url(), None)],
+            extra_builder: String::new(),
+            extra_repo: String::new(),
+            path_prefix: None,
+        }
+    }
+
+    /// `[builder] host_timeout`, 60s unless set.
+    pub fn host_timeout(mut self, timeout: &str) -> Self {
+        self.host_timeout = timeout.into();
+        self
+    }
+
+    /// Extra lines for the `[builder]` table.
+    pub fn builder(mut self, lines: &str) -> Self {
+        self.extra_builder.push_str(lines);
+        self.extra_builder.push('\n');
+        self
+    }
+
+    /// Extra lines for the (first) repo's table.
+    pub fn repo(mut self, lines: &str) -> Self {
+        self.extra_repo.push_str(lines);
+        self.extra_repo.push('\n');
+        self
+    }
+
+    pub fn add_repo(mut self, name: &str, url: &str) -> Self {
+        self.repos.push((name.into(), url.into(), None));
+        self
+    }
+
+    pub fn config_text(&self, nats_url: &str) -> String {
+        let mut text = format!(
+            "[nats]\nurl = \"{nats_url}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[builder]\nhost_timeout = \"{}\"\n{}\n",
+            self.host_timeout, self.extra_builder
+        );
+        for (i, (name, url, git_ref)) in self.repos.iter().enumerate() {
+            let _ = writeln!(text, "[repos.{name}]\nurl = \"{url}\"");
+            if let Some(git_ref) = git_ref {
+                let _ = writeln!(text, "ref = \"{git_ref}\"");
+            }
+            if i == 0 {
+                text.push_str(&self.extra_repo);
+            }
+        }
+        text
+    }
+}
+
+/// The real `homelab-deploy builder` process; stopped on drop.
+pub struct Builder {
+    child: Option<Child>,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Builder {
+    /// Starts the builder and waits until it has subscribed.
+    pub fn start(nats: &NatsServer, options: &BuilderOptions) -> Self {
+        let mut builder = Self::spawn(
+            &options.config_text(&nats.url()),
+            options.path_prefix.as_deref(),
+        );
+        builder.wait_for_log("builder ready");
+        builder
+    }
+
+    /// Starts the builder from a config text without waiting for readiness.
+    pub fn spawn(config: &str, path_prefix: Option<&Path>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("builder.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(BIN);
+        command
+            .arg("builder")
+            .arg("--config")
+            .arg(&config_path)
+            .env("NIX_CONFIG", nix_config())
+            .env("RUST_LOG", "homelab_deploy=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if let Some(prefix) = path_prefix {
+            let path = std::env::var("PATH").unwrap_or_default();
+            command.env("PATH", format!("{}:{path}", prefix.display()));
+        }
+        let child = command.spawn().unwrap();
+        Self {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Everything the builder logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; panics with the log otherwise.
+    pub fn wait_for_log(&mut self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!(
+                    "builder exited ({status}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "builder never logged {needle:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("builder did not exit after SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Pids of the direct children of `pid`.
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+                children.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    children
+}
+
+/// Pids of processes whose command line contains `needle`.
+pub fn processes_matching(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------
+// Talking to the builder as a client
+
+/// One reply with the moment it arrived.
+#[derive(Debug, Clone)]
+pub struct Timed {
+    pub reply: Reply,
+    pub at: Instant,
+}
+
+/// A raw protocol client for tests.
+pub struct Requester {
+    pub nats: async_nats::Client,
+    next: std::sync::atomic::AtomicU64,
+    id: String,
+}
+
+/// The events of one request as they arrive.
+pub struct Pending {
+    pub subscriber: async_nats::Subscriber,
+    pub reply_to: String,
+}
+
+impl Requester {
+    pub async fn new(nats: &NatsServer) -> Self {
+        Self {
+            nats: nats.connect().await,
+            next: Default::default(),
+            id: homelab_deploy::protocol::random_hex::<4>(),
+        }
+    }
+
+    /// A fresh reply subject under build.responses.
+    pub fn reply_subject(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("build.responses.test{}.{n}", self.id)
+    }
+
+    /// Publishes `body` on `subject` with a fresh reply subject.
+    pub async fn send(&self, subject: &str, body: &str) -> Pending {
+        let reply_to = self.reply_subject();
+        let subscriber = self.nats.subscribe(reply_to.clone()).await.unwrap();
+        self.nats
+            .publish_with_reply(subject.to_owned(), reply_to.clone(), body.to_owned().into())
+            .await
+            .unwrap();
+        self.nats.flush().await.unwrap();
+        Pending {
+            subscriber,
+            reply_to,
+        }
+    }
+
+    /// Sends a request and collects its events up to the terminal one.
+    pub async fn build(&self, subject: &str, body: &str) -> Vec<Reply> {
+        let mut pending = self.send(subject, body).await;
+        pending
+            .until_terminal()
+            .await
+            .into_iter()
+            .map(|t| t.reply)
+            .collect()
+    }
+}
+
+impl Pending {
+    /// The next reply, failing the test after [`WAIT`].
+    pub async fn next(&mut self) -> Timed {
+        let message = tokio::time::timeout(WAIT, self.subscriber.next())
+            .await
+            .expect("timed out waiting for a reply")
+            .expect("subscription closed");
+        let reply: Reply = serde_json::from_slice(&message.payload).unwrap_or_else(|err| {
+            panic!(
+                "malformed reply {err}: {}",
+                String::from_utf8_lossy(&message.payload)
+            )
+        });
+        Timed {
+            reply,
+            at: Instant::now(),
+        }
+    }
+
+    /// Collects replies up to and including the terminal one.
+    pub async fn until_terminal(&mut self) -> Vec<Timed> {
+        let mut replies = Vec::new();
+        loop {
+            let timed = self.next().await;
+            let terminal = timed.reply.is_terminal();
+            replies.push(timed);
+            if terminal {
+                return replies;
+            }
+        }
+    }
+
+    /// Collects replies until one matches `stop` (inclusive).
+    pub async fn until(&mut self, stop: impl Fn(&Event) -> bool) -> Vec<Timed> {
+        let mut replies = Vec::new();
+        loop {
+            let timed = self.next().await;
+            let matched = stop(&timed.reply.event);
+            replies.push(timed);
+            if matched {
+                return replies;
+            }
+        }
+    }
+
+    /// Whether a reply is already waiting (without blocking).
+    pub fn try_next(&mut self) -> Option<Reply> {
+        use futures_util::FutureExt;
+        let message = self.subscriber.next().now_or_never()??;
+        serde_json::from_slice(&message.payload).ok()
+    }
+}
+
+/// The names of events, in order.
+pub fn event_names(replies: &[Reply]) -> Vec<&'static str> {
+    replies.iter().map(|r| r.event.name()).collect()
+}
+
+/// The terminal event of a reply sequence.
+pub fn terminal(replies: &[Reply]) -> &Event {
+    &replies.last().expect("no replies").event
+}
+
+/// Runs the CLI with the test's NATS URL; bounded by [`WAIT`].
+pub async fn run_cli(nats_url: &str, args: &[&str]) -> Output {
+    let output = tokio::process::Command::new(BIN)
+        .args(args)
+        .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
+        .env_remove("HOMELAB_DEPLOY_NKEY_FILE")
+        .env_remove("HOMELAB_DEPLOY_CREDS_FILE")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT, output)
+        .await
+        .unwrap_or_else(|_| panic!("CLI {args:?} did not exit in time"))
+        .unwrap()
+}
+
+/// Stdout and stderr of a CLI run, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "exit {:?}
+--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Starts a nats-server and a builder for `flake` with `options` applied.
+pub fn start_service(
+    flake: &Flake,
+    configure: impl FnOnce(BuilderOptions) -> BuilderOptions,
+) -> (NatsServer, Builder) {
+    let nats = NatsServer::start();
+    let options = configure(BuilderOptions::new(flake));
+    let builder = Builder::start(&nats, &options);
+    (nats, builder)
+}
