@@ -232,17 +232,37 @@ async fn main() {
     );
     let build_peak = rss_kb(pid, "VmHWM:");
 
-    // Latency while a build runs: one request at a time, time to `accepted`.
+    // Latency while a build runs: one request at a time, from publishing it
+    // to receiving `accepted`, on a connection already subscribed to the
+    // replies (so the client's own subscribe and flush are not counted).
     let mut running = client.send("build.gate.gated", "").await;
     running
         .until(|e| matches!(e, Event::HostStarted { .. }))
         .await;
+    let mut replies = client
+        .nats
+        .subscribe("build.responses.bench.*")
+        .await
+        .unwrap();
+    client.nats.flush().await.unwrap();
     let mut latencies = Vec::with_capacity(LATENCY_REQUESTS);
-    for _ in 0..LATENCY_REQUESTS {
+    for i in 0..LATENCY_REQUESTS {
         let started = Instant::now();
-        let mut pending = client.send("build.gate.noop", "").await;
-        let first: Reply = pending.next().await.reply;
+        client
+            .nats
+            .publish_with_reply(
+                "build.gate.noop",
+                format!("build.responses.bench.{i}"),
+                "".into(),
+            )
+            .await
+            .unwrap();
+        let message = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut replies))
+            .await
+            .unwrap()
+            .unwrap();
         latencies.push(started.elapsed());
+        let first: Reply = serde_json::from_slice(&message.payload).unwrap();
         assert!(matches!(first.event, Event::Accepted { .. }), "{first:?}");
     }
     latencies.sort();

@@ -232,7 +232,7 @@ mod tests {
         ));
         let bad_ref = BuildRequest {
             git_ref: Some("--upload-pack=x".into()),
-            rev: None,
+            ..BuildRequest::default()
         };
         assert!(matches!(
             validate("r", "all", &bad_ref),

@@ -84,7 +84,8 @@ pub struct BuilderConfig {
     /// with `queue_full`.
     #[serde(default = "defaults::queue_limit")]
     pub queue_limit: usize,
-    /// Wall-clock limit for one host (evaluation and build), e.g. `"2h"`.
+    /// Wall-clock limit for a host's evaluation and, separately, its build,
+    /// e.g. `"2h"`.
     #[serde(default = "defaults::host_timeout", with = "humantime_serde")]
     pub host_timeout: Duration,
     /// How often a building host reports progress when Nix itself is quiet.
@@ -93,6 +94,15 @@ pub struct BuilderConfig {
     /// Where successful outputs are rooted, as `<dir>/<repo>/<host>`, so the
     /// garbage collector keeps them; without it builds use `--no-link`.
     pub gc_roots_dir: Option<PathBuf>,
+    /// Nix evaluator processes that evaluate a request's hosts ahead of the
+    /// builds, in parallel. Default: half the CPUs, at least 1.
+    #[serde(default = "defaults::eval_workers")]
+    pub eval_workers: usize,
+    /// Resident memory after which an evaluator process is replaced by a
+    /// fresh one (checked after each host), e.g. `"2GiB"`. Lower means less
+    /// memory and more re-evaluation of what hosts share; see docs/performance.md.
+    #[serde(default = "defaults::eval_max_memory")]
+    pub eval_max_memory: ByteSize,
 }
 
 impl Default for BuilderConfig {
@@ -102,6 +112,64 @@ impl Default for BuilderConfig {
             host_timeout: defaults::host_timeout(),
             progress_interval: defaults::progress_interval(),
             gc_roots_dir: None,
+            eval_workers: defaults::eval_workers(),
+            eval_max_memory: defaults::eval_max_memory(),
+        }
+    }
+}
+
+/// A size in bytes, written as a number of bytes or with a unit:
+/// `"512MiB"`, `"2GiB"`, `"1.5G"` (K/M/G/T are powers of 1024 as well).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"2GiB"`, `"512 MiB"`, `"1.5G"`, `"4096"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size such as \"2GiB\""))?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+        };
+        Ok(Self((number * multiplier as f64) as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Bytes(bytes) => Ok(Self(bytes)),
+            Raw::Text(text) => Self::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes = self.0;
+        match [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")]
+            .into_iter()
+            .find(|(shift, _)| bytes >= 1 << shift && bytes % (1 << shift) == 0)
+        {
+            Some((shift, unit)) => write!(f, "{}{unit}", bytes >> shift),
+            None => write!(f, "{bytes}B"),
         }
     }
 }
@@ -137,6 +205,12 @@ mod defaults {
     }
     pub fn progress_interval() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn eval_workers() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+    }
+    pub fn eval_max_memory() -> super::ByteSize {
+        super::ByteSize(2 << 30)
     }
 }
 
@@ -220,6 +294,16 @@ impl Config {
         if self.builder.host_timeout.is_zero() {
             return Err(ConfigError::Zero {
                 key: "host_timeout",
+            });
+        }
+        if self.builder.eval_workers == 0 {
+            return Err(ConfigError::Zero {
+                key: "eval_workers",
+            });
+        }
+        if self.builder.eval_max_memory.0 == 0 {
+            return Err(ConfigError::Zero {
+                key: "eval_max_memory",
             });
         }
         if self.builder.progress_interval.is_zero() {
@@ -322,6 +406,7 @@ url = "git+file:///srv/demo"
     fn the_example_config_is_valid() {
         let config = parse(EXAMPLE).unwrap();
         assert_eq!(config.builder.queue_limit, 16);
+        assert_eq!(config.builder.eval_workers, 4);
         assert_eq!(config.builder.host_timeout, Duration::from_secs(7200));
         assert_eq!(config.metrics.listen.port(), 9973);
         assert_eq!(
@@ -371,6 +456,38 @@ url = "git+file:///srv/demo"
             "[builder]\nhost_timeout = \"soon\"\n[repos.demo]",
         );
         assert!(matches!(parse(&text), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn eval_settings_have_defaults_and_accept_sizes() {
+        let config = parse(MINIMAL).unwrap();
+        assert!(config.builder.eval_workers >= 1);
+        assert_eq!(config.builder.eval_max_memory, ByteSize(2 << 30));
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "[builder]\neval_workers = 3\neval_max_memory = \"512MiB\"\n[repos.demo]",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.builder.eval_workers, 3);
+        assert_eq!(config.builder.eval_max_memory, ByteSize(512 << 20));
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "[builder]\neval_max_memory = \"lots\"\n[repos.demo]",
+        );
+        assert!(matches!(parse(&text), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(ByteSize::parse("4096"), Ok(ByteSize(4096)));
+        assert_eq!(ByteSize::parse("2GiB"), Ok(ByteSize(2 << 30)));
+        assert_eq!(ByteSize::parse("1.5G"), Ok(ByteSize(3 << 29)));
+        assert_eq!(ByteSize::parse("512 MiB"), Ok(ByteSize(512 << 20)));
+        assert_eq!(ByteSize::parse("64k"), Ok(ByteSize(64 << 10)));
+        assert!(ByteSize::parse("2 parsecs").is_err());
+        assert!(ByteSize::parse("").is_err());
+        assert_eq!(ByteSize(2 << 30).to_string(), "2GiB");
+        assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
     }
 
     #[test]

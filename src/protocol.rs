@@ -27,6 +27,8 @@ pub const MAX_REF_BYTES: usize = 200;
 pub const MAX_NAME_BYTES: usize = 128;
 /// Longest error message carried in a reply.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+/// Largest `lines` payload of one `log` event.
+pub const MAX_LOG_EVENT_BYTES: usize = 16 * 1024;
 
 /// The subject a build request for `repo`/`target` is published on.
 pub fn request_subject(repo: &str, target: &str) -> String {
@@ -84,6 +86,9 @@ pub struct BuildRequest {
     /// Exact commit (40 hex digits) to build; must be reachable from the ref.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
+    /// Stream the build log as `log` events.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logs: bool,
 }
 
 impl BuildRequest {
@@ -420,6 +425,9 @@ pub struct HostSummary {
     pub status: HostStatus,
     pub duration_ms: u64,
     pub out_path: Option<String>,
+    /// The output was already in the store; nothing was built.
+    #[serde(default)]
+    pub cached: bool,
 }
 
 /// Every reply: a build id plus one event.
@@ -476,7 +484,12 @@ pub enum Event {
         done: u64,
         /// Derivations Nix expects to build for this host (0 until known).
         expected: u64,
+        /// Name of the derivation building now, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        building: Option<String>,
     },
+    /// Lines of build output, for requests that asked for `logs`.
+    Log { host: String, lines: Vec<String> },
     /// A host is done.
     HostFinished {
         host: String,
@@ -484,6 +497,9 @@ pub enum Event {
         duration_ms: u64,
         /// The built store path, on success.
         out_path: Option<String>,
+        /// The output was already in the store; nothing was built.
+        #[serde(default)]
+        cached: bool,
         /// Why, when not successful.
         error: Option<ErrorBody>,
     },
@@ -520,6 +536,7 @@ impl Event {
             Self::Started { .. } => "started",
             Self::HostStarted { .. } => "host_started",
             Self::Progress { .. } => "progress",
+            Self::Log { .. } => "log",
             Self::HostFinished { .. } => "host_finished",
             Self::Finished { .. } => "finished",
             Self::Rejected { .. } => "rejected",
@@ -612,10 +629,14 @@ mod tests {
     #[test]
     fn body_with_ref_and_rev() {
         let rev = "0123456789abcdef0123456789abcdef01234567";
-        let body = format!(r#"{{"ref":"flake-update/2026-11-28","rev":"{rev}"}}"#);
+        let body = format!(r#"{{"ref":"flake-update/2026-11-28","rev":"{rev}","logs":true}}"#);
         let request = BuildRequest::parse(body.as_bytes()).unwrap();
         assert_eq!(request.git_ref.as_deref(), Some("flake-update/2026-11-28"));
         assert_eq!(request.rev.as_deref(), Some(rev));
+        assert!(request.logs);
+        // `logs: false` is the default and is left out when sending.
+        let quiet = BuildRequest::default();
+        assert_eq!(serde_json::to_string(&quiet).unwrap(), "{}");
     }
 
     #[test]

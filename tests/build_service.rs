@@ -24,29 +24,6 @@ fn rejected_code(replies: &[Reply]) -> ErrorCode {
     }
 }
 
-fn host_results(replies: &[Reply]) -> Vec<(String, HostStatus, Option<ErrorCode>, String)> {
-    replies
-        .iter()
-        .filter_map(|r| match &r.event {
-            Event::HostFinished {
-                host,
-                status,
-                error,
-                ..
-            } => Some((
-                host.clone(),
-                *status,
-                error.as_ref().map(|e| e.code),
-                error
-                    .as_ref()
-                    .map(|e| e.message.clone())
-                    .unwrap_or_default(),
-            )),
-            _ => None,
-        })
-        .collect()
-}
-
 fn started_rev(replies: &[Reply]) -> String {
     replies
         .iter()
@@ -170,25 +147,33 @@ async fn all_builds_every_host_in_order_and_isolates_failures() {
         .collect();
     assert_eq!(steps, expected);
 
-    let results = host_results(&replies);
-    assert_eq!(results[0].1, HostStatus::Failed);
-    assert_eq!(results[0].2, Some(ErrorCode::BuildFailed));
-    assert!(results[0].3.contains("exit code 3"), "{}", results[0].3);
+    let results = host_outcomes(&replies);
+    assert_eq!(results[0].status, HostStatus::Failed);
+    assert_eq!(results[0].code, Some(ErrorCode::BuildFailed));
     assert!(
-        results[0].3.contains("error detail from broken-build"),
+        results[0].message.contains("exit code 3"),
         "{}",
-        results[0].3
+        results[0].message
     );
-    assert!(!results[0].3.contains('\u{1b}'));
-    assert_eq!(results[1].1, HostStatus::Failed);
-    assert_eq!(results[1].2, Some(ErrorCode::EvalFailed));
     assert!(
-        results[1].3.contains("host broken-eval does not evaluate"),
+        results[0]
+            .message
+            .contains("error detail from broken-build"),
         "{}",
-        results[1].3
+        results[0].message
     );
-    assert_eq!(results[2].1, HostStatus::Success);
-    assert_eq!(results[3].1, HostStatus::Success);
+    assert!(!results[0].message.contains('\u{1b}'));
+    assert_eq!(results[1].status, HostStatus::Failed);
+    assert_eq!(results[1].code, Some(ErrorCode::EvalFailed));
+    assert!(
+        results[1]
+            .message
+            .contains("host broken-eval does not evaluate"),
+        "{}",
+        results[1].message
+    );
+    assert_eq!(results[2].status, HostStatus::Success);
+    assert_eq!(results[3].status, HostStatus::Success);
 
     // ns1 and ns2 share one dependency.
     let ns1 = store_file(&out_path(&replies, "ns1"));
@@ -236,7 +221,7 @@ async fn exclude_skips_hosts_for_all_but_not_by_name() {
     ));
 
     let replies = client.build("build.homelab.broken-build", "").await;
-    assert_eq!(host_results(&replies)[0].0, "broken-build");
+    assert_eq!(host_outcomes(&replies)[0].host, "broken-build");
 }
 
 #[tokio::test]
@@ -497,13 +482,13 @@ async fn host_timeout_kills_the_build_and_leaves_no_process_behind() {
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.stuck", "").await;
-    let results = host_results(&replies);
-    assert_eq!(results[0].1, HostStatus::Timeout);
-    assert_eq!(results[0].2, Some(ErrorCode::Timeout));
+    let results = host_outcomes(&replies);
+    assert_eq!(results[0].status, HostStatus::Timeout);
+    assert_eq!(results[0].code, Some(ErrorCode::Timeout));
     assert!(
-        results[0].3.contains("host_timeout (3s)"),
+        results[0].message.contains("host_timeout (3s)"),
         "{}",
-        results[0].3
+        results[0].message
     );
     assert!(matches!(
         terminal(&replies),
@@ -533,25 +518,41 @@ async fn host_timeout_kills_the_build_and_leaves_no_process_behind() {
 }
 
 #[tokio::test]
-async fn progress_is_reported_while_a_quiet_host_builds() {
+async fn progress_names_the_building_derivation_and_keeps_coming_while_quiet() {
     let flake = Flake::new(&[("slow", Host::Gated)]);
     let (nats, _builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\""));
     let client = Requester::new(&nats).await;
 
     let mut pending = client.send("build.homelab.slow", "").await;
-    pending
-        .until(|e| matches!(e, Event::HostStarted { .. }))
+    let seen = pending
+        .until(|e| {
+            matches!(
+                e,
+                Event::Progress {
+                    building: Some(_),
+                    ..
+                }
+            )
+        })
         .await;
-    let mut beats = 0;
-    while beats < 3 {
-        let timed = pending.next().await;
-        match timed.reply.event {
-            Event::Progress { ref host, .. } => {
-                assert_eq!(host, "slow");
-                beats += 1;
-            }
-            ref other => panic!("unexpected {other:?}"),
+    let quiet = seen.last().unwrap().reply.event.clone();
+    match &quiet {
+        Event::Progress {
+            host,
+            building,
+            expected,
+            ..
+        } => {
+            assert_eq!(host, "slow");
+            assert_eq!(building.as_deref(), Some("slow"));
+            // The host and the dependency it shares with every host.
+            assert_eq!(*expected, 2);
         }
+        other => panic!("{other:?}"),
+    }
+    // Nothing changes while the gate is closed; progress still arrives.
+    for _ in 0..2 {
+        assert_eq!(pending.next().await.reply.event, quiet);
     }
     flake.open_gate();
     let rest = pending.until_terminal().await;
@@ -632,7 +633,7 @@ async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
         .into_iter()
         .map(|t| t.reply)
         .collect();
-    assert_eq!(host_results(&rest)[0].1, HostStatus::Cancelled);
+    assert_eq!(host_outcomes(&rest)[0].status, HostStatus::Cancelled);
     assert!(matches!(
         terminal(&rest),
         Event::Finished {

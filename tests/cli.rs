@@ -234,3 +234,29 @@ async fn builder_refuses_to_start_with_a_bad_config() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(stderr(&out).contains("repos"), "{}", describe(&out));
 }
+
+#[tokio::test]
+async fn logs_flag_prints_the_build_output() {
+    let flake = Flake::new(&[("noisy", Host::Noisy { lines: 5 })]);
+    let (nats, _builder) = start_service(&flake, |o| o);
+    let out = run_cli(&nats.url(), &["build", "homelab", "noisy", "--logs"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    for i in 0..5 {
+        assert!(
+            text.contains(&format!("  noisy | log line {i} of noisy\n")),
+            "{text}"
+        );
+    }
+
+    // A new commit, so the host really builds again, this time quietly.
+    flake.commit_change("again");
+    let out = run_cli(&nats.url(), &["build", "homelab", "noisy"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("noisy: success in"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stdout(&out).contains(" | "), "{}", describe(&out));
+}

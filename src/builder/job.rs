@@ -1,6 +1,8 @@
 //! One accepted request from pin to `finished`: fetch and pin the flake,
-//! resolve the hosts, then evaluate and build them one after the other.
+//! resolve the hosts, evaluate them ahead (see [`super::eval`]) and build
+//! them one after the other.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,14 +12,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::HostFailure;
+use super::eval::{EvalSettings, Evaluated, Evaluations};
 use super::replies::Replies;
 use crate::config::{Config, RepoConfig};
 use crate::nix::NixCli;
-use crate::nix::argv::{Invocation, flake_url_with_ref, is_drv_path};
+use crate::nix::argv::{Invocation, flake_url_with_ref};
 use crate::nix::log::{ErrorTail, LogEvent, LogParser};
 use crate::nix::process::{self, Outcome};
 use crate::protocol::{
-    BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, Target, is_valid_name,
+    BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, MAX_LOG_EVENT_BYTES, Target,
+    is_valid_name,
 };
 
 /// A request that passed validation and waits for its turn.
@@ -29,13 +34,38 @@ pub struct Job {
     /// The ref to fetch: the request's, else the repo's default.
     pub git_ref: Option<String>,
     pub rev: Option<String>,
+    /// Stream build output as `log` events.
+    pub logs: bool,
     pub replies: Replies,
 }
 
-/// What the builder needs to run any job.
+/// What the builder needs to run any job, and what it remembers between
+/// jobs.
 pub struct Runner {
     pub nix: NixCli,
     pub config: Arc<Config>,
+    memo: Mutex<Memo>,
+}
+
+/// Evaluation results by locked flake URL. A locked URL pins every input,
+/// so the same URL always evaluates to the same derivations: an unchanged
+/// flake is not evaluated twice.
+#[derive(Default)]
+struct Memo {
+    hosts: HashMap<String, Vec<String>>,
+    evaluated: HashMap<(String, String), Evaluated>,
+}
+
+impl Memo {
+    /// Enough for hundreds of revisions of a homelab; then start over.
+    const MAX_ENTRIES: usize = 20_000;
+
+    fn make_room(&mut self) {
+        if self.evaluated.len() + self.hosts.len() >= Self::MAX_ENTRIES {
+            self.hosts.clear();
+            self.evaluated.clear();
+        }
+    }
 }
 
 /// A flake fetched and pinned to one commit.
@@ -53,12 +83,6 @@ pub struct JobReport {
     pub hosts: Vec<HostSummary>,
     pub error: Option<ErrorBody>,
     pub duration: Duration,
-}
-
-/// Why one host did not build.
-struct HostFailure {
-    status: HostStatus,
-    error: ErrorBody,
 }
 
 /// What `nix flake metadata --json` prints that the builder uses.
@@ -82,8 +106,24 @@ struct BuildResult {
     outputs: std::collections::BTreeMap<String, String>,
 }
 
+/// A host that built (or was found built).
+struct Built {
+    out_path: String,
+    cached: bool,
+}
+
 impl Runner {
-    /// Runs `job` to its end and sends every event including `finished`.
+    /// A runner for `nix` as detected, with an empty memory.
+    pub fn new(nix: NixCli, config: Arc<Config>) -> Self {
+        Self {
+            nix,
+            config,
+            memo: Mutex::new(Memo::default()),
+        }
+    }
+
+    /// Runs `job` to its end, sending every event but `finished`, which the
+    /// caller sends from the returned report.
     pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> JobReport {
         let span = tracing::info_span!(
             "build",
@@ -160,6 +200,32 @@ impl Runner {
             )
             .await;
 
+        let known: Vec<Option<Evaluated>> = {
+            let memo = lock(&self.memo);
+            hosts
+                .iter()
+                .map(|host| {
+                    memo.evaluated
+                        .get(&(pinned.locked_url.clone(), host.clone()))
+                        .filter(|e| std::path::Path::new(&e.drv_path).exists())
+                        .cloned()
+                })
+                .collect()
+        };
+        let settings = EvalSettings {
+            workers: self.config.builder.eval_workers,
+            max_memory: self.config.builder.eval_max_memory.0,
+            host_timeout: self.config.builder.host_timeout,
+        };
+        let mut evaluations = Evaluations::start(
+            &self.nix,
+            &pinned.locked_url,
+            &hosts,
+            known,
+            &settings,
+            cancel,
+        );
+
         let total = hosts.len();
         let mut summaries = Vec::with_capacity(total);
         for (i, host) in hosts.iter().enumerate() {
@@ -169,14 +235,16 @@ impl Runner {
                     status: HostStatus::Cancelled,
                     duration_ms: 0,
                     out_path: None,
+                    cached: false,
                 });
                 continue;
             }
-            summaries.push(
-                self.build_host(job, &pinned, host, i + 1, total, cancel)
-                    .await,
-            );
+            let summary = self
+                .build_host(job, &pinned, host, i, total, &mut evaluations, cancel)
+                .await;
+            summaries.push(summary);
         }
+        evaluations.shutdown().await;
 
         let status = if cancel.is_cancelled() {
             BuildStatus::Cancelled
@@ -226,17 +294,27 @@ impl Runner {
         deadline: Instant,
         cancel: &CancellationToken,
     ) -> Result<Vec<String>, HostFailure> {
-        let invocation = self.nix.list_hosts(&pinned.locked_url);
-        let stdout = self
-            .run_quiet(&invocation, deadline, cancel, ErrorCode::EvalFailed)
-            .await?;
-        let mut names: Vec<String> = serde_json::from_slice(&stdout).map_err(|err| {
-            HostFailure::failed(
-                ErrorCode::EvalFailed,
-                format!("nixosConfigurations is not an attribute set: {err}"),
-            )
-        })?;
-        names.sort();
+        let remembered = lock(&self.memo).hosts.get(&pinned.locked_url).cloned();
+        let names = match remembered {
+            Some(names) => names,
+            None => {
+                let invocation = self.nix.list_hosts(&pinned.locked_url);
+                let stdout = self
+                    .run_quiet(&invocation, deadline, cancel, ErrorCode::EvalFailed)
+                    .await?;
+                let mut names: Vec<String> = serde_json::from_slice(&stdout).map_err(|err| {
+                    HostFailure::failed(
+                        ErrorCode::EvalFailed,
+                        format!("nixosConfigurations is not an attribute set: {err}"),
+                    )
+                })?;
+                names.sort();
+                let mut memo = lock(&self.memo);
+                memo.make_room();
+                memo.hosts.insert(pinned.locked_url.clone(), names.clone());
+                names
+            }
+        };
         match &job.target {
             Target::Host(host) => {
                 if names.contains(host) {
@@ -267,8 +345,9 @@ impl Runner {
         }
     }
 
-    /// Evaluates and builds one host, sending `host_started`, `progress` and
-    /// `host_finished`.
+    /// Waits for one host's evaluation and builds it, sending `host_started`,
+    /// `progress`, `log` and `host_finished`.
+    #[allow(clippy::too_many_arguments)]
     async fn build_host(
         &self,
         job: &Job,
@@ -276,34 +355,57 @@ impl Runner {
         host: &str,
         index: usize,
         total: usize,
+        evaluations: &mut Evaluations,
         cancel: &CancellationToken,
     ) -> HostSummary {
         let started = Instant::now();
-        let deadline = started + self.config.builder.host_timeout;
         job.replies
             .send(
                 &job.build_id,
                 Event::HostStarted {
                     host: host.to_owned(),
-                    index,
+                    index: index + 1,
                     total,
                 },
             )
             .await;
-        tracing::info!(%host, index, total, "host started");
+        tracing::info!(%host, index = index + 1, total, "host started");
 
-        let result = self
-            .eval_and_build(job, pinned, host, deadline, cancel)
+        let watch = HostWatch::new(job, host, self.config.builder.progress_interval);
+        let result = watch
+            .drive(async {
+                let evaluated = evaluations.get(index, cancel).await?;
+                {
+                    let mut memo = lock(&self.memo);
+                    memo.make_room();
+                    memo.evaluated.insert(
+                        (pinned.locked_url.clone(), host.to_owned()),
+                        evaluated.clone(),
+                    );
+                }
+                self.build_evaluated(job, host, &evaluated, &watch, cancel)
+                    .await
+            })
             .await;
+
         let duration_ms = started.elapsed().as_millis() as u64;
-        let (status, out_path, error) = match result {
-            Ok(out_path) => (HostStatus::Success, Some(out_path), None),
-            Err(failure) => (failure.status, None, Some(failure.error)),
+        let (status, out_path, cached, error) = match result {
+            Ok(built) => (
+                HostStatus::Success,
+                Some(built.out_path),
+                built.cached,
+                None,
+            ),
+            Err(failure) => (failure.status, None, false, Some(failure.error)),
         };
         match &error {
-            None => {
-                tracing::info!(%host, duration_ms, out_path = out_path.as_deref().unwrap_or("-"), "host built")
-            }
+            None => tracing::info!(
+                %host,
+                duration_ms,
+                cached,
+                out_path = out_path.as_deref().unwrap_or("-"),
+                "host built"
+            ),
             Some(err) => {
                 tracing::warn!(%host, duration_ms, %status, code = %err.code, "host failed")
             }
@@ -316,6 +418,7 @@ impl Runner {
                     status,
                     duration_ms,
                     out_path: out_path.clone(),
+                    cached,
                     error,
                 },
             )
@@ -325,49 +428,76 @@ impl Runner {
             status,
             duration_ms,
             out_path,
+            cached,
         }
     }
 
-    async fn eval_and_build(
+    /// Builds an evaluated host from its derivation (no second evaluation),
+    /// or finds its output already in the store.
+    async fn build_evaluated(
         &self,
         job: &Job,
-        pinned: &Pinned,
         host: &str,
-        deadline: Instant,
+        evaluated: &Evaluated,
+        watch: &HostWatch<'_>,
         cancel: &CancellationToken,
-    ) -> Result<String, HostFailure> {
-        let builder = &self.config.builder;
-        let reporter =
-            ProgressReporter::new(job, host, builder.progress_interval, builder.host_timeout);
+    ) -> Result<Built, HostFailure> {
+        let deadline = Instant::now() + self.config.builder.host_timeout;
+        let out_link = self.gc_root(&job.repo, host)?;
+        let out_link = out_link.as_deref().and_then(|p| p.to_str());
 
-        let eval = self.nix.eval_drv_path(&pinned.locked_url, host);
-        let stdout = reporter
-            .run(&eval, deadline, cancel, ErrorCode::EvalFailed)
-            .await?;
-        let drv_path = String::from_utf8_lossy(&stdout).trim().to_owned();
-        if !is_drv_path(&drv_path) {
-            return Err(HostFailure::failed(
-                ErrorCode::EvalFailed,
-                format!("{host}: evaluation did not produce a derivation path (got {drv_path:?})"),
-            ));
+        if self.is_valid(&evaluated.out_path, deadline, cancel).await {
+            if let Some(link) = out_link {
+                let invocation = self.nix.add_root(&evaluated.out_path, link);
+                self.run_quiet(&invocation, deadline, cancel, ErrorCode::Internal)
+                    .await?;
+            }
+            return Ok(Built {
+                out_path: evaluated.out_path.clone(),
+                cached: true,
+            });
         }
 
-        let out_link = self.gc_root(&job.repo, host)?;
-        let build = self
-            .nix
-            .build_drv(&drv_path, out_link.as_deref().and_then(|p| p.to_str()));
-        let stdout = reporter
-            .run(&build, deadline, cancel, ErrorCode::BuildFailed)
-            .await?;
-        out_path_from_build_json(&stdout).ok_or_else(|| {
+        let build = self.nix.build_drv(&evaluated.drv_path, out_link);
+        let mut parser = LogParser::new();
+        let mut tail = ErrorTail::default();
+        let outcome = process::run(&build, deadline, cancel, &mut |line: &str| {
+            let event = parser.parse(line);
+            watch.observe(&event, parser.building());
+            tail.observe(&event);
+        })
+        .await;
+        let stdout = interpret(
+            outcome,
+            tail,
+            ErrorCode::BuildFailed,
+            self.config.builder.host_timeout,
+        )?;
+        let out_path = out_path_from_build_json(&stdout).ok_or_else(|| {
             HostFailure::failed(
                 ErrorCode::BuildFailed,
                 format!(
-                    "nix build reported no output path for {drv_path}: {}",
+                    "nix build reported no output path for {}: {}",
+                    evaluated.drv_path,
                     String::from_utf8_lossy(&stdout).trim()
                 ),
             )
+        })?;
+        Ok(Built {
+            out_path,
+            cached: false,
         })
+    }
+
+    /// Whether `path` is already valid in the store.
+    async fn is_valid(&self, path: &str, deadline: Instant, cancel: &CancellationToken) -> bool {
+        let invocation = self.nix.check_validity(&[path]);
+        match process::run(&invocation, deadline, cancel, &mut |_: &str| {}).await {
+            Ok(Outcome::Exited { status, stdout }) => {
+                status.success() && String::from_utf8_lossy(&stdout).trim().is_empty()
+            }
+            _ => false,
+        }
     }
 
     /// `<gc_roots_dir>/<repo>/<host>`, its parent created, when GC roots are on.
@@ -398,7 +528,7 @@ impl Runner {
     ) -> Result<Vec<u8>, HostFailure> {
         let mut parser = LogParser::new();
         let mut tail = ErrorTail::default();
-        let outcome = process::run(invocation, deadline, cancel, |line| {
+        let outcome = process::run(invocation, deadline, cancel, &mut |line: &str| {
             tail.observe(&parser.parse(line));
         })
         .await;
@@ -411,81 +541,177 @@ impl Runner {
     }
 }
 
-/// Runs a host's Nix commands while sending `progress` events: when Nix's
-/// counts change (at most once a second) and at least every
-/// `progress_interval` so a requester can tell slow from dead.
-struct ProgressReporter<'a> {
+/// Lines of build output kept waiting for the next `log` event; beyond this
+/// lines are dropped (and counted), so a flood of output cannot grow memory.
+const LOG_BUFFER_BYTES: usize = 256 * 1024;
+/// How often buffered log lines are sent, and how many events at most each
+/// time: a few messages a second.
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(500);
+const LOG_EVENTS_PER_FLUSH: usize = 2;
+/// Progress is sent at most this often when Nix's counts change.
+const PROGRESS_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// Watches one host while it waits for its evaluation and builds: sends
+/// `progress` when Nix's counts change (at most once a second) and at least
+/// every `progress_interval`, and batches `log` lines when asked for.
+struct HostWatch<'a> {
     job: &'a Job,
     host: &'a str,
     interval: Duration,
-    time_limit: Duration,
-    last: Mutex<(u64, u64)>,
+    state: Mutex<WatchState>,
 }
 
-impl<'a> ProgressReporter<'a> {
-    fn new(job: &'a Job, host: &'a str, interval: Duration, time_limit: Duration) -> Self {
+#[derive(Default, Clone, PartialEq, Eq)]
+struct Progress {
+    done: u64,
+    expected: u64,
+    building: Option<String>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    now: Progress,
+    log: VecDeque<String>,
+    log_bytes: usize,
+    dropped: u64,
+}
+
+impl<'a> HostWatch<'a> {
+    fn new(job: &'a Job, host: &'a str, interval: Duration) -> Self {
         Self {
             job,
             host,
             interval,
-            time_limit,
-            last: Mutex::new((0, 0)),
+            state: Mutex::new(WatchState::default()),
         }
     }
 
-    async fn run(
-        &self,
-        invocation: &Invocation,
-        deadline: Instant,
-        cancel: &CancellationToken,
-        failure_code: ErrorCode,
-    ) -> Result<Vec<u8>, HostFailure> {
-        let counts = Mutex::new(*lock(&self.last));
-        let mut parser = LogParser::new();
-        let mut tail = ErrorTail::default();
-        let outcome = {
-            let run = process::run(invocation, deadline, cancel, |line| {
-                let event = parser.parse(line);
-                if let LogEvent::Progress { done, expected, .. } = event {
-                    *lock(&counts) = (done, expected);
+    /// Takes note of one event from the host's `nix build`.
+    fn observe(&self, event: &LogEvent, building: Option<&str>) {
+        let mut state = lock(&self.state);
+        if let LogEvent::Progress { done, expected, .. } = event {
+            state.now.done = *done;
+            state.now.expected = *expected;
+        }
+        if state.now.building.as_deref() != building {
+            state.now.building = building.map(str::to_owned);
+        }
+        if !self.job.logs {
+            return;
+        }
+        let line = match event {
+            LogEvent::BuildLine(line) => line.clone(),
+            LogEvent::BuildStarted { drv_path } => format!("building '{drv_path}'"),
+            LogEvent::Message { level, text } if *level <= 1 => text.clone(),
+            _ => return,
+        };
+        if state.log_bytes + line.len() > LOG_BUFFER_BYTES {
+            state.dropped += 1;
+            return;
+        }
+        if state.dropped > 0 {
+            let note = format!("[homelab-deploy: {} lines skipped]", state.dropped);
+            state.dropped = 0;
+            state.log_bytes += note.len();
+            state.log.push_back(note);
+        }
+        state.log_bytes += line.len();
+        state.log.push_back(line);
+    }
+
+    /// Runs `work` while reporting on it.
+    async fn drive<T>(&self, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent = Progress::default();
+        let mut progress_at = Instant::now();
+        let mut log_at = Instant::now();
+        loop {
+            tokio::select! {
+                result = &mut work => {
+                    self.flush_log(usize::MAX).await;
+                    return result;
                 }
-                tail.observe(&event);
-            });
-            tokio::pin!(run);
-            let mut ticker = tokio::time::interval(Duration::from_secs(1));
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last_sent = Instant::now();
-            loop {
-                tokio::select! {
-                    outcome = &mut run => break outcome,
-                    _ = ticker.tick() => {
-                        let current = *lock(&counts);
-                        let changed = current != *lock(&self.last);
-                        if changed || last_sent.elapsed() >= self.interval {
-                            *lock(&self.last) = current;
-                            last_sent = Instant::now();
-                            self.send(current).await;
-                        }
+                _ = ticker.tick() => {
+                    if self.job.logs && log_at.elapsed() >= LOG_FLUSH_EVERY {
+                        log_at = Instant::now();
+                        self.flush_log(LOG_EVENTS_PER_FLUSH).await;
+                    }
+                    let now = lock(&self.state).now.clone();
+                    let since = progress_at.elapsed();
+                    if (now != sent && since >= PROGRESS_AT_MOST_EVERY) || since >= self.interval {
+                        progress_at = Instant::now();
+                        sent = now.clone();
+                        self.send_progress(now).await;
                     }
                 }
             }
-        };
-        interpret(outcome, tail, failure_code, self.time_limit)
+        }
     }
 
-    async fn send(&self, (done, expected): (u64, u64)) {
+    async fn send_progress(&self, progress: Progress) {
         self.job
             .replies
             .send(
                 &self.job.build_id,
                 Event::Progress {
                     host: self.host.to_owned(),
-                    done,
-                    expected,
+                    done: progress.done,
+                    expected: progress.expected,
+                    building: progress.building,
                 },
             )
             .await;
     }
+
+    /// Sends buffered lines as up to `max_events` events of at most
+    /// [`MAX_LOG_EVENT_BYTES`] each.
+    async fn flush_log(&self, max_events: usize) {
+        for _ in 0..max_events {
+            let lines = {
+                let mut state = lock(&self.state);
+                let mut lines = Vec::new();
+                // Room for the event's other fields.
+                let mut budget = MAX_LOG_EVENT_BYTES - 256 - self.host.len();
+                while let Some(line) = state.log.front() {
+                    let cost = json_string_len(line) + 1;
+                    if cost > budget {
+                        break;
+                    }
+                    budget -= cost;
+                    state.log_bytes -= line.len();
+                    lines.extend(state.log.pop_front());
+                }
+                lines
+            };
+            if lines.is_empty() {
+                return;
+            }
+            self.job
+                .replies
+                .send(
+                    &self.job.build_id,
+                    Event::Log {
+                        host: self.host.to_owned(),
+                        lines,
+                    },
+                )
+                .await;
+        }
+    }
+}
+
+/// Bytes `text` takes as a JSON string (quotes and escapes included).
+fn json_string_len(text: &str) -> usize {
+    2 + text
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\t' | '\r' => 2,
+            c if c.is_control() => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -511,48 +737,18 @@ fn interpret(
             }
             Err(HostFailure::failed(failure_code, message))
         }
-        Ok(Outcome::TimedOut) => Err(HostFailure {
-            status: HostStatus::Timeout,
-            error: ErrorBody::new(
-                ErrorCode::Timeout,
-                with_tail(
-                    &format!(
-                        "killed after exceeding host_timeout ({})",
-                        humantime::format_duration(time_limit)
-                    ),
-                    &tail,
-                ),
-            ),
-        }),
-        Ok(Outcome::Cancelled) => Err(HostFailure {
-            status: HostStatus::Cancelled,
-            error: ErrorBody::new(ErrorCode::Cancelled, "cancelled"),
-        }),
-    }
-}
-
-fn with_tail(message: &str, tail: &ErrorTail) -> String {
-    if tail.is_empty() {
-        message.to_owned()
-    } else {
-        format!("{message}\n{}", tail.summary())
-    }
-}
-
-impl HostFailure {
-    fn failed(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            status: HostStatus::Failed,
-            error: ErrorBody::new(code, message),
+        Ok(Outcome::TimedOut) => {
+            let mut message = format!(
+                "killed after exceeding host_timeout ({})",
+                humantime::format_duration(time_limit)
+            );
+            if !tail.is_empty() {
+                message.push('\n');
+                message.push_str(&tail.summary());
+            }
+            Err(HostFailure::timeout(message))
         }
-    }
-
-    /// How a failure before any host built ends the whole request.
-    fn build_status(&self) -> BuildStatus {
-        match self.status {
-            HostStatus::Cancelled => BuildStatus::Cancelled,
-            HostStatus::Success | HostStatus::Failed | HostStatus::Timeout => BuildStatus::Failed,
-        }
+        Ok(Outcome::Cancelled) => Err(HostFailure::cancelled()),
     }
 }
 
@@ -609,6 +805,17 @@ mod tests {
         assert_eq!(
             new.revision.as_deref(),
             Some("609da7ab2bec60c568928f7e8d760a36e14805b0")
+        );
+    }
+
+    #[test]
+    fn json_lengths_count_escapes() {
+        assert_eq!(json_string_len("abc"), 5);
+        assert_eq!(json_string_len("a\"b"), 6);
+        assert_eq!(json_string_len("é"), 4);
+        assert_eq!(
+            json_string_len("x\ty"),
+            serde_json::to_string("x\ty").unwrap().len()
         );
     }
 }

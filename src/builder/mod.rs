@@ -1,6 +1,7 @@
 //! The build service: take requests from NATS, validate and queue them, and
 //! run them one at a time.
 
+pub mod eval;
 pub mod job;
 pub mod queue;
 pub mod replies;
@@ -19,7 +20,7 @@ use crate::nats::{self, NatsError};
 use crate::nix::NixCli;
 use crate::nix::version::{NixVersion, VersionError};
 use crate::protocol::{
-    self, BuildRequest, BuildStatus, ErrorBody, ErrorCode, Event, REQUEST_SUBSCRIPTION,
+    self, BuildRequest, BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, REQUEST_SUBSCRIPTION,
     RESPONSES_PREFIX, RequestError, SubjectKind, Target,
 };
 use job::{Job, JobReport, Runner};
@@ -38,6 +39,47 @@ pub enum BuilderError {
     Nats(#[from] NatsError),
     #[error("cannot subscribe to {subject}: {reason}")]
     Subscribe { subject: String, reason: String },
+}
+
+/// Why one host (or the request, before any host) did not succeed.
+#[derive(Debug, Clone)]
+pub struct HostFailure {
+    pub status: HostStatus,
+    pub error: ErrorBody,
+}
+
+impl HostFailure {
+    /// A plain failure with `code`.
+    pub fn failed(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status: HostStatus::Failed,
+            error: ErrorBody::new(code, message),
+        }
+    }
+
+    /// The host ran past `host_timeout`.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self {
+            status: HostStatus::Timeout,
+            error: ErrorBody::new(ErrorCode::Timeout, message),
+        }
+    }
+
+    /// The build was cancelled.
+    pub fn cancelled() -> Self {
+        Self {
+            status: HostStatus::Cancelled,
+            error: ErrorBody::new(ErrorCode::Cancelled, "cancelled"),
+        }
+    }
+
+    /// How a failure before any host built ends the whole request.
+    pub fn build_status(&self) -> BuildStatus {
+        match self.status {
+            HostStatus::Cancelled => BuildStatus::Cancelled,
+            HostStatus::Success | HostStatus::Failed | HostStatus::Timeout => BuildStatus::Failed,
+        }
+    }
 }
 
 /// A queued job plus the signal that its `accepted` event is out, so the
@@ -86,10 +128,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     );
 
     let queue = Arc::new(Queue::new(config.builder.queue_limit));
-    let runner = Arc::new(Runner {
-        nix: NixCli::new("nix", version),
-        config: Arc::clone(&config),
-    });
+    tracing::info!(
+        workers = config.builder.eval_workers,
+        max_memory = %config.builder.eval_max_memory,
+        "evaluating ahead of builds"
+    );
+    let runner = Arc::new(Runner::new(
+        NixCli::new("nix", version),
+        Arc::clone(&config),
+    ));
     let mut worker = tokio::spawn(work(Arc::clone(&queue), runner, shutdown.clone()));
     let intake = Intake {
         config: Arc::clone(&config),
@@ -180,6 +227,7 @@ impl Intake {
             target: target.clone(),
             git_ref: git_ref.clone(),
             rev: request.rev.map(|rev| rev.to_ascii_lowercase()),
+            logs: request.logs,
             replies: replies.clone(),
         };
         let pushed = self.queue.push(Queued { job, announced });
@@ -291,7 +339,7 @@ fn finished_event(repo: String, target: String, report: JobReport) -> Event {
     let succeeded = report
         .hosts
         .iter()
-        .filter(|h| h.status == protocol::HostStatus::Success)
+        .filter(|h| h.status == HostStatus::Success)
         .count();
     Event::Finished {
         repo,

@@ -26,6 +26,9 @@ pub struct Args {
     /// Print every event as received, one JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Stream the build log of each host.
+    #[arg(long)]
+    logs: bool,
     /// Give up on a request after this long (e.g. 90m, 3h).
     #[arg(long, default_value = "3h", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -45,6 +48,7 @@ pub async fn run(args: Args) -> Exit {
     let request = BuildRequest {
         git_ref: args.git_ref.clone(),
         rev: args.rev.clone(),
+        logs: args.logs,
     };
     for target in &targets {
         if let Err(err) = validate(&args.repo, target, &request) {

@@ -32,6 +32,7 @@ struct State {
     current: Option<(String, usize, usize)>,
     host_started: Option<Instant>,
     counts: (u64, u64),
+    building: Option<String>,
     last_printed_counts: Option<(String, u64, u64)>,
 }
 
@@ -123,6 +124,7 @@ impl<W: Write> View<W> {
                 self.state.current = Some((host.clone(), *index, *total));
                 self.state.host_started = Some(Instant::now());
                 self.state.counts = (0, 0);
+                self.state.building = None;
                 if self.live {
                     Vec::new()
                 } else {
@@ -133,8 +135,10 @@ impl<W: Write> View<W> {
                 host,
                 done,
                 expected,
+                building,
             } => {
                 self.state.counts = (*done, *expected);
+                self.state.building = building.clone();
                 let key = (host.clone(), *done, *expected);
                 if self.live
                     || *expected == 0
@@ -148,11 +152,16 @@ impl<W: Write> View<W> {
                     self.position()
                 )]
             }
+            Event::Log { host, lines } => lines
+                .iter()
+                .map(|line| format!("  {host} | {line}"))
+                .collect(),
             Event::HostFinished {
                 host,
                 status,
                 duration_ms,
                 out_path,
+                cached,
                 error,
             } => {
                 let position = self.position();
@@ -160,7 +169,8 @@ impl<W: Write> View<W> {
                 let took = human_duration(Duration::from_millis(*duration_ms));
                 let mut lines = vec![match status {
                     HostStatus::Success => format!(
-                        "{position} {host}: success in {took} -> {}",
+                        "{position} {host}: {} in {took} -> {}",
+                        if *cached { "already built" } else { "success" },
                         out_path.as_deref().unwrap_or("?")
                     ),
                     other => format!(
@@ -239,11 +249,14 @@ impl<W: Write> View<W> {
                     .map(|t| human_duration(t.elapsed()))
                     .unwrap_or_default();
                 let (done, expected) = self.state.counts;
-                let counts = if expected > 0 {
+                let mut counts = if expected > 0 {
                     format!(", {done}/{expected} drvs")
                 } else {
                     String::new()
                 };
+                if let Some(building) = &self.state.building {
+                    counts.push_str(&format!(", building {building}"));
+                }
                 format!(
                     "  building host {index} of {total}: {host} ({host_elapsed}{counts}), {elapsed} in total"
                 )
@@ -326,6 +339,7 @@ mod tests {
                 status: HostStatus::Success,
                 duration_ms: 1500,
                 out_path: Some("/nix/store/x-a".into()),
+                cached: false,
                 error: None,
             },
             Event::HostStarted {
@@ -338,6 +352,7 @@ mod tests {
                 status: HostStatus::Failed,
                 duration_ms: 200,
                 out_path: None,
+                cached: false,
                 error: Some(ErrorBody::new(
                     ErrorCode::BuildFailed,
                     "error: boom\n> last line",
@@ -357,12 +372,14 @@ mod tests {
                         status: HostStatus::Success,
                         duration_ms: 1500,
                         out_path: Some("/nix/store/x-a".into()),
+                        cached: false,
                     },
                     HostSummary {
                         host: "b".into(),
                         status: HostStatus::Failed,
                         duration_ms: 200,
                         out_path: None,
+                        cached: false,
                     },
                 ],
                 error: None,

@@ -13,6 +13,9 @@ use super::NixVersion;
 /// The attribute under each host that is built.
 pub const TOPLEVEL_ATTR: &str = "config.system.build.toplevel";
 
+/// Prefix of the trace lines the evaluation expression prints per host.
+pub const EVAL_MARKER: &str = "@homelab-deploy-eval ";
+
 /// One program invocation: no shell is involved, each arg is passed as is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
@@ -87,8 +90,9 @@ impl NixCli {
         ])
     }
 
-    /// Prints the names of `nixosConfigurations` as a JSON list.
-    pub fn list_hosts(&self, locked_url: &str) -> Invocation {
+    /// Applies a Nix function to the flake's `nixosConfigurations` and
+    /// prints the result as JSON.
+    fn apply_to_configurations(&self, locked_url: &str, function: String) -> Invocation {
         self.invocation([
             "eval".to_owned(),
             "--json".to_owned(),
@@ -96,19 +100,56 @@ impl NixCli {
             "internal-json".to_owned(),
             format!("{locked_url}#nixosConfigurations"),
             "--apply".to_owned(),
-            "builtins.attrNames".to_owned(),
+            function,
         ])
     }
 
-    /// Evaluates one host to the store path of its toplevel derivation.
-    pub fn eval_drv_path(&self, locked_url: &str, host: &str) -> Invocation {
-        self.invocation([
-            "eval".to_owned(),
-            "--raw".to_owned(),
-            "--log-format".to_owned(),
-            "internal-json".to_owned(),
-            format!("{locked_url}#nixosConfigurations.{host}.{TOPLEVEL_ATTR}.drvPath"),
-        ])
+    /// Prints the names of `nixosConfigurations` as a JSON list.
+    pub fn list_hosts(&self, locked_url: &str) -> Invocation {
+        self.apply_to_configurations(locked_url, "builtins.attrNames".to_owned())
+    }
+
+    /// Evaluates several hosts in one process, so what they share is
+    /// evaluated once. For each host, in order, it traces
+    /// `{"start": host}` and then `{"done": host, "drv": ..., "out": ...}`,
+    /// so results stream out while later hosts still evaluate. An error
+    /// aborts the process; the last `start` says which host it belongs to.
+    pub fn eval_hosts(&self, locked_url: &str, hosts: &[String]) -> Invocation {
+        let list = hosts
+            .iter()
+            .map(|host| {
+                // Host names are [A-Za-z0-9_-]+ (checked, and listed by Nix
+                // itself): as JSON strings they are valid Nix strings.
+                debug_assert!(crate::protocol::is_valid_name(host));
+                serde_json::Value::String(host.clone()).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let expression = format!(
+            "configurations: let \
+               report = host: let toplevel = configurations.${{host}}.{TOPLEVEL_ATTR}; in \
+                 builtins.trace (\"{EVAL_MARKER}\" + builtins.toJSON {{ start = host; }}) \
+                 (builtins.trace (\"{EVAL_MARKER}\" + builtins.toJSON {{ done = host; drv = toplevel.drvPath; out = toplevel.outPath; }}) null); \
+             in builtins.foldl' (previous: host: builtins.seq previous (report host)) null [ {list} ]"
+        );
+        self.apply_to_configurations(locked_url, expression)
+    }
+
+    /// Prints which of `paths` are not valid in the store (exit 0 either
+    /// way). Unlike `nix path-info`, never substitutes anything.
+    pub fn check_validity(&self, paths: &[&str]) -> Invocation {
+        let mut args = vec!["--check-validity".to_owned(), "--print-invalid".to_owned()];
+        args.extend(paths.iter().map(|p| (*p).to_owned()));
+        Invocation {
+            program: sibling_program(&self.program, "nix-store"),
+            args,
+        }
+    }
+
+    /// Roots an existing store path at `link` (building a valid path does
+    /// nothing but create the link and register it as a GC root).
+    pub fn add_root(&self, store_path: &str, link: &str) -> Invocation {
+        self.invocation(["build", "--out-link", link, store_path])
     }
 
     /// Builds a derivation's outputs, printing them as JSON on stdout and the
@@ -141,6 +182,14 @@ impl NixCli {
         } else {
             drv_path.to_owned()
         }
+    }
+}
+
+/// `nix-store` next to `nix` (same directory when `nix` is a path).
+fn sibling_program(nix: &str, name: &str) -> String {
+    match nix.rsplit_once('/') {
+        Some((dir, _)) => format!("{dir}/{name}"),
+        None => name.to_owned(),
     }
 }
 
@@ -189,7 +238,7 @@ mod tests {
         for inv in [
             cli(2, 8).flake_metadata("git+file:///x"),
             cli(2, 24).list_hosts(LOCKED),
-            cli(2, 24).eval_drv_path(LOCKED, "ns1"),
+            cli(2, 24).eval_hosts(LOCKED, &["ns1".into()]),
             cli(2, 8).build_drv(DRV, None),
         ] {
             assert_eq!(inv.program, "nix");
@@ -266,18 +315,7 @@ mod tests {
     }
 
     #[test]
-    fn host_evaluation_selects_the_toplevel_drv_path() {
-        let inv = cli(2, 24).eval_drv_path(LOCKED, "ns1");
-        assert_eq!(
-            args(&inv)[2..],
-            [
-                "eval",
-                "--raw",
-                "--log-format",
-                "internal-json",
-                &format!("{LOCKED}#nixosConfigurations.ns1.config.system.build.toplevel.drvPath")
-            ]
-        );
+    fn hosts_are_listed_from_nixos_configurations() {
         let inv = cli(2, 8).list_hosts(LOCKED);
         assert_eq!(
             args(&inv)[2..],
@@ -290,6 +328,65 @@ mod tests {
                 "--apply",
                 "builtins.attrNames"
             ]
+        );
+    }
+
+    #[test]
+    fn build_output_is_read_as_json_on_every_version() {
+        // `--print-out-paths` only exists from Nix 2.9; `--json` on both.
+        for version in [(2, 8), (2, 9), (2, 24)] {
+            let inv = cli(version.0, version.1).build_drv(DRV, None);
+            assert!(inv.args.contains(&"--json".to_owned()));
+            assert!(!inv.args.contains(&"--print-out-paths".to_owned()));
+        }
+    }
+
+    #[test]
+    fn host_batches_are_evaluated_in_one_process() {
+        let inv = cli(2, 24).eval_hosts(LOCKED, &["ns1".into(), "ns2".into()]);
+        let a = args(&inv);
+        assert_eq!(
+            a[2..7],
+            [
+                "eval",
+                "--json",
+                "--log-format",
+                "internal-json",
+                &format!("{LOCKED}#nixosConfigurations")
+            ]
+        );
+        assert_eq!(a[7], "--apply");
+        let expression = a[8];
+        assert!(expression.contains(r#"[ "ns1" "ns2" ]"#), "{expression}");
+        assert!(expression.contains("config.system.build.toplevel"));
+        assert!(expression.contains(EVAL_MARKER));
+        assert_eq!(a.len(), 9);
+    }
+
+    #[test]
+    fn validity_checks_use_nix_store_beside_nix() {
+        let inv = cli(2, 8).check_validity(&["/nix/store/a", "/nix/store/b"]);
+        assert_eq!(inv.program, "nix-store");
+        assert_eq!(
+            args(&inv),
+            [
+                "--check-validity",
+                "--print-invalid",
+                "/nix/store/a",
+                "/nix/store/b"
+            ]
+        );
+        let inv = NixCli::new("/run/current-system/sw/bin/nix", NixVersion::new(2, 24, 0))
+            .check_validity(&["/nix/store/a"]);
+        assert_eq!(inv.program, "/run/current-system/sw/bin/nix-store");
+    }
+
+    #[test]
+    fn roots_of_existing_paths_are_added_with_an_out_link() {
+        let inv = cli(2, 24).add_root("/nix/store/x-a2", "/gc/repo/ns1");
+        assert_eq!(
+            args(&inv)[2..],
+            ["build", "--out-link", "/gc/repo/ns1", "/nix/store/x-a2"]
         );
     }
 

@@ -65,16 +65,23 @@ struct RawLine {
 }
 
 /// Turns stderr lines into [`LogEvent`]s; remembers which activity carries
-/// the derivation counts.
+/// the derivation counts and which derivations are building.
 #[derive(Debug, Default)]
 pub struct LogParser {
     builds_activity: Option<u64>,
+    building: Vec<(u64, String)>,
 }
 
 impl LogParser {
     /// A parser for one Nix invocation.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The name of the derivation that most recently started building and
+    /// is still building.
+    pub fn building(&self) -> Option<&str> {
+        self.building.last().map(|(_, drv)| derivation_name(drv))
     }
 
     /// Interprets one stderr line (without its newline).
@@ -91,11 +98,18 @@ impl LogParser {
                 LogEvent::Ignored
             }
             "start" if raw.kind == ACT_BUILD => match raw.fields.first() {
-                Some(serde_json::Value::String(drv_path)) => LogEvent::BuildStarted {
-                    drv_path: drv_path.clone(),
-                },
+                Some(serde_json::Value::String(drv_path)) => {
+                    self.building.push((raw.id, drv_path.clone()));
+                    LogEvent::BuildStarted {
+                        drv_path: drv_path.clone(),
+                    }
+                }
                 _ => LogEvent::Ignored,
             },
+            "stop" => {
+                self.building.retain(|(id, _)| *id != raw.id);
+                LogEvent::Ignored
+            }
             "result" if raw.kind == RES_BUILD_LOG_LINE || raw.kind == RES_POST_BUILD_LOG_LINE => {
                 match raw.fields.first() {
                     Some(serde_json::Value::String(text)) => LogEvent::BuildLine(clean_line(text)),
@@ -123,6 +137,13 @@ impl LogParser {
             _ => LogEvent::Ignored,
         }
     }
+}
+
+/// `/nix/store/<hash>-<name>.drv` → `<name>`.
+pub fn derivation_name(drv_path: &str) -> &str {
+    let file = drv_path.rsplit('/').next().unwrap_or(drv_path);
+    let name = file.split_once('-').map_or(file, |(_, name)| name);
+    name.strip_suffix(".drv").unwrap_or(name)
 }
 
 /// Removes ANSI escape sequences and control characters (except newline and
@@ -383,6 +404,22 @@ mod tests {
             "{summary}"
         );
         assert!(!summary.contains('\u{1b}'));
+    }
+
+    #[test]
+    fn the_derivation_building_now_is_tracked() {
+        let mut parser = LogParser::new();
+        let mut seen = Vec::new();
+        for line in NIX_2_8_FAILED_BUILD.lines() {
+            parser.parse(line);
+            seen.push(parser.building().map(str::to_owned));
+        }
+        assert!(seen.contains(&Some("bad".to_owned())));
+        assert_eq!(seen.last().unwrap(), &None, "the build stopped");
+        assert_eq!(
+            derivation_name("/nix/store/abc-nixos-system-ns1-24.05.drv"),
+            "nixos-system-ns1-24.05"
+        );
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub const MAX_STDOUT_BYTES: usize = 4 << 20;
 pub const MAX_STDERR_LINE_BYTES: usize = 64 << 10;
 /// Time Nix gets between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
+/// The same for evaluators. They hold nothing worth a clean exit, and Nix
+/// 2.8 can miss SIGTERM while an import-from-derivation build is silent.
+pub const EVAL_KILL_GRACE: Duration = Duration::from_secs(2);
 /// Time the output pipes get to close after the process exited; a grandchild
 /// that kept them open is not waited for.
 const PIPE_DRAIN: Duration = Duration::from_secs(5);
@@ -48,13 +51,40 @@ pub struct SpawnError {
     source: std::io::Error,
 }
 
-/// Runs `invocation` until it exits, `deadline` passes or `cancel` fires.
-/// Every stderr line (without newline, lossily UTF-8) goes to `on_stderr`.
+/// Watches a running command: its pid once started, then every stderr line
+/// (without newline, lossily UTF-8). Any `FnMut(&str)` is an observer that
+/// only wants the lines.
+pub trait Observer {
+    /// The command started as `pid` (also its process group id).
+    fn started(&mut self, _pid: u32) {}
+    /// One line of the command's stderr.
+    fn line(&mut self, line: &str);
+}
+
+impl<F: FnMut(&str)> Observer for F {
+    fn line(&mut self, line: &str) {
+        self(line)
+    }
+}
+
+/// Runs `invocation` until it exits, `deadline` passes or `cancel` fires;
+/// then SIGTERM, and SIGKILL after [`KILL_GRACE`].
 pub async fn run(
     invocation: &Invocation,
     deadline: Instant,
     cancel: &CancellationToken,
-    mut on_stderr: impl FnMut(&str),
+    observer: &mut impl Observer,
+) -> Result<Outcome, SpawnError> {
+    run_with_grace(invocation, deadline, cancel, KILL_GRACE, observer).await
+}
+
+/// [`run`] with its own time between SIGTERM and SIGKILL.
+pub async fn run_with_grace(
+    invocation: &Invocation,
+    deadline: Instant,
+    cancel: &CancellationToken,
+    kill_grace: Duration,
+    observer: &mut impl Observer,
 ) -> Result<Outcome, SpawnError> {
     tracing::debug!(argv = %invocation, "running nix");
     let mut child = Command::new(&invocation.program)
@@ -69,8 +99,11 @@ pub async fn run(
             program: invocation.program.clone(),
             source,
         })?;
+    if let Some(pid) = child.id() {
+        observer.started(pid);
+    }
     let stdout_reader = read_bounded(child.stdout.take());
-    let stderr_reader = read_lines(child.stderr.take(), &mut on_stderr);
+    let stderr_reader = read_lines(child.stderr.take(), observer);
     tokio::pin!(stdout_reader, stderr_reader);
 
     let mut stdout = None;
@@ -97,11 +130,11 @@ pub async fn run(
                 if let Some(status) = exit.take() {
                     break status;
                 }
-                stop_group(&mut child).await;
+                stop_group(&mut child, kill_grace).await;
                 return Ok(Outcome::TimedOut);
             }
             () = cancel.cancelled(), if exit.is_none() => {
-                stop_group(&mut child).await;
+                stop_group(&mut child, kill_grace).await;
                 return Ok(Outcome::Cancelled);
             }
         }
@@ -117,13 +150,13 @@ pub async fn run(
 }
 
 /// Stops the whole process group: SIGTERM, a grace period, then SIGKILL.
-async fn stop_group(child: &mut Child) {
+async fn stop_group(child: &mut Child, grace: Duration) {
     let Some(pid) = child.id().and_then(|id| Pid::from_raw(id as i32)) else {
         return; // already reaped
     };
     // The group may already be gone; that is fine.
     let _ = kill_process_group(pid, Signal::TERM);
-    if timeout(KILL_GRACE, child.wait()).await.is_err() {
+    if timeout(grace, child.wait()).await.is_err() {
         tracing::warn!(
             pid = pid.as_raw_nonzero().get(),
             "nix ignored SIGTERM; killing its process group"
@@ -150,7 +183,7 @@ async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
     }
 }
 
-async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, on_line: &mut impl FnMut(&str)) {
+async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, observer: &mut impl Observer) {
     let Some(pipe) = pipe else {
         return;
     };
@@ -163,7 +196,7 @@ async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, on_line: &mut impl FnM
         };
         if buffer.is_empty() {
             if !line.is_empty() {
-                on_line(&String::from_utf8_lossy(&line));
+                observer.line(&String::from_utf8_lossy(&line));
             }
             return;
         }
@@ -180,8 +213,128 @@ async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, on_line: &mut impl FnM
         line.extend_from_slice(&content[..content.len().min(room)]);
         reader.consume(taken);
         if complete {
-            on_line(&String::from_utf8_lossy(&line));
+            observer.line(&String::from_utf8_lossy(&line));
             line.clear();
         }
+    }
+}
+
+/// Resident memory of a process in bytes, from `/proc/<pid>/status`.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Invocation {
+        Invocation {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+        }
+    }
+
+    fn soon(secs: u64) -> Instant {
+        Instant::now() + Duration::from_secs(secs)
+    }
+
+    #[tokio::test]
+    async fn stdout_and_stderr_lines_are_collected() {
+        let mut lines = Vec::new();
+        let outcome = run(
+            &sh("echo out; echo one >&2; printf 'two' >&2"),
+            soon(10),
+            &CancellationToken::new(),
+            &mut |line: &str| lines.push(line.to_owned()),
+        )
+        .await
+        .unwrap();
+        let Outcome::Exited { status, stdout } = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert!(status.success());
+        assert_eq!(stdout, b"out\n");
+        assert_eq!(lines, ["one", "two"]);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_stops_the_whole_process_group() {
+        let marker = format!("homelab-deploy-test-{}", std::process::id());
+        let script = format!("sleep 30 & sleep 30; echo {marker}");
+        let outcome = run(
+            &sh(&script),
+            soon(1),
+            &CancellationToken::new(),
+            &mut |_: &str| {},
+        )
+        .await
+        .unwrap();
+        assert!(matches!(outcome, Outcome::TimedOut), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn cancellation_stops_the_command() {
+        let cancel = CancellationToken::new();
+        let trigger = cancel.clone();
+        let mut observer = |line: &str| {
+            if line == "ready" {
+                trigger.cancel();
+            }
+        };
+        let outcome = run(
+            &sh("echo ready >&2; sleep 30"),
+            soon(60),
+            &cancel,
+            &mut observer,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(outcome, Outcome::Cancelled), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn overlong_stderr_lines_are_cut() {
+        let mut longest = 0;
+        let script = "head -c 300000 /dev/zero | tr '\\0' x >&2";
+        run(
+            &sh(script),
+            soon(10),
+            &CancellationToken::new(),
+            &mut |line: &str| longest = longest.max(line.len()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(longest, MAX_STDERR_LINE_BYTES);
+    }
+
+    #[tokio::test]
+    async fn observers_learn_the_pid() {
+        struct Pid(Option<u32>);
+        impl Observer for Pid {
+            fn started(&mut self, pid: u32) {
+                self.0 = Some(pid);
+            }
+            fn line(&mut self, _: &str) {}
+        }
+        let mut observer = Pid(None);
+        run(
+            &sh("true"),
+            soon(10),
+            &CancellationToken::new(),
+            &mut observer,
+        )
+        .await
+        .unwrap();
+        assert!(observer.0.is_some());
+        assert!(resident_bytes(std::process::id()).unwrap() > 0);
     }
 }

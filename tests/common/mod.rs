@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use homelab_deploy::protocol::{Event, Reply};
+use homelab_deploy::protocol::{ErrorCode, Event, HostStatus, Reply};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_homelab-deploy");
@@ -62,12 +62,12 @@ fn shared_dir() -> &'static Path {
 /// `NIX_CONFIG` for every Nix the tests start: no binary cache, no global
 /// flake registry, nothing leaves the machine.
 pub fn nix_config() -> String {
-    let registry = shared_dir().join("registry.json");
-    if !registry.exists() {
-        let tmp = shared_dir().join(format!("registry.{}", std::process::id()));
-        std::fs::write(&tmp, r#"{"flakes":[],"version":2}"#).unwrap();
-        std::fs::rename(&tmp, &registry).unwrap();
-    }
+    static REGISTRY: OnceLock<PathBuf> = OnceLock::new();
+    let registry = REGISTRY.get_or_init(|| {
+        let path = shared_dir().join("registry.json");
+        std::fs::write(&path, r#"{"flakes":[],"version":2}"#).unwrap();
+        path
+    });
     format!(
         "substituters =\nflake-registry = {}\nsandbox = false\nwarn-dirty = false\n",
         registry.display()
@@ -217,6 +217,11 @@ pub enum Host {
     Gated,
     /// Builds after printing `lines` lines of log.
     Noisy { lines: u32 },
+    /// Its evaluation fails with an error `builtins.tryEval` could not catch.
+    FailEvalHard,
+    /// Its evaluation waits until the gate file exists: it imports from a
+    /// derivation (IFD) whose build waits on the gate.
+    EvalGated,
 }
 
 /// An offline homelab flake in a git repository: plain derivations with
@@ -367,6 +372,11 @@ impl Flake {
                     r#"mk "{name}" "i=0; while [ ! -e {gate} ]; do i=$((i+1)); if [ $i -gt 1200 ]; then exit 7; fi; /bin/sleep 0.05; done; echo $marker > $out""#,
                     gate = gate.display()
                 ),
+                Host::FailEvalHard => r#"(1 + "not a number")"#.to_owned(),
+                Host::EvalGated => format!(
+                    r#"mk "{name}" (builtins.readFile (mk "{name}-ifd" "i=0; while [ ! -e {gate} ]; do i=$((i+1)); if [ $i -gt 1200 ]; then exit 7; fi; /bin/sleep 0.05; done; echo 'echo evaluated > $out' > $out"))"#,
+                    gate = gate.display()
+                ),
                 Host::Noisy { lines } => format!(
                     r#"mk "{name}" "i=0; while [ $i -lt {lines} ]; do echo log line $i of {name}; i=$((i+1)); done; echo $marker > $out""#
                 ),
@@ -449,6 +459,12 @@ impl BuilderOptions {
     pub fn repo(mut self, lines: &str) -> Self {
         self.extra_repo.push_str(lines);
         self.extra_repo.push('\n');
+        self
+    }
+
+    /// Runs the builder with `dir` first on PATH (e.g. a [`NixRecorder`]).
+    pub fn path_prefix(mut self, dir: PathBuf) -> Self {
+        self.path_prefix = Some(dir);
         self
     }
 
@@ -579,6 +595,63 @@ impl Drop for Builder {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A directory with `nix` and `nix-store` wrappers that record every
+/// invocation's argv and then run the real program.
+pub struct NixRecorder {
+    dir: tempfile::TempDir,
+}
+
+impl NixRecorder {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for program in ["nix", "nix-store"] {
+            let real = Command::new("sh")
+                .args(["-c", &format!("command -v {program}")])
+                .output()
+                .unwrap();
+            let real = String::from_utf8(real.stdout).unwrap().trim().to_owned();
+            assert!(!real.is_empty(), "{program} not found");
+            let script = format!(
+                // One write per line, so concurrent invocations do not interleave.
+                "#!/bin/sh\nline={program}\nfor a in \"$@\"; do line=\"$line$(printf '\\037')$a\"; done\nprintf '%s\\n' \"$line\" >> {log}\nexec {real} \"$@\"\n",
+                log = dir.path().join("argv.log").display()
+            );
+            let path = dir.path().join(program);
+            std::fs::write(&path, script).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Self { dir }
+    }
+
+    /// The directory to put first on the builder's PATH.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    /// Every recorded invocation: program name, then its arguments.
+    pub fn invocations(&self) -> Vec<Vec<String>> {
+        std::fs::read_to_string(self.dir.path().join("argv.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| line.split('\u{1f}').map(str::to_owned).collect())
+            .collect()
+    }
+
+    /// Invocations whose arguments include `word`.
+    pub fn with_arg(&self, word: &str) -> Vec<Vec<String>> {
+        self.invocations()
+            .into_iter()
+            .filter(|argv| argv.iter().any(|a| a == word))
+            .collect()
+    }
+
+    /// Forgets what was recorded so far.
+    pub fn clear(&self) {
+        let _ = std::fs::remove_file(self.dir.path().join("argv.log"));
     }
 }
 
@@ -735,6 +808,45 @@ impl Pending {
         let message = self.subscriber.next().now_or_never()??;
         serde_json::from_slice(&message.payload).ok()
     }
+}
+
+/// What `host_finished` said about one host.
+#[derive(Debug, Clone)]
+pub struct HostOutcome {
+    pub host: String,
+    pub status: HostStatus,
+    pub cached: bool,
+    pub code: Option<ErrorCode>,
+    pub message: String,
+    pub out_path: Option<String>,
+}
+
+/// Every `host_finished` of a reply sequence, in order.
+pub fn host_outcomes(replies: &[Reply]) -> Vec<HostOutcome> {
+    replies
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::HostFinished {
+                host,
+                status,
+                cached,
+                error,
+                out_path,
+                ..
+            } => Some(HostOutcome {
+                host: host.clone(),
+                status: *status,
+                cached: *cached,
+                code: error.as_ref().map(|e| e.code),
+                message: error
+                    .as_ref()
+                    .map(|e| e.message.clone())
+                    .unwrap_or_default(),
+                out_path: out_path.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The names of events, in order.

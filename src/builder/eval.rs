@@ -1,0 +1,409 @@
+//! Evaluating a request's hosts ahead of their builds.
+//!
+//! Builds stay one host at a time (hosts share most of their closure), but
+//! evaluation need not wait: `eval_workers` lanes each run one Nix evaluator
+//! process over a share of the hosts, so the evaluation of what hosts share
+//! (nixpkgs, common modules) happens once per process instead of once per
+//! host. Each host's result is streamed back as soon as it is known, so host
+//! k builds while later hosts still evaluate.
+//!
+//! Failures stay per host: an evaluation error kills the evaluator process,
+//! the host it was on fails with that error, and a fresh process carries on
+//! with the lane's remaining hosts. A process whose memory passes
+//! `eval_max_memory` is likewise replaced after its current host.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::HostFailure;
+use crate::nix::NixCli;
+use crate::nix::argv::{EVAL_MARKER, is_drv_path};
+use crate::nix::log::{ErrorTail, LogEvent, LogParser};
+use crate::nix::process::{self, Observer, Outcome};
+use crate::protocol::ErrorCode;
+
+/// A host evaluated to its derivation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluated {
+    pub drv_path: String,
+    pub out_path: String,
+}
+
+/// What the evaluator lanes need to know.
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    pub workers: usize,
+    pub max_memory: u64,
+    pub host_timeout: Duration,
+}
+
+type HostResult = Result<Evaluated, HostFailure>;
+
+/// The evaluations of one request's hosts, consumed in host order.
+pub struct Evaluations {
+    results: Vec<Option<HostResult>>,
+    incoming: mpsc::Receiver<(usize, HostResult)>,
+    lanes: JoinSet<()>,
+    stop: CancellationToken,
+}
+
+impl Evaluations {
+    /// Starts evaluating `hosts` (indexes into the request's host list) of
+    /// the flake at `locked_url`; `known` are results available already.
+    pub fn start(
+        nix: &NixCli,
+        locked_url: &str,
+        hosts: &[String],
+        known: Vec<Option<Evaluated>>,
+        settings: &EvalSettings,
+        cancel: &CancellationToken,
+    ) -> Self {
+        let stop = cancel.child_token();
+        let pending: Vec<(usize, String)> = hosts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| known.get(*i).is_none_or(Option::is_none))
+            .map(|(i, host)| (i, host.clone()))
+            .collect();
+        let (sender, incoming) = mpsc::channel(hosts.len().max(1));
+        let mut lanes = JoinSet::new();
+        // Round-robin in host order, so the first hosts (built first) are
+        // the first evaluated in every lane.
+        let workers = settings.workers.max(1).min(pending.len().max(1));
+        for lane in 0..workers {
+            let share: VecDeque<(usize, String)> = pending
+                .iter()
+                .skip(lane)
+                .step_by(workers)
+                .cloned()
+                .collect();
+            if share.is_empty() {
+                continue;
+            }
+            lanes.spawn(run_lane(
+                nix.clone(),
+                locked_url.to_owned(),
+                share,
+                settings.clone(),
+                stop.clone(),
+                sender.clone(),
+            ));
+        }
+        let results = known
+            .into_iter()
+            .map(|r| r.map(Ok))
+            .chain(std::iter::repeat_with(|| None))
+            .take(hosts.len())
+            .collect();
+        Self {
+            results,
+            incoming,
+            lanes,
+            stop,
+        }
+    }
+
+    /// Waits for host `index`'s evaluation.
+    pub async fn get(&mut self, index: usize, cancel: &CancellationToken) -> HostResult {
+        loop {
+            if let Some(result) = self.results.get_mut(index).and_then(Option::take) {
+                return result;
+            }
+            tokio::select! {
+                received = self.incoming.recv() => match received {
+                    Some((i, result)) => {
+                        if let Some(slot) = self.results.get_mut(i) {
+                            *slot = Some(result);
+                        }
+                    }
+                    None => {
+                        return Err(if cancel.is_cancelled() {
+                            HostFailure::cancelled()
+                        } else {
+                            HostFailure::failed(
+                                ErrorCode::Internal,
+                                "the evaluator stopped without a result for this host",
+                            )
+                        });
+                    }
+                },
+                () = cancel.cancelled() => return Err(HostFailure::cancelled()),
+            }
+        }
+    }
+
+    /// Stops every evaluator still running and waits for them.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        while self.lanes.join_next().await.is_some() {}
+    }
+}
+
+/// The two trace lines the evaluation expression prints per host.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+enum Marker {
+    Done {
+        done: String,
+        drv: String,
+        out: String,
+    },
+    Start {
+        start: String,
+    },
+}
+
+impl Marker {
+    fn find(text: &str) -> Option<Self> {
+        let (_, json) = text.split_once(EVAL_MARKER)?;
+        serde_json::from_str(json.trim()).ok()
+    }
+}
+
+/// What one evaluator process has reported so far.
+struct ProcessState {
+    pid: Option<u32>,
+    /// The host being evaluated.
+    current: Option<String>,
+    /// When the process, or its current host, started: the watchdog's base.
+    since: Instant,
+    /// Messages since `current` started: its error, if it fails.
+    tail: ErrorTail,
+    /// Hosts whose result was sent.
+    finished: Vec<String>,
+    /// Set when the process grew past the memory bound.
+    over_memory: bool,
+}
+
+struct ProcessObserver<'a> {
+    state: &'a Mutex<ProcessState>,
+    parser: LogParser,
+    max_memory: u64,
+    stop: &'a CancellationToken,
+    /// The lane's remaining hosts, with their index in the request.
+    hosts: &'a VecDeque<(usize, String)>,
+    results: &'a mpsc::Sender<(usize, HostResult)>,
+}
+
+impl Observer for ProcessObserver<'_> {
+    fn started(&mut self, pid: u32) {
+        let mut state = lock(self.state);
+        state.pid = Some(pid);
+        state.since = Instant::now();
+    }
+
+    fn line(&mut self, line: &str) {
+        let event = self.parser.parse(line);
+        let text = match &event {
+            LogEvent::Message { text, .. } | LogEvent::Plain(text) => text.as_str(),
+            _ => "",
+        };
+        let mut state = lock(self.state);
+        match Marker::find(text) {
+            Some(Marker::Start { start }) => {
+                state.current = Some(start);
+                state.since = Instant::now();
+                state.tail = ErrorTail::default();
+            }
+            Some(Marker::Done { done, drv, out }) => {
+                state.current = None;
+                // Sent at once: this host can build while the rest evaluate.
+                if let Some((index, _)) = self.hosts.iter().find(|(_, h)| *h == done) {
+                    let result = if is_drv_path(&drv) && out.starts_with('/') {
+                        Ok(Evaluated {
+                            drv_path: drv,
+                            out_path: out,
+                        })
+                    } else {
+                        Err(HostFailure::failed(
+                            ErrorCode::EvalFailed,
+                            format!(
+                                "{done}: evaluation did not produce a derivation ({drv:?}, {out:?})"
+                            ),
+                        ))
+                    };
+                    // One slot per host: never full; closed once the
+                    // request is over, when results no longer matter.
+                    let _ = self.results.try_send((*index, result));
+                    state.finished.push(done);
+                }
+                let resident = state.pid.and_then(process::resident_bytes).unwrap_or(0);
+                if resident > self.max_memory {
+                    state.over_memory = true;
+                    self.stop.cancel();
+                }
+            }
+            None => state.tail.observe(&event),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Evaluates one lane's hosts, in order, with as many processes as needed.
+async fn run_lane(
+    nix: NixCli,
+    locked_url: String,
+    mut hosts: VecDeque<(usize, String)>,
+    settings: EvalSettings,
+    cancel: CancellationToken,
+    results: mpsc::Sender<(usize, HostResult)>,
+) {
+    let send = |index: usize, result: HostResult| {
+        // The channel holds one slot per host, so this never blocks; a
+        // closed channel means the request is over.
+        let _ = results.try_send((index, result));
+    };
+    while !hosts.is_empty() && !cancel.is_cancelled() {
+        let names: Vec<String> = hosts.iter().map(|(_, h)| h.clone()).collect();
+        let invocation = nix.eval_hosts(&locked_url, &names);
+        let stop = cancel.child_token();
+        let state = Mutex::new(ProcessState {
+            pid: None,
+            current: None,
+            since: Instant::now(),
+            tail: ErrorTail::default(),
+            finished: Vec::new(),
+            over_memory: false,
+        });
+        let mut timed_out = false;
+        let outcome = {
+            let mut observer = ProcessObserver {
+                state: &state,
+                parser: LogParser::new(),
+                max_memory: settings.max_memory,
+                stop: &stop,
+                hosts: &hosts,
+                results: &results,
+            };
+            // No overall deadline: each host gets `host_timeout` from its
+            // start, enforced by the watchdog below.
+            let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+            let run = process::run_with_grace(
+                &invocation,
+                far,
+                &stop,
+                process::EVAL_KILL_GRACE,
+                &mut observer,
+            );
+            tokio::pin!(run);
+            loop {
+                let since = lock(&state).since;
+                tokio::select! {
+                    outcome = &mut run => break outcome,
+                    () = tokio::time::sleep_until(since + settings.host_timeout), if !timed_out => {
+                        if lock(&state).since.elapsed() >= settings.host_timeout {
+                            timed_out = true;
+                            stop.cancel();
+                        }
+                    }
+                    // Re-arm the watchdog when the next host starts.
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        };
+
+        let state = match state.into_inner() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        hosts.retain(|(_, host)| !state.finished.contains(host));
+        if hosts.is_empty() {
+            return;
+        }
+        // The host the process was on when it stopped, or (if it never got
+        // to one, e.g. the flake itself fails) the next one: either way one
+        // host is settled per process, so the lane always makes progress.
+        let culprit = state
+            .current
+            .as_ref()
+            .and_then(|host| hosts.iter().position(|(_, h)| h == host))
+            .unwrap_or(0);
+        match outcome {
+            Ok(Outcome::Exited { status, .. }) => {
+                let Some((index, host)) = hosts.remove(culprit) else {
+                    return;
+                };
+                let mut message = state.tail.summary();
+                if message.is_empty() {
+                    message = format!("nix exited with {status} while evaluating {host}");
+                }
+                tracing::warn!(%host, "evaluation failed");
+                send(
+                    index,
+                    Err(HostFailure::failed(ErrorCode::EvalFailed, message)),
+                );
+            }
+            Ok(Outcome::Cancelled) if timed_out => {
+                let Some((index, host)) = hosts.remove(culprit) else {
+                    return;
+                };
+                tracing::warn!(%host, "evaluation timed out");
+                send(
+                    index,
+                    Err(HostFailure::timeout(format!(
+                        "evaluation killed after exceeding host_timeout ({})",
+                        humantime::format_duration(settings.host_timeout)
+                    ))),
+                );
+            }
+            Ok(Outcome::Cancelled) if state.over_memory => {
+                tracing::info!(
+                    limit = settings.max_memory,
+                    remaining = hosts.len(),
+                    "evaluator passed eval_max_memory; continuing in a fresh process"
+                );
+            }
+            Ok(Outcome::Cancelled | Outcome::TimedOut) => return,
+            Err(err) => {
+                for (index, _) in hosts.drain(..) {
+                    send(
+                        index,
+                        Err(HostFailure::failed(ErrorCode::Internal, err.to_string())),
+                    );
+                }
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_are_found_in_trace_messages_of_each_era() {
+        // Nix 2.8 prints `trace: <message>`; newer releases may colour it.
+        assert_eq!(
+            Marker::find(&format!("trace: {EVAL_MARKER}{{\"start\":\"ns1\"}}")),
+            Some(Marker::Start {
+                start: "ns1".into()
+            })
+        );
+        let done = format!(
+            "trace: {EVAL_MARKER}{{\"done\":\"ns1\",\"drv\":\"/nix/store/a-x.drv\",\"out\":\"/nix/store/b-x\"}}"
+        );
+        assert_eq!(
+            Marker::find(&done),
+            Some(Marker::Done {
+                done: "ns1".into(),
+                drv: "/nix/store/a-x.drv".into(),
+                out: "/nix/store/b-x".into()
+            })
+        );
+        assert_eq!(Marker::find("trace: something else"), None);
+        assert_eq!(Marker::find(&format!("trace: {EVAL_MARKER}not json")), None);
+    }
+}
