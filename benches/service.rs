@@ -295,4 +295,68 @@ async fn main() {
     let status = builder.terminate();
     assert!(status.success());
     gate.open_gate();
+
+    metrics_with_many_series(&nats).await;
+}
+
+const METRIC_REPOS: usize = 50;
+const METRIC_HOSTS: usize = 20;
+const SCRAPES: usize = 200;
+
+/// The metrics endpoint and the builder's memory once 50 repos × 20 hosts
+/// have per-host series.
+async fn metrics_with_many_series(nats: &NatsServer) {
+    let hosts: Vec<(String, Host)> = (1..=METRIC_HOSTS)
+        .map(|i| (format!("h{i:02}"), Host::Ok))
+        .collect();
+    let hosts: Vec<(&str, Host)> = hosts.iter().map(|(n, h)| (n.as_str(), h.clone())).collect();
+    let flake = Flake::new(&hosts);
+    let mut options = BuilderOptions::new(&flake).builder("queue_limit = 100");
+    options.repos = (1..=METRIC_REPOS)
+        .map(|i| (format!("repo{i:02}"), flake.url(), None))
+        .collect();
+    let mut builder = Builder::start(nats, &options);
+    let client = Requester::new(nats).await;
+    for i in 1..=METRIC_REPOS {
+        let replies = client.build(&format!("build.repo{i:02}.all"), "").await;
+        assert!(matches!(
+            replies.last().unwrap().event,
+            Event::Finished {
+                status: BuildStatus::Success,
+                ..
+            }
+        ));
+    }
+    let addr = builder.metrics_addr();
+    let mut times = Vec::with_capacity(SCRAPES);
+    let mut size = 0;
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        let (status, body) = http_get(&addr, "/metrics").await;
+        times.push(started.elapsed());
+        assert_eq!(status, 200);
+        size = body.len();
+        let series = body
+            .lines()
+            .filter(|l| l.starts_with("homelab_deploy_builder_host_builds_total{"))
+            .count();
+        assert_eq!(series, METRIC_REPOS * METRIC_HOSTS);
+    }
+    times.sort();
+    let pid = builder.pid();
+    println!(
+        "\nmetrics with {METRIC_REPOS} repos x {METRIC_HOSTS} hosts of series ({} KiB per scrape):",
+        size / 1024
+    );
+    println!(
+        "  GET /metrics p50 {:.2} ms, p99 {:.2} ms ({SCRAPES} scrapes)",
+        percentile(&times, 0.50).as_secs_f64() * 1e3,
+        percentile(&times, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "  builder RSS {:.1} MB (peak {:.1} MB)",
+        rss_kb(pid, "VmRSS:") as f64 / 1024.0,
+        rss_kb(pid, "VmHWM:") as f64 / 1024.0
+    );
+    assert!(builder.terminate().success());
 }

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use crate::nats::{self, ConnectSettings, NatsError};
 use crate::protocol::{
-    self, BuildRequest, RESPONSES_PREFIX, RESPONSES_TOKEN, Reply, RequestError, Target,
+    self, BuildRequest, BuilderStatus, RESPONSES_PREFIX, RESPONSES_TOKEN, Reply, RequestError,
+    STATUS_SUBJECT, StatusEvent, Target,
 };
 
 /// Why a request got no (complete) answer.
@@ -95,6 +96,48 @@ impl BuildClient {
         format!("{RESPONSES_PREFIX}{}.{n}", self.client_id)
     }
 
+    /// Publishes `body` on `subject` with a fresh reply subject, subscribed
+    /// to first so no reply can be missed, and waits until the server has it.
+    async fn publish_request(&self, subject: &str, body: Bytes) -> Result<Subscriber, ClientError> {
+        let nats_error = |err: &dyn std::fmt::Display| ClientError::Nats(err.to_string());
+        let reply_to = self.reply_subject();
+        let subscriber = self
+            .nats
+            .subscribe(reply_to.clone())
+            .await
+            .map_err(|e| nats_error(&e))?;
+        self.nats
+            .publish_with_reply(subject.to_owned(), reply_to, body)
+            .await
+            .map_err(|e| nats_error(&e))?;
+        self.nats.flush().await.map_err(|e| nats_error(&e))?;
+        Ok(subscriber)
+    }
+
+    /// Asks the builder for its status; returns it and the exact reply.
+    pub async fn status(&self, wait: Duration) -> Result<(BuilderStatus, Bytes), ClientError> {
+        let mut subscriber = self.publish_request(STATUS_SUBJECT, Bytes::new()).await?;
+        let not_acknowledged = || ClientError::NotAcknowledged {
+            subject: STATUS_SUBJECT.to_owned(),
+            waited: wait,
+        };
+        loop {
+            let message = tokio::time::timeout(wait, subscriber.next())
+                .await
+                .map_err(|_| not_acknowledged())?
+                .ok_or(ClientError::Closed)?;
+            if message.status == Some(StatusCode::NO_RESPONDERS) {
+                return Err(ClientError::NoResponders {
+                    subject: STATUS_SUBJECT.to_owned(),
+                });
+            }
+            match serde_json::from_slice::<StatusEvent>(&message.payload) {
+                Ok(StatusEvent::Status(status)) => return Ok((status, message.payload)),
+                Err(err) => tracing::warn!(%err, "ignoring a malformed status reply"),
+            }
+        }
+    }
+
     /// Validates and publishes a build request, subscribed to its reply
     /// subject first so no event can be missed.
     pub async fn request(
@@ -106,12 +149,6 @@ impl BuildClient {
     ) -> Result<BuildEvents, ClientError> {
         validate(repo, target, request)?;
         let subject = protocol::request_subject(repo, target);
-        let reply_to = self.reply_subject();
-        let subscriber = self
-            .nats
-            .subscribe(reply_to.clone())
-            .await
-            .map_err(|err| ClientError::Nats(err.to_string()))?;
         let body = if request == &BuildRequest::default() {
             Bytes::new()
         } else {
@@ -119,14 +156,7 @@ impl BuildClient {
                 .map_err(|err| ClientError::Nats(err.to_string()))?
                 .into()
         };
-        self.nats
-            .publish_with_reply(subject.clone(), reply_to, body)
-            .await
-            .map_err(|err| ClientError::Nats(err.to_string()))?;
-        self.nats
-            .flush()
-            .await
-            .map_err(|err| ClientError::Nats(err.to_string()))?;
+        let subscriber = self.publish_request(&subject, body).await?;
         let now = Instant::now();
         Ok(BuildEvents {
             subscriber,

@@ -103,6 +103,9 @@ pub struct BuilderConfig {
     /// memory and more re-evaluation of what hosts share; see docs/performance.md.
     #[serde(default = "defaults::eval_max_memory")]
     pub eval_max_memory: ByteSize,
+    /// File that keeps every host's last result across restarts (so the
+    /// last-success metric and `build.status` survive them). Optional.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for BuilderConfig {
@@ -114,6 +117,7 @@ impl Default for BuilderConfig {
             gc_roots_dir: None,
             eval_workers: defaults::eval_workers(),
             eval_max_memory: defaults::eval_max_memory(),
+            state_file: None,
         }
     }
 }

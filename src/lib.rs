@@ -3,7 +3,7 @@
 //! The builder daemon ([`builder`]) takes requests on `build.<repo>.<target>`
 //! ([`protocol`]), builds each host with Nix ([`nix`]) one after the other,
 //! and streams events back; the client ([`client`]) and the CLI ([`cli`])
-//! drive it.
+//! drive it; [`metrics`] exports what operators watch.
 
 #![forbid(unsafe_code)]
 
@@ -11,6 +11,8 @@ pub mod builder;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod nats;
 pub mod nix;
 pub mod protocol;
+pub mod systemd;

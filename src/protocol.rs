@@ -17,6 +17,8 @@ pub const RESPONSES_TOKEN: &str = "responses";
 pub const RESPONSES_PREFIX: &str = "build.responses.";
 /// What the builder subscribes to for build requests.
 pub const REQUEST_SUBSCRIPTION: &str = "build.*.*";
+/// Where the builder answers with its [`StatusEvent`].
+pub const STATUS_SUBJECT: &str = "build.status";
 /// The target that means every host of the repo.
 pub const ALL_TARGET: &str = "all";
 /// Largest request body accepted; a valid body is far smaller.
@@ -545,6 +547,85 @@ impl Event {
     }
 }
 
+/// The reply to a `build.status` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum StatusEvent {
+    /// What the builder is doing and how every host last went.
+    Status(BuilderStatus),
+}
+
+/// The builder's state, as `build.status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuilderStatus {
+    /// The builder's version.
+    pub version: String,
+    /// The configured repos (names and default refs; never URLs, which may
+    /// carry credentials).
+    pub repos: Vec<RepoInfo>,
+    /// The build running now.
+    pub running: Option<RunningBuild>,
+    /// Requests waiting, in the order they will run.
+    pub queue: Vec<QueuedBuild>,
+    /// The last result of every host built since the builder's state began.
+    pub last_results: Vec<LastResult>,
+}
+
+/// A configured repo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoInfo {
+    pub name: String,
+    /// The default ref; `null` means the remote's default branch.
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+}
+
+/// The build running now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningBuild {
+    pub build_id: String,
+    pub repo: String,
+    pub target: String,
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    /// The host building now (`null` while the flake is fetched).
+    pub host: Option<String>,
+    /// Its position, counting from 1, and the number of hosts.
+    pub index: Option<usize>,
+    pub total: Option<usize>,
+    /// When the build started (RFC 3339, UTC).
+    pub started_at: String,
+}
+
+/// A request waiting for its turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedBuild {
+    pub build_id: String,
+    pub repo: String,
+    pub target: String,
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    /// When the request arrived (RFC 3339, UTC).
+    pub queued_at: String,
+}
+
+/// How a host's last build went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastResult {
+    pub repo: String,
+    pub host: String,
+    pub status: HostStatus,
+    pub rev: Option<String>,
+    pub out_path: Option<String>,
+    /// When the host finished (RFC 3339, UTC).
+    pub finished_at: String,
+}
+
+/// Formats a time as RFC 3339 in UTC, to the second.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
 /// Generates a build id: 16 random lowercase hex digits.
 pub fn new_build_id() -> String {
     random_hex::<8>()
@@ -801,6 +882,25 @@ mod tests {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }
+    }
+
+    #[test]
+    fn status_replies_are_tagged_status() {
+        let status = StatusEvent::Status(BuilderStatus {
+            version: "1.0.0".into(),
+            repos: vec![RepoInfo {
+                name: "nixos".into(),
+                git_ref: None,
+            }],
+            running: None,
+            queue: vec![],
+            last_results: vec![],
+        });
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["event"], "status");
+        assert_eq!(json["repos"][0]["ref"], serde_json::Value::Null);
+        assert_eq!(serde_json::from_value::<StatusEvent>(json).unwrap(), status);
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
     }
 
     #[test]

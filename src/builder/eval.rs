@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::HostFailure;
 use crate::nix::NixCli;
@@ -87,14 +88,18 @@ impl Evaluations {
             if share.is_empty() {
                 continue;
             }
-            lanes.spawn(run_lane(
-                nix.clone(),
-                locked_url.to_owned(),
-                share,
-                settings.clone(),
-                stop.clone(),
-                sender.clone(),
-            ));
+            // Lanes log inside the request's span, so their lines carry its build id.
+            lanes.spawn(
+                run_lane(
+                    nix.clone(),
+                    locked_url.to_owned(),
+                    share,
+                    settings.clone(),
+                    stop.clone(),
+                    sender.clone(),
+                )
+                .instrument(tracing::Span::current()),
+            );
         }
         let results = known
             .into_iter()

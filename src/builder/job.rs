@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use super::HostFailure;
 use super::eval::{EvalSettings, Evaluated, Evaluations};
+use super::monitor::Monitor;
 use super::replies::Replies;
 use crate::config::{Config, RepoConfig};
 use crate::nix::NixCli;
@@ -37,6 +38,8 @@ pub struct Job {
     /// Stream build output as `log` events.
     pub logs: bool,
     pub replies: Replies,
+    /// When the request arrived.
+    pub received_at: std::time::SystemTime,
 }
 
 /// What the builder needs to run any job, and what it remembers between
@@ -44,6 +47,7 @@ pub struct Job {
 pub struct Runner {
     pub nix: NixCli,
     pub config: Arc<Config>,
+    monitor: Arc<Monitor>,
     memo: Mutex<Memo>,
 }
 
@@ -114,10 +118,11 @@ struct Built {
 
 impl Runner {
     /// A runner for `nix` as detected, with an empty memory.
-    pub fn new(nix: NixCli, config: Arc<Config>) -> Self {
+    pub fn new(nix: NixCli, config: Arc<Config>, monitor: Arc<Monitor>) -> Self {
         Self {
             nix,
             config,
+            monitor,
             memo: Mutex::new(Memo::default()),
         }
     }
@@ -370,6 +375,7 @@ impl Runner {
             )
             .await;
         tracing::info!(%host, index = index + 1, total, "host started");
+        self.monitor.host_started(host, index + 1, total);
 
         let watch = HostWatch::new(job, host, self.config.builder.progress_interval);
         let result = watch
@@ -388,7 +394,8 @@ impl Runner {
             })
             .await;
 
-        let duration_ms = started.elapsed().as_millis() as u64;
+        let duration = started.elapsed();
+        let duration_ms = duration.as_millis() as u64;
         let (status, out_path, cached, error) = match result {
             Ok(built) => (
                 HostStatus::Success,
@@ -398,6 +405,14 @@ impl Runner {
             ),
             Err(failure) => (failure.status, None, false, Some(failure.error)),
         };
+        self.monitor.host_finished(
+            &job.repo,
+            host,
+            status,
+            duration,
+            pinned.rev.as_deref(),
+            out_path.as_deref(),
+        );
         match &error {
             None => tracing::info!(
                 %host,

@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod job;
+pub mod monitor;
 pub mod queue;
 pub mod replies;
 
@@ -16,14 +17,17 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::{self, Exporter, MetricsError};
 use crate::nats::{self, NatsError};
 use crate::nix::NixCli;
 use crate::nix::version::{NixVersion, VersionError};
 use crate::protocol::{
     self, BuildRequest, BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, REQUEST_SUBSCRIPTION,
-    RESPONSES_PREFIX, RequestError, SubjectKind, Target,
+    RESPONSES_PREFIX, RequestError, STATUS_SUBJECT, StatusEvent, SubjectKind, Target,
 };
+use crate::systemd;
 use job::{Job, JobReport, Runner};
+use monitor::Monitor;
 use queue::{PushError, Queue};
 use replies::Replies;
 
@@ -37,6 +41,8 @@ pub enum BuilderError {
     Nix(#[from] VersionError),
     #[error(transparent)]
     Nats(#[from] NatsError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("cannot subscribe to {subject}: {reason}")]
     Subscribe { subject: String, reason: String },
 }
@@ -84,7 +90,7 @@ impl HostFailure {
 
 /// A queued job plus the signal that its `accepted` event is out, so the
 /// worker never sends `started` ahead of it.
-struct Queued {
+pub struct Queued {
     job: Job,
     announced: oneshot::Receiver<()>,
 }
@@ -96,6 +102,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     let version = NixVersion::detect("nix").await?;
     tracing::info!(nix = %version, "detected Nix");
 
+    let queue = Arc::new(Queue::new(config.builder.queue_limit));
+    let monitor = Arc::new(Monitor::new(&config, Arc::clone(&queue))?);
+
+    // Metrics come up first: a taken port fails the start at once, and
+    // /healthz answers (503) while NATS is still out of reach.
+    let listener = metrics::bind(config.metrics.listen).await?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics listening");
+    }
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(metrics::serve(
+        listener,
+        Arc::clone(&monitor) as Arc<dyn Exporter>,
+        http_stop.clone(),
+    ));
+
     let settings = nats::ConnectSettings {
         urls: config.nats.url.to_vec(),
         auth: match (&config.nats.nkey_seed_file, &config.nats.credentials_file) {
@@ -106,14 +128,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
         name: "homelab-deploy-builder".to_owned(),
         retry_initial_connect: true,
     };
-    let client = nats::connect(&settings, |_| {}).await?;
-    let mut requests = client
-        .subscribe(REQUEST_SUBSCRIPTION)
-        .await
-        .map_err(|err| BuilderError::Subscribe {
-            subject: REQUEST_SUBSCRIPTION.to_owned(),
-            reason: err.to_string(),
-        })?;
+    let client = nats::connect(&settings, {
+        let monitor = Arc::clone(&monitor);
+        move |event| monitor.nats_event(event)
+    })
+    .await?;
+    monitor.set_nats(client.clone());
+    let subscribe = |subject: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .subscribe(subject)
+                .await
+                .map_err(|err| BuilderError::Subscribe {
+                    subject: subject.to_owned(),
+                    reason: err.to_string(),
+                })
+        }
+    };
+    let mut requests = subscribe(REQUEST_SUBSCRIPTION).await?;
+    let mut status_requests = subscribe(STATUS_SUBJECT).await?;
     client
         .flush()
         .await
@@ -126,8 +160,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
         repos = config.repos.len(),
         "builder ready"
     );
+    systemd::ready();
 
-    let queue = Arc::new(Queue::new(config.builder.queue_limit));
     tracing::info!(
         workers = config.builder.eval_workers,
         max_memory = %config.builder.eval_max_memory,
@@ -136,14 +170,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     let runner = Arc::new(Runner::new(
         NixCli::new("nix", version),
         Arc::clone(&config),
+        Arc::clone(&monitor),
     ));
-    let mut worker = tokio::spawn(work(Arc::clone(&queue), runner, shutdown.clone()));
+    let mut worker = tokio::spawn(work(
+        Arc::clone(&queue),
+        runner,
+        Arc::clone(&monitor),
+        shutdown.clone(),
+    ));
     let intake = Intake {
         config: Arc::clone(&config),
         client: client.clone(),
         queue: Arc::clone(&queue),
+        monitor: Arc::clone(&monitor),
     };
 
+    let watchdog_every = systemd::watchdog_interval();
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut closing = false;
     loop {
         tokio::select! {
@@ -155,11 +198,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
                     break;
                 }
             },
+            Some(message) = status_requests.next() => intake.status(message).await,
+            _ = watchdog.tick(), if watchdog_every.is_some() => systemd::watchdog(),
             () = shutdown.cancelled(), if !closing => {
                 closing = true;
+                systemd::stopping();
                 tracing::info!("shutting down: cancelling queued and running builds");
                 for queued in queue.close() {
-                    cancel_waiting(queued.job).await;
+                    cancel_waiting(queued.job, &monitor).await;
                 }
             }
             _ = &mut worker, if closing => break,
@@ -167,17 +213,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     }
     if !worker.is_finished() {
         for queued in queue.close() {
-            cancel_waiting(queued.job).await;
+            cancel_waiting(queued.job, &monitor).await;
         }
         let _ = worker.await;
     }
     let _ = requests.unsubscribe().await;
+    let _ = status_requests.unsubscribe().await;
     if tokio::time::timeout(FINAL_FLUSH, client.flush())
         .await
         .is_err()
     {
         tracing::warn!("could not flush the last replies before exiting");
     }
+    http_stop.cancel();
+    let _ = http.await;
     tracing::info!("builder stopped");
     Ok(())
 }
@@ -187,6 +236,7 @@ struct Intake {
     config: Arc<Config>,
     client: async_nats::Client,
     queue: Arc<Queue<Queued>>,
+    monitor: Arc<Monitor>,
 }
 
 impl Intake {
@@ -205,6 +255,7 @@ impl Intake {
             Ok(ok) => ok,
             Err(err) => {
                 tracing::warn!(parent: &span, code = %err.code(), %err, "request rejected");
+                self.monitor.rejected(err.code());
                 replies
                     .send(
                         &build_id,
@@ -229,6 +280,7 @@ impl Intake {
             rev: request.rev.map(|rev| rev.to_ascii_lowercase()),
             logs: request.logs,
             replies: replies.clone(),
+            received_at: std::time::SystemTime::now(),
         };
         let pushed = self.queue.push(Queued { job, announced });
         let event = match pushed {
@@ -243,6 +295,7 @@ impl Intake {
             }
             Err(PushError::Full) => {
                 tracing::warn!(parent: &span, limit = self.config.builder.queue_limit, "request rejected: queue full");
+                self.monitor.rejected(ErrorCode::QueueFull);
                 Event::Rejected {
                     error: ErrorBody::new(
                         ErrorCode::QueueFull,
@@ -255,6 +308,7 @@ impl Intake {
             }
             Err(PushError::Closed) => {
                 tracing::warn!(parent: &span, "request rejected: shutting down");
+                self.monitor.rejected(ErrorCode::ShuttingDown);
                 Event::Rejected {
                     error: ErrorBody::new(
                         ErrorCode::ShuttingDown,
@@ -266,6 +320,26 @@ impl Intake {
         replies.send(&build_id, event).await;
         // Dropped on rejection too, which is harmless: nobody waits then.
         let _ = announce.send(());
+    }
+
+    /// Answers a `build.status` request.
+    async fn status(&self, message: Message) {
+        let Some(reply) = message.reply else {
+            return;
+        };
+        if !reply.starts_with(RESPONSES_PREFIX) {
+            tracing::warn!(subject = %reply, "status request with a reply subject outside build.responses.; ignored");
+            return;
+        }
+        let status = StatusEvent::Status(self.monitor.status());
+        match serde_json::to_vec(&status) {
+            Ok(payload) => {
+                if let Err(err) = self.client.publish(reply, payload.into()).await {
+                    tracing::warn!(%err, "cannot publish the status reply");
+                }
+            }
+            Err(err) => tracing::error!(%err, "cannot encode the status reply"),
+        }
     }
 
     fn validate(
@@ -300,12 +374,19 @@ impl Intake {
 }
 
 /// The single worker: runs queued jobs one after the other.
-async fn work(queue: Arc<Queue<Queued>>, runner: Arc<Runner>, cancel: CancellationToken) {
+async fn work(
+    queue: Arc<Queue<Queued>>,
+    runner: Arc<Runner>,
+    monitor: Arc<Monitor>,
+    cancel: CancellationToken,
+) {
+    monitor.worker_running(true);
     while let Some(Queued { job, announced }) = queue.next().await {
         let _ = announced.await;
         let replies = job.replies.clone();
         let build_id = job.build_id.clone();
         let (repo, target) = (job.repo.clone(), job.target.to_string());
+        monitor.build_started(&build_id, &repo, &target, job.git_ref.as_deref());
         let task = tokio::spawn({
             let runner = Arc::clone(&runner);
             let cancel = cancel.clone();
@@ -327,11 +408,13 @@ async fn work(queue: Arc<Queue<Queued>>, runner: Arc<Runner>, cancel: Cancellati
                 }
             }
         };
+        monitor.build_finished(&build_id, &repo, report.status, report.duration);
         replies
             .send(&build_id, finished_event(repo, target, report))
             .await;
         queue.done();
     }
+    monitor.worker_running(false);
 }
 
 /// The `finished` event for a report.
@@ -355,7 +438,7 @@ fn finished_event(repo: String, target: String, report: JobReport) -> Event {
 }
 
 /// Ends a request that never started because the builder is stopping.
-async fn cancel_waiting(job: Job) {
+async fn cancel_waiting(job: Job, monitor: &Monitor) {
     tracing::info!(build_id = %job.build_id, "cancelling queued build");
     let report = JobReport {
         status: BuildStatus::Cancelled,
@@ -367,6 +450,7 @@ async fn cancel_waiting(job: Job) {
         )),
         duration: Duration::ZERO,
     };
+    monitor.build_finished(&job.build_id, &job.repo, report.status, report.duration);
     job.replies
         .send(
             &job.build_id,

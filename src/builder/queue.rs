@@ -100,6 +100,11 @@ impl<J> Queue<J> {
         waiting
     }
 
+    /// A summary of every waiting job, in queue order.
+    pub fn snapshot<T>(&self, summarize: impl Fn(&J) -> T) -> Vec<T> {
+        self.lock().waiting.iter().map(summarize).collect()
+    }
+
     /// Number of jobs waiting (not counting the running one).
     pub fn waiting(&self) -> usize {
         self.lock().waiting.len()

@@ -4,6 +4,7 @@ mod build;
 mod builder;
 mod check_config;
 mod output;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +60,8 @@ enum Command {
     Builder(builder::Args),
     /// Ask the builder to build hosts and follow the build.
     Build(build::Args),
+    /// Show what the builder is doing and how every host last went.
+    Status(status::Args),
     /// Validate a builder config file.
     CheckConfig(check_config::Args),
 }
@@ -109,7 +112,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Builder(_) => "info",
-        Command::Build(_) | Command::CheckConfig(_) => "warn",
+        Command::Build(_) | Command::Status(_) | Command::CheckConfig(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -126,6 +129,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Builder(args) => builder::run(args).await,
             Command::Build(args) => build::run(args).await,
+            Command::Status(args) => status::run(args).await,
             Command::CheckConfig(args) => check_config::run(&args),
         }
     });

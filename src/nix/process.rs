@@ -94,6 +94,10 @@ pub async fn run_with_grace(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true)
+        // systemd's notification socket is the builder's, not Nix's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .spawn()
         .map_err(|source| SpawnError {
             program: invocation.program.clone(),

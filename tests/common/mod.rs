@@ -428,6 +428,10 @@ pub struct BuilderOptions {
     pub extra_repo: String,
     /// Directory prepended to PATH (e.g. a recording `nix` wrapper).
     pub path_prefix: Option<PathBuf>,
+    /// Extra environment for the builder process.
+    pub env: Vec<(String, String)>,
+    /// Extra command-line arguments (after `builder --config ...`).
+    pub args: Vec<String>,
 }
 
 impl BuilderOptions {
@@ -439,7 +443,21 @@ impl BuilderOptions {
             extra_builder: String::new(),
             extra_repo: String::new(),
             path_prefix: None,
+            env: Vec::new(),
+            args: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for the builder.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds a command-line argument.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.into());
+        self
     }
 
     /// `[builder] host_timeout`, 60s unless set.
@@ -501,16 +519,29 @@ pub struct Builder {
 impl Builder {
     /// Starts the builder and waits until it has subscribed.
     pub fn start(nats: &NatsServer, options: &BuilderOptions) -> Self {
-        let mut builder = Self::spawn(
-            &options.config_text(&nats.url()),
-            options.path_prefix.as_deref(),
-        );
+        let mut builder = Self::spawn_with(&options.config_text(&nats.url()), options);
         builder.wait_for_log("builder ready");
         builder
     }
 
     /// Starts the builder from a config text without waiting for readiness.
     pub fn spawn(config: &str, path_prefix: Option<&Path>) -> Self {
+        let options = BuilderOptions {
+            host_timeout: String::new(),
+            repos: Vec::new(),
+            extra_builder: String::new(),
+            extra_repo: String::new(),
+            path_prefix: path_prefix.map(Path::to_owned),
+            env: Vec::new(),
+            args: Vec::new(),
+        };
+        Self::spawn_with(config, &options)
+    }
+
+    /// Starts the builder from a config text and the process options of
+    /// `options`, without waiting for readiness.
+    pub fn spawn_with(config: &str, options: &BuilderOptions) -> Self {
+        let path_prefix = options.path_prefix.as_deref();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -523,6 +554,8 @@ impl Builder {
             .arg(&config_path)
             .env("NIX_CONFIG", nix_config())
             .env("RUST_LOG", "homelab_deploy=debug,info")
+            .args(&options.args)
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
@@ -540,6 +573,27 @@ impl Builder {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// The address the metrics endpoint listens on (from the log).
+    pub fn metrics_addr(&mut self) -> String {
+        self.wait_for_log("metrics listening");
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("metrics listening"))
+            .unwrap();
+        let addr = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("addr="))
+            .or_else(|| {
+                // JSON logs
+                line.split("\"addr\":\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+            })
+            .unwrap_or_else(|| panic!("no addr in {line}"));
+        addr.trim_matches('"').to_owned()
     }
 
     /// Everything the builder logged so far.
@@ -653,6 +707,34 @@ impl NixRecorder {
     pub fn clear(&self) {
         let _ = std::fs::remove_file(self.dir.path().join("argv.log"));
     }
+}
+
+/// `GET path` on `addr` over plain HTTP/1.1; returns status and body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("no HTTP response in time")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// The value of one exact series (`name{labels}`) in a metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Pids of the direct children of `pid`.

@@ -1,0 +1,408 @@
+//! Prometheus metrics (`GET /metrics`) and health (`GET /healthz`) over a
+//! tiny HTTP server.
+//!
+//! The metric names and labels are a contract with dashboards and alert
+//! rules (`docs/monitoring/`). Label values are bounded: repos come from the
+//! config, hosts from the flakes, reasons from the protocol's error codes;
+//! nothing taken raw from a request ever becomes a label.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{BuildStatus, ErrorCode, HostStatus};
+
+const PREFIX: &str = "homelab_deploy_builder";
+
+/// Build durations run from seconds (a cached host) to hours (a mass
+/// rebuild after a nixpkgs bump).
+const DURATION_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// The metrics could not be set up.
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error("metric registration failed: {0}")]
+    Registry(#[from] prometheus::Error),
+    #[error("cannot listen on {addr} for metrics: {source}; is the port taken? ([metrics] listen)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Every metric the builder exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Finished requests by status.
+    pub builds: IntCounterVec,
+    /// Request wall time.
+    pub build_duration: HistogramVec,
+    /// Per-host results.
+    pub host_builds: IntCounterVec,
+    /// Per-host wall time.
+    pub host_build_duration: HistogramVec,
+    /// Unix time of each host's last successful build.
+    pub host_last_success: GaugeVec,
+    /// Rejected requests by error code.
+    pub rejected: IntCounterVec,
+    /// Requests waiting behind the running one.
+    pub queue_length: IntGauge,
+    /// 1 while a build runs.
+    pub build_in_progress: IntGauge,
+    /// How long the running build has run; 0 when idle.
+    pub oldest_active_age: Gauge,
+    /// 1 while connected to NATS.
+    pub nats_connected: IntGauge,
+    /// Reconnections after the first connection.
+    pub nats_reconnects: IntCounter,
+}
+
+fn name(suffix: &str) -> String {
+    format!("{PREFIX}_{suffix}")
+}
+
+impl Metrics {
+    /// Creates and registers every metric; series for the configured repos
+    /// and every status start at zero so rates are defined from the start.
+    pub fn new<'a>(repos: impl IntoIterator<Item = &'a str>) -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let counter_vec = |suffix: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name(suffix), help), labels)
+        };
+        let histogram_vec = |suffix: &str, help: &str, labels: &[&str]| {
+            HistogramVec::new(
+                HistogramOpts::new(name(suffix), help).buckets(DURATION_BUCKETS.to_vec()),
+                labels,
+            )
+        };
+        let metrics = Self {
+            builds: counter_vec(
+                "builds_total",
+                "Finished build requests by status.",
+                &["repo", "status"],
+            )?,
+            build_duration: histogram_vec(
+                "build_duration_seconds",
+                "Wall time of build requests, from start to finished.",
+                &["repo"],
+            )?,
+            host_builds: counter_vec(
+                "host_builds_total",
+                "Host builds by result.",
+                &["repo", "host", "status"],
+            )?,
+            host_build_duration: histogram_vec(
+                "host_build_duration_seconds",
+                "Wall time of host builds (waiting for evaluation included).",
+                &["repo", "host"],
+            )?,
+            host_last_success: GaugeVec::new(
+                Opts::new(
+                    name("host_last_success_timestamp_seconds"),
+                    "Unix time of the host's last successful build.",
+                ),
+                &["repo", "host"],
+            )?,
+            rejected: counter_vec(
+                "requests_rejected_total",
+                "Requests rejected on receipt, by error code.",
+                &["reason"],
+            )?,
+            queue_length: IntGauge::new(
+                name("queue_length"),
+                "Requests waiting behind the running one.",
+            )?,
+            build_in_progress: IntGauge::new(
+                name("build_in_progress"),
+                "1 while a build request runs.",
+            )?,
+            oldest_active_age: Gauge::new(
+                name("oldest_active_age_seconds"),
+                "How long the running build has been running; 0 when idle.",
+            )?,
+            nats_connected: IntGauge::new(name("nats_connected"), "1 while connected to NATS.")?,
+            nats_reconnects: IntCounter::new(
+                name("nats_reconnects_total"),
+                "Reconnections to NATS after the first connection.",
+            )?,
+            registry,
+        };
+        let info = IntGaugeVec::new(
+            Opts::new(name("info"), "Build information; always 1."),
+            &["version"],
+        )?;
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        let r = &metrics.registry;
+        r.register(Box::new(metrics.builds.clone()))?;
+        r.register(Box::new(metrics.build_duration.clone()))?;
+        r.register(Box::new(metrics.host_builds.clone()))?;
+        r.register(Box::new(metrics.host_build_duration.clone()))?;
+        r.register(Box::new(metrics.host_last_success.clone()))?;
+        r.register(Box::new(metrics.rejected.clone()))?;
+        r.register(Box::new(metrics.queue_length.clone()))?;
+        r.register(Box::new(metrics.build_in_progress.clone()))?;
+        r.register(Box::new(metrics.oldest_active_age.clone()))?;
+        r.register(Box::new(metrics.nats_connected.clone()))?;
+        r.register(Box::new(metrics.nats_reconnects.clone()))?;
+        r.register(Box::new(info))?;
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        for repo in repos {
+            for status in [
+                BuildStatus::Success,
+                BuildStatus::Failed,
+                BuildStatus::Cancelled,
+            ] {
+                metrics.builds.with_label_values(&[repo, status.as_str()]);
+            }
+        }
+        for code in REJECTION_CODES {
+            metrics.rejected.with_label_values(&[code.as_str()]);
+        }
+        Ok(metrics)
+    }
+
+    /// Records one finished request.
+    pub fn build_finished(&self, repo: &str, status: BuildStatus, seconds: f64) {
+        self.builds
+            .with_label_values(&[repo, status.as_str()])
+            .inc();
+        self.build_duration
+            .with_label_values(&[repo])
+            .observe(seconds);
+    }
+
+    /// Records one finished host.
+    pub fn host_finished(
+        &self,
+        repo: &str,
+        host: &str,
+        status: HostStatus,
+        seconds: f64,
+        unix_time: f64,
+    ) {
+        self.host_builds
+            .with_label_values(&[repo, host, status.as_str()])
+            .inc();
+        self.host_build_duration
+            .with_label_values(&[repo, host])
+            .observe(seconds);
+        if status == HostStatus::Success {
+            self.host_last_success
+                .with_label_values(&[repo, host])
+                .set(unix_time);
+        }
+    }
+
+    /// The Prometheus text format (0.0.4).
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::error!(%err, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+}
+
+/// The codes a request can be rejected with (the `reason` label).
+pub const REJECTION_CODES: [ErrorCode; 5] = [
+    ErrorCode::UnknownRepo,
+    ErrorCode::InvalidRequest,
+    ErrorCode::QueueFull,
+    ErrorCode::ShuttingDown,
+    ErrorCode::Internal,
+];
+
+/// Whether the service is healthy, and why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub nats_connected: bool,
+    pub worker_alive: bool,
+}
+
+impl Health {
+    fn body(self) -> (StatusCode, String) {
+        let healthy = self.nats_connected && self.worker_alive;
+        let body = serde_json::json!({
+            "status": if healthy { "ok" } else { "unhealthy" },
+            "nats": if self.nats_connected { "connected" } else { "disconnected" },
+            "worker": if self.worker_alive { "running" } else { "stopped" },
+        });
+        let code = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (code, body.to_string())
+    }
+}
+
+/// What the HTTP endpoint serves.
+pub trait Exporter: Send + Sync + 'static {
+    /// The metrics, current as of now.
+    fn metrics(&self) -> String;
+    /// The service's health.
+    fn health(&self) -> Health;
+}
+
+/// Binds the metrics address (so a taken port fails the start).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `/metrics` and `/healthz` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    exporter: Arc<dyn Exporter>,
+    shutdown: CancellationToken,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::warn!(%err, "metrics: cannot accept a connection");
+                continue;
+            }
+        };
+        let exporter = Arc::clone(&exporter);
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |request| {
+                let exporter = Arc::clone(&exporter);
+                async move { Ok::<_, Infallible>(respond(&request, exporter.as_ref())) }
+            });
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+        // Reap finished connections as we go.
+        while connections.try_join_next().is_some() {}
+    }
+    connections.shutdown().await;
+}
+
+fn respond(request: &Request<Incoming>, exporter: &dyn Exporter) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            exporter.metrics(),
+        ),
+        (&Method::GET, "/healthz") => {
+            let (status, body) = exporter.health().body();
+            (status, "application/json", body)
+        }
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found; try /metrics or /healthz\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "only GET\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_start_at_zero_for_configured_repos_and_reasons() {
+        let metrics = Metrics::new(["nixos-servers", "nixos"]).unwrap();
+        let text = metrics.render();
+        assert!(text.contains(
+            "homelab_deploy_builder_builds_total{repo=\"nixos-servers\",status=\"success\"} 0"
+        ));
+        assert!(
+            text.contains(
+                "homelab_deploy_builder_requests_rejected_total{reason=\"queue_full\"} 0"
+            )
+        );
+        assert!(text.contains("homelab_deploy_builder_info{version=\""));
+        assert!(text.contains("homelab_deploy_builder_nats_connected 0"));
+        assert!(text.contains("process_resident_memory_bytes"));
+    }
+
+    #[test]
+    fn host_results_are_counted_and_successes_stamped() {
+        let metrics = Metrics::new(["r"]).unwrap();
+        metrics.host_finished("r", "ns1", HostStatus::Success, 12.0, 1_800_000_000.0);
+        metrics.host_finished("r", "ns2", HostStatus::Failed, 3.0, 1_800_000_001.0);
+        metrics.build_finished("r", BuildStatus::Failed, 15.0);
+        let text = metrics.render();
+        assert!(text.contains(
+            "homelab_deploy_builder_host_builds_total{host=\"ns1\",repo=\"r\",status=\"success\"} 1"
+        ));
+        assert!(text.contains(
+            "homelab_deploy_builder_host_builds_total{host=\"ns2\",repo=\"r\",status=\"failed\"} 1"
+        ));
+        assert!(text.contains(
+            "homelab_deploy_builder_host_last_success_timestamp_seconds{host=\"ns1\",repo=\"r\"} 1800000000"
+        ));
+        assert!(!text.contains("last_success_timestamp_seconds{host=\"ns2\""));
+        assert!(
+            text.contains("homelab_deploy_builder_builds_total{repo=\"r\",status=\"failed\"} 1")
+        );
+        assert!(text.contains(
+            "homelab_deploy_builder_build_duration_seconds_bucket{repo=\"r\",le=\"30\"} 1"
+        ));
+    }
+
+    #[test]
+    fn health_is_503_unless_connected_and_working() {
+        let ok = Health {
+            nats_connected: true,
+            worker_alive: true,
+        };
+        assert_eq!(ok.body().0, StatusCode::OK);
+        let (code, body) = Health {
+            nats_connected: false,
+            worker_alive: true,
+        }
+        .body();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("\"nats\":\"disconnected\""), "{body}");
+    }
+}
