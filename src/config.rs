@@ -39,6 +39,14 @@ pub struct NatsConfig {
     pub nkey_seed_file: Option<PathBuf>,
     /// A `.creds` file (user JWT and seed), the alternative to `nkey_seed_file`.
     pub credentials_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify a `tls://` server with, instead of the
+    /// system's roots. Setting it requires TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients; needs
+    /// `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// One server URL or several.
@@ -91,6 +99,10 @@ pub struct BuilderConfig {
     /// How often a building host reports progress when Nix itself is quiet.
     #[serde(default = "defaults::progress_interval", with = "humantime_serde")]
     pub progress_interval: Duration,
+    /// A host build that prints nothing for this long is killed and
+    /// reported as `timeout`, e.g. `"1h"`. Unset: no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub max_silent_time: Option<Duration>,
     /// Where successful outputs are rooted, as `<dir>/<repo>/<host>`, so the
     /// garbage collector keeps them; without it builds use `--no-link`.
     pub gc_roots_dir: Option<PathBuf>,
@@ -114,6 +126,7 @@ impl Default for BuilderConfig {
             queue_limit: defaults::queue_limit(),
             host_timeout: defaults::host_timeout(),
             progress_interval: defaults::progress_interval(),
+            max_silent_time: None,
             gc_roots_dir: None,
             eval_workers: defaults::eval_workers(),
             eval_max_memory: defaults::eval_max_memory(),
@@ -235,6 +248,8 @@ pub enum ConfigError {
     BadNatsUrl { url: String },
     #[error("[nats] sets both nkey_seed_file and credentials_file: keep one of them")]
     ConflictingNatsAuth,
+    #[error("[nats] tls_cert_file and tls_key_file go together: set both or neither")]
+    IncompleteClientCert,
     #[error("no [repos.<name>] tables: configure at least one flake to build")]
     NoRepos,
     #[error("repo name {name:?} is not allowed: use letters, digits, '-' and '_' only")]
@@ -292,12 +307,20 @@ impl Config {
         if self.nats.nkey_seed_file.is_some() && self.nats.credentials_file.is_some() {
             return Err(ConfigError::ConflictingNatsAuth);
         }
+        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+            return Err(ConfigError::IncompleteClientCert);
+        }
         if self.builder.queue_limit == 0 {
             return Err(ConfigError::Zero { key: "queue_limit" });
         }
         if self.builder.host_timeout.is_zero() {
             return Err(ConfigError::Zero {
                 key: "host_timeout",
+            });
+        }
+        if self.builder.max_silent_time.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::Zero {
+                key: "max_silent_time",
             });
         }
         if self.builder.eval_workers == 0 {
@@ -559,6 +582,33 @@ url = "git+file:///srv/demo"
     fn zero_limits_are_errors() {
         let text = MINIMAL.replace("[repos.demo]", "[builder]\nqueue_limit = 0\n[repos.demo]");
         assert!(matches!(parse(&text), Err(ConfigError::Zero { .. })));
+    }
+
+    #[test]
+    fn tls_client_certificates_need_both_files() {
+        let text = MINIMAL.replace("[repos.demo]", "tls_cert_file = \"/c.pem\"\n[repos.demo]");
+        assert!(matches!(
+            parse(&text),
+            Err(ConfigError::IncompleteClientCert)
+        ));
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "tls_ca_file = \"/ca.pem\"\ntls_cert_file = \"/c.pem\"\ntls_key_file = \"/k.pem\"\n[repos.demo]",
+        );
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn max_silent_time_is_optional() {
+        assert_eq!(parse(MINIMAL).unwrap().builder.max_silent_time, None);
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "[builder]\nmax_silent_time = \"45m\"\n[repos.demo]",
+        );
+        assert_eq!(
+            parse(&text).unwrap().builder.max_silent_time,
+            Some(Duration::from_secs(45 * 60))
+        );
     }
 
     #[test]

@@ -22,6 +22,15 @@ pub enum Auth {
     CredentialsFile(PathBuf),
 }
 
+/// TLS files beyond the system's trust roots.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// CA certificate to verify the server with.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
 /// Everything needed to open a connection.
 #[derive(Debug, Clone)]
 pub struct ConnectSettings {
@@ -29,11 +38,40 @@ pub struct ConnectSettings {
     pub urls: Vec<String>,
     /// Credentials.
     pub auth: Auth,
+    /// TLS trust and client certificate.
+    pub tls: TlsFiles,
     /// Connection name shown by the server's monitoring.
     pub name: String,
     /// Keep trying when no server is reachable at start (the daemon) instead
     /// of failing at once (the CLI).
     pub retry_initial_connect: bool,
+    /// Messages a subscription holds before the client drops them; `None`
+    /// keeps the library's default.
+    pub subscription_capacity: Option<usize>,
+}
+
+impl ConnectSettings {
+    /// The daemon's settings from its `[nats]` config.
+    pub fn from_config(config: &crate::config::NatsConfig, name: &str) -> Self {
+        Self {
+            urls: config.url.to_vec(),
+            auth: match (&config.nkey_seed_file, &config.credentials_file) {
+                (Some(seed), _) => Auth::NkeySeedFile(seed.clone()),
+                (None, Some(creds)) => Auth::CredentialsFile(creds.clone()),
+                (None, None) => Auth::None,
+            },
+            tls: TlsFiles {
+                ca: config.tls_ca_file.clone(),
+                client: config
+                    .tls_cert_file
+                    .clone()
+                    .zip(config.tls_key_file.clone()),
+            },
+            name: name.to_owned(),
+            retry_initial_connect: true,
+            subscription_capacity: None,
+        }
+    }
 }
 
 /// Why no connection could be made.
@@ -104,6 +142,17 @@ pub fn server_addrs(urls: &[String]) -> Result<Vec<ServerAddr>, NatsError> {
         .collect()
 }
 
+/// Time before reconnection attempt `attempts`: quick at first, then at
+/// most a second apart, so both the builder and its requesters are back
+/// soon after the server returns (replies sent before a requester is back
+/// are lost: NATS core keeps nothing).
+pub fn reconnect_delay(attempts: usize) -> Duration {
+    match attempts {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(50u64.saturating_mul(1 << n.min(5))).min(Duration::from_secs(1)),
+    }
+}
+
 /// Opens a connection. `on_event` sees every connection event (connects,
 /// disconnects, server errors) after it has been logged.
 pub async fn connect(
@@ -143,7 +192,26 @@ pub async fn connect(
             }
         });
     if settings.retry_initial_connect {
-        options = options.retry_on_initial_connect();
+        options = options
+            .retry_on_initial_connect()
+            // Keep retrying, but never leave a recovered server unused for long.
+            .reconnect_delay_callback(reconnect_delay);
+    } else {
+        options = options.reconnect_delay_callback(reconnect_delay);
+    }
+    if let Some(capacity) = settings.subscription_capacity {
+        options = options.subscription_capacity(capacity);
+    }
+    if let Some(ca) = &settings.tls.ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &settings.tls.client {
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    if settings.urls.iter().any(|url| url.starts_with("tls://")) {
+        options = options.require_tls(true);
     }
     options
         .connect(addrs)
@@ -194,6 +262,14 @@ mod tests {
         ));
         let path = write_seed(dir.path(), "not a seed", 0o600);
         assert!(matches!(read_seed(&path), Err(NatsError::BadSeed { .. })));
+    }
+
+    #[test]
+    fn reconnects_are_quick_and_at_most_a_second_apart() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert!(reconnect_delay(2) < Duration::from_secs(1));
+        assert_eq!(reconnect_delay(50), Duration::from_secs(1));
+        assert!((2..60).all(|n| reconnect_delay(n) <= reconnect_delay(n + 1)));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub const RESPONSES_PREFIX: &str = "build.responses.";
 pub const REQUEST_SUBSCRIPTION: &str = "build.*.*";
 /// Where the builder answers with its [`StatusEvent`].
 pub const STATUS_SUBJECT: &str = "build.status";
+/// Where a build is cancelled ([`CancelRequest`] → [`CancelEvent`]).
+pub const CANCEL_SUBJECT: &str = "build.cancel";
 /// The target that means every host of the repo.
 pub const ALL_TARGET: &str = "all";
 /// Largest request body accepted; a valid body is far smaller.
@@ -237,6 +239,8 @@ pub enum RequestError {
     InvalidRev { rev: String },
     #[error("reply subject {subject} is not under build.responses.; replies could not reach you")]
     BadReplySubject { subject: String },
+    #[error("invalid build id {build_id}: expected the hex id from the build's events")]
+    InvalidBuildId { build_id: String },
 }
 
 impl RequestError {
@@ -249,7 +253,8 @@ impl RequestError {
             | Self::MalformedBody(_)
             | Self::UnsafeRef { .. }
             | Self::InvalidRev { .. }
-            | Self::BadReplySubject { .. } => ErrorCode::InvalidRequest,
+            | Self::BadReplySubject { .. }
+            | Self::InvalidBuildId { .. } => ErrorCode::InvalidRequest,
         }
     }
 
@@ -545,6 +550,68 @@ impl Event {
             Self::Unknown => "unknown",
         }
     }
+}
+
+/// The body of a `build.cancel` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    /// The build to cancel, as sent in its events.
+    pub build_id: String,
+}
+
+impl CancelRequest {
+    /// Parses a cancel body; the id must look like one the builder assigns.
+    pub fn parse(body: &[u8]) -> Result<Self, RequestError> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(RequestError::BodyTooLarge { len: body.len() });
+        }
+        let request: Self = serde_json::from_slice(body).map_err(|err| {
+            RequestError::MalformedBody(format!("{err}; expected {{\"build_id\": \"...\"}}"))
+        })?;
+        request.validate()?;
+        Ok(request)
+    }
+
+    /// Build ids are 1–64 hex digits.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let id = &self.build_id;
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RequestError::InvalidBuildId {
+                build_id: quote_for_error(id),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The reply to a `build.cancel` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum CancelEvent {
+    /// Whether the build was found, and where.
+    Cancel(CancelOutcome),
+}
+
+/// What a cancel request found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelOutcome {
+    pub build_id: String,
+    /// Whether a running or waiting build with this id was cancelled.
+    pub found: bool,
+    /// Where it was: `running` or `queued`; `null` when not found.
+    pub state: Option<CancelledState>,
+    /// Why the request itself was invalid, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// Where a cancelled build was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelledState {
+    Running,
+    Queued,
 }
 
 /// The reply to a `build.status` request.
@@ -882,6 +949,37 @@ mod tests {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }
+    }
+
+    #[test]
+    fn cancel_requests_take_a_hex_build_id() {
+        assert_eq!(
+            CancelRequest::parse(br#"{"build_id":"9c21779d2dc86b9c"}"#).unwrap(),
+            CancelRequest {
+                build_id: "9c21779d2dc86b9c".into()
+            }
+        );
+        for bad in [
+            &b""[..],
+            b"{}",
+            br#"{"build_id":""}"#,
+            br#"{"build_id":"$(id)"}"#,
+            br#"{"build_id":"abc","x":1}"#,
+        ] {
+            let err = CancelRequest::parse(bad).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidRequest);
+        }
+        let reply = CancelEvent::Cancel(CancelOutcome {
+            build_id: "ab".into(),
+            found: true,
+            state: Some(CancelledState::Running),
+            error: None,
+        });
+        let json = serde_json::to_value(&reply).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"event": "cancel", "build_id": "ab", "found": true, "state": "running"})
+        );
     }
 
     #[test]

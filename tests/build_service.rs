@@ -376,8 +376,8 @@ async fn queued_request_waits_for_the_running_one_and_the_queue_is_bounded() {
         accepted.reply
     );
 
-    // queue_limit = 1: a third request does not fit.
-    let third = client.build("build.homelab.ns1", "").await;
+    // queue_limit = 1: a third, different request does not fit.
+    let third = client.build("build.homelab.ns1", r#"{"logs":true}"#).await;
     assert_eq!(rejected_code(&third), ErrorCode::QueueFull);
 
     flake.open_gate();

@@ -166,8 +166,9 @@ async fn queue_length_and_build_age_follow_a_running_build() {
         .until(|e| matches!(e, Event::HostStarted { .. }))
         .await;
     let mut queued = Vec::new();
-    for _ in 0..2 {
-        let mut pending = client.send("build.homelab.ns1", "").await;
+    // Two different requests (identical ones would be coalesced).
+    for body in ["", r#"{"logs":true}"#] {
+        let mut pending = client.send("build.homelab.ns1", body).await;
         pending.next().await;
         queued.push(pending);
     }

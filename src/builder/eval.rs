@@ -295,13 +295,11 @@ async fn run_lane(
             // No overall deadline: each host gets `host_timeout` from its
             // start, enforced by the watchdog below.
             let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-            let run = process::run_with_grace(
-                &invocation,
-                far,
-                &stop,
-                process::EVAL_KILL_GRACE,
-                &mut observer,
-            );
+            let limits = process::Limits {
+                kill_grace: process::EVAL_KILL_GRACE,
+                ..process::Limits::deadline(far)
+            };
+            let run = process::run_limited(&invocation, limits, &stop, &mut observer);
             tokio::pin!(run);
             loop {
                 let since = lock(&state).since;
@@ -370,7 +368,7 @@ async fn run_lane(
                     "evaluator passed eval_max_memory; continuing in a fresh process"
                 );
             }
-            Ok(Outcome::Cancelled | Outcome::TimedOut) => return,
+            Ok(Outcome::Cancelled | Outcome::TimedOut | Outcome::Silent) => return,
             Err(err) => {
                 for (index, _) in hosts.drain(..) {
                     send(

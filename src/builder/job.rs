@@ -128,8 +128,14 @@ impl Runner {
     }
 
     /// Runs `job` to its end, sending every event but `finished`, which the
-    /// caller sends from the returned report.
-    pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> JobReport {
+    /// caller sends from the returned report. When `cancel` fires,
+    /// `cancel_reason` says why.
+    pub async fn run(
+        &self,
+        job: &Job,
+        cancel: &CancellationToken,
+        cancel_reason: impl Fn() -> &'static str + Send + Sync,
+    ) -> JobReport {
         let span = tracing::info_span!(
             "build",
             build_id = %job.build_id,
@@ -137,7 +143,7 @@ impl Runner {
             target = %job.target
         );
         async {
-            let report = self.execute(job, cancel).await;
+            let report = self.execute(job, cancel, &cancel_reason).await;
             tracing::info!(
                 status = %report.status,
                 duration_ms = report.duration.as_millis() as u64,
@@ -149,7 +155,12 @@ impl Runner {
         .await
     }
 
-    async fn execute(&self, job: &Job, cancel: &CancellationToken) -> JobReport {
+    async fn execute(
+        &self,
+        job: &Job,
+        cancel: &CancellationToken,
+        cancel_reason: &(dyn Fn() -> &'static str + Send + Sync),
+    ) -> JobReport {
         let started = Instant::now();
         let report = |status, rev, hosts, error| JobReport {
             status,
@@ -165,7 +176,17 @@ impl Runner {
         };
         let deadline = started + self.config.builder.host_timeout;
 
-        let pinned = match self.pin(repo, job, deadline, cancel).await {
+        let with_reason = |mut failure: HostFailure| {
+            if failure.status == HostStatus::Cancelled {
+                failure.error.message = cancel_reason().to_owned();
+            }
+            failure
+        };
+        let pinned = match self
+            .pin(repo, job, deadline, cancel)
+            .await
+            .map_err(with_reason)
+        {
             Ok(pinned) => pinned,
             Err(failure) => {
                 return report(
@@ -181,6 +202,7 @@ impl Runner {
         let hosts = match self
             .resolve_hosts(repo, job, &pinned, deadline, cancel)
             .await
+            .map_err(with_reason)
         {
             Ok(hosts) => hosts,
             Err(failure) => {
@@ -193,17 +215,15 @@ impl Runner {
             }
         };
 
-        job.replies
-            .send(
-                &job.build_id,
-                Event::Started {
-                    repo: job.repo.clone(),
-                    target: job.target.to_string(),
-                    rev: pinned.rev.clone(),
-                    hosts: hosts.clone(),
-                },
-            )
-            .await;
+        job.replies.send(
+            &job.build_id,
+            Event::Started {
+                repo: job.repo.clone(),
+                target: job.target.to_string(),
+                rev: pinned.rev.clone(),
+                hosts: hosts.clone(),
+            },
+        );
 
         let known: Vec<Option<Evaluated>> = {
             let memo = lock(&self.memo);
@@ -259,7 +279,7 @@ impl Runner {
             BuildStatus::Failed
         };
         let error = (status == BuildStatus::Cancelled)
-            .then(|| ErrorBody::new(ErrorCode::Cancelled, "the builder is shutting down"));
+            .then(|| ErrorBody::new(ErrorCode::Cancelled, cancel_reason()));
         report(status, pinned.rev, summaries, error)
     }
 
@@ -364,16 +384,14 @@ impl Runner {
         cancel: &CancellationToken,
     ) -> HostSummary {
         let started = Instant::now();
-        job.replies
-            .send(
-                &job.build_id,
-                Event::HostStarted {
-                    host: host.to_owned(),
-                    index: index + 1,
-                    total,
-                },
-            )
-            .await;
+        job.replies.send(
+            &job.build_id,
+            Event::HostStarted {
+                host: host.to_owned(),
+                index: index + 1,
+                total,
+            },
+        );
         tracing::info!(%host, index = index + 1, total, "host started");
         self.monitor.host_started(host, index + 1, total);
 
@@ -425,19 +443,17 @@ impl Runner {
                 tracing::warn!(%host, duration_ms, %status, code = %err.code, "host failed")
             }
         }
-        job.replies
-            .send(
-                &job.build_id,
-                Event::HostFinished {
-                    host: host.to_owned(),
-                    status,
-                    duration_ms,
-                    out_path: out_path.clone(),
-                    cached,
-                    error,
-                },
-            )
-            .await;
+        job.replies.send(
+            &job.build_id,
+            Event::HostFinished {
+                host: host.to_owned(),
+                status,
+                duration_ms,
+                out_path: out_path.clone(),
+                cached,
+                error,
+            },
+        );
         HostSummary {
             host: host.to_owned(),
             status,
@@ -476,7 +492,11 @@ impl Runner {
         let build = self.nix.build_drv(&evaluated.drv_path, out_link);
         let mut parser = LogParser::new();
         let mut tail = ErrorTail::default();
-        let outcome = process::run(&build, deadline, cancel, &mut |line: &str| {
+        let limits = process::Limits {
+            max_silence: self.config.builder.max_silent_time,
+            ..process::Limits::deadline(deadline)
+        };
+        let outcome = process::run_limited(&build, limits, cancel, &mut |line: &str| {
             let event = parser.parse(line);
             watch.observe(&event, parser.building());
             tail.observe(&event);
@@ -645,44 +665,41 @@ impl<'a> HostWatch<'a> {
         loop {
             tokio::select! {
                 result = &mut work => {
-                    self.flush_log(usize::MAX).await;
+                    self.flush_log(usize::MAX);
                     return result;
                 }
                 _ = ticker.tick() => {
                     if self.job.logs && log_at.elapsed() >= LOG_FLUSH_EVERY {
                         log_at = Instant::now();
-                        self.flush_log(LOG_EVENTS_PER_FLUSH).await;
+                        self.flush_log(LOG_EVENTS_PER_FLUSH);
                     }
                     let now = lock(&self.state).now.clone();
                     let since = progress_at.elapsed();
                     if (now != sent && since >= PROGRESS_AT_MOST_EVERY) || since >= self.interval {
                         progress_at = Instant::now();
                         sent = now.clone();
-                        self.send_progress(now).await;
+                        self.send_progress(now);
                     }
                 }
             }
         }
     }
 
-    async fn send_progress(&self, progress: Progress) {
-        self.job
-            .replies
-            .send(
-                &self.job.build_id,
-                Event::Progress {
-                    host: self.host.to_owned(),
-                    done: progress.done,
-                    expected: progress.expected,
-                    building: progress.building,
-                },
-            )
-            .await;
+    fn send_progress(&self, progress: Progress) {
+        self.job.replies.send(
+            &self.job.build_id,
+            Event::Progress {
+                host: self.host.to_owned(),
+                done: progress.done,
+                expected: progress.expected,
+                building: progress.building,
+            },
+        );
     }
 
     /// Sends buffered lines as up to `max_events` events of at most
     /// [`MAX_LOG_EVENT_BYTES`] each.
-    async fn flush_log(&self, max_events: usize) {
+    fn flush_log(&self, max_events: usize) {
         for _ in 0..max_events {
             let lines = {
                 let mut state = lock(&self.state);
@@ -703,16 +720,13 @@ impl<'a> HostWatch<'a> {
             if lines.is_empty() {
                 return;
             }
-            self.job
-                .replies
-                .send(
-                    &self.job.build_id,
-                    Event::Log {
-                        host: self.host.to_owned(),
-                        lines,
-                    },
-                )
-                .await;
+            self.job.replies.send(
+                &self.job.build_id,
+                Event::Log {
+                    host: self.host.to_owned(),
+                    lines,
+                },
+            );
         }
     }
 }
@@ -752,11 +766,14 @@ fn interpret(
             }
             Err(HostFailure::failed(failure_code, message))
         }
-        Ok(Outcome::TimedOut) => {
-            let mut message = format!(
-                "killed after exceeding host_timeout ({})",
-                humantime::format_duration(time_limit)
-            );
+        Ok(outcome @ (Outcome::TimedOut | Outcome::Silent)) => {
+            let mut message = match outcome {
+                Outcome::Silent => "killed after printing nothing for max_silent_time".to_owned(),
+                _ => format!(
+                    "killed after exceeding host_timeout ({})",
+                    humantime::format_duration(time_limit)
+                ),
+            };
             if !tail.is_empty() {
                 message.push('\n');
                 message.push_str(&tail.summary());

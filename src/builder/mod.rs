@@ -1,7 +1,13 @@
 //! The build service: take requests from NATS, validate and queue them, and
 //! run them one at a time.
+//!
+//! [`intake`] answers requests at once; a single worker runs the queue
+//! ([`queue`]) through [`job`], which evaluates ahead ([`eval`]) and
+//! builds; every reply goes out through one non-blocking publisher
+//! ([`replies`]); [`monitor`] keeps what operators see.
 
 pub mod eval;
+pub mod intake;
 pub mod job;
 pub mod monitor;
 pub mod queue;
@@ -10,10 +16,8 @@ pub mod replies;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::Message;
 use futures_util::StreamExt;
 use thiserror::Error;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -22,17 +26,21 @@ use crate::nats::{self, NatsError};
 use crate::nix::NixCli;
 use crate::nix::version::{NixVersion, VersionError};
 use crate::protocol::{
-    self, BuildRequest, BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, REQUEST_SUBSCRIPTION,
-    RESPONSES_PREFIX, RequestError, STATUS_SUBJECT, StatusEvent, SubjectKind, Target,
+    BuildStatus, CANCEL_SUBJECT, ErrorBody, ErrorCode, Event, HostStatus, REQUEST_SUBSCRIPTION,
+    STATUS_SUBJECT,
 };
 use crate::systemd;
+use intake::Intake;
 use job::{Job, JobReport, Runner};
 use monitor::Monitor;
-use queue::{PushError, Queue};
-use replies::Replies;
+use queue::Queue;
+use replies::Publisher;
 
 /// How long shutdown waits for the last replies to reach the server.
-const FINAL_FLUSH: Duration = Duration::from_secs(5);
+const FINAL_FLUSH: Duration = Duration::from_secs(3);
+/// Messages a subscription may hold before NATS drops them (as a slow
+/// consumer): a flood of requests cannot grow the builder's memory.
+const SUBSCRIPTION_CAPACITY: usize = 8192;
 
 /// Why the builder could not start or had to stop.
 #[derive(Debug, Error)]
@@ -88,11 +96,9 @@ impl HostFailure {
     }
 }
 
-/// A queued job plus the signal that its `accepted` event is out, so the
-/// worker never sends `started` ahead of it.
+/// A job in the queue.
 pub struct Queued {
     job: Job,
-    announced: oneshot::Receiver<()>,
 }
 
 /// Runs the builder until `shutdown` fires and every request has its
@@ -111,29 +117,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "metrics listening");
     }
-    let http_stop = CancellationToken::new();
+    let background = CancellationToken::new();
     let http = tokio::spawn(metrics::serve(
         listener,
         Arc::clone(&monitor) as Arc<dyn Exporter>,
-        http_stop.clone(),
+        background.clone(),
     ));
 
     let settings = nats::ConnectSettings {
-        urls: config.nats.url.to_vec(),
-        auth: match (&config.nats.nkey_seed_file, &config.nats.credentials_file) {
-            (Some(seed), _) => nats::Auth::NkeySeedFile(seed.clone()),
-            (None, Some(creds)) => nats::Auth::CredentialsFile(creds.clone()),
-            (None, None) => nats::Auth::None,
-        },
-        name: "homelab-deploy-builder".to_owned(),
-        retry_initial_connect: true,
+        subscription_capacity: Some(SUBSCRIPTION_CAPACITY),
+        ..nats::ConnectSettings::from_config(&config.nats, "homelab-deploy-builder")
     };
+    // The publisher needs the connection, the connection's events need the
+    // publisher: it is handed over once both exist.
+    let publisher_slot = Arc::new(std::sync::OnceLock::<Arc<Publisher>>::new());
     let client = nats::connect(&settings, {
         let monitor = Arc::clone(&monitor);
-        move |event| monitor.nats_event(event)
+        let publisher = Arc::clone(&publisher_slot);
+        move |event| {
+            monitor.nats_event(event);
+            if let Some(publisher) = publisher.get() {
+                publisher.nats_event(event);
+            }
+        }
     })
     .await?;
+    let publisher = Publisher::new(client.clone());
+    let _ = publisher_slot.set(Arc::clone(&publisher));
     monitor.set_nats(client.clone());
+    let sender = tokio::spawn(Arc::clone(&publisher).run(background.clone()));
+
     let subscribe = |subject: &'static str| {
         let client = client.clone();
         async move {
@@ -148,25 +161,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     };
     let mut requests = subscribe(REQUEST_SUBSCRIPTION).await?;
     let mut status_requests = subscribe(STATUS_SUBJECT).await?;
-    client
-        .flush()
-        .await
-        .map_err(|err| BuilderError::Subscribe {
+    let mut cancel_requests = subscribe(CANCEL_SUBJECT).await?;
+    // Until NATS is reachable this waits (retrying); a signal still stops it.
+    tokio::select! {
+        flushed = client.flush() => flushed.map_err(|err| BuilderError::Subscribe {
             subject: REQUEST_SUBSCRIPTION.to_owned(),
             reason: err.to_string(),
-        })?;
+        })?,
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped before NATS was reachable");
+            background.cancel();
+            let _ = tokio::join!(http, sender);
+            return Ok(());
+        }
+    }
     tracing::info!(
         subject = REQUEST_SUBSCRIPTION,
         repos = config.repos.len(),
+        workers = config.builder.eval_workers,
+        max_memory = %config.builder.eval_max_memory,
         "builder ready"
     );
     systemd::ready();
 
-    tracing::info!(
-        workers = config.builder.eval_workers,
-        max_memory = %config.builder.eval_max_memory,
-        "evaluating ahead of builds"
-    );
     let runner = Arc::new(Runner::new(
         NixCli::new("nix", version),
         Arc::clone(&config),
@@ -180,7 +197,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     ));
     let intake = Intake {
         config: Arc::clone(&config),
-        client: client.clone(),
+        publisher: Arc::clone(&publisher),
         queue: Arc::clone(&queue),
         monitor: Arc::clone(&monitor),
     };
@@ -191,21 +208,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     loop {
         tokio::select! {
             message = requests.next() => match message {
-                Some(message) => intake.handle(message).await,
+                Some(message) => intake.build(message),
                 None => {
                     tracing::error!("request subscription ended; shutting down");
                     shutdown.cancel();
                     break;
                 }
             },
-            Some(message) = status_requests.next() => intake.status(message).await,
+            Some(message) = status_requests.next() => intake.status(message),
+            Some(message) = cancel_requests.next() => intake.cancel(message),
             _ = watchdog.tick(), if watchdog_every.is_some() => systemd::watchdog(),
             () = shutdown.cancelled(), if !closing => {
+                // New requests are refused (shutting_down) while the running
+                // build stops and every waiting one gets its terminal event.
                 closing = true;
                 systemd::stopping();
                 tracing::info!("shutting down: cancelling queued and running builds");
                 for queued in queue.close() {
-                    cancel_waiting(queued.job, &monitor).await;
+                    cancel_waiting(queued.job, &monitor, SHUTDOWN_MESSAGE);
                 }
             }
             _ = &mut worker, if closing => break,
@@ -213,184 +233,61 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     }
     if !worker.is_finished() {
         for queued in queue.close() {
-            cancel_waiting(queued.job, &monitor).await;
+            cancel_waiting(queued.job, &monitor, SHUTDOWN_MESSAGE);
         }
         let _ = worker.await;
     }
-    let _ = requests.unsubscribe().await;
-    let _ = status_requests.unsubscribe().await;
-    if tokio::time::timeout(FINAL_FLUSH, client.flush())
-        .await
-        .is_err()
-    {
-        tracing::warn!("could not flush the last replies before exiting");
+    for subscription in [&mut requests, &mut status_requests, &mut cancel_requests] {
+        let _ = subscription.unsubscribe().await;
     }
-    http_stop.cancel();
-    let _ = http.await;
+    let delivered = publisher.drain(FINAL_FLUSH).await
+        && tokio::time::timeout(FINAL_FLUSH, client.flush())
+            .await
+            .is_ok_and(|flushed| flushed.is_ok());
+    if !delivered {
+        tracing::warn!(
+            backlog = publisher.backlog(),
+            "could not deliver the last replies before exiting"
+        );
+    }
+    background.cancel();
+    let _ = tokio::join!(http, sender);
     tracing::info!("builder stopped");
     Ok(())
 }
 
-/// Receives requests: validates, queues and acknowledges them.
-struct Intake {
-    config: Arc<Config>,
-    client: async_nats::Client,
-    queue: Arc<Queue<Queued>>,
-    monitor: Arc<Monitor>,
-}
+/// Why requests end when the builder stops.
+const SHUTDOWN_MESSAGE: &str = "the builder is shutting down";
 
-impl Intake {
-    async fn handle(&self, message: Message) {
-        let (repo, target) = match protocol::classify_subject(&message.subject) {
-            SubjectKind::Build { repo, target } => (repo.to_owned(), target.to_owned()),
-            // Replies (ours included) and anything else are never requests.
-            SubjectKind::Response | SubjectKind::Other => return,
-        };
-        let build_id = protocol::new_build_id();
-        let replies = Replies::new(self.client.clone(), message.reply.clone());
-        let span = tracing::info_span!("request", %build_id, %repo, %target);
-
-        let validated = self.validate(&repo, &target, &message);
-        let (target, request) = match validated {
-            Ok(ok) => ok,
-            Err(err) => {
-                tracing::warn!(parent: &span, code = %err.code(), %err, "request rejected");
-                self.monitor.rejected(err.code());
-                replies
-                    .send(
-                        &build_id,
-                        Event::Rejected {
-                            error: err.to_error_body(),
-                        },
-                    )
-                    .await;
-                return;
-            }
-        };
-        let git_ref = request
-            .git_ref
-            .clone()
-            .or_else(|| self.config.repos.get(&repo).and_then(|r| r.git_ref.clone()));
-        let (announce, announced) = oneshot::channel();
-        let job = Job {
-            build_id: build_id.clone(),
-            repo: repo.clone(),
-            target: target.clone(),
-            git_ref: git_ref.clone(),
-            rev: request.rev.map(|rev| rev.to_ascii_lowercase()),
-            logs: request.logs,
-            replies: replies.clone(),
-            received_at: std::time::SystemTime::now(),
-        };
-        let pushed = self.queue.push(Queued { job, announced });
-        let event = match pushed {
-            Ok(queue_position) => {
-                tracing::info!(parent: &span, queue_position, git_ref = git_ref.as_deref().unwrap_or("-"), "request accepted");
-                Event::Accepted {
-                    repo,
-                    target: target.to_string(),
-                    git_ref,
-                    queue_position,
-                }
-            }
-            Err(PushError::Full) => {
-                tracing::warn!(parent: &span, limit = self.config.builder.queue_limit, "request rejected: queue full");
-                self.monitor.rejected(ErrorCode::QueueFull);
-                Event::Rejected {
-                    error: ErrorBody::new(
-                        ErrorCode::QueueFull,
-                        format!(
-                            "{} requests are already waiting (queue_limit); try again later",
-                            self.config.builder.queue_limit
-                        ),
-                    ),
-                }
-            }
-            Err(PushError::Closed) => {
-                tracing::warn!(parent: &span, "request rejected: shutting down");
-                self.monitor.rejected(ErrorCode::ShuttingDown);
-                Event::Rejected {
-                    error: ErrorBody::new(
-                        ErrorCode::ShuttingDown,
-                        "the builder is shutting down; try again when it is back",
-                    ),
-                }
-            }
-        };
-        replies.send(&build_id, event).await;
-        // Dropped on rejection too, which is harmless: nobody waits then.
-        let _ = announce.send(());
-    }
-
-    /// Answers a `build.status` request.
-    async fn status(&self, message: Message) {
-        let Some(reply) = message.reply else {
-            return;
-        };
-        if !reply.starts_with(RESPONSES_PREFIX) {
-            tracing::warn!(subject = %reply, "status request with a reply subject outside build.responses.; ignored");
-            return;
-        }
-        let status = StatusEvent::Status(self.monitor.status());
-        match serde_json::to_vec(&status) {
-            Ok(payload) => {
-                if let Err(err) = self.client.publish(reply, payload.into()).await {
-                    tracing::warn!(%err, "cannot publish the status reply");
-                }
-            }
-            Err(err) => tracing::error!(%err, "cannot encode the status reply"),
-        }
-    }
-
-    fn validate(
-        &self,
-        repo: &str,
-        target: &str,
-        message: &Message,
-    ) -> Result<(Target, BuildRequest), RequestError> {
-        if !self.config.repos.contains_key(repo) {
-            return Err(RequestError::UnknownRepo {
-                repo: protocol::quote_for_error(repo),
-                known: self
-                    .config
-                    .repos
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-        let target = Target::parse(target)?;
-        if let Some(reply) = &message.reply {
-            if !reply.starts_with(RESPONSES_PREFIX) {
-                return Err(RequestError::BadReplySubject {
-                    subject: protocol::quote_for_error(reply),
-                });
-            }
-        }
-        let request = BuildRequest::parse(&message.payload)?;
-        Ok((target, request))
-    }
-}
-
-/// The single worker: runs queued jobs one after the other.
+/// The single worker: runs queued jobs one after the other, each with its
+/// own cancellation (shutdown, or `build.cancel`).
 async fn work(
     queue: Arc<Queue<Queued>>,
     runner: Arc<Runner>,
     monitor: Arc<Monitor>,
-    cancel: CancellationToken,
+    shutdown: CancellationToken,
 ) {
     monitor.worker_running(true);
-    while let Some(Queued { job, announced }) = queue.next().await {
-        let _ = announced.await;
+    while let Some(Queued { job }) = queue.next().await {
         let replies = job.replies.clone();
         let build_id = job.build_id.clone();
         let (repo, target) = (job.repo.clone(), job.target.to_string());
-        monitor.build_started(&build_id, &repo, &target, job.git_ref.as_deref());
+        let cancel = shutdown.child_token();
+        monitor.build_started(&job, cancel.clone());
         let task = tokio::spawn({
             let runner = Arc::clone(&runner);
             let cancel = cancel.clone();
-            async move { runner.run(&job, &cancel).await }
+            let shutdown = shutdown.clone();
+            async move {
+                let reason = || {
+                    if shutdown.is_cancelled() {
+                        SHUTDOWN_MESSAGE
+                    } else {
+                        "cancelled by request"
+                    }
+                };
+                runner.run(&job, &cancel, reason).await
+            }
         });
         let report = match task.await {
             Ok(report) => report,
@@ -409,9 +306,7 @@ async fn work(
             }
         };
         monitor.build_finished(&build_id, &repo, report.status, report.duration);
-        replies
-            .send(&build_id, finished_event(repo, target, report))
-            .await;
+        replies.send(&build_id, finished_event(repo, target, report));
         queue.done();
     }
     monitor.worker_running(false);
@@ -437,24 +332,19 @@ fn finished_event(repo: String, target: String, report: JobReport) -> Event {
     }
 }
 
-/// Ends a request that never started because the builder is stopping.
-async fn cancel_waiting(job: Job, monitor: &Monitor) {
-    tracing::info!(build_id = %job.build_id, "cancelling queued build");
+/// Ends a request that never started: cancelled while it waited.
+fn cancel_waiting(job: Job, monitor: &Monitor, reason: &str) {
+    tracing::info!(build_id = %job.build_id, reason, "cancelling queued build");
     let report = JobReport {
         status: BuildStatus::Cancelled,
         rev: None,
         hosts: Vec::new(),
-        error: Some(ErrorBody::new(
-            ErrorCode::Cancelled,
-            "the builder is shutting down",
-        )),
+        error: Some(ErrorBody::new(ErrorCode::Cancelled, reason)),
         duration: Duration::ZERO,
     };
     monitor.build_finished(&job.build_id, &job.repo, report.status, report.duration);
-    job.replies
-        .send(
-            &job.build_id,
-            finished_event(job.repo.clone(), job.target.to_string(), report),
-        )
-        .await;
+    job.replies.send(
+        &job.build_id,
+        finished_event(job.repo.clone(), job.target.to_string(), report),
+    );
 }

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use tokio_util::sync::CancellationToken;
+
 use super::Queued;
+use super::job::Job;
 use super::queue::Queue;
 use crate::config::Config;
 use crate::metrics::{Exporter, Health, Metrics};
@@ -40,6 +43,7 @@ struct State {
 struct Running {
     status: RunningBuild,
     since: Instant,
+    cancel: CancellationToken,
 }
 
 /// What is remembered of one host (and, with `state_file`, persisted).
@@ -121,21 +125,33 @@ impl Monitor {
             .inc();
     }
 
-    /// A request starts running.
-    pub fn build_started(&self, build_id: &str, repo: &str, target: &str, git_ref: Option<&str>) {
+    /// A request starts running; `cancel` stops it.
+    pub fn build_started(&self, job: &Job, cancel: CancellationToken) {
         self.lock().running = Some(Running {
             status: RunningBuild {
-                build_id: build_id.to_owned(),
-                repo: repo.to_owned(),
-                target: target.to_owned(),
-                git_ref: git_ref.map(str::to_owned),
+                build_id: job.build_id.clone(),
+                repo: job.repo.clone(),
+                target: job.target.to_string(),
+                git_ref: job.git_ref.clone(),
                 host: None,
                 index: None,
                 total: None,
                 started_at: rfc3339(SystemTime::now()),
             },
             since: Instant::now(),
+            cancel,
         });
+    }
+
+    /// Cancels the running request if it is `build_id`.
+    pub fn cancel_running(&self, build_id: &str) -> bool {
+        match &self.lock().running {
+            Some(running) if running.status.build_id == build_id => {
+                running.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The running request moved on to `host`.

@@ -52,6 +52,12 @@ impl<J> Queue<J> {
 
     /// Appends a job; returns how many jobs are ahead of it (0: it starts now).
     pub fn push(&self, job: J) -> Result<usize, PushError> {
+        self.push_announced(job, |_| {})
+    }
+
+    /// Appends a job and calls `announce` with its position before the
+    /// consumer can take it, so whatever `announce` sends comes first.
+    pub fn push_announced(&self, job: J, announce: impl FnOnce(usize)) -> Result<usize, PushError> {
         let mut state = self.lock();
         if state.closed {
             return Err(PushError::Closed);
@@ -60,10 +66,36 @@ impl<J> Queue<J> {
             return Err(PushError::Full);
         }
         let position = state.waiting.len() + usize::from(state.running);
+        announce(position);
         state.waiting.push_back(job);
         drop(state);
         self.wake.notify_one();
         Ok(position)
+    }
+
+    /// Finds the first waiting job that `matches` and calls `join` with it
+    /// and its position, while the consumer cannot take it. Returns whether
+    /// one was found.
+    pub fn join(&self, matches: impl Fn(&J) -> bool, join: impl FnOnce(&J, usize)) -> bool {
+        let state = self.lock();
+        if state.closed {
+            return false;
+        }
+        let running = usize::from(state.running);
+        match state.waiting.iter().position(matches) {
+            Some(index) => {
+                join(&state.waiting[index], index + running);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes the first waiting job that `matches` out of the queue.
+    pub fn remove(&self, matches: impl Fn(&J) -> bool) -> Option<J> {
+        let mut state = self.lock();
+        let index = state.waiting.iter().position(matches)?;
+        state.waiting.remove(index)
     }
 
     /// Waits for the next job and marks the queue busy until [`Self::done`].
@@ -126,6 +158,30 @@ mod tests {
         queue.done();
         assert_eq!(queue.next().await, Some("b"));
         assert_eq!(queue.push("e"), Ok(2));
+    }
+
+    #[tokio::test]
+    async fn waiting_jobs_can_be_joined_and_removed() {
+        let queue = Queue::new(4);
+        queue.push(1).unwrap();
+        assert_eq!(queue.next().await, Some(1));
+        queue.push(2).unwrap();
+        queue.push(3).unwrap();
+        let mut joined = None;
+        assert!(queue.join(|j| *j == 3, |j, position| joined = Some((*j, position))));
+        assert_eq!(joined, Some((3, 2)));
+        assert!(
+            !queue.join(|j| *j == 1, |_, _| {}),
+            "the running job is not waiting"
+        );
+        assert_eq!(queue.remove(|j| *j == 2), Some(2));
+        assert_eq!(queue.remove(|j| *j == 2), None);
+        assert_eq!(queue.waiting(), 1);
+        let mut announced = None;
+        queue
+            .push_announced(5, |position| announced = Some(position))
+            .unwrap();
+        assert_eq!(announced, Some(2));
     }
 
     #[tokio::test]

@@ -83,6 +83,9 @@ pub struct NatsArgs {
         conflicts_with = "nkey_file"
     )]
     creds_file: Option<PathBuf>,
+    /// CA certificate for tls:// servers not signed by a system root.
+    #[arg(long, env = "HOMELAB_DEPLOY_TLS_CA_FILE", value_name = "PATH")]
+    tls_ca_file: Option<PathBuf>,
 }
 
 impl NatsArgs {
@@ -101,8 +104,13 @@ impl NatsArgs {
                 (None, Some(creds)) => Auth::CredentialsFile(creds.clone()),
                 (None, None) => Auth::None,
             },
+            tls: crate::nats::TlsFiles {
+                ca: self.tls_ca_file.clone(),
+                client: None,
+            },
             name: name.to_owned(),
             retry_initial_connect: false,
+            subscription_capacity: None,
         }
     }
 }

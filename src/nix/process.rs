@@ -6,6 +6,7 @@
 //! builders and release locks, then SIGKILL after a grace period.
 
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::process::{Pid, Signal, kill_process_group};
@@ -22,8 +23,9 @@ use super::argv::Invocation;
 pub const MAX_STDOUT_BYTES: usize = 4 << 20;
 /// Longest stderr line handed to the caller; the rest of the line is dropped.
 pub const MAX_STDERR_LINE_BYTES: usize = 64 << 10;
-/// Time Nix gets between SIGTERM and SIGKILL.
-pub const KILL_GRACE: Duration = Duration::from_secs(10);
+/// Time Nix gets between SIGTERM and SIGKILL. Short enough that a
+/// shutdown (SIGTERM to the builder) ends well within systemd's patience.
+pub const KILL_GRACE: Duration = Duration::from_secs(8);
 /// The same for evaluators. They hold nothing worth a clean exit, and Nix
 /// 2.8 can miss SIGTERM while an import-from-derivation build is silent.
 pub const EVAL_KILL_GRACE: Duration = Duration::from_secs(2);
@@ -38,6 +40,8 @@ pub enum Outcome {
     Exited { status: ExitStatus, stdout: Vec<u8> },
     /// It ran past its deadline and was stopped.
     TimedOut,
+    /// It printed nothing for longer than allowed and was stopped.
+    Silent,
     /// It was cancelled and stopped.
     Cancelled,
 }
@@ -67,6 +71,29 @@ impl<F: FnMut(&str)> Observer for F {
     }
 }
 
+/// When a command is stopped.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Stop it at this time ([`Outcome::TimedOut`]).
+    pub deadline: Instant,
+    /// Stop it once it printed nothing on stderr for this long
+    /// ([`Outcome::Silent`]).
+    pub max_silence: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+}
+
+impl Limits {
+    /// Only a deadline, and the default grace.
+    pub fn deadline(deadline: Instant) -> Self {
+        Self {
+            deadline,
+            max_silence: None,
+            kill_grace: KILL_GRACE,
+        }
+    }
+}
+
 /// Runs `invocation` until it exits, `deadline` passes or `cancel` fires;
 /// then SIGTERM, and SIGKILL after [`KILL_GRACE`].
 pub async fn run(
@@ -75,17 +102,40 @@ pub async fn run(
     cancel: &CancellationToken,
     observer: &mut impl Observer,
 ) -> Result<Outcome, SpawnError> {
-    run_with_grace(invocation, deadline, cancel, KILL_GRACE, observer).await
+    run_limited(invocation, Limits::deadline(deadline), cancel, observer).await
 }
 
-/// [`run`] with its own time between SIGTERM and SIGKILL.
-pub async fn run_with_grace(
+/// Counts when the command last printed something.
+struct Watched<'a, O> {
+    inner: &'a mut O,
+    started: Instant,
+    last_output_ms: &'a AtomicU64,
+}
+
+impl<O: Observer> Observer for Watched<'_, O> {
+    fn started(&mut self, pid: u32) {
+        self.inner.started(pid);
+    }
+
+    fn line(&mut self, line: &str) {
+        self.last_output_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.inner.line(line);
+    }
+}
+
+/// [`run`] with all of [`Limits`].
+pub async fn run_limited(
     invocation: &Invocation,
-    deadline: Instant,
+    limits: Limits,
     cancel: &CancellationToken,
-    kill_grace: Duration,
     observer: &mut impl Observer,
 ) -> Result<Outcome, SpawnError> {
+    let Limits {
+        deadline,
+        max_silence,
+        kill_grace,
+    } = limits;
     tracing::debug!(argv = %invocation, "running nix");
     let mut child = Command::new(&invocation.program)
         .args(&invocation.args)
@@ -103,12 +153,20 @@ pub async fn run_with_grace(
             program: invocation.program.clone(),
             source,
         })?;
+    let started = Instant::now();
+    let last_output_ms = AtomicU64::new(0);
+    let mut watched = Watched {
+        inner: observer,
+        started,
+        last_output_ms: &last_output_ms,
+    };
     if let Some(pid) = child.id() {
-        observer.started(pid);
+        watched.started(pid);
     }
     let stdout_reader = read_bounded(child.stdout.take());
-    let stderr_reader = read_lines(child.stderr.take(), observer);
+    let stderr_reader = read_lines(child.stderr.take(), &mut watched);
     tokio::pin!(stdout_reader, stderr_reader);
+    let silent_since = || started + Duration::from_millis(last_output_ms.load(Ordering::Relaxed));
 
     let mut stdout = None;
     let mut stderr_done = false;
@@ -116,26 +174,40 @@ pub async fn run_with_grace(
     // Until Nix exits this is the caller's deadline; afterwards its pipes
     // get a short while to drain, so a stray grandchild holding them open
     // cannot hang the build.
-    let mut wake_at = deadline;
+    let mut drain_until = None;
     let status = loop {
         if stdout.is_some() && stderr_done {
             if let Some(status) = exit.take() {
                 break status;
             }
         }
+        let silence_limit = max_silence.map(|limit| silent_since() + limit);
+        let wake_at = match (drain_until, silence_limit) {
+            (Some(drain), _) => drain,
+            (None, Some(silence)) => silence.min(deadline),
+            (None, None) => deadline,
+        };
         tokio::select! {
             bytes = &mut stdout_reader, if stdout.is_none() => stdout = Some(bytes),
             () = &mut stderr_reader, if !stderr_done => stderr_done = true,
             status = child.wait(), if exit.is_none() => {
                 exit = Some(status);
-                wake_at = Instant::now() + PIPE_DRAIN;
+                drain_until = Some(Instant::now() + PIPE_DRAIN);
             }
             () = tokio::time::sleep_until(wake_at) => {
                 if let Some(status) = exit.take() {
                     break status;
                 }
-                stop_group(&mut child, kill_grace).await;
-                return Ok(Outcome::TimedOut);
+                let now = Instant::now();
+                if now >= deadline {
+                    stop_group(&mut child, kill_grace).await;
+                    return Ok(Outcome::TimedOut);
+                }
+                if max_silence.is_some_and(|limit| now >= silent_since() + limit) {
+                    stop_group(&mut child, kill_grace).await;
+                    return Ok(Outcome::Silent);
+                }
+                // Output arrived meanwhile: the silence limit moved on.
             }
             () = cancel.cancelled(), if exit.is_none() => {
                 stop_group(&mut child, kill_grace).await;
@@ -283,6 +355,31 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(outcome, Outcome::TimedOut), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn silence_stops_the_command_but_output_keeps_it_alive() {
+        let limits = |silence: u64| Limits {
+            deadline: soon(30),
+            max_silence: Some(Duration::from_millis(silence)),
+            kill_grace: KILL_GRACE,
+        };
+        let cancel = CancellationToken::new();
+        let outcome = run_limited(
+            &sh("echo hi >&2; sleep 30"),
+            limits(500),
+            &cancel,
+            &mut |_: &str| {},
+        )
+        .await
+        .unwrap();
+        assert!(matches!(outcome, Outcome::Silent), "{outcome:?}");
+        // Talking every 100 ms for a second never hits a 500 ms silence limit.
+        let chatty = "i=0; while [ $i -lt 10 ]; do echo tick >&2; sleep 0.1; i=$((i+1)); done";
+        let outcome = run_limited(&sh(chatty), limits(500), &cancel, &mut |_: &str| {})
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Exited { .. }), "{outcome:?}");
     }
 
     #[tokio::test]

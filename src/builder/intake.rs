@@ -1,0 +1,265 @@
+//! Receiving requests: builds (validate, coalesce, queue, acknowledge),
+//! `build.status` and `build.cancel`. Nothing here waits on Nix or on
+//! NATS, so requests are answered at once even while a build runs.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_nats::{Message, Subject};
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::job::Job;
+use super::monitor::Monitor;
+use super::queue::{PushError, Queue};
+use super::replies::{Publisher, Replies};
+use super::{Queued, cancel_waiting};
+use crate::config::Config;
+use crate::protocol::{
+    self, BuildRequest, CancelEvent, CancelOutcome, CancelRequest, CancelledState, ErrorBody,
+    ErrorCode, Event, RESPONSES_PREFIX, RequestError, StatusEvent, SubjectKind, Target,
+};
+
+/// What identifies a request for coalescing: the same repo, target, ref,
+/// rev and log choice build the same thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    repo: String,
+    target: Target,
+    git_ref: Option<String>,
+    rev: Option<String>,
+    logs: bool,
+}
+
+impl Identity {
+    fn of(job: &Job) -> Self {
+        Self {
+            repo: job.repo.clone(),
+            target: job.target.clone(),
+            git_ref: job.git_ref.clone(),
+            rev: job.rev.clone(),
+            logs: job.logs,
+        }
+    }
+}
+
+/// Receives requests from the subscriptions.
+pub struct Intake {
+    pub config: Arc<Config>,
+    pub publisher: Arc<Publisher>,
+    pub queue: Arc<Queue<Queued>>,
+    pub monitor: Arc<Monitor>,
+}
+
+impl Intake {
+    /// Handles a message on `build.*.*`.
+    pub fn build(&self, message: Message) {
+        let (repo, target) = match protocol::classify_subject(&message.subject) {
+            SubjectKind::Build { repo, target } => (repo.to_owned(), target.to_owned()),
+            // Replies (ours included) and anything else are never requests.
+            SubjectKind::Response | SubjectKind::Other => return,
+        };
+        let build_id = protocol::new_build_id();
+        let replies = Replies::new(Arc::clone(&self.publisher), message.reply.clone());
+        let span = tracing::info_span!("request", %build_id, %repo, %target);
+
+        let (target, request) = match self.validate(&repo, &target, &message) {
+            Ok(ok) => ok,
+            Err(err) => {
+                tracing::warn!(parent: &span, code = %err.code(), %err, "request rejected");
+                self.reject(&replies, &build_id, err.to_error_body());
+                return;
+            }
+        };
+        let git_ref = request
+            .git_ref
+            .clone()
+            .or_else(|| self.config.repos.get(&repo).and_then(|r| r.git_ref.clone()));
+        let job = Job {
+            build_id: build_id.clone(),
+            repo: repo.clone(),
+            target: target.clone(),
+            git_ref: git_ref.clone(),
+            rev: request.rev.map(|rev| rev.to_ascii_lowercase()),
+            logs: request.logs,
+            replies: replies.clone(),
+            received_at: SystemTime::now(),
+        };
+
+        if let Some(reply) = &message.reply {
+            if self.coalesce(&job, reply, &span) {
+                return;
+            }
+        }
+
+        let accepted = |queue_position| Event::Accepted {
+            repo: repo.clone(),
+            target: target.to_string(),
+            git_ref: git_ref.clone(),
+            queue_position,
+        };
+        // `accepted` is queued for sending before the worker can take the
+        // job, so it always precedes `started`.
+        let pushed = self.queue.push_announced(Queued { job }, |position| {
+            replies.send(&build_id, accepted(position));
+        });
+        match pushed {
+            Ok(queue_position) => tracing::info!(
+                parent: &span,
+                queue_position,
+                git_ref = git_ref.as_deref().unwrap_or("-"),
+                "request accepted"
+            ),
+            Err(PushError::Full) => {
+                let limit = self.config.builder.queue_limit;
+                tracing::warn!(parent: &span, limit, "request rejected: queue full");
+                let message =
+                    format!("{limit} requests are already waiting (queue_limit); try again later");
+                self.reject(
+                    &replies,
+                    &build_id,
+                    ErrorBody::new(ErrorCode::QueueFull, message),
+                );
+            }
+            Err(PushError::Closed) => {
+                tracing::warn!(parent: &span, "request rejected: shutting down");
+                let message = "the builder is shutting down; try again when it is back";
+                self.reject(
+                    &replies,
+                    &build_id,
+                    ErrorBody::new(ErrorCode::ShuttingDown, message),
+                );
+            }
+        }
+    }
+
+    /// Joins `job`'s requester to an identical request that is still
+    /// waiting: it gets `accepted` with that build's id, then every later
+    /// event of it.
+    fn coalesce(&self, job: &Job, reply: &Subject, span: &tracing::Span) -> bool {
+        let identity = Identity::of(job);
+        self.queue.join(
+            |queued| Identity::of(&queued.job) == identity,
+            |queued, queue_position| {
+                let waiting = &queued.job;
+                // Sent before joining, under the queue's lock: `accepted`
+                // comes before anything the build sends afterwards.
+                waiting.replies.send_to(
+                    reply,
+                    &waiting.build_id,
+                    Event::Accepted {
+                        repo: waiting.repo.clone(),
+                        target: waiting.target.to_string(),
+                        git_ref: waiting.git_ref.clone(),
+                        queue_position,
+                    },
+                );
+                waiting.replies.add(reply.clone());
+                tracing::info!(
+                    parent: span,
+                    joined = %waiting.build_id,
+                    queue_position,
+                    "request joined an identical waiting build"
+                );
+            },
+        )
+    }
+
+    fn reject(&self, replies: &Replies, build_id: &str, error: ErrorBody) {
+        self.monitor.rejected(error.code);
+        replies.send(build_id, Event::Rejected { error });
+    }
+
+    fn validate(
+        &self,
+        repo: &str,
+        target: &str,
+        message: &Message,
+    ) -> Result<(Target, BuildRequest), RequestError> {
+        if !self.config.repos.contains_key(repo) {
+            return Err(RequestError::UnknownRepo {
+                repo: protocol::quote_for_error(repo),
+                known: self
+                    .config
+                    .repos
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let target = Target::parse(target)?;
+        check_reply_subject(message)?;
+        let request = BuildRequest::parse(&message.payload)?;
+        Ok((target, request))
+    }
+
+    /// Answers a `build.status` request.
+    pub fn status(&self, message: Message) {
+        if let Some(reply) = reply_subject(&message) {
+            self.answer(reply, &StatusEvent::Status(self.monitor.status()));
+        }
+    }
+
+    /// Handles a `build.cancel` request: a waiting build leaves the queue,
+    /// a running one is stopped; either gets its terminal event.
+    pub fn cancel(&self, message: Message) {
+        let reply = reply_subject(&message);
+        let request = CancelRequest::parse(&message.payload);
+        let outcome = match request {
+            Err(err) => CancelOutcome {
+                build_id: String::new(),
+                found: false,
+                state: None,
+                error: Some(err.to_error_body()),
+            },
+            Ok(CancelRequest { build_id }) => {
+                let state = if self.monitor.cancel_running(&build_id) {
+                    Some(CancelledState::Running)
+                } else if let Some(queued) = self.queue.remove(|q| q.job.build_id == build_id) {
+                    cancel_waiting(queued.job, &self.monitor, "cancelled by request");
+                    Some(CancelledState::Queued)
+                } else {
+                    None
+                };
+                tracing::info!(%build_id, ?state, "cancel requested");
+                CancelOutcome {
+                    build_id,
+                    found: state.is_some(),
+                    state,
+                    error: None,
+                }
+            }
+        };
+        if let Some(reply) = reply {
+            self.answer(reply, &CancelEvent::Cancel(outcome));
+        }
+    }
+
+    fn answer(&self, reply: Subject, body: &impl Serialize) {
+        match serde_json::to_vec(body) {
+            Ok(payload) => self.publisher.enqueue(reply, Bytes::from(payload), false),
+            Err(err) => tracing::error!(%err, "cannot encode a reply"),
+        }
+    }
+}
+
+/// A request's reply subject, when it is one replies may go to.
+fn reply_subject(message: &Message) -> Option<Subject> {
+    match check_reply_subject(message) {
+        Ok(()) => message.reply.clone(),
+        Err(err) => {
+            tracing::warn!(subject = %message.subject, %err, "request ignored");
+            None
+        }
+    }
+}
+
+fn check_reply_subject(message: &Message) -> Result<(), RequestError> {
+    match &message.reply {
+        Some(reply) if !reply.starts_with(RESPONSES_PREFIX) => Err(RequestError::BadReplySubject {
+            subject: protocol::quote_for_error(reply),
+        }),
+        _ => Ok(()),
+    }
+}
