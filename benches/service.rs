@@ -145,16 +145,6 @@ async fn builder_all(
     (elapsed, results)
 }
 
-fn rss_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index]
@@ -192,7 +182,7 @@ async fn main() {
 
     // Let the process settle before reading its idle footprint.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = rss_kb(pid, "VmRSS:");
+    let idle_rss = memory_kib(pid, "VmRSS:");
 
     println!("\nfresh store paths:");
     let (fresh_a, results) = builder_all(&client, "bench").await;
@@ -230,7 +220,7 @@ async fn main() {
         "  a/b = {:.2}",
         cached_a.as_secs_f64() / cached_b.as_secs_f64()
     );
-    let build_peak = rss_kb(pid, "VmHWM:");
+    let build_peak = memory_kib(pid, "VmHWM:");
 
     // Latency while a build runs: one request at a time, from publishing it
     // to receiving `accepted`, on a connection already subscribed to the
@@ -275,7 +265,7 @@ async fn main() {
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().unwrap().as_secs_f64() * 1e3
     );
-    let peak_rss = rss_kb(pid, "VmHWM:");
+    let peak_rss = memory_kib(pid, "VmHWM:");
 
     println!("\nbuilder memory:");
     println!(
@@ -355,8 +345,8 @@ async fn metrics_with_many_series(nats: &NatsServer) {
     );
     println!(
         "  builder RSS {:.1} MB (peak {:.1} MB)",
-        rss_kb(pid, "VmRSS:") as f64 / 1024.0,
-        rss_kb(pid, "VmHWM:") as f64 / 1024.0
+        memory_kib(pid, "VmRSS:") as f64 / 1024.0,
+        memory_kib(pid, "VmHWM:") as f64 / 1024.0
     );
     assert!(builder.terminate().success());
 }

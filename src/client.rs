@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use crate::nats::{self, ConnectSettings, NatsError};
 use crate::protocol::{
-    self, BuildRequest, BuilderStatus, RESPONSES_PREFIX, RESPONSES_TOKEN, Reply, RequestError,
-    STATUS_SUBJECT, StatusEvent, Target,
+    self, BuildRequest, BuilderStatus, CANCEL_SUBJECT, CancelEvent, CancelOutcome, CancelRequest,
+    RESPONSES_PREFIX, RESPONSES_TOKEN, Reply, RequestError, STATUS_SUBJECT, StatusEvent, Target,
 };
 
 /// Why a request got no (complete) answer.
@@ -116,9 +116,38 @@ impl BuildClient {
 
     /// Asks the builder for its status; returns it and the exact reply.
     pub async fn status(&self, wait: Duration) -> Result<(BuilderStatus, Bytes), ClientError> {
-        let mut subscriber = self.publish_request(STATUS_SUBJECT, Bytes::new()).await?;
+        let (StatusEvent::Status(status), raw) =
+            self.ask(STATUS_SUBJECT, Bytes::new(), wait).await?;
+        Ok((status, raw))
+    }
+
+    /// Asks the builder to cancel a build.
+    pub async fn cancel(
+        &self,
+        build_id: &str,
+        wait: Duration,
+    ) -> Result<(CancelOutcome, Bytes), ClientError> {
+        let request = CancelRequest {
+            build_id: build_id.to_owned(),
+        };
+        request.validate()?;
+        let body =
+            serde_json::to_vec(&request).map_err(|err| ClientError::Nats(err.to_string()))?;
+        let (CancelEvent::Cancel(outcome), raw) =
+            self.ask(CANCEL_SUBJECT, body.into(), wait).await?;
+        Ok((outcome, raw))
+    }
+
+    /// One request, one reply of type `T`.
+    async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: &str,
+        body: Bytes,
+        wait: Duration,
+    ) -> Result<(T, Bytes), ClientError> {
+        let mut subscriber = self.publish_request(subject, body).await?;
         let not_acknowledged = || ClientError::NotAcknowledged {
-            subject: STATUS_SUBJECT.to_owned(),
+            subject: subject.to_owned(),
             waited: wait,
         };
         loop {
@@ -128,12 +157,12 @@ impl BuildClient {
                 .ok_or(ClientError::Closed)?;
             if message.status == Some(StatusCode::NO_RESPONDERS) {
                 return Err(ClientError::NoResponders {
-                    subject: STATUS_SUBJECT.to_owned(),
+                    subject: subject.to_owned(),
                 });
             }
-            match serde_json::from_slice::<StatusEvent>(&message.payload) {
-                Ok(StatusEvent::Status(status)) => return Ok((status, message.payload)),
-                Err(err) => tracing::warn!(%err, "ignoring a malformed status reply"),
+            match serde_json::from_slice::<T>(&message.payload) {
+                Ok(reply) => return Ok((reply, message.payload)),
+                Err(err) => tracing::warn!(%err, "ignoring a malformed reply"),
             }
         }
     }

@@ -142,6 +142,30 @@ pub fn server_addrs(urls: &[String]) -> Result<Vec<ServerAddr>, NatsError> {
         .collect()
 }
 
+/// Counts messages NATS dropped because the reader fell behind, and logs
+/// the count at most once a second.
+#[derive(Default)]
+struct DropCounter {
+    dropped: std::sync::atomic::AtomicU64,
+    logged_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl DropCounter {
+    fn note(&self) {
+        use std::sync::atomic::Ordering;
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        let mut logged_at = self.logged_at.lock().unwrap_or_else(|p| p.into_inner());
+        if logged_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            *logged_at = Some(std::time::Instant::now());
+            let dropped = self.dropped.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                dropped,
+                "NATS slow consumer: incoming messages were dropped"
+            );
+        }
+    }
+}
+
 /// Time before reconnection attempt `attempts`: quick at first, then at
 /// most a second apart, so both the builder and its requesters are back
 /// soon after the server returns (replies sent before a requester is back
@@ -172,20 +196,21 @@ pub async fn connect(
                 })?,
         };
     let on_event = Arc::new(on_event);
+    let slow_consumer = Arc::new(DropCounter::default());
     options = options
         .name(&settings.name)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let on_event = Arc::clone(&on_event);
+            let slow_consumer = Arc::clone(&slow_consumer);
             async move {
                 match &event {
                     Event::Connected => tracing::info!("connected to NATS"),
                     Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
                     Event::ServerError(err) => tracing::warn!(%err, "NATS server error"),
                     Event::ClientError(err) => tracing::warn!(%err, "NATS client error"),
-                    Event::SlowConsumer(sid) => {
-                        tracing::warn!(sid, "NATS slow consumer: messages were dropped")
-                    }
+                    // One event per dropped message: counted, logged once a second.
+                    Event::SlowConsumer(_) => slow_consumer.note(),
                     other => tracing::info!(event = %other, "NATS event"),
                 }
                 on_event(&event);

@@ -69,6 +69,42 @@ pub fn classify_subject(subject: &str) -> SubjectKind<'_> {
     }
 }
 
+/// A build request that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidRequest {
+    pub repo: String,
+    pub target: Target,
+    pub body: BuildRequest,
+}
+
+/// Parses and validates a message received on [`REQUEST_SUBSCRIPTION`].
+/// `Ok(None)`: not a request at all (a reply, or not this protocol), to be
+/// ignored; `Err`: a request to reject with the error's code.
+pub fn parse_build_request(
+    subject: &str,
+    body: &[u8],
+    is_known_repo: impl Fn(&str) -> bool,
+    known_repos: impl FnOnce() -> String,
+) -> Result<Option<ValidRequest>, RequestError> {
+    let (repo, target) = match classify_subject(subject) {
+        SubjectKind::Build { repo, target } => (repo, target),
+        SubjectKind::Response | SubjectKind::Other => return Ok(None),
+    };
+    if !is_valid_name(repo) || !is_known_repo(repo) {
+        return Err(RequestError::UnknownRepo {
+            repo: quote_for_error(repo),
+            known: known_repos(),
+        });
+    }
+    let target = Target::parse(target)?;
+    let body = BuildRequest::parse(body)?;
+    Ok(Some(ValidRequest {
+        repo: repo.to_owned(),
+        target,
+        body,
+    }))
+}
+
 /// Whether `name` is a valid repo or host name: `[A-Za-z0-9_-]+`, bounded,
 /// and not starting with `-` (so it can never read as an option).
 pub fn is_valid_name(name: &str) -> bool {
@@ -713,6 +749,115 @@ pub fn random_hex<const N: usize>() -> String {
         }
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod properties {
+    //! Any subject and body either parse into a valid request or are
+    //! rejected with a code; nothing panics, nothing unchecked gets through.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn check(subject: &str, body: &[u8]) {
+        match parse_build_request(subject, body, |r| r == "homelab", || "homelab".into()) {
+            Ok(None) => assert!(!matches!(
+                classify_subject(subject),
+                SubjectKind::Build { .. }
+            )),
+            Ok(Some(request)) => {
+                assert_eq!(request.repo, "homelab");
+                if let Target::Host(host) = &request.target {
+                    assert!(is_valid_name(host), "{host:?}");
+                }
+                if let Some(git_ref) = &request.body.git_ref {
+                    assert!(validate_ref(git_ref).is_ok(), "{git_ref:?}");
+                    assert!(!git_ref.starts_with('-') && !git_ref.contains(".."));
+                }
+                if let Some(rev) = &request.body.rev {
+                    assert!(validate_rev(rev).is_ok(), "{rev:?}");
+                }
+                assert!(body.len() <= MAX_BODY_BYTES);
+            }
+            Err(err) => {
+                assert!(matches!(
+                    err.code(),
+                    ErrorCode::UnknownRepo | ErrorCode::InvalidRequest
+                ));
+                assert!(err.to_string().len() < 1024, "error messages stay short");
+            }
+        }
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("homelab".to_owned()),
+            Just("all".to_owned()),
+            Just("responses".to_owned()),
+            "[A-Za-z0-9_-]{1,12}",
+            "\\PC{0,16}",
+            ".{0,300}",
+        ]
+    }
+
+    fn git_ref() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9._/-]{0,40}",
+            Just("--upload-pack=x".to_owned()),
+            Just("a..b".to_owned()),
+            ".{0,50}",
+            "[a-z]{1,3}[&#?%= ][a-z]{1,3}",
+        ]
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..600),
+            (
+                proptest::option::of(git_ref()),
+                proptest::option::of("[0-9a-fA-Fg]{38,42}"),
+                any::<bool>()
+            )
+                .prop_map(|(git_ref, rev, logs)| {
+                    let mut object = serde_json::Map::new();
+                    if let Some(r) = git_ref {
+                        object.insert("ref".into(), r.into());
+                    }
+                    if let Some(r) = rev {
+                        object.insert("rev".into(), r.into());
+                    }
+                    if logs {
+                        object.insert("logs".into(), true.into());
+                    }
+                    serde_json::to_vec(&object).unwrap_or_default()
+                }),
+            (".{0,10}", any::<i64>()).prop_map(|(key, value)| {
+                format!("{{\"{}\": {value}}}", key.replace(['"', '\\'], "")).into_bytes()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn structured_subjects_and_bodies(repo in token(), target in token(), body in body()) {
+            check(&format!("build.{repo}.{target}"), &body);
+        }
+
+        #[test]
+        fn arbitrary_subjects(subject in ".{0,200}", body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            check(&subject, &body);
+        }
+
+        #[test]
+        fn cancel_bodies(body in body()) {
+            match CancelRequest::parse(&body) {
+                Ok(request) => prop_assert!(request.build_id.bytes().all(|b| b.is_ascii_hexdigit())),
+                Err(err) => prop_assert_eq!(err.code(), ErrorCode::InvalidRequest),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

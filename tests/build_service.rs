@@ -624,8 +624,15 @@ async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
         }
     ));
 
+    let started = std::time::Instant::now();
     let status = builder.terminate();
+    let took = started.elapsed();
+    eprintln!(
+        "shutdown with a running build took {:.2} s",
+        took.as_secs_f64()
+    );
     assert!(status.success(), "{status:?}");
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
 
     let rest: Vec<Reply> = running
         .until_terminal()

@@ -16,8 +16,8 @@ use super::replies::{Publisher, Replies};
 use super::{Queued, cancel_waiting};
 use crate::config::Config;
 use crate::protocol::{
-    self, BuildRequest, CancelEvent, CancelOutcome, CancelRequest, CancelledState, ErrorBody,
-    ErrorCode, Event, RESPONSES_PREFIX, RequestError, StatusEvent, SubjectKind, Target,
+    self, CancelEvent, CancelOutcome, CancelRequest, CancelledState, ErrorBody, ErrorCode, Event,
+    RESPONSES_PREFIX, RequestError, StatusEvent, SubjectKind, Target, ValidRequest,
 };
 
 /// What identifies a request for coalescing: the same repo, target, ref,
@@ -49,6 +49,46 @@ pub struct Intake {
     pub publisher: Arc<Publisher>,
     pub queue: Arc<Queue<Queued>>,
     pub monitor: Arc<Monitor>,
+    /// Rejections are logged at most this often, so a flood of bad
+    /// requests neither floods the journal nor slows the intake down.
+    pub rejection_log: RateLimit,
+}
+
+/// Lets through a number of events per second and counts the rest.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_second: u32,
+    state: std::sync::Mutex<(std::time::Instant, u32, u64)>,
+}
+
+impl RateLimit {
+    /// Allows `per_second` events each second.
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            state: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Whether this event may be logged; when a new second starts, also how
+    /// many were held back in the last one.
+    pub fn allow(&self) -> (bool, u64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (since, count, held_back) = &mut *state;
+        let mut report = 0;
+        if since.elapsed() >= std::time::Duration::from_secs(1) {
+            *since = std::time::Instant::now();
+            *count = 0;
+            report = std::mem::take(held_back);
+        }
+        if *count < self.per_second {
+            *count += 1;
+            (true, report)
+        } else {
+            *held_back += 1;
+            (false, report)
+        }
+    }
 }
 
 impl Intake {
@@ -63,10 +103,39 @@ impl Intake {
         let replies = Replies::new(Arc::clone(&self.publisher), message.reply.clone());
         let span = tracing::info_span!("request", %build_id, %repo, %target);
 
-        let (target, request) = match self.validate(&repo, &target, &message) {
-            Ok(ok) => ok,
+        let valid = check_reply_subject(&message).and_then(|()| {
+            protocol::parse_build_request(
+                &message.subject,
+                &message.payload,
+                |repo| self.config.repos.contains_key(repo),
+                || {
+                    self.config
+                        .repos
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            )
+        });
+        let ValidRequest {
+            target,
+            body: request,
+            ..
+        } = match valid {
+            Ok(Some(valid)) => valid,
+            Ok(None) => return,
             Err(err) => {
-                tracing::warn!(parent: &span, code = %err.code(), %err, "request rejected");
+                let (log, held_back) = self.rejection_log.allow();
+                if held_back > 0 {
+                    tracing::warn!(
+                        count = held_back,
+                        "more requests rejected (not logged one by one)"
+                    );
+                }
+                if log {
+                    tracing::warn!(parent: &span, code = %err.code(), %err, "request rejected");
+                }
                 self.reject(&replies, &build_id, err.to_error_body());
                 return;
             }
@@ -168,30 +237,6 @@ impl Intake {
     fn reject(&self, replies: &Replies, build_id: &str, error: ErrorBody) {
         self.monitor.rejected(error.code);
         replies.send(build_id, Event::Rejected { error });
-    }
-
-    fn validate(
-        &self,
-        repo: &str,
-        target: &str,
-        message: &Message,
-    ) -> Result<(Target, BuildRequest), RequestError> {
-        if !self.config.repos.contains_key(repo) {
-            return Err(RequestError::UnknownRepo {
-                repo: protocol::quote_for_error(repo),
-                known: self
-                    .config
-                    .repos
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-        let target = Target::parse(target)?;
-        check_reply_subject(message)?;
-        let request = BuildRequest::parse(&message.payload)?;
-        Ok((target, request))
     }
 
     /// Answers a `build.status` request.

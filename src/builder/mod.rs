@@ -40,7 +40,7 @@ use replies::Publisher;
 const FINAL_FLUSH: Duration = Duration::from_secs(3);
 /// Messages a subscription may hold before NATS drops them (as a slow
 /// consumer): a flood of requests cannot grow the builder's memory.
-const SUBSCRIPTION_CAPACITY: usize = 8192;
+const SUBSCRIPTION_CAPACITY: usize = 16_384;
 
 /// Why the builder could not start or had to stop.
 #[derive(Debug, Error)]
@@ -200,6 +200,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
         publisher: Arc::clone(&publisher),
         queue: Arc::clone(&queue),
         monitor: Arc::clone(&monitor),
+        rejection_log: intake::RateLimit::new(20),
     };
 
     let watchdog_every = systemd::watchdog_interval();

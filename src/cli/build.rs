@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use super::output::View;
-use super::{Exit, NatsArgs};
+use super::{Exit, NatsArgs, client_exit, connect, print_raw};
 use crate::client::{BuildClient, ClientError, Timeouts, validate};
 use crate::protocol::{ALL_TARGET, BuildRequest, BuildStatus, Event};
 
@@ -57,12 +57,9 @@ pub async fn run(args: Args) -> Exit {
         }
     }
 
-    let client = match BuildClient::connect(&args.nats.settings("homelab-deploy-build")).await {
+    let client = match connect(&args.nats, "homelab-deploy-build").await {
         Ok(client) => client,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return Exit::NoBuilder;
-        }
+        Err(exit) => return exit,
     };
     let timeouts = Timeouts {
         total: args.timeout,
@@ -110,10 +107,7 @@ async fn follow(
             Err(err) => return report_error(&mut view, &err),
         };
         if args.json {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&received.raw);
-            let _ = out.write_all(b"\n");
-            let _ = out.flush();
+            print_raw(&received.raw);
         } else {
             view.event(&received.reply);
         }
@@ -133,13 +127,5 @@ async fn follow(
 fn report_error<W: Write>(view: &mut View<W>, err: &ClientError) -> Exit {
     view.finish();
     eprintln!("error: {err}");
-    match err {
-        ClientError::Invalid(_) | ClientError::InvalidRepo(_) => Exit::Usage,
-        ClientError::Connect(_)
-        | ClientError::NoResponders { .. }
-        | ClientError::NotAcknowledged { .. }
-        | ClientError::TimedOut { .. }
-        | ClientError::Nats(_)
-        | ClientError::Closed => Exit::NoBuilder,
-    }
+    client_exit(err)
 }

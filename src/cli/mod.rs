@@ -2,7 +2,9 @@
 
 mod build;
 mod builder;
+mod cancel;
 mod check_config;
+mod nkey;
 mod output;
 mod status;
 
@@ -62,6 +64,10 @@ enum Command {
     Build(build::Args),
     /// Show what the builder is doing and how every host last went.
     Status(status::Args),
+    /// Cancel a running or waiting build.
+    Cancel(cancel::Args),
+    /// Create an NKey user seed file and print its public key.
+    Nkey(nkey::Args),
     /// Validate a builder config file.
     CheckConfig(check_config::Args),
 }
@@ -115,12 +121,62 @@ impl NatsArgs {
     }
 }
 
+/// Options shared by the subcommands that ask the builder one question.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueryArgs {
+    /// Print the builder's reply as received (one JSON object).
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for the builder to answer.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// Connects a client, or says why not (exit 3: no builder can answer).
+pub async fn connect(nats: &NatsArgs, name: &str) -> Result<crate::client::BuildClient, Exit> {
+    crate::client::BuildClient::connect(&nats.settings(name))
+        .await
+        .map_err(|err| {
+            eprintln!("error: {err}");
+            Exit::NoBuilder
+        })
+}
+
+/// The exit code for a request that got no (usable) answer.
+pub fn client_exit(err: &crate::client::ClientError) -> Exit {
+    use crate::client::ClientError;
+    match err {
+        ClientError::Invalid(_) | ClientError::InvalidRepo(_) => Exit::Usage,
+        ClientError::Connect(_)
+        | ClientError::NoResponders { .. }
+        | ClientError::NotAcknowledged { .. }
+        | ClientError::TimedOut { .. }
+        | ClientError::Nats(_)
+        | ClientError::Closed => Exit::NoBuilder,
+    }
+}
+
+/// Writes a reply exactly as received, on its own line.
+pub fn print_raw(raw: &[u8]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(raw);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Builder(_) => "info",
-        Command::Build(_) | Command::Status(_) | Command::CheckConfig(_) => "warn",
+        Command::Build(_)
+        | Command::Status(_)
+        | Command::Cancel(_)
+        | Command::Nkey(_)
+        | Command::CheckConfig(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -138,6 +194,8 @@ pub fn main() -> ExitCode {
             Command::Builder(args) => builder::run(args).await,
             Command::Build(args) => build::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Cancel(args) => cancel::run(args).await,
+            Command::Nkey(args) => nkey::run(&args),
             Command::CheckConfig(args) => check_config::run(&args),
         }
     });

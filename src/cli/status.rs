@@ -1,49 +1,28 @@
 //! `homelab-deploy status`: what the builder is doing and how every host
 //! last went.
 
-use std::io::Write;
-use std::time::Duration;
-
-use super::{Exit, NatsArgs};
-use crate::client::{BuildClient, ClientError};
+use super::{Exit, QueryArgs, client_exit, connect, print_raw};
 use crate::protocol::BuilderStatus;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Print the builder's reply as received (one JSON object).
-    #[arg(long)]
-    json: bool,
-    /// How long to wait for the builder to answer.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
     #[command(flatten)]
-    nats: NatsArgs,
+    query: QueryArgs,
 }
 
 pub async fn run(args: Args) -> Exit {
-    let client = match BuildClient::connect(&args.nats.settings("homelab-deploy-status")).await {
+    let query = &args.query;
+    let client = match connect(&query.nats, "homelab-deploy-status").await {
         Ok(client) => client,
+        Err(exit) => return exit,
+    };
+    match client.status(query.timeout).await {
+        Ok((_, raw)) if query.json => print_raw(&raw),
+        Ok((status, _)) => print!("{}", render(&status)),
         Err(err) => {
             eprintln!("error: {err}");
-            return Exit::NoBuilder;
+            return client_exit(&err);
         }
-    };
-    let (status, raw) = match client.status(args.timeout).await {
-        Ok(reply) => reply,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return match err {
-                ClientError::Invalid(_) | ClientError::InvalidRepo(_) => Exit::Usage,
-                _ => Exit::NoBuilder,
-            };
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let _ = out.write_all(&raw);
-        let _ = out.write_all(b"\n");
-    } else {
-        let _ = out.write_all(render(&status).as_bytes());
     }
     Exit::Success
 }

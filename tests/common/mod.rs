@@ -96,6 +96,11 @@ impl NatsServer {
         Self::start_with(Some(config), None)
     }
 
+    /// Starts a server on a given port.
+    pub fn start_on(port: u16, config: Option<&str>) -> Self {
+        Self::start_with(config, Some(port))
+    }
+
     fn start_with(config: Option<&str>, port: Option<u16>) -> Self {
         require_tool("nats-server");
         let dir = tempfile::tempdir().unwrap();
@@ -217,6 +222,8 @@ pub enum Host {
     Gated,
     /// Builds after printing `lines` lines of log.
     Noisy { lines: u32 },
+    /// Prints `lines` lines of 1000 characters (a log flood), then builds.
+    Flood { lines: u32 },
     /// Its evaluation fails with an error `builtins.tryEval` could not catch.
     FailEvalHard,
     /// Its evaluation waits until the gate file exists: it imports from a
@@ -373,6 +380,9 @@ impl Flake {
                     gate = gate.display()
                 ),
                 Host::FailEvalHard => r#"(1 + "not a number")"#.to_owned(),
+                Host::Flood { lines } => format!(
+                    r#"mk "{name}" "line=$(printf '%01000d' 0); /usr/bin/yes $line | /usr/bin/head -n {lines}; echo $marker > $out""#
+                ),
                 Host::EvalGated => format!(
                     r#"mk "{name}" (builtins.readFile (mk "{name}-ifd" "i=0; while [ ! -e {gate} ]; do i=$((i+1)); if [ $i -gt 1200 ]; then exit 7; fi; /bin/sleep 0.05; done; echo 'echo evaluated > $out' > $out"))"#,
                     gate = gate.display()
@@ -737,6 +747,37 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// A loopback port nothing listens on (at the time of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a fresh NKey user seed (mode 0600) into `dir`; returns the seed
+/// file and the public key.
+pub fn nkey_user(dir: &Path, name: &str) -> (PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let pair = nkeys::KeyPair::new_user();
+    let path = dir.join(format!("{name}.nk"));
+    std::fs::write(&path, pair.seed().unwrap()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (path, pair.public_key())
+}
+
+/// Resident memory of `pid` (`VmRSS`) or its peak (`VmHWM`), in KiB.
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
 /// Pids of the direct children of `pid`.
 pub fn child_pids(pid: u32) -> Vec<u32> {
     let mut children = Vec::new();
@@ -799,8 +840,19 @@ pub struct Pending {
 
 impl Requester {
     pub async fn new(nats: &NatsServer) -> Self {
+        Self::with_options(&nats.url(), async_nats::ConnectOptions::new()).await
+    }
+
+    /// A requester connecting with `options` (credentials, reconnect
+    /// behaviour), which reconnects as quickly as the CLI does.
+    pub async fn with_options(url: &str, options: async_nats::ConnectOptions) -> Self {
+        let nats = options
+            .reconnect_delay_callback(homelab_deploy::nats::reconnect_delay)
+            .connect(url)
+            .await
+            .unwrap();
         Self {
-            nats: nats.connect().await,
+            nats,
             next: Default::default(),
             id: homelab_deploy::protocol::random_hex::<4>(),
         }

@@ -1,0 +1,50 @@
+//! `homelab-deploy cancel`: stop a running or waiting build.
+
+use super::{Exit, QueryArgs, client_exit, connect, print_raw};
+use crate::protocol::CancelledState;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The build's id, as printed when it was accepted.
+    build_id: String,
+    #[command(flatten)]
+    query: QueryArgs,
+}
+
+pub async fn run(args: Args) -> Exit {
+    let query = &args.query;
+    let client = match connect(&query.nats, "homelab-deploy-cancel").await {
+        Ok(client) => client,
+        Err(exit) => return exit,
+    };
+    let (outcome, raw) = match client.cancel(&args.build_id, query.timeout).await {
+        Ok(reply) => reply,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return client_exit(&err);
+        }
+    };
+    if query.json {
+        print_raw(&raw);
+    } else if let Some(error) = &outcome.error {
+        eprintln!("error: {} ({})", error.message, error.code);
+    } else {
+        match outcome.state {
+            Some(CancelledState::Running) => {
+                println!("build {}: cancelled while running", outcome.build_id)
+            }
+            Some(CancelledState::Queued) => {
+                println!("build {}: cancelled while queued", outcome.build_id)
+            }
+            None => println!(
+                "build {}: not running or queued (already finished, or unknown)",
+                outcome.build_id
+            ),
+        }
+    }
+    match (&outcome.error, outcome.found) {
+        (Some(_), _) => Exit::Usage,
+        (None, true) => Exit::Success,
+        (None, false) => Exit::Failed,
+    }
+}
