@@ -797,3 +797,104 @@ async fn hostile_targets_and_refs_never_reach_nix() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// .creds files (operator mode, JWTs signed here)
+
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": homelab_deploy::protocol::random_hex::<16>().to_uppercase(),
+        "iat": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let payload = b64.encode(claims.to_string());
+    let signature = issuer
+        .sign(format!("{header}.{payload}").as_bytes())
+        .unwrap();
+    format!("{header}.{payload}.{}", b64.encode(signature))
+}
+
+fn creds_file(dir: &Path, name: &str, account: &nkeys::KeyPair) -> std::path::PathBuf {
+    let user = nkeys::KeyPair::new_user();
+    let token = jwt(
+        account,
+        &user.public_key(),
+        name,
+        serde_json::json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+    );
+    let text = format!(
+        "-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().unwrap()
+    );
+    let path = dir.join(format!("{name}.creds"));
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn creds_files_authenticate_builder_and_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "homelab",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "DEPLOY",
+        serde_json::json!({
+            "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                       "wildcards": true, "conn": -1, "leaf": -1},
+            "default_permissions": {"pub": {}, "sub": {}},
+            "type": "account", "version": 2
+        }),
+    );
+    let nats = NatsServer::start_with_config(&format!(
+        "operator: \"{operator_jwt}\"\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{account_jwt}\"\n}}\n",
+        account.public_key()
+    ));
+    let builder_creds = creds_file(dir.path(), "builder", &account);
+    let deployer_creds = creds_file(dir.path(), "deployer", &account);
+
+    // Without credentials the server refuses the connection.
+    let out = run_cli(&nats.url(), &["status"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{}",
+        describe(&out)
+    );
+
+    let flake = Flake::homelab();
+    let options = BuilderOptions::new(&flake);
+    let config = options.config_text(&nats.url()).replace(
+        "[metrics]",
+        &format!(
+            "credentials_file = \"{}\"\n\n[metrics]",
+            builder_creds.display()
+        ),
+    );
+    let mut builder = Builder::spawn_with(&config, &options);
+    builder.wait_for_log("builder ready");
+    let creds = deployer_creds.to_str().unwrap();
+    let out = run_cli(
+        &nats.url(),
+        &["build", "homelab", "ns1", "--creds-file", creds],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
