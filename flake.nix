@@ -10,9 +10,56 @@
     systems = ["x86_64-linux" "aarch64-linux"];
     forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
   in {
-    packages = forAllSystems (pkgs: rec {
+    packages = forAllSystems (pkgs: {
       homelab-deploy = pkgs.callPackage ./nix/package.nix {};
-      default = homelab-deploy;
+      default = self.packages.${pkgs.stdenv.hostPlatform.system}.homelab-deploy;
+    });
+
+    overlays.default = final: _prev: {
+      homelab-deploy = final.callPackage ./nix/package.nix {};
+    };
+
+    nixosModules = {
+      builder = {pkgs, ...}: {
+        imports = [./nix/module.nix];
+        services.homelab-deploy.builder.package =
+          nixpkgs.lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      };
+      default = self.nixosModules.builder;
+    };
+
+    devShells = forAllSystems (pkgs: {
+      default = pkgs.mkShell {
+        packages = with pkgs; [
+          cargo
+          rustc
+          clippy
+          rustfmt
+          nats-server
+          nix
+          prometheus
+          git
+          openssl
+          alejandra
+          deadnix
+          statix
+          actionlint
+        ];
+      };
+    });
+
+    checks = forAllSystems (pkgs: let
+      package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+    in {
+      inherit package;
+      clippy = package.overrideAttrs (old: {
+        pname = "homelab-deploy-clippy";
+        nativeBuildInputs = (old.nativeBuildInputs or []) ++ [pkgs.clippy];
+        buildPhase = "cargo clippy --offline --all-targets -- -D warnings";
+        doCheck = false;
+        installPhase = "touch $out";
+      });
+      vm = import ./nix/tests/builder.nix {inherit self pkgs;};
     });
   };
 }

@@ -17,16 +17,19 @@ in
         ../config.example.toml
         ../src
         ../tests
+        ../benches
       ];
     };
     cargoLock.lockFile = ../Cargo.lock;
 
-    # The integration tests need a nats-server and a writable Nix store;
-    # the unit tests run in the build.
+    # Unit tests run in the build. The integration tests need a nats-server
+    # and a writable Nix store, which the build sandbox has not: they run in
+    # the repository's ./scripts/test, and the NixOS VM test (checks.vm)
+    # covers the service as deployed.
     cargoTestFlags = ["--lib"];
 
     meta = {
-      description = cargoToml.package.description;
+      inherit (cargoToml.package) description;
       license = lib.licenses.mit;
       mainProgram = "homelab-deploy";
       platforms = lib.platforms.linux;

@@ -106,6 +106,10 @@ pub struct BuilderConfig {
     /// Where successful outputs are rooted, as `<dir>/<repo>/<host>`, so the
     /// garbage collector keeps them; without it builds use `--no-link`.
     pub gc_roots_dir: Option<PathBuf>,
+    /// Generations of each host's root kept in `gc_roots_dir` (the newest
+    /// included); older ones are removed so the collector can reclaim them.
+    #[serde(default = "defaults::keep_roots")]
+    pub keep_roots: usize,
     /// Nix evaluator processes that evaluate a request's hosts ahead of the
     /// builds, in parallel. Default: half the CPUs, at least 1.
     #[serde(default = "defaults::eval_workers")]
@@ -128,6 +132,7 @@ impl Default for BuilderConfig {
             progress_interval: defaults::progress_interval(),
             max_silent_time: None,
             gc_roots_dir: None,
+            keep_roots: defaults::keep_roots(),
             eval_workers: defaults::eval_workers(),
             eval_max_memory: defaults::eval_max_memory(),
             state_file: None,
@@ -222,6 +227,9 @@ mod defaults {
     }
     pub fn progress_interval() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn keep_roots() -> usize {
+        3
     }
     pub fn eval_workers() -> usize {
         std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
@@ -322,6 +330,9 @@ impl Config {
             return Err(ConfigError::Zero {
                 key: "max_silent_time",
             });
+        }
+        if self.builder.keep_roots == 0 {
+            return Err(ConfigError::Zero { key: "keep_roots" });
         }
         if self.builder.eval_workers == 0 {
             return Err(ConfigError::Zero {

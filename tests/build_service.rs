@@ -600,9 +600,72 @@ async fn a_request_without_reply_subject_is_still_built() {
 
     let root = roots.path().join("homelab").join("ns1");
     wait_for("the GC root of ns1", WAIT, || root.exists()).await;
-    let target = std::fs::read_link(&root).unwrap();
+    let target = std::fs::canonicalize(&root).unwrap();
     assert!(target.starts_with("/nix/store"), "{}", target.display());
     assert!(store_file(target.to_str().unwrap()).starts_with("initial "));
+}
+
+#[tokio::test]
+async fn gc_roots_keep_the_newest_generations_per_host() {
+    let flake = Flake::homelab();
+    let roots = tempfile::tempdir().unwrap();
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.builder(&format!(
+            "gc_roots_dir = \"{}\"\nkeep_roots = 2",
+            roots.path().display()
+        ))
+    });
+    let client = Requester::new(&nats).await;
+    let dir = roots.path().join("homelab");
+    let generations = || {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ns1"))
+            .collect();
+        names.sort();
+        names
+    };
+    let current = || std::fs::read_link(dir.join("ns1")).unwrap();
+
+    let first = out_path(&client.build("build.homelab.ns1", "").await, "ns1");
+    assert_eq!(generations(), ["ns1", "ns1-1-link"]);
+    assert_eq!(
+        std::fs::canonicalize(dir.join("ns1")).unwrap().to_str(),
+        Some(first.as_str())
+    );
+    // Building the same output again adds no generation.
+    client.build("build.homelab.ns1", "").await;
+    assert_eq!(generations(), ["ns1", "ns1-1-link"]);
+
+    flake.commit_change("second");
+    client.build("build.homelab.ns1", "").await;
+    assert_eq!(current().to_str(), Some("ns1-2-link"));
+    flake.commit_change("third");
+    let third = out_path(&client.build("build.homelab.ns1", "").await, "ns1");
+    // keep_roots = 2: the first generation is gone.
+    assert_eq!(generations(), ["ns1", "ns1-2-link", "ns1-3-link"]);
+    assert_eq!(current().to_str(), Some("ns1-3-link"));
+    assert_eq!(
+        std::fs::canonicalize(dir.join("ns1")).unwrap().to_str(),
+        Some(third.as_str())
+    );
+
+    // Nix knows the generations as GC roots.
+    let out = std::process::Command::new("nix-store")
+        .args(["--gc", "--print-roots"])
+        .env("NIX_CONFIG", nix_config())
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let link = dir.join("ns1-3-link");
+    assert!(
+        listed.contains(&*link.to_string_lossy()),
+        "{} not in\n{listed}",
+        link.display()
+    );
+    assert!(!listed.contains(&*dir.join("ns1-1-link").to_string_lossy()));
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
   # No inputs: plain derivations with /bin/sh as builder, so the demo needs
   # neither nixpkgs nor the network. `local.nix` is written by scripts/demo
   # (this machine's system, and a per-run salt so every run really builds).
-  outputs = {self}: let
+  outputs = _: let
     local = import ./local.nix;
     inherit (local) system;
 

@@ -3,7 +3,6 @@
 //! them one after the other.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use super::HostFailure;
 use super::eval::{EvalSettings, Evaluated, Evaluations};
 use super::monitor::Monitor;
 use super::replies::Replies;
+use super::roots::GcRoots;
 use crate::config::{Config, RepoConfig};
 use crate::nix::NixCli;
 use crate::nix::argv::{Invocation, flake_url_with_ref};
@@ -48,6 +48,7 @@ pub struct Runner {
     pub nix: NixCli,
     pub config: Arc<Config>,
     monitor: Arc<Monitor>,
+    roots: Option<GcRoots>,
     memo: Mutex<Memo>,
 }
 
@@ -119,10 +120,15 @@ struct Built {
 impl Runner {
     /// A runner for `nix` as detected, with an empty memory.
     pub fn new(nix: NixCli, config: Arc<Config>, monitor: Arc<Monitor>) -> Self {
+        let roots = config.builder.gc_roots_dir.clone().map(|dir| GcRoots {
+            dir,
+            keep: config.builder.keep_roots,
+        });
         Self {
             nix,
             config,
             monitor,
+            roots,
             memo: Mutex::new(Memo::default()),
         }
     }
@@ -474,22 +480,39 @@ impl Runner {
         cancel: &CancellationToken,
     ) -> Result<Built, HostFailure> {
         let deadline = Instant::now() + self.config.builder.host_timeout;
-        let out_link = self.gc_root(&job.repo, host)?;
-        let out_link = out_link.as_deref().and_then(|p| p.to_str());
+        let built = self
+            .build_or_find(evaluated, watch, deadline, cancel)
+            .await?;
+        if let Some(roots) = &self.roots {
+            roots
+                .record(
+                    &self.nix,
+                    &job.repo,
+                    host,
+                    &built.out_path,
+                    deadline,
+                    cancel,
+                )
+                .await?;
+        }
+        Ok(built)
+    }
 
+    async fn build_or_find(
+        &self,
+        evaluated: &Evaluated,
+        watch: &HostWatch<'_>,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<Built, HostFailure> {
         if self.is_valid(&evaluated.out_path, deadline, cancel).await {
-            if let Some(link) = out_link {
-                let invocation = self.nix.add_root(&evaluated.out_path, link);
-                self.run_quiet(&invocation, deadline, cancel, ErrorCode::Internal)
-                    .await?;
-            }
             return Ok(Built {
                 out_path: evaluated.out_path.clone(),
                 cached: true,
             });
         }
 
-        let build = self.nix.build_drv(&evaluated.drv_path, out_link);
+        let build = self.nix.build_drv(&evaluated.drv_path);
         let mut parser = LogParser::new();
         let mut tail = ErrorTail::default();
         let limits = process::Limits {
@@ -533,24 +556,6 @@ impl Runner {
             }
             _ => false,
         }
-    }
-
-    /// `<gc_roots_dir>/<repo>/<host>`, its parent created, when GC roots are on.
-    fn gc_root(&self, repo: &str, host: &str) -> Result<Option<PathBuf>, HostFailure> {
-        let Some(dir) = &self.config.builder.gc_roots_dir else {
-            return Ok(None);
-        };
-        let repo_dir = dir.join(repo);
-        std::fs::create_dir_all(&repo_dir).map_err(|err| {
-            HostFailure::failed(
-                ErrorCode::Internal,
-                format!(
-                    "cannot create GC root directory {}: {err}",
-                    repo_dir.display()
-                ),
-            )
-        })?;
-        Ok(Some(repo_dir.join(host)))
     }
 
     /// Runs a request-level Nix command (no host, no progress events).

@@ -12,6 +12,7 @@ pub mod job;
 pub mod monitor;
 pub mod queue;
 pub mod replies;
+pub mod roots;
 
 use std::sync::Arc;
 use std::time::Duration;

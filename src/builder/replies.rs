@@ -42,6 +42,14 @@ struct Outbox {
     items: VecDeque<Outgoing>,
     expendable: usize,
     dropped: u64,
+    /// An item taken out and not yet handed to NATS.
+    sending: bool,
+}
+
+impl Outbox {
+    fn is_drained(&self) -> bool {
+        self.items.is_empty() && !self.sending
+    }
 }
 
 /// The single sender of replies.
@@ -105,7 +113,8 @@ impl Publisher {
 
     /// Messages waiting to be sent.
     pub fn backlog(&self) -> usize {
-        self.lock().items.len()
+        let outbox = self.lock();
+        outbox.items.len() + usize::from(outbox.sending)
     }
 
     /// Waits until everything queued so far is handed to NATS, or `limit`.
@@ -113,11 +122,11 @@ impl Publisher {
         let deadline = Instant::now() + limit;
         loop {
             let drained = self.drained.notified();
-            if self.lock().items.is_empty() {
+            if self.lock().is_drained() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, drained).await.is_err() {
-                return self.lock().items.is_empty();
+                return self.lock().is_drained();
             }
         }
     }
@@ -130,19 +139,17 @@ impl Publisher {
                 let mut outbox = self.lock();
                 let next = outbox.items.pop_front();
                 if let Some(item) = &next {
+                    outbox.sending = true;
                     if item.expendable {
                         outbox.expendable -= 1;
                     }
                 }
-                if outbox.items.is_empty() {
-                    if outbox.dropped > 0 {
-                        tracing::warn!(
-                            dropped = outbox.dropped,
-                            "progress/log events dropped while NATS was slow or away"
-                        );
-                        outbox.dropped = 0;
-                    }
-                    self.drained.notify_waiters();
+                if outbox.items.is_empty() && outbox.dropped > 0 {
+                    tracing::warn!(
+                        dropped = outbox.dropped,
+                        "progress/log events dropped while NATS was slow or away"
+                    );
+                    outbox.dropped = 0;
                 }
                 next
             };
@@ -158,6 +165,11 @@ impl Publisher {
             }
             if let Err(err) = self.nats.publish(item.subject.clone(), item.payload).await {
                 tracing::warn!(%err, subject = %item.subject, "cannot publish a reply");
+            }
+            let mut outbox = self.lock();
+            outbox.sending = false;
+            if outbox.items.is_empty() {
+                self.drained.notify_waiters();
             }
         }
     }

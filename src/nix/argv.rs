@@ -153,24 +153,17 @@ impl NixCli {
     }
 
     /// Builds a derivation's outputs, printing them as JSON on stdout and the
-    /// log as `internal-json` on stderr. With `out_link`, the output is rooted
-    /// there; otherwise nothing is linked.
-    pub fn build_drv(&self, drv_path: &str, out_link: Option<&str>) -> Invocation {
-        let mut args = vec![
+    /// log as `internal-json` on stderr. Nothing is linked: GC roots are
+    /// added afterwards with [`Self::add_root`].
+    pub fn build_drv(&self, drv_path: &str) -> Invocation {
+        self.invocation([
             "build".to_owned(),
             "--json".to_owned(),
             "--log-format".to_owned(),
             "internal-json".to_owned(),
-        ];
-        match out_link {
-            Some(link) => {
-                args.push("--out-link".to_owned());
-                args.push(link.to_owned());
-            }
-            None => args.push("--no-link".to_owned()),
-        }
-        args.push(self.drv_outputs_installable(drv_path));
-        self.invocation(args)
+            "--no-link".to_owned(),
+            self.drv_outputs_installable(drv_path),
+        ])
     }
 
     /// The installable that means "all outputs of this derivation": a bare
@@ -239,7 +232,7 @@ mod tests {
             cli(2, 8).flake_metadata("git+file:///x"),
             cli(2, 24).list_hosts(LOCKED),
             cli(2, 24).eval_hosts(LOCKED, &["ns1".into()]),
-            cli(2, 8).build_drv(DRV, None),
+            cli(2, 8).build_drv(DRV),
         ] {
             assert_eq!(inv.program, "nix");
             assert_eq!(
@@ -252,7 +245,7 @@ mod tests {
     #[test]
     fn build_on_nix_2_8_uses_the_bare_drv_path() {
         assert_eq!(
-            args(&cli(2, 8).build_drv(DRV, None))[2..],
+            args(&cli(2, 8).build_drv(DRV))[2..],
             [
                 "build",
                 "--json",
@@ -274,7 +267,7 @@ mod tests {
         let expected = format!("{DRV}^*");
         assert_eq!(cli(2, 15).drv_outputs_installable(DRV), expected);
         assert_eq!(
-            args(&cli(2, 24).build_drv(DRV, None))[2..],
+            args(&cli(2, 24).build_drv(DRV))[2..],
             [
                 "build",
                 "--json",
@@ -284,17 +277,6 @@ mod tests {
                 expected.as_str()
             ]
         );
-    }
-
-    #[test]
-    fn build_with_gc_root_links_instead_of_no_link() {
-        let inv = cli(2, 24).build_drv(DRV, Some("/var/lib/gc/repo/ns1"));
-        let a = args(&inv);
-        assert!(
-            a.windows(2)
-                .any(|w| w == ["--out-link", "/var/lib/gc/repo/ns1"])
-        );
-        assert!(!a.contains(&"--no-link"));
     }
 
     #[test]
@@ -335,7 +317,7 @@ mod tests {
     fn build_output_is_read_as_json_on_every_version() {
         // `--print-out-paths` only exists from Nix 2.9; `--json` on both.
         for version in [(2, 8), (2, 9), (2, 24)] {
-            let inv = cli(version.0, version.1).build_drv(DRV, None);
+            let inv = cli(version.0, version.1).build_drv(DRV);
             assert!(inv.args.contains(&"--json".to_owned()));
             assert!(!inv.args.contains(&"--print-out-paths".to_owned()));
         }
@@ -421,7 +403,7 @@ mod tests {
 
     #[test]
     fn invocations_display_readably() {
-        let inv = cli(2, 8).build_drv(DRV, None);
+        let inv = cli(2, 8).build_drv(DRV);
         assert_eq!(
             inv.to_string(),
             format!(
