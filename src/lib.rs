@@ -11,6 +11,7 @@ pub mod builder;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod mcp;
 pub mod metrics;
 pub mod nats;
 pub mod nix;

@@ -4,9 +4,10 @@ mod build;
 mod builder;
 mod cancel;
 mod check_config;
+mod mcp;
 mod nkey;
-mod output;
-mod status;
+pub(crate) mod output;
+pub(crate) mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +69,8 @@ enum Command {
     Cancel(cancel::Args),
     /// Create an NKey user seed file and print its public key.
     Nkey(nkey::Args),
+    /// Serve MCP over stdio: build status (and builds, with --enable-builds).
+    Mcp(mcp::Args),
     /// Validate a builder config file.
     CheckConfig(check_config::Args),
 }
@@ -176,6 +179,7 @@ pub fn main() -> ExitCode {
         | Command::Status(_)
         | Command::Cancel(_)
         | Command::Nkey(_)
+        | Command::Mcp(_)
         | Command::CheckConfig(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
@@ -196,6 +200,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run(args).await,
             Command::Cancel(args) => cancel::run(args).await,
             Command::Nkey(args) => nkey::run(&args),
+            Command::Mcp(args) => mcp::run(args).await,
             Command::CheckConfig(args) => check_config::run(&args),
         }
     });

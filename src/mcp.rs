@@ -1,0 +1,409 @@
+//! `homelab-deploy mcp`: an MCP server over stdio that lets an assistant
+//! look at the builder (`build_status`) and, with `--enable-builds`, start
+//! and cancel builds (`build`, `cancel_build`).
+//!
+//! Tool inputs are checked with the same code as the CLI client; a build
+//! that is rejected or fails comes back as a tool result with `isError`
+//! and the builder's message (the call itself worked), never as a protocol
+//! error. Logs go to stderr: stdout is the protocol.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    JsonObject, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::cli::output::human_duration;
+use crate::client::{BuildClient, ClientError, Timeouts};
+use crate::protocol::{
+    BuildRequest, BuildStatus, CancelledState, ErrorBody, Event, HostStatus, HostSummary, Reply,
+    keep_tail,
+};
+
+/// The MCP tools over one NATS connection.
+pub struct BuildTools {
+    client: Arc<BuildClient>,
+    enable_builds: bool,
+    timeouts: Timeouts,
+    /// How long `build_status` and `cancel_build` wait for the builder.
+    ask_timeout: Duration,
+}
+
+/// Arguments of `build`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildArgs {
+    repo: String,
+    target: String,
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    rev: Option<String>,
+}
+
+/// Arguments of `cancel_build`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelArgs {
+    build_id: String,
+}
+
+fn schema(value: serde_json::Value) -> Arc<JsonObject> {
+    match value {
+        serde_json::Value::Object(object) => Arc::new(object),
+        _ => Arc::new(JsonObject::new()),
+    }
+}
+
+fn text_result(text: String, is_error: bool) -> CallToolResult {
+    let content = vec![ContentBlock::text(text)];
+    if is_error {
+        CallToolResult::error(content)
+    } else {
+        CallToolResult::success(content)
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(arguments: Option<JsonObject>) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::Object(arguments.unwrap_or_default()))
+        .map_err(|err| format!("invalid arguments: {err}"))
+}
+
+impl BuildTools {
+    /// Tools over `client`; `enable_builds` adds `build` and `cancel_build`.
+    pub fn new(client: BuildClient, enable_builds: bool, timeouts: Timeouts) -> Self {
+        Self {
+            client: Arc::new(client),
+            enable_builds,
+            timeouts,
+            ask_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The tools this server offers.
+    pub fn tools(&self) -> Vec<Tool> {
+        let mut status = Tool::new(
+            "build_status",
+            "What the homelab build host is doing: configured repos, the running build \
+             (and its current host), the queue, and the last result of every host.",
+            schema(json!({"type": "object", "properties": {}, "additionalProperties": false})),
+        );
+        status.annotations = Some(ToolAnnotations::new().read_only(true));
+        let mut tools = vec![status];
+        if self.enable_builds {
+            tools.push(Tool::new(
+                "build",
+                "Build NixOS hosts of a repo on the homelab build host and wait for the result. \
+                 Builds run one at a time; an `all` build takes minutes. Returns each host's \
+                 result, with the error output of hosts that failed.",
+                schema(json!({
+                    "type": "object",
+                    "properties": {
+                        "repo": {"type": "string", "description": "Repo name as configured on the builder, e.g. nixos-servers."},
+                        "target": {"type": "string", "description": "A host (nixosConfigurations attribute) or \"all\"."},
+                        "ref": {"type": "string", "description": "Branch or tag to build instead of the repo's default."},
+                        "rev": {"type": "string", "description": "Exact commit (40 hex digits), reachable from the ref."}
+                    },
+                    "required": ["repo", "target"],
+                    "additionalProperties": false
+                })),
+            ));
+            tools.push(Tool::new(
+                "cancel_build",
+                "Cancel a running or queued build by its build id.",
+                schema(json!({
+                    "type": "object",
+                    "properties": {"build_id": {"type": "string", "description": "The id from the build's result or from build_status."}},
+                    "required": ["build_id"],
+                    "additionalProperties": false
+                })),
+            ));
+        }
+        tools
+    }
+
+    async fn build_status(&self) -> CallToolResult {
+        match self.client.status(self.ask_timeout).await {
+            Ok((status, _)) => {
+                let mut result = text_result(crate::cli::status::render(&status), false);
+                result.structured_content = serde_json::to_value(&status).ok();
+                result
+            }
+            Err(err) => text_result(format!("cannot get the builder's status: {err}"), true),
+        }
+    }
+
+    async fn cancel_build(&self, args: CancelArgs) -> CallToolResult {
+        match self.client.cancel(&args.build_id, self.ask_timeout).await {
+            Ok((outcome, _)) => match (outcome.error, outcome.state) {
+                (Some(error), _) => {
+                    text_result(format!("{} ({})", error.message, error.code), true)
+                }
+                (None, Some(CancelledState::Running)) => text_result(
+                    format!("build {} cancelled while running", args.build_id),
+                    false,
+                ),
+                (None, Some(CancelledState::Queued)) => text_result(
+                    format!("build {} cancelled while queued", args.build_id),
+                    false,
+                ),
+                (None, None) => text_result(
+                    format!(
+                        "no running or queued build has id {} (already finished?)",
+                        args.build_id
+                    ),
+                    true,
+                ),
+            },
+            Err(err) => text_result(format!("cannot cancel: {err}"), true),
+        }
+    }
+
+    async fn build(&self, args: BuildArgs, context: &RequestContext<RoleServer>) -> CallToolResult {
+        let request = BuildRequest {
+            git_ref: args.git_ref,
+            rev: args.rev,
+            logs: false,
+        };
+        let progress_token = context.meta.get_progress_token();
+        let mut events = match self
+            .client
+            .request(&args.repo, &args.target, &request, self.timeouts)
+            .await
+        {
+            Ok(events) => events,
+            Err(err) => return client_error(&err),
+        };
+        let mut finished_hosts = 0usize;
+        let mut total = None;
+        // Failing hosts' errors, from their host_finished events.
+        let mut errors = std::collections::BTreeMap::new();
+        loop {
+            let received = tokio::select! {
+                received = events.next() => received,
+                // The assistant gave up waiting; the build goes on.
+                () = context.ct.cancelled() => {
+                    return text_result("stopped following the build (the request was cancelled); it continues on the builder".into(), true);
+                }
+            };
+            let reply = match received {
+                Ok(Some(received)) => received.reply,
+                Ok(None) => return text_result("the builder sent no result".into(), true),
+                Err(err) => return client_error(&err),
+            };
+            let message = match &reply.event {
+                Event::Accepted { queue_position, .. } if *queue_position > 0 => {
+                    Some(format!("queued behind {queue_position} request(s)"))
+                }
+                Event::Started { hosts, .. } => {
+                    total = Some(hosts.len());
+                    Some(format!("building {} host(s)", hosts.len()))
+                }
+                Event::HostStarted {
+                    host, index, total, ..
+                } => Some(format!("host {index} of {total}: {host}")),
+                Event::Progress {
+                    host,
+                    done,
+                    expected,
+                    ..
+                } if *expected > 0 => Some(format!("{host}: {done}/{expected} derivations")),
+                Event::HostFinished {
+                    host,
+                    status,
+                    error,
+                    ..
+                } => {
+                    finished_hosts += 1;
+                    if let Some(error) = error {
+                        errors.insert(host.clone(), error.clone());
+                    }
+                    Some(format!("{host}: {status}"))
+                }
+                Event::Finished { .. } | Event::Rejected { .. } => {
+                    return summarize(&reply, &args.repo, &args.target, &errors);
+                }
+                _ => None,
+            };
+            if let (Some(token), Some(message)) = (&progress_token, message) {
+                let mut param =
+                    ProgressNotificationParam::new(token.clone(), finished_hosts as f64)
+                        .with_message(message);
+                if let Some(total) = total {
+                    param = param.with_total(total as f64);
+                }
+                if let Err(err) = context.peer.notify_progress(param).await {
+                    tracing::debug!(%err, "cannot send a progress notification");
+                }
+            }
+        }
+    }
+}
+
+fn client_error(err: &ClientError) -> CallToolResult {
+    text_result(err.to_string(), true)
+}
+
+/// Most of a failing host's error kept in a tool result; the tail is what
+/// tells why.
+const ERROR_TAIL_BYTES: usize = 1500;
+
+/// The concise result of a build: the outcome, failing hosts with their
+/// error tails, and the hosts that built.
+fn summarize(
+    reply: &Reply,
+    repo: &str,
+    target: &str,
+    errors: &BTreeMap<String, ErrorBody>,
+) -> CallToolResult {
+    let id = &reply.build_id;
+    let (text, is_error) = match &reply.event {
+        Event::Rejected { error } => (
+            format!(
+                "build of {repo}/{target} rejected ({}): {}",
+                error.code, error.message
+            ),
+            true,
+        ),
+        Event::Finished {
+            status,
+            rev,
+            duration_ms,
+            succeeded,
+            failed,
+            hosts,
+            error,
+            ..
+        } => {
+            let rev = rev.as_deref().map_or("-", |r| &r[..r.len().min(12)]);
+            let mut text = format!(
+                "build {id} of {repo}/{target} at rev {rev}: {status}: {succeeded} succeeded, {failed} failed in {}\n",
+                human_duration(Duration::from_millis(*duration_ms))
+            );
+            if let Some(error) = error {
+                text.push_str(&format!("error ({}): {}\n", error.code, error.message));
+            }
+            (
+                text + &host_lines(hosts, errors),
+                *status != BuildStatus::Success,
+            )
+        }
+        _ => ("unexpected reply from the builder".to_owned(), true),
+    };
+    let mut result = text_result(text, is_error);
+    result.structured_content = serde_json::to_value(reply).ok();
+    result
+}
+
+/// Failing hosts with the errors their `host_finished` carried (kept in the
+/// summary's order), then the hosts that built.
+fn host_lines(hosts: &[HostSummary], errors: &BTreeMap<String, ErrorBody>) -> String {
+    let mut text = String::new();
+    let built: Vec<&str> = hosts
+        .iter()
+        .filter(|h| h.status == HostStatus::Success)
+        .map(|h| h.host.as_str())
+        .collect();
+    let failed: Vec<&HostSummary> = hosts
+        .iter()
+        .filter(|h| h.status != HostStatus::Success)
+        .collect();
+    if !failed.is_empty() {
+        text.push_str("failed hosts:\n");
+        for host in failed {
+            text.push_str(&format!("- {}: {}", host.host, host.status));
+            if let Some(error) = errors.get(&host.host) {
+                text.push_str(&format!(" ({})\n", error.code));
+                let tail = keep_tail(error.message.clone(), ERROR_TAIL_BYTES);
+                for line in tail.lines() {
+                    text.push_str("    ");
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            } else {
+                text.push('\n');
+            }
+        }
+    }
+    if !built.is_empty() {
+        text.push_str(&format!("built: {}\n", built.join(", ")));
+    }
+    text
+}
+
+impl ServerHandler for BuildTools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("homelab-deploy", env!("CARGO_PKG_VERSION")))
+            .with_instructions(if self.enable_builds {
+                "Look at and drive the homelab's NixOS build host: build_status, build, cancel_build."
+            } else {
+                "Look at the homelab's NixOS build host with build_status (builds are not enabled)."
+            })
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(self.tools()))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let known = matches!(
+            (request.name.as_ref(), self.enable_builds),
+            ("build_status", _) | ("build" | "cancel_build", true)
+        );
+        if known
+            && self.client.nats().connection_state() != async_nats::connection::State::Connected
+        {
+            return Ok(text_result(
+                "not connected to NATS (yet); check the NATS URL and credentials, then retry"
+                    .to_owned(),
+                true,
+            )
+            .into());
+        }
+        let result = match (request.name.as_ref(), self.enable_builds) {
+            ("build_status", _) => self.build_status().await,
+            ("build", true) => match parse::<BuildArgs>(request.arguments) {
+                Ok(args) => match crate::client::validate(
+                    &args.repo,
+                    &args.target,
+                    &BuildRequest {
+                        git_ref: args.git_ref.clone(),
+                        rev: args.rev.clone(),
+                        logs: false,
+                    },
+                ) {
+                    Ok(()) => self.build(args, &context).await,
+                    Err(err) => text_result(err.to_string(), true),
+                },
+                Err(message) => text_result(message, true),
+            },
+            ("cancel_build", true) => match parse::<CancelArgs>(request.arguments) {
+                Ok(args) => self.cancel_build(args).await,
+                Err(message) => text_result(message, true),
+            },
+            (name, _) => {
+                return Err(McpError::invalid_params(
+                    format!("unknown tool {name:?}"),
+                    None,
+                ));
+            }
+        };
+        Ok(result.into())
+    }
+}
