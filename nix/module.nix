@@ -4,6 +4,7 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }: let
   cfg = config.services.homelab-deploy.builder;
@@ -15,7 +16,9 @@
 
   # TOML has no null: unset optional keys are left out.
   settings = lib.filterAttrsRecursive (_: value: value != null) cfg.settings;
-  # Checked when the system is built, so a bad config never reaches the host.
+  # Checked when the system is built, so a bad config never reaches the host
+  # (this runs the package for the host's platform: cross-building a system
+  # needs binfmt or a remote builder for it).
   configFile =
     pkgs.runCommand "homelab-deploy-builder.toml" {
       nativeBuildInputs = [cfg.package];
@@ -43,7 +46,7 @@
       serviceConfig = {
         Type = "oneshot";
         # A failed build fails the unit (exit 1; 3 when no builder answers).
-        ExecStart = lib.escapeShellArgs ([(lib.getExe cfg.package) "build" entry.repo]
+        ExecStart = utils.escapeSystemdExecArgs ([(lib.getExe cfg.package) "build" entry.repo]
           ++ (
             if entry.target == "all"
             then ["--all"]
@@ -57,12 +60,15 @@
         PrivateTmp = true;
         NoNewPrivileges = true;
         CapabilityBoundingSet = "";
-        RestrictAddressFamilies = ["AF_INET" "AF_INET6"];
+        RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
         SystemCallFilter = ["@system-service" "~@privileged"];
       };
     })
   cfg.schedule);
 in {
+  # Imported through both nixosModules.builder and .default, it counts once.
+  key = "homelab-deploy#builder";
+
   options.services.homelab-deploy.builder = {
     enable = lib.mkEnableOption "the homelab-deploy build service";
 
@@ -71,7 +77,12 @@ in {
       description = "The homelab-deploy package (the flake's module sets it).";
     };
 
-    nixPackage = option lib.types.package config.nix.package "The Nix the builder runs (against the system's daemon).";
+    nixPackage = lib.mkOption {
+      type = lib.types.package;
+      default = config.nix.package;
+      defaultText = lib.literalExpression "config.nix.package";
+      description = "The Nix the builder runs (against the system's daemon).";
+    };
 
     extraPath = option (lib.types.listOf lib.types.package) [] "More programs on the builder's PATH (git and Nix are always there).";
 
@@ -107,11 +118,15 @@ in {
                   example = "nats://nats.home.2rjus.net:4222";
                   description = "NATS server URL, or a list of them.";
                 };
-                nkey_seed_file = option (lib.types.nullOr lib.types.str) (
-                  if cfg.nkeyFile != null
-                  then credential
-                  else null
-                ) "Set from `nkeyFile`.";
+                nkey_seed_file = lib.mkOption {
+                  type = lib.types.nullOr lib.types.str;
+                  default =
+                    if cfg.nkeyFile != null
+                    then credential
+                    else null;
+                  defaultText = lib.literalMD "the service's credential when `nkeyFile` is set, else `null`";
+                  description = "Set from `nkeyFile`.";
+                };
               };
             };
           };
@@ -193,10 +208,13 @@ in {
   config = lib.mkIf cfg.enable {
     assertions = [
       {
+        # Nix lets users, `@group`s listed in allowed-users, and trusted
+        # users connect to the daemon.
         assertion = let
           allowed = config.nix.settings.allowed-users;
         in
-          lib.elem "*" allowed || lib.elem user allowed;
+          lib.any (entry: entry == "*" || entry == user || entry == "@${user}") allowed
+          || lib.elem user config.nix.settings.trusted-users;
         message = "services.homelab-deploy.builder: add \"${user}\" to nix.settings.allowed-users so the builder may use the Nix daemon.";
       }
     ];

@@ -8,10 +8,21 @@
 pkgs.testers.runNixOSTest {
   name = "homelab-deploy-builder";
 
-  nodes.machine = {config, ...}: {
+  nodes.machine = {
+    config,
+    lib,
+    ...
+  }: {
     imports = [self.nixosModules.builder];
 
+    # No network in the VM: never wait for a binary cache.
+    nix.settings = {
+      substituters = lib.mkForce [];
+      connect-timeout = 1;
+    };
+
     services.nats.enable = true;
+    systemd.services.homelab-deploy-builder.after = ["nats.service"];
 
     services.homelab-deploy.builder = {
       enable = true;
