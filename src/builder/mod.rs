@@ -13,6 +13,7 @@ pub mod monitor;
 pub mod queue;
 pub mod replies;
 pub mod roots;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,202 @@
+//! Watching one host while it waits for its evaluation and builds: the
+//! `progress` and `log` events a requester sees.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::job::Job;
+use crate::nix::log::LogEvent;
+use crate::protocol::{Event, MAX_LOG_EVENT_BYTES};
+
+/// Lines of build output kept waiting for the next `log` event; beyond this
+/// lines are dropped (and counted), so a flood of output cannot grow memory.
+const LOG_BUFFER_BYTES: usize = 256 * 1024;
+/// How often buffered log lines are sent, and how many events at most each
+/// time: a few messages a second.
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(500);
+const LOG_EVENTS_PER_FLUSH: usize = 2;
+/// Progress is sent at most this often when Nix's counts change.
+const PROGRESS_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// Watches one host while it waits for its evaluation and builds: sends
+/// `progress` when Nix's counts change (at most once a second) and at least
+/// every `progress_interval`, and batches `log` lines when asked for.
+pub struct HostWatch<'a> {
+    job: &'a Job,
+    host: &'a str,
+    interval: Duration,
+    state: Mutex<WatchState>,
+}
+
+#[derive(Default, Clone, PartialEq, Eq)]
+struct Progress {
+    done: u64,
+    expected: u64,
+    building: Option<String>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    now: Progress,
+    log: VecDeque<String>,
+    log_bytes: usize,
+    dropped: u64,
+}
+
+impl<'a> HostWatch<'a> {
+    /// A watch for `host` of `job`, reporting at least every `interval`.
+    pub fn new(job: &'a Job, host: &'a str, interval: Duration) -> Self {
+        Self {
+            job,
+            host,
+            interval,
+            state: Mutex::new(WatchState::default()),
+        }
+    }
+
+    /// Takes note of one event from the host's `nix build`.
+    pub fn observe(&self, event: &LogEvent, building: Option<&str>) {
+        let mut state = lock(&self.state);
+        if let LogEvent::Progress { done, expected, .. } = event {
+            state.now.done = *done;
+            state.now.expected = *expected;
+        }
+        if state.now.building.as_deref() != building {
+            state.now.building = building.map(str::to_owned);
+        }
+        if !self.job.logs {
+            return;
+        }
+        let line = match event {
+            LogEvent::BuildLine(line) => line.clone(),
+            LogEvent::BuildStarted { drv_path } => format!("building '{drv_path}'"),
+            LogEvent::Message { level, text } if *level <= 1 => text.clone(),
+            _ => return,
+        };
+        if state.log_bytes + line.len() > LOG_BUFFER_BYTES {
+            state.dropped += 1;
+            return;
+        }
+        if state.dropped > 0 {
+            let note = format!("[homelab-deploy: {} lines skipped]", state.dropped);
+            state.dropped = 0;
+            state.log_bytes += note.len();
+            state.log.push_back(note);
+        }
+        state.log_bytes += line.len();
+        state.log.push_back(line);
+    }
+
+    /// Runs `work` while reporting on it.
+    pub async fn drive<T>(&self, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent = Progress::default();
+        let mut progress_at = Instant::now();
+        let mut log_at = Instant::now();
+        loop {
+            tokio::select! {
+                result = &mut work => {
+                    self.flush_log(usize::MAX);
+                    return result;
+                }
+                _ = ticker.tick() => {
+                    if self.job.logs && log_at.elapsed() >= LOG_FLUSH_EVERY {
+                        log_at = Instant::now();
+                        self.flush_log(LOG_EVENTS_PER_FLUSH);
+                    }
+                    let now = lock(&self.state).now.clone();
+                    let since = progress_at.elapsed();
+                    if (now != sent && since >= PROGRESS_AT_MOST_EVERY) || since >= self.interval {
+                        progress_at = Instant::now();
+                        sent = now.clone();
+                        self.send_progress(now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_progress(&self, progress: Progress) {
+        self.job.replies.send(
+            &self.job.build_id,
+            Event::Progress {
+                host: self.host.to_owned(),
+                done: progress.done,
+                expected: progress.expected,
+                building: progress.building,
+            },
+        );
+    }
+
+    /// Sends buffered lines as up to `max_events` events of at most
+    /// [`MAX_LOG_EVENT_BYTES`] each.
+    fn flush_log(&self, max_events: usize) {
+        for _ in 0..max_events {
+            let lines = {
+                let mut state = lock(&self.state);
+                let mut lines = Vec::new();
+                // Room for the event's other fields.
+                let mut budget = MAX_LOG_EVENT_BYTES - 256 - self.host.len();
+                while let Some(line) = state.log.front() {
+                    let cost = json_string_len(line) + 1;
+                    if cost > budget {
+                        break;
+                    }
+                    budget -= cost;
+                    state.log_bytes -= line.len();
+                    lines.extend(state.log.pop_front());
+                }
+                lines
+            };
+            if lines.is_empty() {
+                return;
+            }
+            self.job.replies.send(
+                &self.job.build_id,
+                Event::Log {
+                    host: self.host.to_owned(),
+                    lines,
+                },
+            );
+        }
+    }
+}
+
+/// Bytes `text` takes as a JSON string (quotes and escapes included).
+fn json_string_len(text: &str) -> usize {
+    2 + text
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\t' | '\r' => 2,
+            c if c.is_control() => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lengths_count_escapes() {
+        assert_eq!(json_string_len("abc"), 5);
+        assert_eq!(json_string_len("a\"b"), 6);
+        assert_eq!(json_string_len("é"), 4);
+        assert_eq!(
+            json_string_len("x\ty"),
+            serde_json::to_string("x\ty").unwrap().len()
+        );
+    }
+}
