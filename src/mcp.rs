@@ -282,7 +282,7 @@ fn summarize(
             error,
             ..
         } => {
-            let rev = rev.as_deref().map_or("-", |r| &r[..r.len().min(12)]);
+            let rev = rev.as_deref().map_or("-", |r| r.get(..12).unwrap_or(r));
             let mut text = format!(
                 "build {id} of {repo}/{target} at rev {rev}: {status}: {succeeded} succeeded, {failed} failed in {}\n",
                 human_duration(Duration::from_millis(*duration_ms))

@@ -263,7 +263,7 @@ pub enum RequestError {
     #[error("request body is {len} bytes; the limit is {MAX_BODY_BYTES}")]
     BodyTooLarge { len: usize },
     #[error(
-        "malformed request body: {0}; expected empty or a JSON object with optional \"ref\" and \"rev\""
+        "malformed request body: {0}; expected empty or a JSON object with optional \"ref\", \"rev\" and \"logs\""
     )]
     MalformedBody(String),
     #[error("unsafe ref {git_ref}: {reason}")]

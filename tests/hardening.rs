@@ -536,6 +536,13 @@ async fn cancel_stops_a_waiting_and_a_running_build() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let out = run_cli(&nats.url(), &["cancel", "$(id)"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    // A bad id is a usage error even with no NATS to ask.
+    let out = run_cli(
+        &format!("nats://127.0.0.1:{}", free_port()),
+        &["cancel", "$(id)"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     // The builder carries on.
     let after = client.build("build.homelab.ns1", "").await;
     assert_eq!(finished_status(&after).0, BuildStatus::Success);

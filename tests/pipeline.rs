@@ -299,6 +299,28 @@ async fn logs_are_streamed_in_bounded_batches_when_asked_for() {
     assert_eq!(built[0], "log line 0 of noisy");
     assert_eq!(built[2999], "log line 2999 of noisy");
 
+    // Nix's own error, which quotes the build log over several lines,
+    // arrives line by line too.
+    let flake = Flake::new(&[("broken", Host::FailBuild)]);
+    let (nats, _builder) = start_service(&flake, |o| o);
+    let client = Requester::new(&nats).await;
+    let replies = client
+        .build("build.homelab.broken", r#"{"logs":true}"#)
+        .await;
+    let lines: Vec<&String> = replies
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::Log { lines, .. } => Some(lines),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("failed with exit code 3")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().all(|l| !l.contains('\n')), "{lines:?}");
+
     // Without the flag there are no log events.
     let flake = Flake::new(&[("noisy", Host::Noisy { lines: 100 })]);
     let (nats, _builder) = start_service(&flake, |o| o);

@@ -219,6 +219,7 @@ impl Observer for ProcessObserver<'_> {
             }
             Some(Marker::Done { done, drv, out }) => {
                 state.current = None;
+                state.since = Instant::now();
                 // Sent at once: this host can build while the rest evaluate.
                 if let Some((index, _)) = self.hosts.iter().find(|(_, h)| *h == done) {
                     let result = if is_drv_path(&drv) && out.starts_with('/') {

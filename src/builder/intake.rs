@@ -249,7 +249,13 @@ impl Intake {
     /// Handles a `build.cancel` request: a waiting build leaves the queue,
     /// a running one is stopped; either gets its terminal event.
     pub fn cancel(&self, message: Message) {
-        let reply = reply_subject(&message);
+        // Like a build, a cancel may come without a reply subject; one
+        // with a reply subject replies could not reach is ignored.
+        if message.reply.is_some() && check_reply_subject(&message).is_err() {
+            let _ = reply_subject(&message); // logs why
+            return;
+        }
+        let reply = message.reply.clone();
         let request = CancelRequest::parse(&message.payload);
         let outcome = match request {
             Err(err) => CancelOutcome {

@@ -271,13 +271,22 @@ impl Runner {
                 continue;
             }
             let summary = self
-                .build_host(job, &pinned, host, i, total, &mut evaluations, cancel)
+                .build_host(
+                    job,
+                    &pinned,
+                    host,
+                    (i, total),
+                    &mut evaluations,
+                    cancel,
+                    cancel_reason,
+                )
                 .await;
             summaries.push(summary);
         }
         evaluations.shutdown().await;
 
-        let status = if cancel.is_cancelled() {
+        // A cancel that came after the last host finished changes nothing.
+        let status = if summaries.iter().any(|h| h.status == HostStatus::Cancelled) {
             BuildStatus::Cancelled
         } else if summaries.iter().all(|h| h.status == HostStatus::Success) {
             BuildStatus::Success
@@ -384,10 +393,10 @@ impl Runner {
         job: &Job,
         pinned: &Pinned,
         host: &str,
-        index: usize,
-        total: usize,
+        (index, total): (usize, usize),
         evaluations: &mut Evaluations,
         cancel: &CancellationToken,
+        cancel_reason: &(dyn Fn() -> &'static str + Send + Sync),
     ) -> HostSummary {
         let started = Instant::now();
         job.replies.send(
@@ -427,7 +436,12 @@ impl Runner {
                 built.cached,
                 None,
             ),
-            Err(failure) => (failure.status, None, false, Some(failure.error)),
+            Err(mut failure) => {
+                if failure.status == HostStatus::Cancelled {
+                    failure.error.message = cancel_reason().to_owned();
+                }
+                (failure.status, None, false, Some(failure.error))
+            }
         };
         self.monitor.host_finished(
             &job.repo,

@@ -271,12 +271,19 @@ async fn work(
     shutdown: CancellationToken,
 ) {
     monitor.worker_running(true);
-    while let Some(Queued { job }) = queue.next().await {
+    loop {
+        // Registered as running while still under the queue's lock, so a
+        // `build.cancel` always finds the job in one place or the other.
+        let cancel = shutdown.child_token();
+        let taken = queue
+            .next_with(|queued| monitor.build_started(&queued.job, cancel.clone()))
+            .await;
+        let Some(Queued { job }) = taken else {
+            break;
+        };
         let replies = job.replies.clone();
         let build_id = job.build_id.clone();
         let (repo, target) = (job.repo.clone(), job.target.to_string());
-        let cancel = shutdown.child_token();
-        monitor.build_started(&job, cancel.clone());
         let task = tokio::spawn({
             let runner = Arc::clone(&runner);
             let cancel = cancel.clone();

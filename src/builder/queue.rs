@@ -101,6 +101,12 @@ impl<J> Queue<J> {
     /// Waits for the next job and marks the queue busy until [`Self::done`].
     /// Returns `None` once the queue is closed.
     pub async fn next(&self) -> Option<J> {
+        self.next_with(|_| {}).await
+    }
+
+    /// [`Self::next`], calling `on_take` with the job while it is taken, so
+    /// that for others it is never neither waiting nor running.
+    pub async fn next_with(&self, on_take: impl Fn(&J)) -> Option<J> {
         loop {
             let notified = self.wake.notified();
             {
@@ -110,6 +116,7 @@ impl<J> Queue<J> {
                 }
                 if let Some(job) = state.waiting.pop_front() {
                     state.running = true;
+                    on_take(&job);
                     return Some(job);
                 }
             }

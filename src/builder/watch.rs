@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::job::Job;
-use crate::nix::log::LogEvent;
+use crate::nix::log::{LogEvent, clean_line};
 use crate::protocol::{Event, MAX_LOG_EVENT_BYTES};
 
 /// Lines of build output kept waiting for the next `log` event; beyond this
@@ -36,6 +36,29 @@ struct Progress {
     done: u64,
     expected: u64,
     building: Option<String>,
+}
+
+impl WatchState {
+    /// Buffers a line, or counts it as skipped when the buffer is full.
+    fn push(&mut self, line: String) {
+        if self.log_bytes + line.len() > LOG_BUFFER_BYTES {
+            self.dropped += 1;
+            return;
+        }
+        self.note_skipped();
+        self.log_bytes += line.len();
+        self.log.push_back(line);
+    }
+
+    /// Says how many lines were skipped, where they were.
+    fn note_skipped(&mut self) {
+        if self.dropped > 0 {
+            let note = format!("[homelab-deploy: {} lines skipped]", self.dropped);
+            self.dropped = 0;
+            self.log_bytes += note.len();
+            self.log.push_back(note);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -70,24 +93,18 @@ impl<'a> HostWatch<'a> {
         if !self.job.logs {
             return;
         }
-        let line = match event {
-            LogEvent::BuildLine(line) => line.clone(),
-            LogEvent::BuildStarted { drv_path } => format!("building '{drv_path}'"),
-            LogEvent::Message { level, text } if *level <= 1 => text.clone(),
-            _ => return,
-        };
-        if state.log_bytes + line.len() > LOG_BUFFER_BYTES {
-            state.dropped += 1;
-            return;
+        match event {
+            LogEvent::BuildLine(line) => state.push(line.clone()),
+            LogEvent::BuildStarted { drv_path } => state.push(format!("building '{drv_path}'")),
+            // Nix's messages span lines (an error quotes the build log):
+            // each is cut like a build line, so every line fits an event.
+            LogEvent::Message { level, text } if *level <= 1 => {
+                for line in text.lines() {
+                    state.push(clean_line(line));
+                }
+            }
+            _ => {}
         }
-        if state.dropped > 0 {
-            let note = format!("[homelab-deploy: {} lines skipped]", state.dropped);
-            state.dropped = 0;
-            state.log_bytes += note.len();
-            state.log.push_back(note);
-        }
-        state.log_bytes += line.len();
-        state.log.push_back(line);
     }
 
     /// Runs `work` while reporting on it.
@@ -139,12 +156,22 @@ impl<'a> HostWatch<'a> {
         for _ in 0..max_events {
             let lines = {
                 let mut state = lock(&self.state);
+                // Lines skipped since the last one buffered come after all
+                // that is buffered now.
+                state.note_skipped();
                 let mut lines = Vec::new();
                 // Room for the event's other fields.
                 let mut budget = MAX_LOG_EVENT_BYTES - 256 - self.host.len();
                 while let Some(line) = state.log.front() {
                     let cost = json_string_len(line) + 1;
                     if cost > budget {
+                        if lines.is_empty() {
+                            // Cannot happen with lines cut by clean_line;
+                            // never let one line block the stream.
+                            let line = state.log.pop_front().unwrap_or_default();
+                            state.log_bytes -= line.len();
+                            lines.push(clean_line(&line));
+                        }
                         break;
                     }
                     budget -= cost;

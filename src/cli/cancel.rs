@@ -13,6 +13,14 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Exit {
     let query = &args.query;
+    // A bad id is a usage error whether or not NATS is reachable.
+    let request = crate::protocol::CancelRequest {
+        build_id: args.build_id.clone(),
+    };
+    if let Err(err) = request.validate() {
+        eprintln!("error: {err}");
+        return Exit::Usage;
+    }
     let client = match connect(&query.nats, "homelab-deploy-cancel").await {
         Ok(client) => client,
         Err(exit) => return exit,

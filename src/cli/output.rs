@@ -23,7 +23,7 @@ pub fn human_duration(duration: Duration) -> String {
 }
 
 fn short_rev(rev: Option<&str>) -> &str {
-    rev.map(|r| &r[..r.len().min(12)]).unwrap_or("-")
+    rev.map(|r| r.get(..12).unwrap_or(r)).unwrap_or("-")
 }
 
 /// What the user has seen of the build so far, for the status line.

@@ -81,7 +81,10 @@ pub fn render(status: &BuilderStatus) -> String {
             .unwrap_or(0);
         for result in &status.last_results {
             let name = format!("{}/{}", result.repo, result.host);
-            let rev = result.rev.as_deref().map_or("-", |r| &r[..r.len().min(12)]);
+            let rev = result
+                .rev
+                .as_deref()
+                .map_or("-", |r| r.get(..12).unwrap_or(r));
             text.push_str(&format!(
                 "  {name:<width$}  {:<9} rev {rev:<12}  {}  {}\n",
                 result.status.as_str(),

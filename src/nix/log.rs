@@ -185,7 +185,7 @@ pub fn strip_ansi(text: &str) -> String {
 }
 
 /// A single log line, stripped and cut to [`MAX_LINE_BYTES`].
-fn clean_line(line: &str) -> String {
+pub fn clean_line(line: &str) -> String {
     let mut text = strip_ansi(line);
     if text.len() > MAX_LINE_BYTES {
         let mut end = MAX_LINE_BYTES;
