@@ -187,29 +187,24 @@ async fn check_config_accepts_the_example_and_names_what_is_wrong() {
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
+    let check = async |config: &str| {
+        std::fs::write(&bad, config).unwrap();
+        run_cli(
+            "nats://unused:1",
+            &["check-config", "--config", bad.to_str().unwrap()],
+        )
+        .await
+    };
+    let out = check(
         "[nats]\nurl = \"nats://x:4222\"\n[builder]\nqueue_limt = 3\n[repos.a]\nurl = \"git+file:///a\"\n",
-    )
-    .unwrap();
-    let out = run_cli(
-        "nats://unused:1",
-        &["check-config", "--config", bad.to_str().unwrap()],
     )
     .await;
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(stderr(&out).contains("queue_limt"), "{}", describe(&out));
 
-    std::fs::write(
-        &bad,
-        "[nats]\nurl = \"nats://x:4222\"\n[repos.responses]\nurl = \"git+file:///a\"\n",
-    )
-    .unwrap();
-    let out = run_cli(
-        "nats://unused:1",
-        &["check-config", "--config", bad.to_str().unwrap()],
-    )
-    .await;
+    let out =
+        check("[nats]\nurl = \"nats://x:4222\"\n[repos.responses]\nurl = \"git+file:///a\"\n")
+            .await;
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(stderr(&out).contains("reserved"), "{}", describe(&out));
 

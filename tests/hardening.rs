@@ -335,14 +335,7 @@ async fn a_200_mb_log_flood_keeps_the_builder_under_64_mb() {
         .build("build.homelab.flood", r#"{"logs":true}"#)
         .await;
     assert_eq!(finished_status(&replies).0, BuildStatus::Success);
-    let lines: Vec<&String> = replies
-        .iter()
-        .filter_map(|r| match &r.event {
-            Event::Log { lines, .. } => Some(lines),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let lines = log_lines(&replies);
     assert!(!lines.is_empty());
     assert!(
         lines.iter().any(|l| l.contains("lines skipped")),

@@ -307,14 +307,7 @@ async fn logs_are_streamed_in_bounded_batches_when_asked_for() {
     let replies = client
         .build("build.homelab.broken", r#"{"logs":true}"#)
         .await;
-    let lines: Vec<&String> = replies
-        .iter()
-        .filter_map(|r| match &r.event {
-            Event::Log { lines, .. } => Some(lines),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let lines = log_lines(&replies);
     assert!(
         lines.iter().any(|l| l.contains("failed with exit code 3")),
         "{lines:?}"

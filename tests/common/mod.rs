@@ -983,6 +983,18 @@ pub fn host_outcomes(replies: &[Reply]) -> Vec<HostOutcome> {
         .collect()
 }
 
+/// Every line of every `log` event, in order.
+pub fn log_lines(replies: &[Reply]) -> Vec<&String> {
+    replies
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::Log { lines, .. } => Some(lines),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 /// The names of events, in order.
 pub fn event_names(replies: &[Reply]) -> Vec<&'static str> {
     replies.iter().map(|r| r.event.name()).collect()
