@@ -90,6 +90,23 @@ impl BuildClient {
         &self.nats
     }
 
+    /// Waits up to `within` for the connection to be up; false if it is not.
+    pub async fn wait_connected(&self, within: Duration) -> bool {
+        use async_nats::connection::State;
+        // async-nats exposes the state but no way to await a change of it.
+        const POLL: Duration = Duration::from_millis(20);
+        let deadline = Instant::now() + within;
+        loop {
+            if self.nats.connection_state() == State::Connected {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// A fresh reply subject under `build.responses.`.
     pub fn reply_subject(&self) -> String {
         let n = self.sequence.fetch_add(1, Ordering::Relaxed);

@@ -28,6 +28,9 @@ use crate::protocol::{
     keep_tail,
 };
 
+/// How long a tool call waits for a NATS connection that is not up yet.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
 /// The MCP tools over one NATS connection.
 pub struct BuildTools {
     client: Arc<BuildClient>,
@@ -366,9 +369,9 @@ impl ServerHandler for BuildTools {
             (request.name.as_ref(), self.enable_builds),
             ("build_status", _) | ("build" | "cancel_build", true)
         );
-        if known
-            && self.client.nats().connection_state() != async_nats::connection::State::Connected
-        {
+        // The connection is made in the background (the server starts even
+        // when NATS is down), so a call right after start waits for it.
+        if known && !self.client.wait_connected(CONNECT_WAIT).await {
             return Ok(text_result(
                 "not connected to NATS (yet); check the NATS URL and credentials, then retry"
                     .to_owned(),

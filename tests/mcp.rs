@@ -181,3 +181,25 @@ async fn build_status_says_when_no_builder_answers() {
         results[1]
     );
 }
+
+#[tokio::test]
+async fn tools_say_when_nats_is_not_reachable() {
+    // Nothing listens on this port: the server still starts and answers.
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let results = drive(
+        &url,
+        &["--enable-builds"],
+        json!([{"call": "build_status"}]),
+    )
+    .await;
+    assert_eq!(results[0]["server"], "homelab-deploy");
+    assert_eq!(results[1]["is_error"], true, "{}", results[1]);
+    assert!(
+        results[1]["text"]
+            .as_str()
+            .unwrap()
+            .contains("not connected to NATS"),
+        "{}",
+        results[1]
+    );
+}
