@@ -399,6 +399,9 @@ impl Runner {
         cancel_reason: &(dyn Fn() -> &'static str + Send + Sync),
     ) -> HostSummary {
         let started = Instant::now();
+        // Status first: whoever hears `host_started` and asks for the status
+        // then sees this host.
+        self.monitor.host_started(host, index + 1, total);
         job.replies.send(
             &job.build_id,
             Event::HostStarted {
@@ -408,7 +411,6 @@ impl Runner {
             },
         );
         tracing::info!(%host, index = index + 1, total, "host started");
-        self.monitor.host_started(host, index + 1, total);
 
         let watch = HostWatch::new(job, host, self.config.builder.progress_interval);
         let result = watch

@@ -87,9 +87,14 @@ impl Publisher {
         if matches!(event, async_nats::Event::Connected)
             && self.connects.fetch_add(1, Ordering::Relaxed) > 0
         {
-            let now = self.epoch.elapsed().as_millis() as u64;
-            self.reconnected_at.store(now.max(1), Ordering::Relaxed);
+            self.note_reconnected();
         }
+    }
+
+    /// Starts the hold from now (or keeps a later start).
+    fn note_reconnected(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.reconnected_at.fetch_max(now.max(1), Ordering::Relaxed);
     }
 
     /// Queues `payload` for `subject`; never waits.
@@ -176,10 +181,18 @@ impl Publisher {
 
     /// Returns once connected and past the hold after a reconnection.
     async fn until_deliverable(&self) {
+        let mut seen_down = false;
         loop {
             if self.nats.connection_state() != State::Connected {
+                seen_down = true;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
+            }
+            // The event callback that notes the reconnection runs in its
+            // own task and may not have yet: a disconnection seen here
+            // starts the hold by itself.
+            if std::mem::take(&mut seen_down) {
+                self.note_reconnected();
             }
             let at = self.reconnected_at.load(Ordering::Relaxed);
             if at > 0 {

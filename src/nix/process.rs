@@ -187,12 +187,19 @@ pub async fn run_limited(
             (None, Some(silence)) => silence.min(deadline),
             (None, None) => deadline,
         };
+        // Biased: output that is already waiting is read, and a cancel is
+        // seen, before the timer branch judges the silence and the deadline.
         tokio::select! {
+            biased;
             bytes = &mut stdout_reader, if stdout.is_none() => stdout = Some(bytes),
             () = &mut stderr_reader, if !stderr_done => stderr_done = true,
             status = child.wait(), if exit.is_none() => {
                 exit = Some(status);
                 drain_until = Some(Instant::now() + PIPE_DRAIN);
+            }
+            () = cancel.cancelled(), if exit.is_none() => {
+                stop_group(&mut child, kill_grace).await;
+                return Ok(Outcome::Cancelled);
             }
             () = tokio::time::sleep_until(wake_at) => {
                 if let Some(status) = exit.take() {
@@ -208,10 +215,6 @@ pub async fn run_limited(
                     return Ok(Outcome::Silent);
                 }
                 // Output arrived meanwhile: the silence limit moved on.
-            }
-            () = cancel.cancelled(), if exit.is_none() => {
-                stop_group(&mut child, kill_grace).await;
-                return Ok(Outcome::Cancelled);
             }
         }
     };
@@ -374,9 +377,9 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(outcome, Outcome::Silent), "{outcome:?}");
-        // Talking every 100 ms for a second never hits a 500 ms silence limit.
-        let chatty = "i=0; while [ $i -lt 10 ]; do echo tick >&2; sleep 0.1; i=$((i+1)); done";
-        let outcome = run_limited(&sh(chatty), limits(500), &cancel, &mut |_: &str| {})
+        // Talking every 100 ms for 2 s never hits a 1 s silence limit.
+        let chatty = "i=0; while [ $i -lt 20 ]; do echo tick >&2; sleep 0.1; i=$((i+1)); done";
+        let outcome = run_limited(&sh(chatty), limits(1000), &cancel, &mut |_: &str| {})
             .await
             .unwrap();
         assert!(matches!(outcome, Outcome::Exited { .. }), "{outcome:?}");
