@@ -478,7 +478,8 @@ async fn rev_pins_an_exact_commit() {
 #[tokio::test]
 async fn host_timeout_kills_the_build_and_leaves_no_process_behind() {
     let flake = Flake::new(&[("stuck", Host::Gated)]);
-    let (nats, builder) = start_service(&flake, |o| o.host_timeout("3s"));
+    // Fetching and listing the hosts count against it too: leave them room.
+    let (nats, builder) = start_service(&flake, |o| o.host_timeout("10s"));
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.stuck", "").await;
@@ -486,7 +487,7 @@ async fn host_timeout_kills_the_build_and_leaves_no_process_behind() {
     assert_eq!(results[0].status, HostStatus::Timeout);
     assert_eq!(results[0].code, Some(ErrorCode::Timeout));
     assert!(
-        results[0].message.contains("host_timeout (3s)"),
+        results[0].message.contains("host_timeout (10s)"),
         "{}",
         results[0].message
     );
@@ -524,14 +525,15 @@ async fn progress_names_the_building_derivation_and_keeps_coming_while_quiet() {
     let client = Requester::new(&nats).await;
 
     let mut pending = client.send("build.homelab.slow", "").await;
+    // The shared dependency builds first; wait for the host's own build.
     let seen = pending
         .until(|e| {
             matches!(
                 e,
                 Event::Progress {
-                    building: Some(_),
+                    building: Some(building),
                     ..
-                }
+                } if building == "slow"
             )
         })
         .await;

@@ -126,7 +126,7 @@ async fn exit_3_when_the_client_timeout_passes() {
     let (nats, _builder) = start_service(&flake, |o| o);
     let out = run_cli(
         &nats.url(),
-        &["build", "homelab", "slow", "--timeout", "2s"],
+        &["build", "homelab", "slow", "--timeout", "5s"],
     )
     .await;
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));

@@ -324,11 +324,13 @@ async fn logs_are_streamed_in_bounded_batches_when_asked_for() {
 
 #[tokio::test]
 async fn a_hung_evaluation_times_out_alone() {
-    // The IFD never finishes within the 3 s host_timeout; the next host
-    // still builds.
+    // The IFD never finishes within host_timeout; the next host still
+    // builds. The timeout leaves a loaded machine room to fetch, start a
+    // fresh evaluator and build the next host, each under it.
     let flake = Flake::new(&[("a-hung", Host::EvalGated), ("b-fine", Host::Ok)]);
-    let (nats, _builder) =
-        start_service(&flake, |o| o.host_timeout("3s").builder("eval_workers = 1"));
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.host_timeout("10s").builder("eval_workers = 1")
+    });
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     let hosts = host_outcomes(&replies);
