@@ -707,7 +707,8 @@ async fn the_builder_starts_before_nats_is_reachable() {
 
     let nats = NatsServer::start_on(port, None);
     builder.wait_for_log("builder ready");
-    assert_eq!(http_get(&addr, "/healthz").await.0, 200);
+    let (status, body) = http_get(&addr, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.ns1", "").await;
     assert_eq!(finished_status(&replies).0, BuildStatus::Success);

@@ -177,6 +177,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
             return Ok(());
         }
     }
+
+    let runner = Arc::new(Runner::new(
+        NixCli::new("nix", version),
+        Arc::clone(&config),
+        Arc::clone(&monitor),
+    ));
+    // Alive from here, not from when the task first runs: ready means
+    // `/healthz` says ok.
+    monitor.worker_running(true);
+    let mut worker = tokio::spawn(work(
+        Arc::clone(&queue),
+        runner,
+        Arc::clone(&monitor),
+        shutdown.clone(),
+    ));
     tracing::info!(
         subject = REQUEST_SUBSCRIPTION,
         repos = config.repos.len(),
@@ -185,18 +200,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
         "builder ready"
     );
     systemd::ready();
-
-    let runner = Arc::new(Runner::new(
-        NixCli::new("nix", version),
-        Arc::clone(&config),
-        Arc::clone(&monitor),
-    ));
-    let mut worker = tokio::spawn(work(
-        Arc::clone(&queue),
-        runner,
-        Arc::clone(&monitor),
-        shutdown.clone(),
-    ));
     let intake = Intake {
         config: Arc::clone(&config),
         publisher: Arc::clone(&publisher),
@@ -270,7 +273,6 @@ async fn work(
     monitor: Arc<Monitor>,
     shutdown: CancellationToken,
 ) {
-    monitor.worker_running(true);
     loop {
         // Registered as running while still under the queue's lock, so a
         // `build.cancel` always finds the job in one place or the other.
