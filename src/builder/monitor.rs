@@ -322,3 +322,31 @@ impl Exporter for Monitor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A restart must restore the very timestamps it saved: the
+        /// last-success metric is compared across restarts.
+        #[test]
+        fn state_file_timestamps_survive_a_round_trip(unix in 1.0e9f64..4.0e9) {
+            let record = HostRecord {
+                last: LastResult {
+                    repo: "homelab".to_owned(),
+                    host: "ns1".to_owned(),
+                    status: HostStatus::Success,
+                    rev: None,
+                    out_path: None,
+                    finished_at: "2026-11-28T00:00:00Z".to_owned(),
+                },
+                last_success: Some(unix),
+            };
+            let bytes = serde_json::to_vec(&StateFile { version: 1, hosts: vec![record] }).unwrap();
+            let restored: StateFile = serde_json::from_slice(&bytes).unwrap();
+            prop_assert_eq!(restored.hosts[0].last_success, Some(unix));
+        }
+    }
+}
