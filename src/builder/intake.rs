@@ -265,11 +265,14 @@ impl Intake {
                 error: Some(err.to_error_body()),
             },
             Ok(CancelRequest { build_id }) => {
-                let state = if self.monitor.cancel_running(&build_id) {
-                    Some(CancelledState::Running)
-                } else if let Some(queued) = self.queue.remove(|q| q.job.build_id == build_id) {
+                // The queue first: a job only moves from it to running,
+                // so looking in this order cannot miss one in passing.
+                let state = if let Some(queued) = self.queue.remove(|q| q.job.build_id == build_id)
+                {
                     cancel_waiting(queued.job, &self.monitor, "cancelled by request");
                     Some(CancelledState::Queued)
+                } else if self.monitor.cancel_running(&build_id) {
+                    Some(CancelledState::Running)
                 } else {
                     None
                 };

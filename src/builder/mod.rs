@@ -317,9 +317,11 @@ async fn work(
                 }
             }
         };
+        // Everything that answers status and queue questions is settled
+        // before the requester hears `finished`.
         monitor.build_finished(&build_id, &repo, report.status, report.duration);
-        replies.send(&build_id, finished_event(repo, target, report));
         queue.done();
+        replies.send(&build_id, finished_event(repo, target, report));
     }
     monitor.worker_running(false);
 }
