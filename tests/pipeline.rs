@@ -341,6 +341,10 @@ async fn a_hung_evaluation_times_out_alone() {
         (hosts[1].host.as_str(), hosts[1].status),
         ("b-fine", HostStatus::Success)
     );
+    // Nix starts the IFD's builder in a session of its own, so in
+    // single-user mode it outlives its killed evaluator (under the daemon,
+    // the daemon stops it). Let it finish rather than run on into later tests.
+    flake.open_gate();
     let gate = flake.gate().display().to_string();
     wait_for("the hung evaluation's build to be gone", WAIT, || {
         processes_matching(&gate).is_empty()
