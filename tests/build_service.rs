@@ -381,8 +381,9 @@ async fn queued_request_waits_for_the_running_one_and_the_queue_is_bounded() {
     assert_eq!(rejected_code(&third), ErrorCode::QueueFull);
 
     flake.open_gate();
-    let first_rest = first.until_terminal().await;
-    let second_rest = second.until_terminal().await;
+    // Read side by side: both come over one connection in the builder's
+    // sending order, so the arrival stamps tell which was sent first.
+    let (first_rest, second_rest) = tokio::join!(first.until_terminal(), second.until_terminal());
     let first_finished = first_rest.last().unwrap();
     assert!(matches!(
         first_finished.reply.event,
