@@ -86,7 +86,7 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts a server on a port it picks itself.
+    /// Starts a server on a free port (see [`free_port`]).
     pub fn start() -> Self {
         Self::start_with(None, None)
     }
@@ -109,7 +109,8 @@ impl NatsServer {
             std::fs::write(&path, text).unwrap();
             path
         });
-        let (child, port) = spawn_nats(config_path.as_deref(), port, dir.path());
+        let port = port.unwrap_or_else(free_port);
+        let child = spawn_nats(config_path.as_deref(), port, dir.path());
         Self {
             child: Some(child),
             port,
@@ -134,7 +135,7 @@ impl NatsServer {
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        let (child, _) = spawn_nats(self.config.as_deref(), Some(self.port), self._dir.path());
+        let child = spawn_nats(self.config.as_deref(), self.port, self._dir.path());
         self.child = Some(child);
     }
 
@@ -144,15 +145,11 @@ impl NatsServer {
     }
 }
 
-fn spawn_nats(config: Option<&Path>, port: Option<u16>, dir: &Path) -> (Child, u16) {
+fn spawn_nats(config: Option<&Path>, port: u16, dir: &Path) -> Child {
     let deadline = Instant::now() + WAIT;
     loop {
         let mut command = Command::new("nats-server");
-        command.args(["-a", "127.0.0.1"]);
-        match port {
-            Some(port) => command.args(["-p", &port.to_string()]),
-            None => command.args(["-p", "-1"]),
-        };
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
         if let Some(config) = config {
             command.arg("-c").arg(config);
         }
@@ -172,18 +169,15 @@ fn spawn_nats(config: Option<&Path>, port: Option<u16>, dir: &Path) -> (Child, u
                     use std::io::Write;
                     let _ = writeln!(file, "{line}");
                 }
-                if !sent {
-                    if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
-                        let port = addr.trim().rsplit(':').next().unwrap().parse::<u16>().ok();
-                        let _ = tx.send(port);
-                        sent = true;
-                    }
+                if !sent && line.contains("Listening for client connections on ") {
+                    let _ = tx.send(true);
+                    sent = true;
                 }
             }
-            let _ = tx.send(None);
+            let _ = tx.send(false);
         });
         match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Some(port)) => return (child, port),
+            Ok(true) => return child,
             _ => {
                 // A restart can race the old socket's release; retry.
                 let _ = child.kill();
@@ -747,13 +741,37 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// A loopback port nothing listens on (at the time of asking).
+/// A loopback port nothing listens on (at the time of asking), taken from
+/// below the kernel's ephemeral range: the ports the kernel hands out by
+/// itself, to outgoing connections among others, never collide with it,
+/// not even while a test has stopped its server for an outage.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low < 10_000 {
+        // No room below it: let the kernel pick.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = 8_000;
+    let base = ephemeral_low - span;
+    // Test binaries run one after the other; each starts elsewhere.
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(base + offset).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {base}..{ephemeral_low}");
 }
 
 /// Writes a fresh NKey user seed (mode 0600) into `dir`; returns the seed
