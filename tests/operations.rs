@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use common::*;
 use homelab_deploy::protocol::{BuildStatus, Event, HostStatus, StatusEvent};
@@ -216,16 +215,9 @@ async fn healthz_follows_the_nats_connection() {
     assert!(body.contains(r#""status":"ok""#), "{body}");
 
     nats.stop();
-    let mut last = (0, String::new());
-    for _ in 0..500 {
-        last = http_get(&addr, "/healthz").await;
-        if last.0 == 503 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(last.0, 503, "{}", last.1);
-    assert!(last.1.contains(r#""nats":"disconnected""#), "{}", last.1);
+    let health = async || http_get(&addr, "/healthz").await;
+    let (_, body) = poll("/healthz to say 503", health, |(status, _)| *status == 503).await;
+    assert!(body.contains(r#""nats":"disconnected""#), "{body}");
     let text = scrape(&mut builder).await;
     assert_eq!(
         metric(&text, "homelab_deploy_builder_nats_connected"),
@@ -233,32 +225,19 @@ async fn healthz_follows_the_nats_connection() {
     );
 
     nats.restart();
-    for _ in 0..1500 {
-        last = http_get(&addr, "/healthz").await;
-        if last.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(last.0, 200, "{}", last.1);
+    poll("/healthz to say 200", health, |(status, _)| *status == 200).await;
     let text = scrape(&mut builder).await;
     assert_eq!(
         metric(&text, "homelab_deploy_builder_nats_connected"),
         Some(1.0)
     );
     // Counted by the connection's event callback, which runs on its own.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = scrape(&mut builder).await;
-        if metric(&text, "homelab_deploy_builder_nats_reconnects_total") >= Some(1.0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no reconnect counted:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(
+        "the reconnect to be counted",
+        async || http_get(&addr, "/metrics").await.1,
+        |text| metric(text, "homelab_deploy_builder_nats_reconnects_total") >= Some(1.0),
+    )
+    .await;
 
     // It still builds after the outage.
     let client = Requester::new(&nats).await;
