@@ -350,10 +350,7 @@ async fn queued_request_waits_for_the_running_one_and_the_queue_is_bounded() {
     let (nats, _builder) = start_service(&flake, |o| o.builder("queue_limit = 1"));
     let client = Requester::new(&nats).await;
 
-    let mut first = client.send("build.homelab.slow", "").await;
-    let first_events = first
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
+    let (mut first, first_events) = client.send_until_started("build.homelab.slow").await;
     assert!(matches!(
         first_events[0].reply.event,
         Event::Accepted {
@@ -677,10 +674,7 @@ async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
     let (nats, mut builder) = start_service(&flake, |o| o);
     let client = Requester::new(&nats).await;
 
-    let mut running = client.send("build.homelab.slow", "").await;
-    running
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
+    let (mut running, _) = client.send_until_started("build.homelab.slow").await;
     let mut queued = client.send("build.homelab.ns1", "").await;
     assert!(matches!(
         queued.next().await.reply.event,

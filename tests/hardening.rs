@@ -351,10 +351,7 @@ async fn identical_waiting_requests_are_coalesced() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
     let (nats, builder) = start_service(&flake, |o| o);
     let client = Requester::new(&nats).await;
-    let mut running = client.send("build.homelab.slow", "").await;
-    running
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
+    let (mut running, _) = client.send_until_started("build.homelab.slow").await;
 
     let mut first = client.send("build.homelab.ns1", "").await;
     let first_accepted = first.next().await.reply;
@@ -486,13 +483,8 @@ async fn cancel_stops_a_waiting_and_a_running_build() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
     let (nats, _builder) = start_service(&flake, |o| o);
     let client = Requester::new(&nats).await;
-    let mut running = client.send("build.homelab.slow", "").await;
-    let running_id = running
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await[0]
-        .reply
-        .build_id
-        .clone();
+    let (mut running, events) = client.send_until_started("build.homelab.slow").await;
+    let running_id = events[0].reply.build_id.clone();
     let mut waiting = client.send("build.homelab.ns1", "").await;
     let waiting_id = waiting.next().await.reply.build_id;
 
@@ -581,10 +573,7 @@ async fn sigterm_drains_in_time_refuses_new_work_and_leaves_no_nix() {
     let slow = slow_to_stop_nix();
     let (nats, mut builder) = start_service(&flake, |o| o.path_prefix(slow.path().to_owned()));
     let client = Requester::new(&nats).await;
-    let mut running = client.send("build.homelab.slow", "").await;
-    running
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
+    let (mut running, _) = client.send_until_started("build.homelab.slow").await;
     let mut waiting = client.send("build.homelab.ns1", "").await;
     waiting.next().await;
     // Wait for the build itself (not only its evaluation) to be running.
@@ -642,10 +631,7 @@ async fn a_nats_outage_mid_build_loses_no_events() {
     let flake = Flake::new(&[("slow", Host::Gated), ("after", Host::Ok)]);
     let (mut nats, mut builder) = start_service(&flake, |o| o);
     let client = Requester::new(&nats).await;
-    let mut pending = client.send("build.homelab.all", "").await;
-    pending
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
+    let (mut pending, _) = client.send_until_started("build.homelab.all").await;
 
     nats.stop();
     builder.wait_for_log("disconnected from NATS");
@@ -675,10 +661,7 @@ async fn a_terminal_event_outlives_an_outage_longer_than_the_build() {
     let flake = Flake::new(&[("slow", Host::Gated)]);
     let (mut nats, mut builder) = start_service(&flake, |o| o);
     let client = Requester::new(&nats).await;
-    let mut pending = client.send("build.homelab.slow", "").await;
-    pending
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
+    let (mut pending, _) = client.send_until_started("build.homelab.slow").await;
 
     nats.stop();
     builder.wait_for_log("disconnected from NATS");

@@ -160,10 +160,7 @@ async fn queue_length_and_build_age_follow_a_running_build() {
     let (nats, mut builder) = start_service(&flake, |o| o);
     let client = Requester::new(&nats).await;
 
-    let mut running = client.send("build.homelab.slow", "").await;
-    running
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
+    let (mut running, _) = client.send_until_started("build.homelab.slow").await;
     let mut queued = Vec::new();
     // Two different requests (identical ones would be coalesced).
     for body in ["", r#"{"logs":true}"#] {
@@ -272,10 +269,7 @@ async fn status_reports_the_running_build_the_queue_and_last_results() {
 
     client.build("build.homelab.ns1", "").await;
     client.build("build.homelab.bad", "").await;
-    let mut running = client.send("build.homelab.slow", "").await;
-    running
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
+    let (mut running, _) = client.send_until_started("build.homelab.slow").await;
     let mut queued = client.send("build.homelab.ns1", "").await;
     let accepted = queued.next().await.reply;
 

@@ -918,6 +918,16 @@ impl Requester {
         }
     }
 
+    /// Sends a build request (no options) and waits until its first host
+    /// has started; returns the request and the events so far.
+    pub async fn send_until_started(&self, subject: &str) -> (Pending, Vec<Timed>) {
+        let mut pending = self.send(subject, "").await;
+        let events = pending
+            .until(|e| matches!(e, Event::HostStarted { .. }))
+            .await;
+        (pending, events)
+    }
+
     /// Sends a request and collects its events up to the terminal one.
     pub async fn build(&self, subject: &str, body: &str) -> Vec<Reply> {
         let mut pending = self.send(subject, body).await;
