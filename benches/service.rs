@@ -146,6 +146,8 @@ async fn builder_all(
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    // 0 <= p <= 1: the index is within the slice.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index]
 }

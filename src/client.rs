@@ -8,9 +8,10 @@ use async_nats::{StatusCode, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use thiserror::Error;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::nats::{self, ConnectSettings, NatsError};
+use crate::nats::{self, ConnectSettings, Connection, ConnectionState, NatsError};
 use crate::protocol::{
     self, BuildRequest, BuilderStatus, CANCEL_SUBJECT, CancelEvent, CancelOutcome, CancelRequest,
     RESPONSES_PREFIX, RESPONSES_TOKEN, Reply, RequestError, STATUS_SUBJECT, StatusEvent, Target,
@@ -58,6 +59,7 @@ impl Default for Timeouts {
 /// A connection that sends build requests.
 pub struct BuildClient {
     nats: async_nats::Client,
+    state: watch::Receiver<ConnectionState>,
     client_id: String,
     sequence: AtomicU64,
 }
@@ -72,39 +74,21 @@ pub struct Received {
 impl BuildClient {
     /// Connects with the CLI's settings; fails at once if no server answers.
     pub async fn connect(settings: &ConnectSettings) -> Result<Self, ClientError> {
-        let nats = nats::connect(settings, |_| {}).await?;
-        Ok(Self::new(nats))
-    }
-
-    /// Uses an existing connection.
-    pub fn new(nats: async_nats::Client) -> Self {
-        Self {
-            nats,
+        let Connection { client, state } = nats::connect(settings).await?;
+        Ok(Self {
+            nats: client,
+            state,
             client_id: protocol::random_hex::<8>(),
             sequence: AtomicU64::new(0),
-        }
-    }
-
-    /// The underlying connection.
-    pub fn nats(&self) -> &async_nats::Client {
-        &self.nats
+        })
     }
 
     /// Waits up to `within` for the connection to be up; false if it is not.
     pub async fn wait_connected(&self, within: Duration) -> bool {
-        use async_nats::connection::State;
-        // async-nats exposes the state but no way to await a change of it.
-        const POLL: Duration = Duration::from_millis(20);
-        let deadline = Instant::now() + within;
-        loop {
-            if self.nats.connection_state() == State::Connected {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let mut state = self.state.clone();
+        tokio::time::timeout(within, state.wait_for(|state| state.connected))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
     }
 
     /// A fresh reply subject under `build.responses.`.

@@ -164,7 +164,13 @@ impl ByteSize {
             "t" | "tb" | "tib" => 1 << 40,
             other => return Err(format!("unknown size unit {other:?} in {text:?}")),
         };
-        Ok(Self((number * multiplier as f64) as u64))
+        let bytes = number * multiplier as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(format!("{text:?} is larger than any memory"));
+        }
+        // In range, checked just above; a fraction of a byte is dropped.
+        #[allow(clippy::cast_possible_truncation)]
+        Ok(Self(bytes as u64))
     }
 }
 

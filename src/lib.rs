@@ -7,13 +7,15 @@
 
 #![forbid(unsafe_code)]
 
-pub mod builder;
+pub(crate) mod builder;
 pub mod cli;
-pub mod client;
-pub mod config;
-pub mod mcp;
-pub mod metrics;
+pub(crate) mod client;
+pub(crate) mod config;
+pub(crate) mod mcp;
+pub(crate) mod metrics;
 pub mod nats;
-pub mod nix;
+pub(crate) mod nix;
+pub(crate) mod present;
 pub mod protocol;
-pub mod systemd;
+mod sync;
+pub(crate) mod systemd;

@@ -21,11 +21,10 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::cli::output::human_duration;
 use crate::client::{BuildClient, ClientError, Timeouts};
+use crate::present::{cancel_outcome, human_duration, short_rev, status_report};
 use crate::protocol::{
-    BuildRequest, BuildStatus, CancelledState, ErrorBody, Event, HostStatus, HostSummary, Reply,
-    keep_tail,
+    BuildRequest, BuildStatus, ErrorBody, Event, HostStatus, HostSummary, Reply, keep_tail,
 };
 
 /// How long a tool call waits for a NATS connection that is not up yet.
@@ -135,7 +134,7 @@ impl BuildTools {
     async fn build_status(&self) -> CallToolResult {
         match self.client.status(self.ask_timeout).await {
             Ok((status, _)) => {
-                let mut result = text_result(crate::cli::status::render(&status), false);
+                let mut result = text_result(status_report(&status), false);
                 result.structured_content = serde_json::to_value(&status).ok();
                 result
             }
@@ -145,26 +144,10 @@ impl BuildTools {
 
     async fn cancel_build(&self, args: CancelArgs) -> CallToolResult {
         match self.client.cancel(&args.build_id, self.ask_timeout).await {
-            Ok((outcome, _)) => match (outcome.error, outcome.state) {
-                (Some(error), _) => {
-                    text_result(format!("{} ({})", error.message, error.code), true)
-                }
-                (None, Some(CancelledState::Running)) => text_result(
-                    format!("build {} cancelled while running", args.build_id),
-                    false,
-                ),
-                (None, Some(CancelledState::Queued)) => text_result(
-                    format!("build {} cancelled while queued", args.build_id),
-                    false,
-                ),
-                (None, None) => text_result(
-                    format!(
-                        "no running or queued build has id {} (already finished?)",
-                        args.build_id
-                    ),
-                    true,
-                ),
-            },
+            Ok((outcome, _)) => {
+                let (text, is_error) = cancel_outcome(&outcome);
+                text_result(text, is_error)
+            }
             Err(err) => text_result(format!("cannot cancel: {err}"), true),
         }
     }
@@ -285,7 +268,7 @@ fn summarize(
             error,
             ..
         } => {
-            let rev = rev.as_deref().map_or("-", |r| r.get(..12).unwrap_or(r));
+            let rev = short_rev(rev.as_deref());
             let mut text = format!(
                 "build {id} of {repo}/{target} at rev {rev}: {status}: {succeeded} succeeded, {failed} failed in {}\n",
                 human_duration(Duration::from_millis(*duration_ms))

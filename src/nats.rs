@@ -1,5 +1,5 @@
 //! Connecting to NATS: server URLs, NKey seed or `.creds` authentication,
-//! and reconnect events.
+//! and the connection's state as a [`watch`] channel.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use thiserror::Error;
+use tokio::sync::watch;
 
 /// How to authenticate to the server.
 #[derive(Debug, Clone, Default)]
@@ -154,7 +155,7 @@ impl DropCounter {
     fn note(&self) {
         use std::sync::atomic::Ordering;
         self.dropped.fetch_add(1, Ordering::Relaxed);
-        let mut logged_at = self.logged_at.lock().unwrap_or_else(|p| p.into_inner());
+        let mut logged_at = crate::sync::lock(&self.logged_at);
         if logged_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             *logged_at = Some(std::time::Instant::now());
             let dropped = self.dropped.swap(0, Ordering::Relaxed);
@@ -177,12 +178,51 @@ pub fn reconnect_delay(attempts: usize) -> Duration {
     }
 }
 
-/// Opens a connection. `on_event` sees every connection event (connects,
-/// disconnects, server errors) after it has been logged.
-pub async fn connect(
-    settings: &ConnectSettings,
-    on_event: impl Fn(&Event) + Send + Sync + 'static,
-) -> Result<async_nats::Client, NatsError> {
+/// The connection's state, as the client's events report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionState {
+    /// Connected now.
+    pub connected: bool,
+    /// Connections made so far: the first, then one per reconnection.
+    pub connects: u64,
+    /// When `connected` last changed.
+    pub since: std::time::Instant,
+}
+
+impl ConnectionState {
+    /// Whether this connection is a reconnection (not the first).
+    pub fn is_reconnection(&self) -> bool {
+        self.connects > 1
+    }
+
+    fn on_event(&mut self, event: &Event) -> bool {
+        let connected = match event {
+            Event::Connected => true,
+            Event::Disconnected | Event::Closed => false,
+            _ => return false,
+        };
+        if connected == self.connected {
+            return false;
+        }
+        self.connected = connected;
+        self.connects += u64::from(connected);
+        self.since = std::time::Instant::now();
+        true
+    }
+}
+
+/// An open connection and a live view of its state.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// The client.
+    pub client: async_nats::Client,
+    /// Changes whenever the client connects or loses its connection.
+    pub state: watch::Receiver<ConnectionState>,
+}
+
+/// Opens a connection. With `retry_initial_connect` this returns at once
+/// and the state says when the server is reached.
+pub async fn connect(settings: &ConnectSettings) -> Result<Connection, NatsError> {
     let addrs = server_addrs(&settings.urls)?;
     let mut options =
         match &settings.auth {
@@ -195,25 +235,35 @@ pub async fn connect(
                     source,
                 })?,
         };
-    let on_event = Arc::new(on_event);
+    let (state, watched) = watch::channel(ConnectionState {
+        connected: false,
+        connects: 0,
+        since: std::time::Instant::now(),
+    });
+    let state = Arc::new(state);
     let slow_consumer = Arc::new(DropCounter::default());
     options = options
         .name(&settings.name)
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(move |event| {
-            let on_event = Arc::clone(&on_event);
-            let slow_consumer = Arc::clone(&slow_consumer);
-            async move {
-                match &event {
-                    Event::Connected => tracing::info!("connected to NATS"),
-                    Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-                    Event::ServerError(err) => tracing::warn!(%err, "NATS server error"),
-                    Event::ClientError(err) => tracing::warn!(%err, "NATS client error"),
-                    // One event per dropped message: counted, logged once a second.
-                    Event::SlowConsumer(_) => slow_consumer.note(),
-                    other => tracing::info!(event = %other, "NATS event"),
+        .event_callback({
+            let state = Arc::clone(&state);
+            move |event| {
+                let state = Arc::clone(&state);
+                let slow_consumer = Arc::clone(&slow_consumer);
+                async move {
+                    match &event {
+                        Event::Connected => tracing::info!("connected to NATS"),
+                        Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting")
+                        }
+                        Event::ServerError(err) => tracing::warn!(%err, "NATS server error"),
+                        Event::ClientError(err) => tracing::warn!(%err, "NATS client error"),
+                        // One event per dropped message: counted, logged once a second.
+                        Event::SlowConsumer(_) => slow_consumer.note(),
+                        other => tracing::info!(event = %other, "NATS event"),
+                    }
+                    state.send_if_modified(|state| state.on_event(&event));
                 }
-                on_event(&event);
             }
         });
     if settings.retry_initial_connect {
@@ -238,13 +288,22 @@ pub async fn connect(
     if settings.urls.iter().any(|url| url.starts_with("tls://")) {
         options = options.require_tls(true);
     }
-    options
+    let client = options
         .connect(addrs)
         .await
         .map_err(|source| NatsError::Connect {
             urls: settings.urls.join(", "),
             source,
-        })
+        })?;
+    // A connection made before returning (no retry) is known now; its
+    // event, when it comes, changes nothing.
+    if client.connection_state() == async_nats::connection::State::Connected {
+        state.send_if_modified(|state| state.on_event(&Event::Connected));
+    }
+    Ok(Connection {
+        client,
+        state: watched,
+    })
 }
 
 #[cfg(test)]
@@ -295,6 +354,25 @@ mod tests {
         assert!(reconnect_delay(2) < Duration::from_secs(1));
         assert_eq!(reconnect_delay(50), Duration::from_secs(1));
         assert!((2..60).all(|n| reconnect_delay(n) <= reconnect_delay(n + 1)));
+    }
+
+    #[test]
+    fn the_state_counts_connections_once_each() {
+        let mut state = ConnectionState {
+            connected: false,
+            connects: 0,
+            since: std::time::Instant::now(),
+        };
+        assert!(state.on_event(&Event::Connected));
+        // The first connection's own event after it was already seen.
+        assert!(!state.on_event(&Event::Connected));
+        assert!(!state.is_reconnection());
+        assert!(!state.on_event(&Event::LameDuckMode));
+        assert!(state.on_event(&Event::Disconnected));
+        assert!(!state.connected);
+        assert!(state.on_event(&Event::Connected));
+        assert_eq!(state.connects, 2);
+        assert!(state.is_reconnection());
     }
 
     #[test]

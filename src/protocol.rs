@@ -744,8 +744,9 @@ pub fn random_hex<const N: usize>() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
+        let clock = nanos.to_le_bytes();
         for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = (nanos >> ((i % 16) * 8)) as u8;
+            *byte = clock[i % clock.len()];
         }
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -11,7 +11,8 @@ fn notify(state: NotifyState<'_>) {
     }
 }
 
-/// The service is up: subscribed and taking requests.
+/// The service is up: serving, and subscribed unless NATS is unreachable
+/// (the status says which).
 pub fn ready() {
     notify(NotifyState::Ready);
 }
@@ -29,4 +30,9 @@ pub fn watchdog() {
 /// How often to ping the watchdog: half its timeout, if it is enabled.
 pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|timeout| timeout / 2)
+}
+
+/// A one-line status that `systemctl status` shows.
+pub fn status(text: &str) {
+    notify(NotifyState::Status(text));
 }

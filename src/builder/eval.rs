@@ -23,32 +23,34 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::HostFailure;
+use super::cancel::Cancellation;
+use super::request::HostFailure;
 use crate::nix::NixCli;
 use crate::nix::argv::{EVAL_MARKER, is_drv_path};
 use crate::nix::log::{ErrorTail, LogEvent, LogParser};
 use crate::nix::process::{self, Observer, Outcome};
 use crate::protocol::ErrorCode;
+use crate::sync::lock;
 
 /// A host evaluated to its derivation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Evaluated {
-    pub drv_path: String,
-    pub out_path: String,
+pub(crate) struct Evaluated {
+    pub(crate) drv_path: String,
+    pub(crate) out_path: String,
 }
 
 /// What the evaluator lanes need to know.
 #[derive(Debug, Clone)]
-pub struct EvalSettings {
-    pub workers: usize,
-    pub max_memory: u64,
-    pub host_timeout: Duration,
+pub(crate) struct EvalSettings {
+    pub(crate) workers: usize,
+    pub(crate) max_memory: u64,
+    pub(crate) host_timeout: Duration,
 }
 
 type HostResult = Result<Evaluated, HostFailure>;
 
 /// The evaluations of one request's hosts, consumed in host order.
-pub struct Evaluations {
+pub(crate) struct Evaluations {
     results: Vec<Option<HostResult>>,
     incoming: mpsc::Receiver<(usize, HostResult)>,
     lanes: JoinSet<()>,
@@ -58,15 +60,15 @@ pub struct Evaluations {
 impl Evaluations {
     /// Starts evaluating `hosts` (indexes into the request's host list) of
     /// the flake at `locked_url`; `known` are results available already.
-    pub fn start(
+    pub(crate) fn start(
         nix: &NixCli,
         locked_url: &str,
         hosts: &[String],
         known: Vec<Option<Evaluated>>,
         settings: &EvalSettings,
-        cancel: &CancellationToken,
+        cancel: &Cancellation,
     ) -> Self {
-        let stop = cancel.child_token();
+        let stop = cancel.token().child_token();
         let pending: Vec<(usize, String)> = hosts
             .iter()
             .enumerate()
@@ -116,7 +118,7 @@ impl Evaluations {
     }
 
     /// Waits for host `index`'s evaluation.
-    pub async fn get(&mut self, index: usize, cancel: &CancellationToken) -> HostResult {
+    pub(crate) async fn get(&mut self, index: usize, cancel: &Cancellation) -> HostResult {
         loop {
             if let Some(result) = self.results.get_mut(index).and_then(Option::take) {
                 return result;
@@ -130,7 +132,7 @@ impl Evaluations {
                     }
                     None => {
                         return Err(if cancel.is_cancelled() {
-                            HostFailure::cancelled()
+                            HostFailure::cancelled(cancel.reason())
                         } else {
                             HostFailure::failed(
                                 ErrorCode::Internal,
@@ -139,13 +141,13 @@ impl Evaluations {
                         });
                     }
                 },
-                () = cancel.cancelled() => return Err(HostFailure::cancelled()),
+                () = cancel.cancelled() => return Err(HostFailure::cancelled(cancel.reason())),
             }
         }
     }
 
     /// Stops every evaluator still running and waits for them.
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         self.stop.cancel();
         while self.lanes.join_next().await.is_some() {}
     }
@@ -251,12 +253,6 @@ impl Observer for ProcessObserver<'_> {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Evaluates one lane's hosts, in order, with as many processes as needed.
 async fn run_lane(
     nix: NixCli,
@@ -295,10 +291,10 @@ async fn run_lane(
             };
             // No overall deadline: each host gets `host_timeout` from its
             // start, enforced by the watchdog below.
-            let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
             let limits = process::Limits {
+                deadline: None,
+                max_silence: None,
                 kill_grace: process::EVAL_KILL_GRACE,
-                ..process::Limits::deadline(far)
             };
             let run = process::run_limited(&invocation, limits, &stop, &mut observer);
             tokio::pin!(run);

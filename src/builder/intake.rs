@@ -9,15 +9,16 @@ use async_nats::{Message, Subject};
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::job::Job;
+use super::cancel;
 use super::monitor::Monitor;
 use super::queue::{PushError, Queue};
 use super::replies::{Publisher, Replies};
-use super::{Queued, cancel_waiting};
+use super::request::{Job, Report};
 use crate::config::Config;
 use crate::protocol::{
-    self, CancelEvent, CancelOutcome, CancelRequest, CancelledState, ErrorBody, ErrorCode, Event,
-    RESPONSES_PREFIX, RequestError, StatusEvent, SubjectKind, Target, ValidRequest,
+    self, BuildStatus, CancelEvent, CancelOutcome, CancelRequest, CancelledState, ErrorBody,
+    ErrorCode, Event, RESPONSES_PREFIX, RequestError, StatusEvent, SubjectKind, Target,
+    ValidRequest,
 };
 
 /// What identifies a request for coalescing: the same repo, target, ref,
@@ -44,26 +45,26 @@ impl Identity {
 }
 
 /// Receives requests from the subscriptions.
-pub struct Intake {
-    pub config: Arc<Config>,
-    pub publisher: Arc<Publisher>,
-    pub queue: Arc<Queue<Queued>>,
-    pub monitor: Arc<Monitor>,
+pub(crate) struct Intake {
+    config: Arc<Config>,
+    publisher: Arc<Publisher>,
+    queue: Arc<Queue<Job>>,
+    monitor: Arc<Monitor>,
     /// Rejections are logged at most this often, so a flood of bad
     /// requests neither floods the journal nor slows the intake down.
-    pub rejection_log: RateLimit,
+    rejection_log: RateLimit,
 }
 
 /// Lets through a number of events per second and counts the rest.
 #[derive(Debug)]
-pub struct RateLimit {
+struct RateLimit {
     per_second: u32,
     state: std::sync::Mutex<(std::time::Instant, u32, u64)>,
 }
 
 impl RateLimit {
     /// Allows `per_second` events each second.
-    pub fn new(per_second: u32) -> Self {
+    fn new(per_second: u32) -> Self {
         Self {
             per_second,
             state: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
@@ -72,8 +73,8 @@ impl RateLimit {
 
     /// Whether this event may be logged; when a new second starts, also how
     /// many were held back in the last one.
-    pub fn allow(&self) -> (bool, u64) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    fn allow(&self) -> (bool, u64) {
+        let mut state = crate::sync::lock(&self.state);
         let (since, count, held_back) = &mut *state;
         let mut report = 0;
         if since.elapsed() >= std::time::Duration::from_secs(1) {
@@ -92,8 +93,44 @@ impl RateLimit {
 }
 
 impl Intake {
+    /// An intake that queues onto `queue` and replies through `publisher`.
+    pub(crate) fn new(
+        config: Arc<Config>,
+        publisher: Arc<Publisher>,
+        queue: Arc<Queue<Job>>,
+        monitor: Arc<Monitor>,
+    ) -> Self {
+        Self {
+            config,
+            publisher,
+            queue,
+            monitor,
+            rejection_log: RateLimit::new(20),
+        }
+    }
+
+    /// Refuses new requests from now on (`shutting_down`) and ends every
+    /// waiting one with `finished`/`cancelled`, saying `reason`.
+    pub(crate) fn close(&self, reason: &str) {
+        for job in self.queue.close() {
+            self.cancel_waiting(&job, reason);
+        }
+    }
+
+    /// Ends a request that never started: cancelled while it waited.
+    fn cancel_waiting(&self, job: &Job, reason: &str) {
+        tracing::info!(build_id = %job.build_id, reason, "cancelling queued build");
+        let report = Report::ended_early(
+            BuildStatus::Cancelled,
+            ErrorBody::new(ErrorCode::Cancelled, reason),
+        );
+        self.monitor
+            .build_finished(&job.build_id, &job.repo, report.status, report.duration);
+        job.finish(report);
+    }
+
     /// Handles a message on `build.*.*`.
-    pub fn build(&self, message: Message) {
+    pub(crate) fn build(&self, message: Message) {
         let (repo, target) = match protocol::classify_subject(&message.subject) {
             SubjectKind::Build { repo, target } => (repo.to_owned(), target.to_owned()),
             // Replies (ours included) and anything else are never requests.
@@ -169,7 +206,7 @@ impl Intake {
         };
         // `accepted` is queued for sending before the worker can take the
         // job, so it always precedes `started`.
-        let pushed = self.queue.push_announced(Queued { job }, |position| {
+        let pushed = self.queue.push_announced(job, |position| {
             replies.send(&build_id, accepted(position));
         });
         match pushed {
@@ -208,9 +245,8 @@ impl Intake {
     fn coalesce(&self, job: &Job, reply: &Subject, span: &tracing::Span) -> bool {
         let identity = Identity::of(job);
         self.queue.join(
-            |queued| Identity::of(&queued.job) == identity,
-            |queued, queue_position| {
-                let waiting = &queued.job;
+            |waiting| Identity::of(waiting) == identity,
+            |waiting, queue_position| {
                 // Sent before joining, under the queue's lock: `accepted`
                 // comes before anything the build sends afterwards.
                 waiting.replies.send_to(
@@ -240,7 +276,7 @@ impl Intake {
     }
 
     /// Answers a `build.status` request.
-    pub fn status(&self, message: Message) {
+    pub(crate) fn status(&self, message: Message) {
         if let Some(reply) = reply_subject(&message) {
             self.answer(reply, &StatusEvent::Status(self.monitor.status()));
         }
@@ -248,7 +284,7 @@ impl Intake {
 
     /// Handles a `build.cancel` request: a waiting build leaves the queue,
     /// a running one is stopped; either gets its terminal event.
-    pub fn cancel(&self, message: Message) {
+    pub(crate) fn cancel(&self, message: Message) {
         // Like a build, a cancel may come without a reply subject; one
         // with a reply subject replies could not reach is ignored.
         if message.reply.is_some() && check_reply_subject(&message).is_err() {
@@ -267,9 +303,8 @@ impl Intake {
             Ok(CancelRequest { build_id }) => {
                 // The queue first: a job only moves from it to running,
                 // so looking in this order cannot miss one in passing.
-                let state = if let Some(queued) = self.queue.remove(|q| q.job.build_id == build_id)
-                {
-                    cancel_waiting(queued.job, &self.monitor, "cancelled by request");
+                let state = if let Some(job) = self.queue.remove(|job| job.build_id == build_id) {
+                    self.cancel_waiting(&job, cancel::BY_REQUEST);
                     Some(CancelledState::Queued)
                 } else if self.monitor.cancel_running(&build_id) {
                     Some(CancelledState::Running)

@@ -4,33 +4,32 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use tokio_util::sync::CancellationToken;
-
-use super::Queued;
-use super::job::Job;
+use super::cancel::{self, Cancellation};
 use super::queue::Queue;
+use super::request::Job;
 use crate::config::Config;
 use crate::metrics::{Exporter, Health, Metrics};
+use crate::nats::ConnectionState;
 use crate::protocol::{
     BuildStatus, BuilderStatus, ErrorCode, HostStatus, LastResult, QueuedBuild, RepoInfo,
     RunningBuild, rfc3339,
 };
 
 /// The hub the intake, the worker and the jobs report to.
-pub struct Monitor {
+pub(crate) struct Monitor {
     metrics: Metrics,
     repos: Vec<RepoInfo>,
-    queue: Arc<Queue<Queued>>,
+    queue: Arc<Queue<Job>>,
     state: Mutex<State>,
     state_file: Option<PathBuf>,
-    nats: OnceLock<async_nats::Client>,
-    connects: AtomicU64,
+    nats: watch::Receiver<ConnectionState>,
     worker_alive: AtomicBool,
 }
 
@@ -43,7 +42,7 @@ struct State {
 struct Running {
     status: RunningBuild,
     since: Instant,
-    cancel: CancellationToken,
+    cancel: Cancellation,
 }
 
 /// What is remembered of one host (and, with `state_file`, persisted).
@@ -61,10 +60,12 @@ struct StateFile {
 }
 
 impl Monitor {
-    /// A monitor for `config`'s repos, restoring `state_file` if there is one.
-    pub fn new(
+    /// A monitor for `config`'s repos and the connection whose state is
+    /// `nats`, restoring `state_file` if there is one.
+    pub(crate) fn new(
         config: &Config,
-        queue: Arc<Queue<Queued>>,
+        queue: Arc<Queue<Job>>,
+        nats: watch::Receiver<ConnectionState>,
     ) -> Result<Self, crate::metrics::MetricsError> {
         let metrics = Metrics::new(config.repos.keys().map(String::as_str))?;
         let monitor = Self {
@@ -80,8 +81,7 @@ impl Monitor {
             queue,
             state: Mutex::new(State::default()),
             state_file: config.builder.state_file.clone(),
-            nats: OnceLock::new(),
-            connects: AtomicU64::new(0),
+            nats,
             worker_alive: AtomicBool::new(false),
         };
         monitor.restore(config);
@@ -89,36 +89,20 @@ impl Monitor {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The connection whose state `/healthz` reports.
-    pub fn set_nats(&self, client: async_nats::Client) {
-        let _ = self.nats.set(client);
-    }
-
-    /// Counts reconnections from the client's connection events.
-    pub fn nats_event(&self, event: &async_nats::Event) {
-        if matches!(event, async_nats::Event::Connected)
-            && self.connects.fetch_add(1, Ordering::Relaxed) > 0
-        {
-            self.metrics.nats_reconnects.inc();
-        }
+        crate::sync::lock(&self.state)
     }
 
     fn nats_connected(&self) -> bool {
-        self.nats
-            .get()
-            .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected)
+        self.nats.borrow().connected
     }
 
     /// The worker started or stopped.
-    pub fn worker_running(&self, alive: bool) {
+    pub(crate) fn worker_running(&self, alive: bool) {
         self.worker_alive.store(alive, Ordering::Relaxed);
     }
 
     /// A request was refused with `code`.
-    pub fn rejected(&self, code: ErrorCode) {
+    pub(crate) fn rejected(&self, code: ErrorCode) {
         self.metrics
             .rejected
             .with_label_values(&[code.as_str()])
@@ -126,7 +110,7 @@ impl Monitor {
     }
 
     /// A request starts running; `cancel` stops it.
-    pub fn build_started(&self, job: &Job, cancel: CancellationToken) {
+    pub(crate) fn build_started(&self, job: &Job, cancel: Cancellation) {
         self.lock().running = Some(Running {
             status: RunningBuild {
                 build_id: job.build_id.clone(),
@@ -144,10 +128,10 @@ impl Monitor {
     }
 
     /// Cancels the running request if it is `build_id`.
-    pub fn cancel_running(&self, build_id: &str) -> bool {
+    pub(crate) fn cancel_running(&self, build_id: &str) -> bool {
         match &self.lock().running {
             Some(running) if running.status.build_id == build_id => {
-                running.cancel.cancel();
+                running.cancel.cancel(cancel::BY_REQUEST);
                 true
             }
             _ => false,
@@ -155,7 +139,7 @@ impl Monitor {
     }
 
     /// The running request moved on to `host`.
-    pub fn host_started(&self, host: &str, index: usize, total: usize) {
+    pub(crate) fn host_started(&self, host: &str, index: usize, total: usize) {
         if let Some(running) = self.lock().running.as_mut() {
             running.status.host = Some(host.to_owned());
             running.status.index = Some(index);
@@ -164,7 +148,7 @@ impl Monitor {
     }
 
     /// A host finished.
-    pub fn host_finished(
+    pub(crate) fn host_finished(
         &self,
         repo: &str,
         host: &str,
@@ -207,7 +191,7 @@ impl Monitor {
     }
 
     /// A request finished (ran, or was cancelled while it waited).
-    pub fn build_finished(
+    pub(crate) fn build_finished(
         &self,
         build_id: &str,
         repo: &str,
@@ -227,13 +211,13 @@ impl Monitor {
     }
 
     /// The `build.status` report.
-    pub fn status(&self) -> BuilderStatus {
-        let queue = self.queue.snapshot(|queued| QueuedBuild {
-            build_id: queued.job.build_id.clone(),
-            repo: queued.job.repo.clone(),
-            target: queued.job.target.to_string(),
-            git_ref: queued.job.git_ref.clone(),
-            queued_at: rfc3339(queued.job.received_at),
+    pub(crate) fn status(&self) -> BuilderStatus {
+        let queue = self.queue.snapshot(|job| QueuedBuild {
+            build_id: job.build_id.clone(),
+            repo: job.repo.clone(),
+            target: job.target.to_string(),
+            git_ref: job.git_ref.clone(),
+            queued_at: rfc3339(job.received_at),
         });
         let state = self.lock();
         BuilderStatus {
@@ -305,13 +289,22 @@ fn write_atomically(path: &Path, state: &StateFile) -> std::io::Result<()> {
 impl Exporter for Monitor {
     fn metrics(&self) -> String {
         let metrics = &self.metrics;
-        metrics.queue_length.set(self.queue.waiting() as i64);
+        metrics
+            .queue_length
+            .set(i64::try_from(self.queue.waiting()).unwrap_or(i64::MAX));
         let age = self.lock().running.as_ref().map(|r| r.since.elapsed());
         metrics.build_in_progress.set(i64::from(age.is_some()));
         metrics
             .oldest_active_age
             .set(age.map_or(0.0, |a| a.as_secs_f64()));
-        metrics.nats_connected.set(i64::from(self.nats_connected()));
+        let nats = *self.nats.borrow();
+        metrics.nats_connected.set(i64::from(nats.connected));
+        // Every connection after the first is a reconnection.
+        let reconnects = nats.connects.saturating_sub(1);
+        let counted = metrics.nats_reconnects.get();
+        if reconnects > counted {
+            metrics.nats_reconnects.inc_by(reconnects - counted);
+        }
         metrics.render()
     }
 

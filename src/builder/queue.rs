@@ -8,7 +8,7 @@ use tokio::sync::Notify;
 
 /// Why a request could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
+pub(crate) enum PushError {
     /// `queue_limit` requests are already waiting.
     Full,
     /// The builder is shutting down.
@@ -22,7 +22,7 @@ struct State<J> {
 }
 
 /// A FIFO with a single consumer that knows whether it is busy.
-pub struct Queue<J> {
+pub(crate) struct Queue<J> {
     state: Mutex<State<J>>,
     wake: Notify,
     limit: usize,
@@ -30,7 +30,7 @@ pub struct Queue<J> {
 
 impl<J> Queue<J> {
     /// A queue that lets `limit` jobs wait behind the running one.
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
@@ -43,21 +43,22 @@ impl<J> Queue<J> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State<J>> {
-        // A panic while holding this lock cannot leave the queue half
-        // updated (every critical section is a single push or pop).
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Appends a job; returns how many jobs are ahead of it (0: it starts now).
-    pub fn push(&self, job: J) -> Result<usize, PushError> {
+    #[cfg(test)]
+    fn push(&self, job: J) -> Result<usize, PushError> {
         self.push_announced(job, |_| {})
     }
 
     /// Appends a job and calls `announce` with its position before the
     /// consumer can take it, so whatever `announce` sends comes first.
-    pub fn push_announced(&self, job: J, announce: impl FnOnce(usize)) -> Result<usize, PushError> {
+    pub(crate) fn push_announced(
+        &self,
+        job: J,
+        announce: impl FnOnce(usize),
+    ) -> Result<usize, PushError> {
         let mut state = self.lock();
         if state.closed {
             return Err(PushError::Closed);
@@ -76,7 +77,7 @@ impl<J> Queue<J> {
     /// Finds the first waiting job that `matches` and calls `join` with it
     /// and its position, while the consumer cannot take it. Returns whether
     /// one was found.
-    pub fn join(&self, matches: impl Fn(&J) -> bool, join: impl FnOnce(&J, usize)) -> bool {
+    pub(crate) fn join(&self, matches: impl Fn(&J) -> bool, join: impl FnOnce(&J, usize)) -> bool {
         let state = self.lock();
         if state.closed {
             return false;
@@ -92,7 +93,7 @@ impl<J> Queue<J> {
     }
 
     /// Takes the first waiting job that `matches` out of the queue.
-    pub fn remove(&self, matches: impl Fn(&J) -> bool) -> Option<J> {
+    pub(crate) fn remove(&self, matches: impl Fn(&J) -> bool) -> Option<J> {
         let mut state = self.lock();
         let index = state.waiting.iter().position(matches)?;
         state.waiting.remove(index)
@@ -100,13 +101,14 @@ impl<J> Queue<J> {
 
     /// Waits for the next job and marks the queue busy until [`Self::done`].
     /// Returns `None` once the queue is closed.
-    pub async fn next(&self) -> Option<J> {
+    #[cfg(test)]
+    async fn next(&self) -> Option<J> {
         self.next_with(|_| {}).await
     }
 
     /// [`Self::next`], calling `on_take` with the job while it is taken, so
     /// that for others it is never neither waiting nor running.
-    pub async fn next_with(&self, on_take: impl Fn(&J)) -> Option<J> {
+    pub(crate) async fn next_with(&self, on_take: impl Fn(&J)) -> Option<J> {
         loop {
             let notified = self.wake.notified();
             {
@@ -125,12 +127,12 @@ impl<J> Queue<J> {
     }
 
     /// The running job is finished.
-    pub fn done(&self) {
+    pub(crate) fn done(&self) {
         self.lock().running = false;
     }
 
     /// Refuses new jobs and hands back the ones still waiting.
-    pub fn close(&self) -> Vec<J> {
+    pub(crate) fn close(&self) -> Vec<J> {
         let mut state = self.lock();
         state.closed = true;
         let waiting = state.waiting.drain(..).collect();
@@ -140,12 +142,12 @@ impl<J> Queue<J> {
     }
 
     /// A summary of every waiting job, in queue order.
-    pub fn snapshot<T>(&self, summarize: impl Fn(&J) -> T) -> Vec<T> {
+    pub(crate) fn snapshot<T>(&self, summarize: impl Fn(&J) -> T) -> Vec<T> {
         self.lock().waiting.iter().map(summarize).collect()
     }
 
     /// Number of jobs waiting (not counting the running one).
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.lock().waiting.len()
     }
 }

@@ -12,24 +12,24 @@
 //! subscription is back would be lost.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::Subject;
-use async_nats::connection::State;
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::nats::{Connection, ConnectionState};
 use crate::protocol::{Event, Reply};
+use crate::sync::lock;
 
 /// How long the outbox waits after a reconnection before it drains.
-pub const RECONNECT_HOLD: Duration = Duration::from_secs(3);
+pub(crate) const RECONNECT_HOLD: Duration = Duration::from_secs(3);
 /// Expendable events (progress, log) kept waiting at most; beyond it the
 /// newest are dropped.
-pub const MAX_EXPENDABLE_QUEUED: usize = 256;
+pub(crate) const MAX_EXPENDABLE_QUEUED: usize = 256;
 
 struct Outgoing {
     subject: Subject,
@@ -53,52 +53,32 @@ impl Outbox {
 }
 
 /// The single sender of replies.
-pub struct Publisher {
+pub(crate) struct Publisher {
     nats: async_nats::Client,
+    state: watch::Receiver<ConnectionState>,
     outbox: Mutex<Outbox>,
     wake: Notify,
     drained: Notify,
-    /// Milliseconds since `epoch` of the last reconnection (0: none yet).
-    reconnected_at: AtomicU64,
-    connects: AtomicU64,
-    epoch: Instant,
 }
 
 impl Publisher {
-    /// A publisher over `nats`; run [`Publisher::run`] to drain it.
-    pub fn new(nats: async_nats::Client) -> Arc<Self> {
+    /// A publisher over `connection`; run [`Publisher::run`] to drain it.
+    pub(crate) fn new(connection: &Connection) -> Arc<Self> {
         Arc::new(Self {
-            nats,
+            nats: connection.client.clone(),
+            state: connection.state.clone(),
             outbox: Mutex::new(Outbox::default()),
             wake: Notify::new(),
             drained: Notify::new(),
-            reconnected_at: AtomicU64::new(0),
-            connects: AtomicU64::new(0),
-            epoch: Instant::now(),
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
-        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Notes reconnections (from the connection's event callback).
-    pub fn nats_event(&self, event: &async_nats::Event) {
-        if matches!(event, async_nats::Event::Connected)
-            && self.connects.fetch_add(1, Ordering::Relaxed) > 0
-        {
-            self.note_reconnected();
-        }
-    }
-
-    /// Starts the hold from now (or keeps a later start).
-    fn note_reconnected(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.reconnected_at.fetch_max(now.max(1), Ordering::Relaxed);
+        lock(&self.outbox)
     }
 
     /// Queues `payload` for `subject`; never waits.
-    pub fn enqueue(&self, subject: Subject, payload: Bytes, expendable: bool) {
+    pub(crate) fn enqueue(&self, subject: Subject, payload: Bytes, expendable: bool) {
         let mut outbox = self.lock();
         if expendable {
             if outbox.expendable >= MAX_EXPENDABLE_QUEUED {
@@ -117,13 +97,13 @@ impl Publisher {
     }
 
     /// Messages waiting to be sent.
-    pub fn backlog(&self) -> usize {
+    pub(crate) fn backlog(&self) -> usize {
         let outbox = self.lock();
         outbox.items.len() + usize::from(outbox.sending)
     }
 
     /// Waits until everything queued so far is handed to NATS, or `limit`.
-    pub async fn drain(&self, limit: Duration) -> bool {
+    pub(crate) async fn drain(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
             let drained = self.drained.notified();
@@ -137,7 +117,7 @@ impl Publisher {
     }
 
     /// Sends queued messages in order until `stop`.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         loop {
             let wake = self.wake.notified();
             let next = {
@@ -181,24 +161,20 @@ impl Publisher {
 
     /// Returns once connected and past the hold after a reconnection.
     async fn until_deliverable(&self) {
-        let mut seen_down = false;
+        let mut state = self.state.clone();
         loop {
-            if self.nats.connection_state() != State::Connected {
-                seen_down = true;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = *state.borrow_and_update();
+            if !now.connected {
+                if state.changed().await.is_err() {
+                    return; // the connection is gone; publishing will say so
+                }
                 continue;
             }
-            // The event callback that notes the reconnection runs in its
-            // own task and may not have yet: a disconnection seen here
-            // starts the hold by itself.
-            if std::mem::take(&mut seen_down) {
-                self.note_reconnected();
-            }
-            let at = self.reconnected_at.load(Ordering::Relaxed);
-            if at > 0 {
-                let release = self.epoch + Duration::from_millis(at) + RECONNECT_HOLD;
+            if now.is_reconnection() {
+                let release = Instant::from_std(now.since) + RECONNECT_HOLD;
                 if Instant::now() < release {
-                    tokio::time::sleep_until(release).await;
+                    // A change (lost again) is looked at before sending.
+                    let _ = tokio::time::timeout_at(release, state.changed()).await;
                     continue;
                 }
             }
@@ -211,7 +187,7 @@ impl Publisher {
 /// (several when identical requests were coalesced; none for a
 /// fire-and-forget request, which is built all the same).
 #[derive(Clone)]
-pub struct Replies {
+pub(crate) struct Replies {
     publisher: Arc<Publisher>,
     to: Arc<Mutex<Vec<Subject>>>,
 }
@@ -226,7 +202,7 @@ impl std::fmt::Debug for Replies {
 
 impl Replies {
     /// Events for the requester at `to`, if any.
-    pub fn new(publisher: Arc<Publisher>, to: Option<Subject>) -> Self {
+    pub(crate) fn new(publisher: Arc<Publisher>, to: Option<Subject>) -> Self {
         Self {
             publisher,
             to: Arc::new(Mutex::new(to.into_iter().collect())),
@@ -234,19 +210,16 @@ impl Replies {
     }
 
     fn subjects(&self) -> Vec<Subject> {
-        self.to.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.to).clone()
     }
 
     /// Adds a requester: it gets every event sent from now on.
-    pub fn add(&self, subject: Subject) {
-        self.to
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(subject);
+    pub(crate) fn add(&self, subject: Subject) {
+        lock(&self.to).push(subject);
     }
 
     /// Sends one event to every requester; never waits.
-    pub fn send(&self, build_id: &str, event: Event) {
+    pub(crate) fn send(&self, build_id: &str, event: Event) {
         let subjects = self.subjects();
         if subjects.is_empty() {
             return;
@@ -256,7 +229,7 @@ impl Replies {
 
     /// Sends one event to one subject only (e.g. `accepted` to a requester
     /// joining a coalesced build).
-    pub fn send_to(&self, subject: &Subject, build_id: &str, event: Event) {
+    pub(crate) fn send_to(&self, subject: &Subject, build_id: &str, event: Event) {
         send_to(
             &self.publisher,
             std::slice::from_ref(subject),

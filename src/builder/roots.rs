@@ -8,18 +8,18 @@
 use std::path::{Path, PathBuf};
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::HostFailure;
+use super::cancel::Cancellation;
+use super::request::HostFailure;
 use crate::nix::NixCli;
 use crate::nix::process::{self, Outcome};
 use crate::protocol::{ErrorCode, random_hex};
 
 /// Where and how many roots are kept.
 #[derive(Debug, Clone)]
-pub struct GcRoots {
-    pub dir: PathBuf,
-    pub keep: usize,
+pub(crate) struct GcRoots {
+    pub(crate) dir: PathBuf,
+    pub(crate) keep: usize,
 }
 
 fn failure(what: &str, path: &Path, err: impl std::fmt::Display) -> HostFailure {
@@ -40,14 +40,14 @@ fn generation(name: &str, host: &str) -> Option<u64> {
 
 impl GcRoots {
     /// Roots `out_path` as the newest generation of `repo`/`host`.
-    pub async fn record(
+    pub(crate) async fn record(
         &self,
         nix: &NixCli,
         repo: &str,
         host: &str,
         out_path: &str,
         deadline: Instant,
-        cancel: &CancellationToken,
+        cancel: &Cancellation,
     ) -> Result<(), HostFailure> {
         let dir = self.dir.join(repo);
         std::fs::create_dir_all(&dir)
@@ -64,10 +64,10 @@ impl GcRoots {
         // `nix build --out-link` on a valid path creates the link and
         // registers it with the daemon as an (indirect) root.
         let invocation = nix.add_root(out_path, &link_str);
-        let outcome = process::run(&invocation, deadline, cancel, &mut |_: &str| {}).await;
+        let outcome = process::run(&invocation, deadline, cancel.token(), &mut |_: &str| {}).await;
         match outcome {
             Ok(Outcome::Exited { status, .. }) if status.success() => {}
-            Ok(Outcome::Cancelled) => return Err(HostFailure::cancelled()),
+            Ok(Outcome::Cancelled) => return Err(HostFailure::cancelled(cancel.reason())),
             Ok(other) => return Err(failure("add", &link, format!("nix ended with {other:?}"))),
             Err(err) => return Err(failure("add", &link, err)),
         }

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::job::Job;
+use super::request::Job;
 use crate::nix::log::{LogEvent, clean_line};
 use crate::protocol::{Event, MAX_LOG_EVENT_BYTES};
+use crate::sync::lock;
 
 /// Lines of build output kept waiting for the next `log` event; beyond this
 /// lines are dropped (and counted), so a flood of output cannot grow memory.
@@ -24,7 +25,7 @@ const PROGRESS_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 /// Watches one host while it waits for its evaluation and builds: sends
 /// `progress` when Nix's counts change (at most once a second) and at least
 /// every `progress_interval`, and batches `log` lines when asked for.
-pub struct HostWatch<'a> {
+pub(crate) struct HostWatch<'a> {
     job: &'a Job,
     host: &'a str,
     interval: Duration,
@@ -71,7 +72,7 @@ struct WatchState {
 
 impl<'a> HostWatch<'a> {
     /// A watch for `host` of `job`, reporting at least every `interval`.
-    pub fn new(job: &'a Job, host: &'a str, interval: Duration) -> Self {
+    pub(crate) fn new(job: &'a Job, host: &'a str, interval: Duration) -> Self {
         Self {
             job,
             host,
@@ -81,7 +82,7 @@ impl<'a> HostWatch<'a> {
     }
 
     /// Takes note of one event from the host's `nix build`.
-    pub fn observe(&self, event: &LogEvent, building: Option<&str>) {
+    pub(crate) fn observe(&self, event: &LogEvent, building: Option<&str>) {
         let mut state = lock(&self.state);
         if let LogEvent::Progress { done, expected, .. } = event {
             state.now.done = *done;
@@ -108,7 +109,7 @@ impl<'a> HostWatch<'a> {
     }
 
     /// Runs `work` while reporting on it.
-    pub async fn drive<T>(&self, work: impl Future<Output = T>) -> T {
+    pub(crate) async fn drive<T>(&self, work: impl Future<Output = T>) -> T {
         tokio::pin!(work);
         let mut ticker = tokio::time::interval(Duration::from_millis(250));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -204,12 +205,6 @@ fn json_string_len(text: &str) -> usize {
             c => c.len_utf8(),
         })
         .sum::<usize>()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `homelab-deploy cancel`: stop a running or waiting build.
 
 use super::{Exit, QueryArgs, client_exit, connect, print_raw};
-use crate::protocol::CancelledState;
+use crate::present::cancel_outcome;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -34,20 +34,10 @@ pub async fn run(args: Args) -> Exit {
     };
     if query.json {
         print_raw(&raw);
-    } else if let Some(error) = &outcome.error {
-        eprintln!("error: {} ({})", error.message, error.code);
     } else {
-        match outcome.state {
-            Some(CancelledState::Running) => {
-                println!("build {}: cancelled while running", outcome.build_id)
-            }
-            Some(CancelledState::Queued) => {
-                println!("build {}: cancelled while queued", outcome.build_id)
-            }
-            None => println!(
-                "build {}: not running or queued (already finished, or unknown)",
-                outcome.build_id
-            ),
+        match cancel_outcome(&outcome) {
+            (text, _) if outcome.error.is_some() => eprintln!("error: {text}"),
+            (text, _) => println!("{text}"),
         }
     }
     match (&outcome.error, outcome.found) {

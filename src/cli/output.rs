@@ -4,27 +4,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::present::{human_duration, short_rev};
 use crate::protocol::{BuildStatus, ErrorBody, Event, HostStatus, Reply};
-
-/// Formats a duration the way people read build times: `850ms`, `12.3s`,
-/// `4m05s`, `1h02m`.
-pub fn human_duration(duration: Duration) -> String {
-    let ms = duration.as_millis();
-    let secs = duration.as_secs();
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if secs < 60 {
-        format!("{:.1}s", duration.as_secs_f64())
-    } else if secs < 3600 {
-        format!("{}m{:02}s", secs / 60, secs % 60)
-    } else {
-        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
-    }
-}
-
-fn short_rev(rev: Option<&str>) -> &str {
-    rev.map(|r| r.get(..12).unwrap_or(r)).unwrap_or("-")
-}
 
 /// What the user has seen of the build so far, for the status line.
 #[derive(Debug, Default)]
@@ -304,14 +285,6 @@ mod tests {
             }
         }
         String::from_utf8(out).unwrap()
-    }
-
-    #[test]
-    fn durations_read_naturally() {
-        assert_eq!(human_duration(Duration::from_millis(850)), "850ms");
-        assert_eq!(human_duration(Duration::from_millis(12_340)), "12.3s");
-        assert_eq!(human_duration(Duration::from_secs(245)), "4m05s");
-        assert_eq!(human_duration(Duration::from_secs(3720)), "1h02m");
     }
 
     #[test]

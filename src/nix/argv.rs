@@ -53,11 +53,6 @@ impl NixCli {
         }
     }
 
-    /// The Nix version the command lines are written for.
-    pub fn version(&self) -> NixVersion {
-        self.version
-    }
-
     fn invocation<I, S>(&self, args: I) -> Invocation
     where
         I: IntoIterator<Item = S>,

@@ -74,8 +74,8 @@ impl<F: FnMut(&str)> Observer for F {
 /// When a command is stopped.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Stop it at this time ([`Outcome::TimedOut`]).
-    pub deadline: Instant,
+    /// Stop it at this time ([`Outcome::TimedOut`]); `None`: no deadline.
+    pub deadline: Option<Instant>,
     /// Stop it once it printed nothing on stderr for this long
     /// ([`Outcome::Silent`]).
     pub max_silence: Option<Duration>,
@@ -87,7 +87,7 @@ impl Limits {
     /// Only a deadline, and the default grace.
     pub fn deadline(deadline: Instant) -> Self {
         Self {
-            deadline,
+            deadline: Some(deadline),
             max_silence: None,
             kill_grace: KILL_GRACE,
         }
@@ -118,8 +118,10 @@ impl<O: Observer> Observer for Watched<'_, O> {
     }
 
     fn line(&mut self, line: &str) {
-        self.last_output_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_output_ms.store(
+            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         self.inner.line(line);
     }
 }
@@ -182,10 +184,10 @@ pub async fn run_limited(
             }
         }
         let silence_limit = max_silence.map(|limit| silent_since() + limit);
-        let wake_at = match (drain_until, silence_limit) {
-            (Some(drain), _) => drain,
-            (None, Some(silence)) => silence.min(deadline),
-            (None, None) => deadline,
+        let wake_at = match (drain_until, silence_limit, deadline) {
+            (Some(drain), _, _) => Some(drain),
+            (None, Some(silence), Some(deadline)) => Some(silence.min(deadline)),
+            (None, silence, deadline) => silence.or(deadline),
         };
         // Biased: output that is already waiting is read, and a cancel is
         // seen, before the timer branch judges the silence and the deadline.
@@ -201,12 +203,12 @@ pub async fn run_limited(
                 stop_group(&mut child, kill_grace).await;
                 return Ok(Outcome::Cancelled);
             }
-            () = tokio::time::sleep_until(wake_at) => {
+            () = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {
                 if let Some(status) = exit.take() {
                     break status;
                 }
                 let now = Instant::now();
-                if now >= deadline {
+                if deadline.is_some_and(|deadline| now >= deadline) {
                     stop_group(&mut child, kill_grace).await;
                     return Ok(Outcome::TimedOut);
                 }
@@ -363,7 +365,7 @@ mod tests {
     #[tokio::test]
     async fn silence_stops_the_command_but_output_keeps_it_alive() {
         let limits = |silence: u64| Limits {
-            deadline: soon(30),
+            deadline: Some(soon(30)),
             max_silence: Some(Duration::from_millis(silence)),
             kill_grace: KILL_GRACE,
         };

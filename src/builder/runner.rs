@@ -1,52 +1,35 @@
-//! One accepted request from pin to `finished`: fetch and pin the flake,
-//! resolve the hosts, evaluate them ahead (see [`super::eval`]) and build
-//! them one after the other.
+//! Running one accepted request from pin to its report: fetch and pin the
+//! flake, resolve the hosts, evaluate them ahead (see [`super::eval`]) and
+//! build them one after the other.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::HostFailure;
+use super::cancel::Cancellation;
 use super::eval::{EvalSettings, Evaluated, Evaluations};
 use super::monitor::Monitor;
-use super::replies::Replies;
+use super::request::{HostFailure, Job, Report, millis};
 use super::roots::GcRoots;
 use super::watch::HostWatch;
 use crate::config::{Config, RepoConfig};
 use crate::nix::NixCli;
 use crate::nix::argv::{Invocation, flake_url_with_ref};
+use crate::nix::json::{FlakeMetadata, host_names, out_path_from_build_json};
 use crate::nix::log::{ErrorTail, LogParser};
 use crate::nix::process::{self, Outcome};
 use crate::protocol::{
     BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, Target, is_valid_name,
 };
-
-/// A request that passed validation and waits for its turn.
-#[derive(Debug)]
-pub struct Job {
-    pub build_id: String,
-    pub repo: String,
-    pub target: Target,
-    /// The ref to fetch: the request's, else the repo's default.
-    pub git_ref: Option<String>,
-    pub rev: Option<String>,
-    /// Stream build output as `log` events.
-    pub logs: bool,
-    pub replies: Replies,
-    /// When the request arrived.
-    pub received_at: std::time::SystemTime,
-}
+use crate::sync::lock;
 
 /// What the builder needs to run any job, and what it remembers between
 /// jobs.
-pub struct Runner {
-    pub nix: NixCli,
-    pub config: Arc<Config>,
+pub(crate) struct Runner {
+    nix: NixCli,
+    config: Arc<Config>,
     monitor: Arc<Monitor>,
     roots: Option<GcRoots>,
     memo: Mutex<Memo>,
@@ -80,46 +63,22 @@ struct Pinned {
     rev: Option<String>,
 }
 
-/// Result of the whole request, as reported in `finished`.
-#[derive(Debug, Clone)]
-pub struct JobReport {
-    pub status: BuildStatus,
-    pub rev: Option<String>,
-    pub hosts: Vec<HostSummary>,
-    pub error: Option<ErrorBody>,
-    pub duration: Duration,
-}
-
-/// What `nix flake metadata --json` prints that the builder uses.
-#[derive(Deserialize)]
-struct FlakeMetadata {
-    url: String,
-    revision: Option<String>,
-    #[serde(default)]
-    locked: LockedAttrs,
-}
-
-#[derive(Deserialize, Default)]
-struct LockedAttrs {
-    rev: Option<String>,
-}
-
-/// One entry of `nix build --json`.
-#[derive(Deserialize)]
-struct BuildResult {
-    #[serde(default)]
-    outputs: std::collections::BTreeMap<String, String>,
-}
-
 /// A host that built (or was found built).
 struct Built {
     out_path: String,
     cached: bool,
 }
 
+/// One request on its way through [`Runner::run`]: the job, its
+/// cancellation, and the pinned flake once known.
+struct Run<'a> {
+    job: &'a Job,
+    cancel: &'a Cancellation,
+}
+
 impl Runner {
     /// A runner for `nix` as detected, with an empty memory.
-    pub fn new(nix: NixCli, config: Arc<Config>, monitor: Arc<Monitor>) -> Self {
+    pub(crate) fn new(nix: NixCli, config: Arc<Config>, monitor: Arc<Monitor>) -> Self {
         let roots = config.builder.gc_roots_dir.clone().map(|dir| GcRoots {
             dir,
             keep: config.builder.keep_roots,
@@ -134,14 +93,9 @@ impl Runner {
     }
 
     /// Runs `job` to its end, sending every event but `finished`, which the
-    /// caller sends from the returned report. When `cancel` fires,
-    /// `cancel_reason` says why.
-    pub async fn run(
-        &self,
-        job: &Job,
-        cancel: &CancellationToken,
-        cancel_reason: impl Fn() -> &'static str + Send + Sync,
-    ) -> JobReport {
+    /// caller sends from the returned report. A cancelled request reports
+    /// the reason its `cancel` carries.
+    pub(crate) async fn run(&self, job: &Job, cancel: &Cancellation) -> Report {
         let span = tracing::info_span!(
             "build",
             build_id = %job.build_id,
@@ -149,10 +103,10 @@ impl Runner {
             target = %job.target
         );
         async {
-            let report = self.execute(job, cancel, &cancel_reason).await;
+            let report = self.execute(&Run { job, cancel }).await;
             tracing::info!(
                 status = %report.status,
-                duration_ms = report.duration.as_millis() as u64,
+                duration_ms = millis(report.duration),
                 "build finished"
             );
             report
@@ -161,19 +115,18 @@ impl Runner {
         .await
     }
 
-    async fn execute(
-        &self,
-        job: &Job,
-        cancel: &CancellationToken,
-        cancel_reason: &(dyn Fn() -> &'static str + Send + Sync),
-    ) -> JobReport {
+    async fn execute(&self, run: &Run<'_>) -> Report {
+        let Run { job, cancel } = *run;
         let started = Instant::now();
-        let report = |status, rev, hosts, error| JobReport {
+        let report = |status, rev, hosts, error| Report {
             status,
             rev,
             hosts,
             error,
             duration: started.elapsed(),
+        };
+        let early = |failure: HostFailure, rev| {
+            report(failure.build_status(), rev, Vec::new(), Some(failure.error))
         };
         let Some(repo) = self.config.repos.get(&job.repo) else {
             // Validated on receipt; a config reload cannot happen mid-run.
@@ -182,43 +135,15 @@ impl Runner {
         };
         let deadline = started + self.config.builder.host_timeout;
 
-        let with_reason = |mut failure: HostFailure| {
-            if failure.status == HostStatus::Cancelled {
-                failure.error.message = cancel_reason().to_owned();
-            }
-            failure
-        };
-        let pinned = match self
-            .pin(repo, job, deadline, cancel)
-            .await
-            .map_err(with_reason)
-        {
+        let pinned = match self.pin(repo, run, deadline).await {
             Ok(pinned) => pinned,
-            Err(failure) => {
-                return report(
-                    failure.build_status(),
-                    None,
-                    Vec::new(),
-                    Some(failure.error),
-                );
-            }
+            Err(failure) => return early(failure, None),
         };
         tracing::info!(rev = pinned.rev.as_deref().unwrap_or("-"), "flake pinned");
 
-        let hosts = match self
-            .resolve_hosts(repo, job, &pinned, deadline, cancel)
-            .await
-            .map_err(with_reason)
-        {
+        let hosts = match self.resolve_hosts(repo, run, &pinned, deadline).await {
             Ok(hosts) => hosts,
-            Err(failure) => {
-                return report(
-                    failure.build_status(),
-                    pinned.rev,
-                    Vec::new(),
-                    Some(failure.error),
-                );
-            }
+            Err(failure) => return early(failure, pinned.rev),
         };
 
         job.replies.send(
@@ -271,15 +196,7 @@ impl Runner {
                 continue;
             }
             let summary = self
-                .build_host(
-                    job,
-                    &pinned,
-                    host,
-                    (i, total),
-                    &mut evaluations,
-                    cancel,
-                    cancel_reason,
-                )
+                .build_host(run, &pinned, host, (i, total), &mut evaluations)
                 .await;
             summaries.push(summary);
         }
@@ -294,7 +211,7 @@ impl Runner {
             BuildStatus::Failed
         };
         let error = (status == BuildStatus::Cancelled)
-            .then(|| ErrorBody::new(ErrorCode::Cancelled, cancel_reason()));
+            .then(|| ErrorBody::new(ErrorCode::Cancelled, cancel.reason()));
         report(status, pinned.rev, summaries, error)
     }
 
@@ -302,25 +219,24 @@ impl Runner {
     async fn pin(
         &self,
         repo: &RepoConfig,
-        job: &Job,
+        run: &Run<'_>,
         deadline: Instant,
-        cancel: &CancellationToken,
     ) -> Result<Pinned, HostFailure> {
+        let job = run.job;
         let url = flake_url_with_ref(&repo.url, job.git_ref.as_deref(), job.rev.as_deref());
         let invocation = self.nix.flake_metadata(&url);
         let stdout = self
-            .run_quiet(&invocation, deadline, cancel, ErrorCode::FetchFailed)
+            .run_quiet(&invocation, deadline, run.cancel, ErrorCode::FetchFailed)
             .await?;
-        let metadata: FlakeMetadata = serde_json::from_slice(&stdout).map_err(|err| {
+        let metadata = FlakeMetadata::parse(&stdout).map_err(|err| {
             HostFailure::failed(
                 ErrorCode::FetchFailed,
                 format!("cannot read `nix flake metadata` output: {err}"),
             )
         })?;
-        let rev = metadata.revision.or(metadata.locked.rev);
         Ok(Pinned {
+            rev: metadata.rev().map(str::to_owned),
             locked_url: metadata.url,
-            rev,
         })
     }
 
@@ -329,26 +245,25 @@ impl Runner {
     async fn resolve_hosts(
         &self,
         repo: &RepoConfig,
-        job: &Job,
+        run: &Run<'_>,
         pinned: &Pinned,
         deadline: Instant,
-        cancel: &CancellationToken,
     ) -> Result<Vec<String>, HostFailure> {
+        let job = run.job;
         let remembered = lock(&self.memo).hosts.get(&pinned.locked_url).cloned();
         let names = match remembered {
             Some(names) => names,
             None => {
                 let invocation = self.nix.list_hosts(&pinned.locked_url);
                 let stdout = self
-                    .run_quiet(&invocation, deadline, cancel, ErrorCode::EvalFailed)
+                    .run_quiet(&invocation, deadline, run.cancel, ErrorCode::EvalFailed)
                     .await?;
-                let mut names: Vec<String> = serde_json::from_slice(&stdout).map_err(|err| {
+                let names = host_names(&stdout).map_err(|err| {
                     HostFailure::failed(
                         ErrorCode::EvalFailed,
                         format!("nixosConfigurations is not an attribute set: {err}"),
                     )
                 })?;
-                names.sort();
                 let mut memo = lock(&self.memo);
                 memo.make_room();
                 memo.hosts.insert(pinned.locked_url.clone(), names.clone());
@@ -387,17 +302,15 @@ impl Runner {
 
     /// Waits for one host's evaluation and builds it, sending `host_started`,
     /// `progress`, `log` and `host_finished`.
-    #[allow(clippy::too_many_arguments)]
     async fn build_host(
         &self,
-        job: &Job,
+        run: &Run<'_>,
         pinned: &Pinned,
         host: &str,
         (index, total): (usize, usize),
         evaluations: &mut Evaluations,
-        cancel: &CancellationToken,
-        cancel_reason: &(dyn Fn() -> &'static str + Send + Sync),
     ) -> HostSummary {
+        let Run { job, cancel } = *run;
         let started = Instant::now();
         // Status first: whoever hears `host_started` and asks for the status
         // then sees this host.
@@ -424,13 +337,12 @@ impl Runner {
                         evaluated.clone(),
                     );
                 }
-                self.build_evaluated(job, host, &evaluated, &watch, cancel)
-                    .await
+                self.build_evaluated(run, host, &evaluated, &watch).await
             })
             .await;
 
         let duration = started.elapsed();
-        let duration_ms = duration.as_millis() as u64;
+        let duration_ms = millis(duration);
         let (status, out_path, cached, error) = match result {
             Ok(built) => (
                 HostStatus::Success,
@@ -438,12 +350,7 @@ impl Runner {
                 built.cached,
                 None,
             ),
-            Err(mut failure) => {
-                if failure.status == HostStatus::Cancelled {
-                    failure.error.message = cancel_reason().to_owned();
-                }
-                (failure.status, None, false, Some(failure.error))
-            }
+            Err(failure) => (failure.status, None, false, Some(failure.error)),
         };
         self.monitor.host_finished(
             &job.repo,
@@ -489,25 +396,24 @@ impl Runner {
     /// or finds its output already in the store.
     async fn build_evaluated(
         &self,
-        job: &Job,
+        run: &Run<'_>,
         host: &str,
         evaluated: &Evaluated,
         watch: &HostWatch<'_>,
-        cancel: &CancellationToken,
     ) -> Result<Built, HostFailure> {
         let deadline = Instant::now() + self.config.builder.host_timeout;
         let built = self
-            .build_or_find(evaluated, watch, deadline, cancel)
+            .build_or_find(evaluated, watch, deadline, run.cancel)
             .await?;
         if let Some(roots) = &self.roots {
             roots
                 .record(
                     &self.nix,
-                    &job.repo,
+                    &run.job.repo,
                     host,
                     &built.out_path,
                     deadline,
-                    cancel,
+                    run.cancel,
                 )
                 .await?;
         }
@@ -519,7 +425,7 @@ impl Runner {
         evaluated: &Evaluated,
         watch: &HostWatch<'_>,
         deadline: Instant,
-        cancel: &CancellationToken,
+        cancel: &Cancellation,
     ) -> Result<Built, HostFailure> {
         if self.is_valid(&evaluated.out_path, deadline, cancel).await {
             return Ok(Built {
@@ -535,18 +441,13 @@ impl Runner {
             max_silence: self.config.builder.max_silent_time,
             ..process::Limits::deadline(deadline)
         };
-        let outcome = process::run_limited(&build, limits, cancel, &mut |line: &str| {
+        let outcome = process::run_limited(&build, limits, cancel.token(), &mut |line: &str| {
             let event = parser.parse(line);
             watch.observe(&event, parser.building());
             tail.observe(&event);
         })
         .await;
-        let stdout = interpret(
-            outcome,
-            tail,
-            ErrorCode::BuildFailed,
-            self.config.builder.host_timeout,
-        )?;
+        let stdout = self.interpret(outcome, tail, ErrorCode::BuildFailed, cancel)?;
         let out_path = out_path_from_build_json(&stdout).ok_or_else(|| {
             HostFailure::failed(
                 ErrorCode::BuildFailed,
@@ -564,9 +465,10 @@ impl Runner {
     }
 
     /// Whether `path` is already valid in the store.
-    async fn is_valid(&self, path: &str, deadline: Instant, cancel: &CancellationToken) -> bool {
+    async fn is_valid(&self, path: &str, deadline: Instant, cancel: &Cancellation) -> bool {
         let invocation = self.nix.check_validity(&[path]);
-        match process::run(&invocation, deadline, cancel, &mut |_: &str| {}).await {
+        let outcome = process::run(&invocation, deadline, cancel.token(), &mut |_: &str| {}).await;
+        match outcome {
             Ok(Outcome::Exited { status, stdout }) => {
                 status.success() && String::from_utf8_lossy(&stdout).trim().is_empty()
             }
@@ -579,118 +481,53 @@ impl Runner {
         &self,
         invocation: &Invocation,
         deadline: Instant,
-        cancel: &CancellationToken,
+        cancel: &Cancellation,
         failure_code: ErrorCode,
     ) -> Result<Vec<u8>, HostFailure> {
         let mut parser = LogParser::new();
         let mut tail = ErrorTail::default();
-        let outcome = process::run(invocation, deadline, cancel, &mut |line: &str| {
+        let outcome = process::run(invocation, deadline, cancel.token(), &mut |line: &str| {
             tail.observe(&parser.parse(line));
         })
         .await;
-        interpret(
-            outcome,
-            tail,
-            failure_code,
-            self.config.builder.host_timeout,
-        )
+        self.interpret(outcome, tail, failure_code, cancel)
     }
-}
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Turns a finished Nix command into its stdout or the failure to report.
-fn interpret(
-    outcome: Result<Outcome, process::SpawnError>,
-    tail: ErrorTail,
-    failure_code: ErrorCode,
-    time_limit: Duration,
-) -> Result<Vec<u8>, HostFailure> {
-    match outcome {
-        Err(err) => Err(HostFailure::failed(ErrorCode::Internal, err.to_string())),
-        Ok(Outcome::Exited { status, stdout }) if status.success() => Ok(stdout),
-        Ok(Outcome::Exited { status, .. }) => {
-            let mut message = tail.summary();
-            if message.is_empty() {
-                message = format!("nix exited with {status} and printed no error");
+    /// Turns a finished Nix command into its stdout or the failure to report.
+    fn interpret(
+        &self,
+        outcome: Result<Outcome, process::SpawnError>,
+        tail: ErrorTail,
+        failure_code: ErrorCode,
+        cancel: &Cancellation,
+    ) -> Result<Vec<u8>, HostFailure> {
+        match outcome {
+            Err(err) => Err(HostFailure::failed(ErrorCode::Internal, err.to_string())),
+            Ok(Outcome::Exited { status, stdout }) if status.success() => Ok(stdout),
+            Ok(Outcome::Exited { status, .. }) => {
+                let mut message = tail.summary();
+                if message.is_empty() {
+                    message = format!("nix exited with {status} and printed no error");
+                }
+                Err(HostFailure::failed(failure_code, message))
             }
-            Err(HostFailure::failed(failure_code, message))
-        }
-        Ok(outcome @ (Outcome::TimedOut | Outcome::Silent)) => {
-            let mut message = match outcome {
-                Outcome::Silent => "killed after printing nothing for max_silent_time".to_owned(),
-                _ => format!(
-                    "killed after exceeding host_timeout ({})",
-                    humantime::format_duration(time_limit)
-                ),
-            };
-            if !tail.is_empty() {
-                message.push('\n');
-                message.push_str(&tail.summary());
+            Ok(outcome @ (Outcome::TimedOut | Outcome::Silent)) => {
+                let mut message = match outcome {
+                    Outcome::Silent => {
+                        "killed after printing nothing for max_silent_time".to_owned()
+                    }
+                    _ => format!(
+                        "killed after exceeding host_timeout ({})",
+                        humantime::format_duration(self.config.builder.host_timeout)
+                    ),
+                };
+                if !tail.is_empty() {
+                    message.push('\n');
+                    message.push_str(&tail.summary());
+                }
+                Err(HostFailure::timeout(message))
             }
-            Err(HostFailure::timeout(message))
+            Ok(Outcome::Cancelled) => Err(HostFailure::cancelled(cancel.reason())),
         }
-        Ok(Outcome::Cancelled) => Err(HostFailure::cancelled()),
-    }
-}
-
-/// The `out` path (or the only output) from `nix build --json`. `None` when
-/// Nix built no outputs, which is what a bare `.drv` installable does on Nix
-/// 2.15+: it must fail loudly, not pass as success.
-pub fn out_path_from_build_json(stdout: &[u8]) -> Option<String> {
-    let results: Vec<BuildResult> = serde_json::from_slice(stdout).ok()?;
-    let first = results.into_iter().next()?;
-    let mut outputs = first.outputs;
-    outputs
-        .remove("out")
-        .or_else(|| outputs.into_values().next())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn out_path_is_taken_from_the_out_output() {
-        let json = br#"[{"drvPath":"/nix/store/a.drv","outputs":{"dev":"/nix/store/d","out":"/nix/store/o"}}]"#;
-        assert_eq!(
-            out_path_from_build_json(json).as_deref(),
-            Some("/nix/store/o")
-        );
-        let json = br#"[{"drvPath":"/nix/store/a.drv","outputs":{"bin":"/nix/store/b"}}]"#;
-        assert_eq!(
-            out_path_from_build_json(json).as_deref(),
-            Some("/nix/store/b")
-        );
-    }
-
-    #[test]
-    fn building_the_drv_file_itself_is_not_success() {
-        // What `nix build --json /nix/store/x.drv` prints on Nix 2.15+.
-        let json = br#"[{"path":"/nix/store/a.drv"}]"#;
-        assert_eq!(out_path_from_build_json(json), None);
-        assert_eq!(out_path_from_build_json(b"[]"), None);
-        assert_eq!(out_path_from_build_json(b"garbage"), None);
-    }
-
-    #[test]
-    fn flake_metadata_of_each_era_is_understood() {
-        // Nix 2.8
-        let old: FlakeMetadata = serde_json::from_str(r#"{"lastModified":1795826300,"locked":{"lastModified":1795826300,"narHash":"sha256-x","ref":"master","rev":"609da7ab2bec60c568928f7e8d760a36e14805b0","revCount":1,"type":"git","url":"file:///tmp/fl"},"locks":{"nodes":{"root":{}},"root":"root","version":7},"original":{"type":"git","url":"file:///tmp/fl"},"originalUrl":"git+file:///tmp/fl","path":"/nix/store/x-source","resolved":{"type":"git","url":"file:///tmp/fl"},"resolvedUrl":"git+file:///tmp/fl","revCount":1,"revision":"609da7ab2bec60c568928f7e8d760a36e14805b0","url":"git+file:///tmp/fl?ref=master&rev=609da7ab2bec60c568928f7e8d760a36e14805b0"}"#).unwrap();
-        assert_eq!(
-            old.revision.as_deref(),
-            Some("609da7ab2bec60c568928f7e8d760a36e14805b0")
-        );
-        assert!(old.url.contains("rev=609da7ab"));
-        // Nix 2.24 adds fingerprint and puts more attributes in the URL.
-        let new: FlakeMetadata = serde_json::from_str(r#"{"fingerprint":"abc","lastModified":1795826300,"locked":{"lastModified":1795826300,"narHash":"sha256-x","ref":"master","rev":"609da7ab2bec60c568928f7e8d760a36e14805b0","revCount":1,"type":"git","url":"file:///tmp/fl"},"locks":{},"original":{},"originalUrl":"git+file:///tmp/fl","path":"/nix/store/x-source","resolved":{},"resolvedUrl":"git+file:///tmp/fl","revCount":1,"revision":"609da7ab2bec60c568928f7e8d760a36e14805b0","url":"git+file:///tmp/fl?lastModified=1795826300&narHash=sha256-x&ref=master&rev=609da7ab2bec60c568928f7e8d760a36e14805b0&revCount=1"}"#).unwrap();
-        assert_eq!(
-            new.revision.as_deref(),
-            Some("609da7ab2bec60c568928f7e8d760a36e14805b0")
-        );
     }
 }

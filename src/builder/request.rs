@@ -1,0 +1,122 @@
+//! An accepted request and what it ends with: the [`Job`] that waits in the
+//! queue and runs, the [`Report`] of its run, and the `finished` event made
+//! from it. Every other part of the builder speaks of requests in these
+//! terms.
+
+use std::time::{Duration, SystemTime};
+
+use super::replies::Replies;
+use crate::protocol::{BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, Target};
+
+/// A request that passed validation and waits for its turn.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) build_id: String,
+    pub(crate) repo: String,
+    pub(crate) target: Target,
+    /// The ref to fetch: the request's, else the repo's default.
+    pub(crate) git_ref: Option<String>,
+    pub(crate) rev: Option<String>,
+    /// Stream build output as `log` events.
+    pub(crate) logs: bool,
+    pub(crate) replies: Replies,
+    /// When the request arrived.
+    pub(crate) received_at: SystemTime,
+}
+
+impl Job {
+    /// Sends `finished` for `report` to every requester.
+    pub(crate) fn finish(&self, report: Report) {
+        self.replies
+            .send(&self.build_id, self.finished_event(report));
+    }
+
+    fn finished_event(&self, report: Report) -> Event {
+        let succeeded = report
+            .hosts
+            .iter()
+            .filter(|h| h.status == HostStatus::Success)
+            .count();
+        Event::Finished {
+            repo: self.repo.clone(),
+            target: self.target.to_string(),
+            rev: report.rev,
+            status: report.status,
+            duration_ms: millis(report.duration),
+            succeeded,
+            failed: report.hosts.len() - succeeded,
+            hosts: report.hosts,
+            error: report.error,
+        }
+    }
+}
+
+/// The result of a whole request, as reported in `finished`.
+#[derive(Debug, Clone)]
+pub(crate) struct Report {
+    pub(crate) status: BuildStatus,
+    pub(crate) rev: Option<String>,
+    pub(crate) hosts: Vec<HostSummary>,
+    pub(crate) error: Option<ErrorBody>,
+    pub(crate) duration: Duration,
+}
+
+impl Report {
+    /// A request that ended before any host: no rev, no hosts.
+    pub(crate) fn ended_early(status: BuildStatus, error: ErrorBody) -> Self {
+        Self {
+            status,
+            rev: None,
+            hosts: Vec::new(),
+            error: Some(error),
+            duration: Duration::ZERO,
+        }
+    }
+}
+
+/// Why one host (or the request, before any host) did not succeed.
+#[derive(Debug, Clone)]
+pub(crate) struct HostFailure {
+    pub(crate) status: HostStatus,
+    pub(crate) error: ErrorBody,
+}
+
+impl HostFailure {
+    /// A plain failure with `code`.
+    pub(crate) fn failed(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status: HostStatus::Failed,
+            error: ErrorBody::new(code, message),
+        }
+    }
+
+    /// The host ran past `host_timeout`.
+    pub(crate) fn timeout(message: impl Into<String>) -> Self {
+        Self {
+            status: HostStatus::Timeout,
+            error: ErrorBody::new(ErrorCode::Timeout, message),
+        }
+    }
+
+    /// The build was cancelled, for `reason`.
+    pub(crate) fn cancelled(reason: &str) -> Self {
+        Self {
+            status: HostStatus::Cancelled,
+            error: ErrorBody::new(ErrorCode::Cancelled, reason),
+        }
+    }
+
+    /// How a failure before any host built ends the whole request.
+    pub(crate) fn build_status(&self) -> BuildStatus {
+        match self.status {
+            HostStatus::Cancelled => BuildStatus::Cancelled,
+            HostStatus::Success | HostStatus::Failed | HostStatus::Timeout => BuildStatus::Failed,
+        }
+    }
+}
+
+/// Whole milliseconds of `duration`, saturating (a `u64` of milliseconds
+/// outlasts any build).
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

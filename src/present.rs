@@ -1,0 +1,215 @@
+//! How builds and the builder read for people, the same in the CLI and in
+//! the MCP server's tool results: durations, revisions, the status report
+//! and the outcome of a cancel.
+
+use std::time::Duration;
+
+use crate::protocol::{BuilderStatus, CancelOutcome, CancelledState};
+
+/// Formats a duration the way people read build times: `850ms`, `12.3s`,
+/// `4m05s`, `1h02m`.
+pub fn human_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    let secs = duration.as_secs();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if secs < 60 {
+        format!("{:.1}s", duration.as_secs_f64())
+    } else if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
+    }
+}
+
+/// A commit as people quote it: its first 12 digits, or `-` for none.
+pub fn short_rev(rev: Option<&str>) -> &str {
+    rev.map(|r| r.get(..12).unwrap_or(r)).unwrap_or("-")
+}
+
+/// The status as people read it.
+pub fn status_report(status: &BuilderStatus) -> String {
+    let mut text = format!("homelab-deploy builder {}\n", status.version);
+    let repos: Vec<String> = status
+        .repos
+        .iter()
+        .map(|r| match &r.git_ref {
+            Some(git_ref) => format!("{} (ref {git_ref})", r.name),
+            None => format!("{} (default branch)", r.name),
+        })
+        .collect();
+    text.push_str(&format!("repos: {}\n", repos.join(", ")));
+    match &status.running {
+        Some(running) => {
+            let host = match (&running.host, running.index, running.total) {
+                (Some(host), Some(index), Some(total)) => {
+                    format!(", host {index} of {total}: {host}")
+                }
+                _ => ", fetching".to_owned(),
+            };
+            text.push_str(&format!(
+                "running: {} {}/{}{host}, since {}\n",
+                running.build_id, running.repo, running.target, running.started_at
+            ));
+        }
+        None => text.push_str("running: nothing\n"),
+    }
+    if status.queue.is_empty() {
+        text.push_str("queue: empty\n");
+    } else {
+        text.push_str(&format!("queue: {} waiting\n", status.queue.len()));
+        for queued in &status.queue {
+            text.push_str(&format!(
+                "  {} {}/{} (ref {}), since {}\n",
+                queued.build_id,
+                queued.repo,
+                queued.target,
+                queued.git_ref.as_deref().unwrap_or("default"),
+                queued.queued_at
+            ));
+        }
+    }
+    if status.last_results.is_empty() {
+        text.push_str("last results: none yet\n");
+    } else {
+        text.push_str("last results:\n");
+        let width = status
+            .last_results
+            .iter()
+            .map(|r| r.repo.len() + r.host.len() + 1)
+            .max()
+            .unwrap_or(0);
+        for result in &status.last_results {
+            let name = format!("{}/{}", result.repo, result.host);
+            let rev = short_rev(result.rev.as_deref());
+            text.push_str(&format!(
+                "  {name:<width$}  {:<9} rev {rev:<12}  {}  {}\n",
+                result.status.as_str(),
+                result.finished_at,
+                result.out_path.as_deref().unwrap_or("-")
+            ));
+        }
+    }
+    text
+}
+
+/// What a cancel did, in one line; `true` when it was refused or found
+/// nothing to cancel.
+pub fn cancel_outcome(outcome: &CancelOutcome) -> (String, bool) {
+    let id = &outcome.build_id;
+    match (&outcome.error, outcome.state) {
+        (Some(error), _) => (format!("{} ({})", error.message, error.code), true),
+        (None, Some(CancelledState::Running)) => {
+            (format!("build {id}: cancelled while running"), false)
+        }
+        (None, Some(CancelledState::Queued)) => {
+            (format!("build {id}: cancelled while queued"), false)
+        }
+        (None, None) => (
+            format!(
+                "build {id}: no running or queued build has this id (already finished, or unknown)"
+            ),
+            true,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{HostStatus, LastResult, QueuedBuild, RepoInfo, RunningBuild};
+
+    #[test]
+    fn status_reads_as_a_summary() {
+        let status = BuilderStatus {
+            version: "0.1.0".into(),
+            repos: vec![
+                RepoInfo {
+                    name: "nixos-servers".into(),
+                    git_ref: Some("master".into()),
+                },
+                RepoInfo {
+                    name: "nixos".into(),
+                    git_ref: None,
+                },
+            ],
+            running: Some(RunningBuild {
+                build_id: "b1".into(),
+                repo: "nixos-servers".into(),
+                target: "all".into(),
+                git_ref: Some("master".into()),
+                host: Some("ns1".into()),
+                index: Some(3),
+                total: Some(16),
+                started_at: "2026-11-28T01:00:00Z".into(),
+            }),
+            queue: vec![QueuedBuild {
+                build_id: "b2".into(),
+                repo: "nixos".into(),
+                target: "gunter".into(),
+                git_ref: None,
+                queued_at: "2026-11-28T01:01:00Z".into(),
+            }],
+            last_results: vec![LastResult {
+                repo: "nixos-servers".into(),
+                host: "ns2".into(),
+                status: HostStatus::Failed,
+                rev: Some("609da7ab2bec60c568928f7e8d760a36e14805b0".into()),
+                out_path: None,
+                finished_at: "2026-11-28T00:59:00Z".into(),
+            }],
+        };
+        let text = status_report(&status);
+        assert!(
+            text.contains("repos: nixos-servers (ref master), nixos (default branch)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "running: b1 nixos-servers/all, host 3 of 16: ns1, since 2026-11-28T01:00:00Z"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("queue: 1 waiting\n  b2 nixos/gunter (ref default)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nixos-servers/ns2  failed    rev 609da7ab2bec"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(human_duration(Duration::from_millis(12_340)), "12.3s");
+        assert_eq!(human_duration(Duration::from_secs(245)), "4m05s");
+        assert_eq!(human_duration(Duration::from_secs(3720)), "1h02m");
+    }
+
+    #[test]
+    fn cancel_outcomes_say_what_happened() {
+        let outcome = |state: Option<CancelledState>, error| CancelOutcome {
+            build_id: "b1".to_owned(),
+            found: state.is_some(),
+            state,
+            error,
+        };
+        assert_eq!(
+            cancel_outcome(&outcome(Some(CancelledState::Queued), None)),
+            ("build b1: cancelled while queued".to_owned(), false)
+        );
+        let (text, is_error) = cancel_outcome(&outcome(None, None));
+        assert!(
+            is_error && text.contains("no running or queued build"),
+            "{text}"
+        );
+        let error =
+            crate::protocol::ErrorBody::new(crate::protocol::ErrorCode::InvalidRequest, "bad id");
+        assert_eq!(
+            cancel_outcome(&outcome(None, Some(error))),
+            ("bad id (invalid_request)".to_owned(), true)
+        );
+    }
+}
