@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::*;
 use homelab_deploy::protocol::{BuildStatus, Event, HostStatus, StatusEvent};
@@ -381,6 +382,53 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
         seen.push(message);
     }
     assert!(builder.terminate().success());
+}
+
+#[tokio::test]
+async fn systemd_hears_ready_while_nats_is_unreachable_and_builds_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let flake = Flake::homelab();
+    let port = free_port();
+    let options = BuilderOptions::new(&flake).env("NOTIFY_SOCKET", socket_path.to_str().unwrap());
+    let mut builder = Builder::spawn_with(
+        &options.config_text(&format!("nats://127.0.0.1:{port}")),
+        &options,
+    );
+
+    let mut buffer = [0u8; 256];
+    let mut notifications = Vec::new();
+    // Without NATS the unit must still become ready, well inside systemd's
+    // default 90 s start timeout, and say what it waits for.
+    while !notifications
+        .iter()
+        .any(|n: &String| n.contains("STATUS=waiting for NATS"))
+    {
+        let n = tokio::time::timeout(Duration::from_secs(30), socket.recv(&mut buffer))
+            .await
+            .unwrap_or_else(|_| panic!("not ready without NATS; heard {notifications:?}"))
+            .unwrap();
+        notifications.push(String::from_utf8_lossy(&buffer[..n]).trim().to_owned());
+    }
+    assert_eq!(notifications[0], "READY=1", "{notifications:?}");
+    let (status, body) = http_get(&builder.metrics_addr(), "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+
+    let nats = NatsServer::start_on(port, None);
+    builder.wait_for_log("builder ready");
+    let client = Requester::new(&nats).await;
+    let replies = client.build("build.homelab.ns1", "").await;
+    assert!(
+        matches!(
+            terminal(&replies),
+            Event::Finished {
+                status: BuildStatus::Success,
+                ..
+            }
+        ),
+        "{replies:?}"
+    );
 }
 
 #[tokio::test]
