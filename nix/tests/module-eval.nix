@@ -2,7 +2,7 @@
 # options it sets (declared as nixpkgs declares them, module-eval/nixos.nix)
 # and a stand-in `pkgs` (module-eval/pkgs.nix). No nixpkgs, no building.
 #
-#   nix-instantiate --eval --strict --json nix/tests/module-eval.nix
+#   nix-instantiate --eval --strict --json --read-write-mode -A failures nix/tests/module-eval.nix
 #
 # gives {tests, failures, configs}: `failures` lists every check that did
 # not hold (lib.runTests: name, expected, result), `configs` the settings each
@@ -618,6 +618,12 @@
       # system is evaluated.
       testScheduleRejectsBadNames = {
         expr = map (entry: rejects (withSchedule entry).config.systemd) [
+          # The same system with a valid entry evaluates.
+          {
+            repo = "nixos-servers";
+            target = "ns1";
+            ref = "release/v1.2";
+          }
           {repo = "nixos servers";}
           {repo = "-nixos-servers";}
           {repo = "";}
@@ -638,7 +644,7 @@
             onCalendar = "hourly\nExecStart=/bin/sh";
           }
         ];
-        expected = [true true true true true true true];
+        expected = [false true true true true true true true];
       };
       testScheduleAcceptsGoodNames = {
         expr = scheduledUnits (withSchedule {
