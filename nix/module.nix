@@ -38,6 +38,11 @@
 
   natsUrls = lib.toList cfg.settings.nats.url;
 
+  writablePaths = lib.unique (lib.filter (dir: dir != stateDir && !lib.hasPrefix "${stateDir}/" dir) (
+    lib.optional (settings.builder ? gc_roots_dir) settings.builder.gc_roots_dir
+    ++ lib.optional (settings.builder ? state_file) (dirOf settings.builder.state_file)
+  ));
+
   scheduleUnit = i: entry: "homelab-deploy-build-${toString i}-${entry.repo}-${entry.target}";
   scheduleCredentials = lib.filterAttrs (_: file: file != null) {
     nkey = cfg.scheduleNkeyFile;
@@ -347,6 +352,10 @@ in {
             StateDirectory = user;
             StateDirectoryMode = "0750";
             CacheDirectory = user;
+            # ProtectSystem=strict leaves only the state and cache directories
+            # writable: GC roots or a state file elsewhere need their directory
+            # (which must exist) opened.
+            ReadWritePaths = writablePaths;
             LoadCredential =
               lib.optional (cfg.nkeyFile != null) "nkey:${cfg.nkeyFile}"
               ++ lib.optional (cfg.credentialsFile != null) "creds:${cfg.credentialsFile}";

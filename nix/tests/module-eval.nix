@@ -525,6 +525,32 @@
           keep_roots = 3;
         };
       };
+      testWritablePathsOutsideTheStateDirectory = {
+        expr = {
+          readme = readme.service.serviceConfig.ReadWritePaths;
+          elsewhere =
+            (system {
+              modules = [
+                ../module.nix
+                {
+                  services.homelab-deploy.builder = lib.recursiveUpdate base {
+                    settings.builder = {
+                      gc_roots_dir = "/srv/gcroots";
+                      state_file = "/srv/gcroots/state.json";
+                    };
+                  };
+                }
+              ];
+            })
+            .service
+            .serviceConfig
+            .ReadWritePaths;
+        };
+        expected = {
+          readme = [];
+          elsewhere = ["/srv/gcroots"];
+        };
+      };
       testTlsTimer = {
         expr = tls.config.systemd.timers.${tlsUnit}.timerConfig.OnCalendar;
         expected = "Mon *-*-* 04:00:00";
