@@ -19,12 +19,11 @@
       homelab-deploy = final.callPackage ./nix/package.nix {};
     };
 
+    # The module builds the package with the system's pkgs (or takes
+    # `pkgs.homelab-deploy` from the overlay). Its `key` makes importing
+    # both names, or the file as well, one import.
     nixosModules = {
-      builder = {pkgs, ...}: {
-        imports = [./nix/module.nix];
-        services.homelab-deploy.builder.package =
-          nixpkgs.lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
-      };
+      builder = ./nix/module.nix;
       default = self.nixosModules.builder;
     };
 

@@ -12,7 +12,15 @@
   toml = pkgs.formats.toml {};
   user = "homelab-deploy-builder";
   stateDir = "/var/lib/${user}";
-  credential = "/run/credentials/${user}.service/nkey";
+  credentials = unit: "/run/credentials/${unit}.service";
+
+  # The names the protocol accepts (protocol.rs: is_valid_name,
+  # validate_ref), so a scheduled build is never rejected for its name and
+  # its unit name is a valid one.
+  nameType = lib.types.strMatching "[A-Za-z0-9_][A-Za-z0-9_-]{0,127}";
+  refType =
+    lib.types.addCheck (lib.types.strMatching "[A-Za-z0-9_./][A-Za-z0-9_./-]{0,199}") (ref: !lib.hasInfix ".." ref)
+    // {description = "git branch or tag (letters, digits, `-_./`, no `..`)";};
 
   # TOML has no null: unset optional keys are left out.
   settings = lib.filterAttrsRecursive (_: value: value != null) cfg.settings;
@@ -30,7 +38,17 @@
 
   natsUrls = lib.toList cfg.settings.nats.url;
 
+  writablePaths = lib.unique (lib.filter (dir: dir != stateDir && !lib.hasPrefix "${stateDir}/" dir) (
+    lib.optional (settings.builder ? gc_roots_dir) settings.builder.gc_roots_dir
+    ++ lib.optional (settings.builder ? state_file) (dirOf settings.builder.state_file)
+  ));
+
   scheduleUnit = i: entry: "homelab-deploy-build-${toString i}-${entry.repo}-${entry.target}";
+  scheduleCredentials = lib.filterAttrs (_: file: file != null) {
+    nkey = cfg.scheduleNkeyFile;
+    creds = cfg.scheduleCredentialsFile;
+    tls-ca = cfg.settings.nats.tls_ca_file;
+  };
 
   option = type: default: description: lib.mkOption {inherit type default description;};
 
@@ -39,9 +57,15 @@
       description = "homelab-deploy build of ${entry.repo}/${entry.target}";
       wants = ["network-online.target"];
       after = ["network-online.target" "homelab-deploy-builder.service"];
-      environment = {
+      # `nixos-rebuild switch` must not restart a build that is running.
+      restartIfChanged = false;
+      environment = let
+        credential = name: lib.mkIf (scheduleCredentials ? ${name}) "${credentials (scheduleUnit i entry)}/${name}";
+      in {
         HOMELAB_DEPLOY_NATS_URL = lib.concatStringsSep "," natsUrls;
-        HOMELAB_DEPLOY_NKEY_FILE = lib.mkIf (cfg.scheduleNkeyFile != null) "/run/credentials/${scheduleUnit i entry}.service/nkey";
+        HOMELAB_DEPLOY_NKEY_FILE = credential "nkey";
+        HOMELAB_DEPLOY_CREDS_FILE = credential "creds";
+        HOMELAB_DEPLOY_TLS_CA_FILE = credential "tls-ca";
       };
       serviceConfig = {
         Type = "oneshot";
@@ -54,19 +78,28 @@
           )
           ++ lib.optionals (entry.ref != null) ["--ref" entry.ref]);
         DynamicUser = true;
-        LoadCredential = lib.optional (cfg.scheduleNkeyFile != null) "nkey:${cfg.scheduleNkeyFile}";
+        LoadCredential = lib.mapAttrsToList (name: file: "${name}:${file}") scheduleCredentials;
         ProtectSystem = "strict";
         ProtectHome = true;
         PrivateTmp = true;
+        PrivateDevices = true;
         NoNewPrivileges = true;
         CapabilityBoundingSet = "";
         RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
         SystemCallFilter = ["@system-service" "~@privileged"];
+        SystemCallErrorNumber = "EPERM";
+        SystemCallArchitectures = "native";
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectControlGroups = true;
+        RestrictNamespaces = true;
+        LockPersonality = true;
       };
     })
   cfg.schedule);
 in {
-  # Imported through both nixosModules.builder and .default, it counts once.
+  # Imported more than once (nixosModules.builder and .default, or this
+  # file), it counts once.
   key = "homelab-deploy#builder";
 
   options.services.homelab-deploy.builder = {
@@ -74,7 +107,9 @@ in {
 
     package = lib.mkOption {
       type = lib.types.package;
-      description = "The homelab-deploy package (the flake's module sets it).";
+      default = pkgs.homelab-deploy or (pkgs.callPackage ./package.nix {});
+      defaultText = lib.literalMD "`pkgs.homelab-deploy` when the flake's overlay is applied, else built from this repository with `pkgs`";
+      description = "The homelab-deploy package; the service runs it and it is put on the system's PATH.";
     };
 
     nixPackage = lib.mkOption {
@@ -95,6 +130,13 @@ in {
         systemd's LoadCredential (so it may stay readable by root only) and
         never copied into the Nix store.
       '';
+    };
+
+    credentialsFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/homelab-deploy-builder.creds";
+      description = "A NATS `.creds` file instead of `nkeyFile`, delivered the same way.";
     };
 
     openFirewall = option lib.types.bool false "Open the metrics port in the firewall.";
@@ -122,10 +164,29 @@ in {
                   type = lib.types.nullOr lib.types.str;
                   default =
                     if cfg.nkeyFile != null
-                    then credential
+                    then "${credentials "homelab-deploy-builder"}/nkey"
                     else null;
                   defaultText = lib.literalMD "the service's credential when `nkeyFile` is set, else `null`";
                   description = "Set from `nkeyFile`.";
+                };
+                credentials_file = lib.mkOption {
+                  type = lib.types.nullOr lib.types.str;
+                  default =
+                    if cfg.credentialsFile != null
+                    then "${credentials "homelab-deploy-builder"}/creds"
+                    else null;
+                  defaultText = lib.literalMD "the service's credential when `credentialsFile` is set, else `null`";
+                  description = "Set from `credentialsFile`.";
+                };
+                tls_ca_file = lib.mkOption {
+                  type = lib.types.nullOr lib.types.str;
+                  default = null;
+                  example = "/etc/ssl/homelab-ca.pem";
+                  description = ''
+                    CA certificate (PEM) for `tls://` servers not signed by a
+                    system root. The builder reads it as its own user; scheduled
+                    builds get it as a credential.
+                  '';
                 };
               };
             };
@@ -145,9 +206,9 @@ in {
                 queue_limit = option lib.types.ints.positive defaults.builder.queue_limit "Requests that may wait behind the running one.";
                 host_timeout = option lib.types.str defaults.builder.host_timeout "Limit for a host's evaluation and for its build.";
                 progress_interval = option lib.types.str defaults.builder.progress_interval "Progress events at least this often.";
-                gc_roots_dir = option lib.types.str defaults.builder.gc_roots_dir "Where built hosts are rooted (kept from the garbage collector).";
+                gc_roots_dir = option (lib.types.nullOr lib.types.str) defaults.builder.gc_roots_dir "Where built hosts are rooted (kept from the garbage collector); `null` builds with `--no-link`.";
                 keep_roots = option lib.types.ints.positive defaults.builder.keep_roots "Root generations kept per host.";
-                state_file = option lib.types.str defaults.builder.state_file "Keeps every host's last result across restarts.";
+                state_file = option (lib.types.nullOr lib.types.str) defaults.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
               };
             };
           };
@@ -180,13 +241,13 @@ in {
       type = lib.types.listOf (lib.types.submodule {
         options = {
           repo = lib.mkOption {
-            type = lib.types.str;
-            description = "Repo to build.";
+            type = nameType;
+            description = "Repo to build: a name in `settings.repos`.";
           };
-          target = option lib.types.str "all" "Host to build, or `all`.";
-          ref = option (lib.types.nullOr lib.types.str) null "Branch or tag instead of the repo's default.";
+          target = option nameType "all" "Host to build, or `all`.";
+          ref = option (lib.types.nullOr refType) null "Branch or tag instead of the repo's default.";
           onCalendar = lib.mkOption {
-            type = lib.types.str;
+            type = lib.types.strMatching "[^\n]+";
             description = "When, as systemd.time(7) calendar events.";
           };
         };
@@ -200,24 +261,46 @@ in {
         NKey seed of the identity scheduled builds are requested as: a
         deployer with `build.>` publish rights (the builder's own key may
         only answer). Delivered with LoadCredential. Leave unset only for a
-        NATS server without authentication.
+        NATS server without authentication (or use `scheduleCredentialsFile`).
       '';
+    };
+
+    scheduleCredentialsFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      description = "A NATS `.creds` file instead of `scheduleNkeyFile`, delivered the same way.";
     };
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = [
-      {
-        # Nix lets users, `@group`s listed in allowed-users, and trusted
-        # users connect to the daemon.
-        assertion = let
-          allowed = config.nix.settings.allowed-users;
-        in
-          lib.any (entry: entry == "*" || entry == user || entry == "@${user}") allowed
-          || lib.elem user config.nix.settings.trusted-users;
-        message = "services.homelab-deploy.builder: add \"${user}\" to nix.settings.allowed-users so the builder may use the Nix daemon.";
-      }
-    ];
+    assertions =
+      [
+        {
+          assertion = cfg.nkeyFile == null || cfg.credentialsFile == null;
+          message = "services.homelab-deploy.builder: set nkeyFile or credentialsFile, not both.";
+        }
+        {
+          assertion = cfg.scheduleNkeyFile == null || cfg.scheduleCredentialsFile == null;
+          message = "services.homelab-deploy.builder: set scheduleNkeyFile or scheduleCredentialsFile, not both.";
+        }
+      ]
+      ++ map (entry: {
+        assertion = cfg.settings.repos ? ${entry.repo};
+        message = "services.homelab-deploy.builder.schedule: repo \"${entry.repo}\" is not in settings.repos (${lib.concatStringsSep ", " (lib.attrNames cfg.settings.repos)}).";
+      })
+      cfg.schedule;
+
+    warnings = lib.optional (cfg.schedule != [] && (cfg.settings.nats.tls_cert_file or null) != null) ''
+      services.homelab-deploy.builder.schedule: scheduled builds connect to NATS without the
+      builder's client certificate (the client has no option for one); a server that requires
+      client certificates refuses them.
+    '';
+
+    # Whatever allowed-users says, the builder may use the daemon (as an
+    # unprivileged user: it is not made a trusted user).
+    nix.settings.extra-allowed-users = [user];
+
+    environment.systemPackages = [cfg.package];
 
     users.users.${user} = {
       isSystemUser = true;
@@ -238,6 +321,7 @@ in {
           description = "homelab-deploy build service";
           wantedBy = ["multi-user.target"];
           wants = ["network-online.target"];
+          requires = ["nix-daemon.socket"];
           after = ["network-online.target" "nix-daemon.socket"];
           path = [cfg.nixPackage pkgs.git] ++ cfg.extraPath;
           environment = {
@@ -248,19 +332,33 @@ in {
             HOME = stateDir;
           };
           serviceConfig = {
+            # READY=1 once the builder serves (metrics up, worker started),
+            # whether or not NATS is reachable: /healthz and the
+            # nats_connected metric say that. No Requires= on NATS either,
+            # so a NATS outage never stops or restarts the builder.
             Type = "notify";
             ExecStart = "${lib.getExe cfg.package} builder --config ${configFile}";
             WatchdogSec = "60s";
             Restart = "on-failure";
             RestartSec = "5s";
-            # The builder stops within 15 s of SIGTERM.
+            # SIGTERM to the builder alone: it stops its Nix process group
+            # itself and reports the build's end; whatever is left gets
+            # SIGKILL when TimeoutStopSec runs out. The builder stops within
+            # 15 s of SIGTERM.
+            KillMode = "mixed";
             TimeoutStopSec = "30s";
             User = user;
             Group = user;
             StateDirectory = user;
             StateDirectoryMode = "0750";
             CacheDirectory = user;
-            LoadCredential = lib.optional (cfg.nkeyFile != null) "nkey:${cfg.nkeyFile}";
+            # ProtectSystem=strict leaves only the state and cache directories
+            # writable: GC roots or a state file elsewhere need their directory
+            # (which must exist) opened.
+            ReadWritePaths = writablePaths;
+            LoadCredential =
+              lib.optional (cfg.nkeyFile != null) "nkey:${cfg.nkeyFile}"
+              ++ lib.optional (cfg.credentialsFile != null) "creds:${cfg.credentialsFile}";
             UMask = "0077";
 
             # Hardening. Builds happen in the daemon; this process only talks to
@@ -274,6 +372,7 @@ in {
             AmbientCapabilities = "";
             RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
             SystemCallFilter = ["@system-service" "~@privileged"];
+            SystemCallErrorNumber = "EPERM";
             SystemCallArchitectures = "native";
             ProtectKernelTunables = true;
             ProtectKernelModules = true;

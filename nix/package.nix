@@ -18,6 +18,8 @@ in
         ../src
         ../tests
         ../benches
+        # proptest replays the failures recorded here first.
+        ../proptest-regressions
       ];
     };
     cargoLock.lockFile = ../Cargo.lock;
