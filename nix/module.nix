@@ -332,9 +332,9 @@ in {
             HOME = stateDir;
           };
           serviceConfig = {
-            # READY=1 once the builder serves (metrics up, worker started),
-            # whether or not NATS is reachable: /healthz and the
-            # nats_connected metric say that. No Requires= on NATS either,
+            # READY=1 once subscribed, or after 5 s of serving without NATS
+            # (metrics up, worker started): /healthz and the nats_connected
+            # metric say whether NATS is there. No Requires= on NATS either,
             # so a NATS outage never stops or restarts the builder.
             Type = "notify";
             ExecStart = "${lib.getExe cfg.package} builder --config ${configFile}";
