@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::{StatusCode, Subscriber};
+use std::sync::Arc;
+
+use async_nats::{Message, StatusCode, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use thiserror::Error;
@@ -14,8 +16,14 @@ use tokio::time::Instant;
 use crate::nats::{self, ConnectSettings, Connection, ConnectionState, NatsError};
 use crate::protocol::{
     self, BuildRequest, BuilderStatus, CANCEL_SUBJECT, CancelEvent, CancelOutcome, CancelRequest,
-    RESPONSES_PREFIX, RESPONSES_TOKEN, Reply, RequestError, STATUS_SUBJECT, StatusEvent, Target,
+    Event, RESPONSES_PREFIX, RESPONSES_TOKEN, Reply, RequestError, STATUS_SUBJECT, StatusEvent,
+    Target,
 };
+use crate::signing::{self, BadPublicKey, Signature, Signer};
+
+/// Beyond three heartbeats, how long a client waits for a builder that went
+/// quiet before it gives up (NATS hiccups, a busy machine).
+const SILENCE_GRACE: Duration = Duration::from_secs(10);
 
 /// Why a request got no (complete) answer.
 #[derive(Debug, Error)]
@@ -32,6 +40,13 @@ pub enum ClientError {
     NotAcknowledged { subject: String, waited: Duration },
     #[error("gave up after {}: the build did not finish in time (raise --timeout)", humantime::format_duration(*.waited))]
     TimedOut { waited: Duration },
+    #[error("the builder went silent: nothing heard for {} (it sends a heartbeat every {}); it may have stopped or lost NATS", humantime::format_duration(*.silent), humantime::format_duration(*.heartbeat))]
+    BuilderSilent {
+        silent: Duration,
+        heartbeat: Duration,
+    },
+    #[error("--builder-key: {0}")]
+    BadBuilderKey(#[from] BadPublicKey),
     #[error("NATS: {0}")]
     Nats(String),
     #[error("the NATS connection closed before the build finished")]
@@ -60,6 +75,10 @@ impl Default for Timeouts {
 pub struct BuildClient {
     nats: async_nats::Client,
     state: watch::Receiver<ConnectionState>,
+    /// Signs requests, with the NKey the connection authenticates with.
+    signer: Option<Arc<Signer>>,
+    /// Replies count only when signed by this key (`--builder-key`).
+    builder_key: Option<String>,
     client_id: String,
     sequence: AtomicU64,
 }
@@ -72,15 +91,56 @@ pub struct Received {
 }
 
 impl BuildClient {
-    /// Connects with the CLI's settings; fails at once if no server answers.
-    pub async fn connect(settings: &ConnectSettings) -> Result<Self, ClientError> {
-        let Connection { client, state } = nats::connect(settings).await?;
+    /// Connects with the CLI's settings; fails at once if no server answers
+    /// (unless the settings retry). With `builder_key`, only replies signed
+    /// by that key count.
+    pub async fn connect(
+        settings: &ConnectSettings,
+        builder_key: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        let builder_key = builder_key.map(signing::parse_user_key).transpose()?;
+        let Connection {
+            client,
+            state,
+            signer,
+        } = nats::connect(settings).await?;
         Ok(Self {
             nats: client,
             state,
+            signer,
+            builder_key,
             client_id: protocol::random_hex::<8>(),
             sequence: AtomicU64::new(0),
         })
+    }
+
+    /// Whether `message`, received on our reply subject, is from the
+    /// builder as far as we can tell: validly signed by `--builder-key`
+    /// when one is given (anything goes without one).
+    fn is_from_builder(&self, message: &Message) -> bool {
+        let Some(expected) = &self.builder_key else {
+            return true;
+        };
+        match signing::verify(
+            message.headers.as_ref(),
+            &message.subject,
+            "",
+            &message.payload,
+        ) {
+            Signature::Valid(key) if &key == expected => true,
+            Signature::Valid(_) => {
+                tracing::warn!("ignoring a reply signed by another key than --builder-key");
+                false
+            }
+            Signature::Unsigned => {
+                tracing::warn!("ignoring an unsigned reply (--builder-key wants a signature)");
+                false
+            }
+            Signature::Invalid(why) => {
+                tracing::warn!(why, "ignoring a reply whose signature is not valid");
+                false
+            }
+        }
     }
 
     /// Waits up to `within` for the connection to be up; false if it is not.
@@ -107,10 +167,20 @@ impl BuildClient {
             .subscribe(reply_to.clone())
             .await
             .map_err(|e| nats_error(&e))?;
-        self.nats
-            .publish_with_reply(subject.to_owned(), reply_to, body)
-            .await
-            .map_err(|e| nats_error(&e))?;
+        match &self.signer {
+            Some(signer) => {
+                let headers = signer.headers(subject, &reply_to, &body);
+                self.nats
+                    .publish_with_reply_and_headers(subject.to_owned(), reply_to, headers, body)
+                    .await
+            }
+            None => {
+                self.nats
+                    .publish_with_reply(subject.to_owned(), reply_to, body)
+                    .await
+            }
+        }
+        .map_err(|e| nats_error(&e))?;
         self.nats.flush().await.map_err(|e| nats_error(&e))?;
         Ok(subscriber)
     }
@@ -161,6 +231,9 @@ impl BuildClient {
                     subject: subject.to_owned(),
                 });
             }
+            if !self.is_from_builder(&message) {
+                continue;
+            }
             match serde_json::from_slice::<T>(&message.payload) {
                 Ok(reply) => return Ok((reply, message.payload)),
                 Err(err) => tracing::warn!(%err, "ignoring a malformed reply"),
@@ -170,13 +243,13 @@ impl BuildClient {
 
     /// Validates and publishes a build request, subscribed to its reply
     /// subject first so no event can be missed.
-    pub async fn request(
-        &self,
+    pub async fn request<'a>(
+        &'a self,
         repo: &str,
         target: &str,
         request: &BuildRequest,
         timeouts: Timeouts,
-    ) -> Result<BuildEvents, ClientError> {
+    ) -> Result<BuildEvents<'a>, ClientError> {
         validate(repo, target, request)?;
         let subject = protocol::request_subject(repo, target);
         let body = if request == &BuildRequest::default() {
@@ -189,12 +262,15 @@ impl BuildClient {
         let subscriber = self.publish_request(&subject, body).await?;
         let now = Instant::now();
         Ok(BuildEvents {
+            client: self,
             subscriber,
             subject,
             started: now,
             deadline: now + timeouts.total,
             accept_deadline: now + timeouts.accept.min(timeouts.total),
-            heard: false,
+            build_id: None,
+            heard_at: now,
+            silence_limit: None,
             finished: false,
         })
     }
@@ -211,61 +287,112 @@ pub fn validate(repo: &str, target: &str, request: &BuildRequest) -> Result<(), 
 }
 
 /// The events of one request, ending with its terminal event.
-pub struct BuildEvents {
+pub struct BuildEvents<'a> {
+    client: &'a BuildClient,
     subscriber: Subscriber,
     subject: String,
     started: Instant,
     deadline: Instant,
     accept_deadline: Instant,
-    heard: bool,
+    /// Fixed by the first `accepted` (or `rejected`): events of any other
+    /// build on our subject are not ours.
+    build_id: Option<String>,
+    /// When the last event of our build arrived.
+    heard_at: Instant,
+    /// How long the builder may stay silent (from its `heartbeat_ms`).
+    silence_limit: Option<Duration>,
     finished: bool,
 }
 
-impl BuildEvents {
+impl BuildEvents<'_> {
     /// The next event; `Ok(None)` after the terminal one.
     pub async fn next(&mut self) -> Result<Option<Received>, ClientError> {
         while !self.finished {
-            let wait_until = if self.heard {
-                self.deadline
-            } else {
-                self.accept_deadline
-            };
-            let message = match tokio::time::timeout_at(wait_until, self.subscriber.next()).await {
-                Ok(Some(message)) => message,
-                Ok(None) => return Err(ClientError::Closed),
-                Err(_) if self.heard => {
-                    return Err(ClientError::TimedOut {
-                        waited: self.started.elapsed(),
-                    });
-                }
-                Err(_) => {
-                    return Err(ClientError::NotAcknowledged {
-                        subject: self.subject.clone(),
-                        waited: self.started.elapsed(),
-                    });
-                }
-            };
+            let message =
+                match tokio::time::timeout_at(self.wait_until(), self.subscriber.next()).await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return Err(ClientError::Closed),
+                    Err(_) => return Err(self.gave_up()),
+                };
             if message.status == Some(StatusCode::NO_RESPONDERS) {
                 return Err(ClientError::NoResponders {
                     subject: self.subject.clone(),
                 });
             }
-            if message.status.is_some() {
+            if message.status.is_some() || !self.client.is_from_builder(&message) {
                 continue;
             }
-            match serde_json::from_slice::<Reply>(&message.payload) {
-                Ok(reply) => {
-                    self.heard = true;
-                    self.finished = reply.is_terminal();
-                    return Ok(Some(Received {
-                        reply,
-                        raw: message.payload,
-                    }));
+            let reply = match serde_json::from_slice::<Reply>(&message.payload) {
+                Ok(reply) => reply,
+                Err(err) => {
+                    tracing::warn!(%err, "ignoring a malformed reply");
+                    continue;
                 }
-                Err(err) => tracing::warn!(%err, "ignoring a malformed reply"),
+            };
+            if !self.is_ours(&reply) {
+                continue;
             }
+            self.heard_at = Instant::now();
+            if let Event::Accepted { heartbeat_ms, .. } = &reply.event {
+                self.silence_limit = (*heartbeat_ms > 0)
+                    .then(|| Duration::from_millis(heartbeat_ms.saturating_mul(3)) + SILENCE_GRACE);
+            }
+            self.finished = reply.is_terminal();
+            return Ok(Some(Received {
+                reply,
+                raw: message.payload,
+            }));
         }
         Ok(None)
+    }
+
+    /// Binds to the first `accepted` or `rejected` and keeps only events of
+    /// that build.
+    fn is_ours(&mut self, reply: &Reply) -> bool {
+        match &self.build_id {
+            Some(id) if *id == reply.build_id => true,
+            Some(id) => {
+                tracing::warn!(ours = %id, other = %reply.build_id, "ignoring an event of another build");
+                false
+            }
+            None if matches!(reply.event, Event::Accepted { .. } | Event::Rejected { .. }) => {
+                self.build_id = Some(reply.build_id.clone());
+                true
+            }
+            None => {
+                tracing::warn!(other = %reply.build_id, event = reply.event.name(), "ignoring an event before our request was accepted");
+                false
+            }
+        }
+    }
+
+    /// Until when to wait for the next event.
+    fn wait_until(&self) -> Instant {
+        if self.build_id.is_none() {
+            return self.accept_deadline;
+        }
+        match self.silence_limit {
+            Some(limit) => self.deadline.min(self.heard_at + limit),
+            None => self.deadline,
+        }
+    }
+
+    /// Why the wait ended without an event.
+    fn gave_up(&self) -> ClientError {
+        let now = Instant::now();
+        match (&self.build_id, self.silence_limit) {
+            (None, _) => ClientError::NotAcknowledged {
+                subject: self.subject.clone(),
+                waited: self.started.elapsed(),
+            },
+            (Some(_), Some(limit)) if now < self.deadline => ClientError::BuilderSilent {
+                silent: now - self.heard_at,
+                heartbeat: limit.saturating_sub(SILENCE_GRACE) / 3,
+            },
+            (Some(_), _) => ClientError::TimedOut {
+                waited: self.started.elapsed(),
+            },
+        }
     }
 }
 

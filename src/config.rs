@@ -25,6 +25,9 @@ pub struct Config {
     /// How builds run.
     #[serde(default)]
     pub builder: BuilderConfig,
+    /// Who may do what beyond building (see docs/security.md).
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// Repo name (the second subject token) → flake to build.
     pub repos: BTreeMap<String, RepoConfig>,
 }
@@ -47,6 +50,19 @@ pub struct NatsConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// The client certificate's private key (PEM).
     pub tls_key_file: Option<PathBuf>,
+}
+
+/// `[auth]`: requests signed with a requester's NKey (see docs/security.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// NKey user public keys (`U…`) that may cancel any build, unsigned
+    /// ones included. Everyone else may cancel only the builds they signed.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Reject build requests that are not signed (`unauthorized`).
+    #[serde(default)]
+    pub require_signed: bool,
 }
 
 /// One server URL or several.
@@ -282,6 +298,8 @@ pub enum ConfigError {
     BadExclude { repo: String, host: String },
     #[error("[builder] {key} must be greater than zero")]
     Zero { key: &'static str },
+    #[error("[auth] admins: {0}")]
+    BadAdminKey(#[from] crate::signing::BadPublicKey),
 }
 
 impl Config {
@@ -354,6 +372,9 @@ impl Config {
             return Err(ConfigError::Zero {
                 key: "progress_interval",
             });
+        }
+        for admin in &self.auth.admins {
+            crate::signing::parse_user_key(admin)?;
         }
         if self.repos.is_empty() {
             return Err(ConfigError::NoRepos);

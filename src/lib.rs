@@ -17,5 +17,6 @@ pub mod nats;
 pub(crate) mod nix;
 pub(crate) mod present;
 pub mod protocol;
+pub(crate) mod signing;
 mod sync;
 pub(crate) mod systemd;

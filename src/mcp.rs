@@ -266,6 +266,7 @@ fn summarize(
             failed,
             hosts,
             error,
+            omitted_hosts,
             ..
         } => {
             let rev = short_rev(rev.as_deref());
@@ -275,6 +276,11 @@ fn summarize(
             );
             if let Some(error) = error {
                 text.push_str(&format!("error ({}): {}\n", error.code, error.message));
+            }
+            if *omitted_hosts > 0 {
+                text.push_str(&format!(
+                    "{omitted_hosts} hosts are not listed: the result was too large for NATS\n"
+                ));
             }
             (
                 text + &host_lines(hosts, errors),

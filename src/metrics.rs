@@ -63,6 +63,8 @@ pub struct Metrics {
     pub host_last_success: GaugeVec,
     /// Rejected requests by error code.
     pub rejected: IntCounterVec,
+    /// Requests answered with nothing, by why.
+    pub ignored: IntCounterVec,
     /// Requests waiting behind the running one.
     pub queue_length: IntGauge,
     /// 1 while a build runs.
@@ -126,6 +128,13 @@ impl Metrics {
                 "Requests rejected on receipt, by error code.",
                 &["reason"],
             )?,
+            ignored: counter_vec(
+                "requests_ignored_total",
+                "Requests given no answer at all: a reply subject outside \
+                 build.responses. (foreign_reply_subject) or one already serving a live \
+                 request (reply_subject_in_use).",
+                &["reason"],
+            )?,
             queue_length: IntGauge::new(
                 name("queue_length"),
                 "Requests waiting behind the running one.",
@@ -158,6 +167,7 @@ impl Metrics {
         r.register(Box::new(metrics.host_build_duration.clone()))?;
         r.register(Box::new(metrics.host_last_success.clone()))?;
         r.register(Box::new(metrics.rejected.clone()))?;
+        r.register(Box::new(metrics.ignored.clone()))?;
         r.register(Box::new(metrics.queue_length.clone()))?;
         r.register(Box::new(metrics.build_in_progress.clone()))?;
         r.register(Box::new(metrics.oldest_active_age.clone()))?;
@@ -179,6 +189,9 @@ impl Metrics {
         }
         for code in REJECTION_CODES {
             metrics.rejected.with_label_values(&[code.as_str()]);
+        }
+        for reason in IGNORE_REASONS {
+            metrics.ignored.with_label_values(&[reason]);
         }
         Ok(metrics)
     }
@@ -227,13 +240,18 @@ impl Metrics {
 }
 
 /// The codes a request can be rejected with (the `reason` label).
-pub const REJECTION_CODES: [ErrorCode; 5] = [
+pub const REJECTION_CODES: [ErrorCode; 6] = [
     ErrorCode::UnknownRepo,
     ErrorCode::InvalidRequest,
     ErrorCode::QueueFull,
     ErrorCode::ShuttingDown,
+    ErrorCode::Unauthorized,
     ErrorCode::Internal,
 ];
+
+/// Why a request is given no answer (the `reason` label of
+/// `requests_ignored_total`).
+pub const IGNORE_REASONS: [&str; 2] = ["foreign_reply_subject", "reply_subject_in_use"];
 
 /// Whether the service is healthy, and why not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -98,6 +98,14 @@ pub enum NatsError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "credentials file {path} is readable by every user; restrict it (chmod 600) before using it"
+    )]
+    CredentialsWorldReadable { path: PathBuf },
+    #[error(
+        "credentials file {path} holds no valid user seed (a line starting with \"SU\" after \"BEGIN USER NKEY SEED\")"
+    )]
+    CredentialsWithoutSeed { path: PathBuf },
     #[error("invalid NATS server URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
     #[error("cannot connect to NATS at {urls}: {source}")]
@@ -108,27 +116,78 @@ pub enum NatsError {
     },
 }
 
+impl NatsError {
+    /// Whether the local configuration is at fault (a file, a URL), as
+    /// opposed to the server being unreachable or refusing.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Self::SeedUnreadable { .. }
+            | Self::SeedWorldReadable { .. }
+            | Self::BadSeed { .. }
+            | Self::Credentials { .. }
+            | Self::CredentialsWorldReadable { .. }
+            | Self::CredentialsWithoutSeed { .. }
+            | Self::BadUrl { .. } => true,
+            Self::Connect { .. } => false,
+        }
+    }
+}
+
+/// Reads a secret file, refusing one that every user on the host can read.
+fn read_private(
+    path: &Path,
+    world_readable: impl FnOnce() -> NatsError,
+    unreadable: impl Fn(std::io::Error) -> NatsError,
+) -> Result<String, NatsError> {
+    let metadata = std::fs::metadata(path).map_err(&unreadable)?;
+    if metadata.permissions().mode() & 0o004 != 0 {
+        return Err(world_readable());
+    }
+    std::fs::read_to_string(path).map_err(unreadable)
+}
+
 /// Reads an NKey seed file, refusing one that every user on the host can read.
 pub fn read_seed(path: &Path) -> Result<String, NatsError> {
-    let metadata = std::fs::metadata(path).map_err(|source| NatsError::SeedUnreadable {
-        path: path.to_owned(),
-        source,
-    })?;
-    if metadata.permissions().mode() & 0o004 != 0 {
-        return Err(NatsError::SeedWorldReadable {
+    let seed = read_private(
+        path,
+        || NatsError::SeedWorldReadable {
             path: path.to_owned(),
-        });
-    }
-    let seed = std::fs::read_to_string(path).map_err(|source| NatsError::SeedUnreadable {
-        path: path.to_owned(),
-        source,
-    })?;
+        },
+        |source| NatsError::SeedUnreadable {
+            path: path.to_owned(),
+            source,
+        },
+    )?;
     let seed = seed.trim().to_owned();
     nkeys::KeyPair::from_seed(&seed).map_err(|err| NatsError::BadSeed {
         path: path.to_owned(),
         reason: err.to_string(),
     })?;
     Ok(seed)
+}
+
+/// Reads the user seed out of a `.creds` file (after its `BEGIN USER NKEY
+/// SEED` marker), refusing a file that every user on the host can read.
+pub fn read_credentials_seed(path: &Path) -> Result<String, NatsError> {
+    let text = read_private(
+        path,
+        || NatsError::CredentialsWorldReadable {
+            path: path.to_owned(),
+        },
+        |source| NatsError::Credentials {
+            path: path.to_owned(),
+            source,
+        },
+    )?;
+    text.lines()
+        .skip_while(|line| !line.contains("BEGIN USER NKEY SEED"))
+        .map(str::trim)
+        .find(|line| line.starts_with("SU"))
+        .filter(|seed| nkeys::KeyPair::from_seed(seed).is_ok())
+        .map(str::to_owned)
+        .ok_or_else(|| NatsError::CredentialsWithoutSeed {
+            path: path.to_owned(),
+        })
 }
 
 /// Parses the server URLs.
@@ -218,23 +277,36 @@ pub struct Connection {
     pub client: async_nats::Client,
     /// Changes whenever the client connects or loses its connection.
     pub state: watch::Receiver<ConnectionState>,
+    /// Signs messages with the NKey the connection authenticates with
+    /// (none without one).
+    pub signer: Option<Arc<crate::signing::Signer>>,
 }
 
 /// Opens a connection. With `retry_initial_connect` this returns at once
 /// and the state says when the server is reached.
 pub async fn connect(settings: &ConnectSettings) -> Result<Connection, NatsError> {
     let addrs = server_addrs(&settings.urls)?;
-    let mut options =
-        match &settings.auth {
-            Auth::None => ConnectOptions::new(),
-            Auth::NkeySeedFile(path) => ConnectOptions::with_nkey(read_seed(path)?),
-            Auth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
+    let (mut options, seed) = match &settings.auth {
+        Auth::None => (ConnectOptions::new(), None),
+        Auth::NkeySeedFile(path) => {
+            let seed = read_seed(path)?;
+            (ConnectOptions::with_nkey(seed.clone()), Some(seed))
+        }
+        Auth::CredentialsFile(path) => {
+            let seed = read_credentials_seed(path)?;
+            let options = ConnectOptions::with_credentials_file(path)
                 .await
                 .map_err(|source| NatsError::Credentials {
                     path: path.clone(),
                     source,
-                })?,
-        };
+                })?;
+            (options, Some(seed))
+        }
+    };
+    // The seed was checked as it was read.
+    let signer = seed
+        .and_then(|seed| crate::signing::Signer::from_seed(&seed).ok())
+        .map(Arc::new);
     let (state, watched) = watch::channel(ConnectionState {
         connected: false,
         connects: 0,
@@ -303,6 +375,7 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Connection, NatsError
     Ok(Connection {
         client,
         state: watched,
+        signer,
     })
 }
 
@@ -346,6 +419,33 @@ mod tests {
         ));
         let path = write_seed(dir.path(), "not a seed", 0o600);
         assert!(matches!(read_seed(&path), Err(NatsError::BadSeed { .. })));
+    }
+
+    #[test]
+    fn the_seed_is_read_from_a_creds_file_with_a_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\neyJhbGciOi.x.y\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        );
+        let path = dir.path().join("user.creds");
+        std::fs::write(&path, &creds).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_credentials_seed(&path).unwrap(), seed);
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            read_credentials_seed(&path),
+            Err(NatsError::CredentialsWorldReadable { .. })
+        ));
+        std::fs::write(&path, "-----BEGIN USER NKEY SEED-----\nnot a seed\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            read_credentials_seed(&path),
+            Err(NatsError::CredentialsWithoutSeed { .. })
+        ));
     }
 
     #[test]

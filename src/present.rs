@@ -48,8 +48,12 @@ pub fn status_report(status: &BuilderStatus) -> String {
                 _ => ", fetching".to_owned(),
             };
             text.push_str(&format!(
-                "running: {} {}/{}{host}, since {}\n",
-                running.build_id, running.repo, running.target, running.started_at
+                "running: {} {}/{}{host}, since {}{}\n",
+                running.build_id,
+                running.repo,
+                running.target,
+                running.started_at,
+                owned_by(running.owner.as_deref())
             ));
         }
         None => text.push_str("running: nothing\n"),
@@ -60,12 +64,13 @@ pub fn status_report(status: &BuilderStatus) -> String {
         text.push_str(&format!("queue: {} waiting\n", status.queue.len()));
         for queued in &status.queue {
             text.push_str(&format!(
-                "  {} {}/{} (ref {}), since {}\n",
+                "  {} {}/{} (ref {}), since {}{}\n",
                 queued.build_id,
                 queued.repo,
                 queued.target,
                 queued.git_ref.as_deref().unwrap_or("default"),
-                queued.queued_at
+                queued.queued_at,
+                owned_by(queued.owner.as_deref())
             ));
         }
     }
@@ -91,6 +96,11 @@ pub fn status_report(status: &BuilderStatus) -> String {
         }
     }
     text
+}
+
+/// `, by U…` for a signed request, nothing otherwise.
+fn owned_by(owner: Option<&str>) -> String {
+    owner.map_or_else(String::new, |key| format!(", by {key}"))
 }
 
 /// What a cancel did, in one line; `true` when it was refused or found
@@ -134,6 +144,7 @@ mod tests {
                 },
             ],
             running: Some(RunningBuild {
+                owner: None,
                 build_id: "b1".into(),
                 repo: "nixos-servers".into(),
                 target: "all".into(),
@@ -144,6 +155,7 @@ mod tests {
                 started_at: "2026-11-28T01:00:00Z".into(),
             }),
             queue: vec![QueuedBuild {
+                owner: None,
                 build_id: "b2".into(),
                 repo: "nixos".into(),
                 target: "gunter".into(),

@@ -34,6 +34,28 @@ pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// Largest `lines` payload of one `log` event.
 pub const MAX_LOG_EVENT_BYTES: usize = 16 * 1024;
 
+/// NATS header carrying the signer's NKey public key (`U…`).
+pub const KEY_HEADER: &str = "Homelab-Deploy-Key";
+/// NATS header carrying the Ed25519 signature of [`signed_message`],
+/// base64url without padding.
+pub const SIGNATURE_HEADER: &str = "Homelab-Deploy-Signature";
+/// Most requesters one build's events go to (coalesced requests included).
+pub const MAX_REQUESTERS_PER_BUILD: usize = 64;
+
+/// The bytes a signature covers: `<subject>\n<reply>\n<body>`, where
+/// `reply` is the message's reply subject (empty for replies, which have
+/// none). Binding the subjects means a signed message cannot be replayed
+/// onto another subject.
+pub fn signed_message(subject: &str, reply: &str, body: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(subject.len() + reply.len() + body.len() + 2);
+    message.extend_from_slice(subject.as_bytes());
+    message.push(b'\n');
+    message.extend_from_slice(reply.as_bytes());
+    message.push(b'\n');
+    message.extend_from_slice(body);
+    message
+}
+
 /// The subject a build request for `repo`/`target` is published on.
 pub fn request_subject(repo: &str, target: &str) -> String {
     format!("{SUBJECT_ROOT}.{repo}.{target}")
@@ -339,6 +361,10 @@ pub enum ErrorCode {
     Cancelled,
     /// The builder is stopping and takes no new requests.
     ShuttingDown,
+    /// The request's signature is invalid, or the builder requires one.
+    Unauthorized,
+    /// The signer may not do this (e.g. cancel another's build).
+    Forbidden,
     /// The builder itself failed; see the message.
     Internal,
     /// A code from a newer builder that this client does not know.
@@ -360,6 +386,8 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::Cancelled => "cancelled",
             Self::ShuttingDown => "shutting_down",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
             Self::Internal => "internal",
             Self::Unknown => "unknown",
         }
@@ -402,6 +430,69 @@ pub fn keep_tail(text: String, max: usize) -> String {
         start += 1;
     }
     text[start..].to_owned()
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Room kept for a `finished` event's fields other than its host lines
+/// when it is shortened, beyond its exact size.
+const SHORTENED_SLACK: usize = 64;
+/// What is kept of a `finished` error message that must be shortened.
+const SHORTENED_ERROR_BYTES: usize = 512;
+
+impl Reply {
+    /// This reply as JSON, at most `max` bytes where that is possible: a
+    /// `finished` event too large for the server's `max_payload` gives up
+    /// host lines from the end (counted in `omitted_hosts`) and most of its
+    /// error message rather than being dropped. Other events are left as
+    /// they are (they are small, or expendable).
+    pub fn to_json_within(&self, max: usize) -> serde_json::Result<Vec<u8>> {
+        let whole = serde_json::to_vec(self)?;
+        let Event::Finished {
+            hosts,
+            error,
+            omitted_hosts,
+            ..
+        } = &self.event
+        else {
+            return Ok(whole);
+        };
+        if whole.len() <= max {
+            return Ok(whole);
+        }
+        let shortened = |kept: Vec<HostSummary>| {
+            let mut short = self.clone();
+            if let Event::Finished {
+                hosts: short_hosts,
+                error: short_error,
+                omitted_hosts: omitted,
+                ..
+            } = &mut short.event
+            {
+                *short_error = error.as_ref().map(|error| {
+                    ErrorBody::new(
+                        error.code,
+                        keep_tail(error.message.clone(), SHORTENED_ERROR_BYTES),
+                    )
+                });
+                *omitted = omitted_hosts + hosts.len() - kept.len();
+                *short_hosts = kept;
+            }
+            short
+        };
+        let mut size = serde_json::to_vec(&shortened(Vec::new()))?.len() + SHORTENED_SLACK;
+        let mut kept = Vec::new();
+        for host in hosts {
+            size += serde_json::to_vec(host)?.len() + 1;
+            if size > max {
+                break;
+            }
+            kept.push(host.clone());
+        }
+        serde_json::to_vec(&shortened(kept))
+    }
 }
 
 /// Outcome of one host.
@@ -503,7 +594,16 @@ pub enum Event {
         git_ref: Option<String>,
         /// How many requests are ahead of this one (0: it starts now).
         queue_position: usize,
+        /// The builder sends some event at least this often (milliseconds)
+        /// until the terminal one: a client that hears nothing for much
+        /// longer may take the builder for dead. 0 from builders that do
+        /// not say.
+        #[serde(default)]
+        heartbeat_ms: u64,
     },
+    /// A sign of life while nothing else is sent (waiting in the queue,
+    /// fetching, evaluating).
+    Heartbeat,
     /// The flake is fetched and pinned; the hosts are resolved.
     Started {
         repo: String,
@@ -558,6 +658,10 @@ pub enum Event {
         hosts: Vec<HostSummary>,
         /// Why the request failed before any host built, or why it was cancelled.
         error: Option<ErrorBody>,
+        /// Hosts left out of `hosts` so the event fits the server's
+        /// `max_payload` (they still count in `succeeded`/`failed`).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        omitted_hosts: usize,
     },
     /// Terminal: the request was refused on receipt.
     Rejected { error: ErrorBody },
@@ -576,6 +680,7 @@ impl Event {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Accepted { .. } => "accepted",
+            Self::Heartbeat => "heartbeat",
             Self::Started { .. } => "started",
             Self::HostStarted { .. } => "host_started",
             Self::Progress { .. } => "progress",
@@ -602,9 +707,17 @@ impl CancelRequest {
         if body.len() > MAX_BODY_BYTES {
             return Err(RequestError::BodyTooLarge { len: body.len() });
         }
-        let request: Self = serde_json::from_slice(body).map_err(|err| {
+        let malformed = |err: String| {
             RequestError::MalformedBody(format!("{err}; expected {{\"build_id\": \"...\"}}"))
-        })?;
+        };
+        // serde would also accept a JSON array for a struct; only an object is valid.
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|err| malformed(err.to_string()))?;
+        if !value.is_object() {
+            return Err(malformed("not a JSON object".to_owned()));
+        }
+        let request: Self =
+            serde_json::from_value(value).map_err(|err| malformed(err.to_string()))?;
         request.validate()?;
         Ok(request)
     }
@@ -691,6 +804,9 @@ pub struct RunningBuild {
     pub target: String,
     #[serde(rename = "ref")]
     pub git_ref: Option<String>,
+    /// The NKey public key that signed the request (`null`: unsigned).
+    #[serde(default)]
+    pub owner: Option<String>,
     /// The host building now (`null` while the flake is fetched).
     pub host: Option<String>,
     /// Its position, counting from 1, and the number of hosts.
@@ -708,6 +824,9 @@ pub struct QueuedBuild {
     pub target: String,
     #[serde(rename = "ref")]
     pub git_ref: Option<String>,
+    /// The NKey public key that signed the request (`null`: unsigned).
+    #[serde(default)]
+    pub owner: Option<String>,
     /// When the request arrived (RFC 3339, UTC).
     pub queued_at: String,
 }
@@ -863,6 +982,92 @@ mod properties {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cancel_bodies_are_json_objects_only() {
+        let id = "0123456789abcdef";
+        assert_eq!(
+            CancelRequest::parse(format!(r#"{{"build_id":"{id}"}}"#).as_bytes())
+                .map(|r| r.build_id),
+            Ok(id.to_owned())
+        );
+        for body in [
+            format!(r#"["{id}"]"#),
+            format!(r#""{id}""#),
+            "null".to_owned(),
+        ] {
+            assert!(
+                matches!(
+                    CancelRequest::parse(body.as_bytes()),
+                    Err(RequestError::MalformedBody(_))
+                ),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_finished_too_large_is_shortened_to_fit() {
+        let host = |i: usize| HostSummary {
+            host: format!("host-{i:03}"),
+            status: HostStatus::Failed,
+            duration_ms: 1,
+            out_path: None,
+            cached: false,
+        };
+        let reply = Reply {
+            build_id: "b".into(),
+            event: Event::Finished {
+                repo: "r".into(),
+                target: "all".into(),
+                rev: None,
+                status: BuildStatus::Failed,
+                duration_ms: 5,
+                succeeded: 0,
+                failed: 200,
+                hosts: (0..200).map(host).collect(),
+                error: Some(ErrorBody::new(ErrorCode::Internal, "x".repeat(4000))),
+                omitted_hosts: 0,
+            },
+        };
+        let whole = reply.to_json_within(usize::MAX).unwrap();
+        assert_eq!(whole, serde_json::to_vec(&reply).unwrap());
+        let short = reply.to_json_within(2048).unwrap();
+        assert!(short.len() <= 2048, "{}", short.len());
+        let Event::Finished {
+            hosts,
+            omitted_hosts,
+            error,
+            failed,
+            ..
+        } = serde_json::from_slice::<Reply>(&short).unwrap().event
+        else {
+            panic!("not finished");
+        };
+        assert!(!hosts.is_empty());
+        assert_eq!(hosts.len() + omitted_hosts, 200);
+        assert_eq!(hosts[0].host, "host-000", "the first hosts are kept");
+        assert_eq!(failed, 200);
+        assert_eq!(error.unwrap().message.len(), 512);
+        // Other events are left alone.
+        let log = Reply {
+            build_id: "b".into(),
+            event: Event::Log {
+                host: "h".into(),
+                lines: vec!["x".repeat(5000)],
+            },
+        };
+        assert!(log.to_json_within(100).unwrap().len() > 5000);
+    }
+
+    #[test]
+    fn signed_bytes_bind_subject_reply_and_body() {
+        assert_eq!(
+            signed_message("build.x.y", "build.responses.a", b"{}"),
+            b"build.x.y\nbuild.responses.a\n{}"
+        );
+        assert_eq!(signed_message("s", "", b""), b"s\n\n");
+    }
+
     use super::*;
 
     #[test]
@@ -1038,6 +1243,7 @@ mod tests {
                 target: "all".into(),
                 git_ref: None,
                 queue_position: 1,
+                heartbeat_ms: 0,
             },
         };
         let json: serde_json::Value = serde_json::to_value(&reply).unwrap();
@@ -1045,7 +1251,7 @@ mod tests {
             json,
             serde_json::json!({
                 "build_id": "abc", "event": "accepted", "repo": "r",
-                "target": "all", "ref": null, "queue_position": 1
+                "target": "all", "ref": null, "queue_position": 1, "heartbeat_ms": 0
             })
         );
         let back: Reply = serde_json::from_value(json).unwrap();

@@ -77,10 +77,13 @@ async fn single_host_build_sends_the_documented_sequence() {
             target,
             git_ref,
             queue_position,
+            heartbeat_ms,
         } => {
             assert_eq!((repo.as_str(), target.as_str()), ("homelab", "ns1"));
             assert_eq!(git_ref, &None);
             assert_eq!(*queue_position, 0);
+            // The default progress_interval (30 s) is the heartbeat.
+            assert_eq!(*heartbeat_ms, 30_000);
         }
         other => panic!("{other:?}"),
     }
@@ -289,24 +292,24 @@ async fn invalid_requests_get_exactly_one_rejection() {
 }
 
 #[tokio::test]
-async fn a_reply_subject_outside_build_responses_is_rejected() {
+async fn a_reply_subject_outside_build_responses_gets_nothing_and_nothing_is_built() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, builder) = start_service(&flake, |o| o);
     let client = nats.connect().await;
     let mut inbox = client.subscribe("_INBOX.elsewhere").await.unwrap();
     client
         .publish_with_reply("build.homelab.ns1", "_INBOX.elsewhere", "".into())
         .await
         .unwrap();
-    let message = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut inbox))
-        .await
-        .unwrap()
-        .unwrap();
-    let reply: Reply = serde_json::from_slice(&message.payload).unwrap();
-    assert!(matches!(
-        reply.event,
-        Event::Rejected { ref error } if error.code == ErrorCode::InvalidRequest
-    ));
+    client.flush().await.unwrap();
+    // A request after it is answered: by then the first would have been.
+    let requester = Requester::new(&nats).await;
+    let replies = requester.build("build.nope.x", "").await;
+    assert_eq!(event_names(&replies), ["rejected"]);
+    assert!(
+        futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut inbox)).is_none()
+    );
+    assert!(!builder.log_text().contains("request accepted"));
 }
 
 #[tokio::test]

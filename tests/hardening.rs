@@ -14,8 +14,6 @@ use common::*;
 use futures_util::StreamExt;
 use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, HostStatus, Reply};
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
 fn replies(timed: Vec<Timed>) -> Vec<Reply> {
     timed.into_iter().map(|t| t.reply).collect()
 }
@@ -31,58 +29,6 @@ fn finished_status(replies: &[Reply]) -> (BuildStatus, Option<String>) {
 
 // ---------------------------------------------------------------------------
 // Permissions
-
-struct Identities {
-    _dir: tempfile::TempDir,
-    builder: (std::path::PathBuf, String),
-    test_deployer: (std::path::PathBuf, String),
-    admin: (std::path::PathBuf, String),
-    outsider: (std::path::PathBuf, String),
-}
-
-impl Identities {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self {
-            builder: nkey_user(dir.path(), "builder"),
-            test_deployer: nkey_user(dir.path(), "test-deployer"),
-            admin: nkey_user(dir.path(), "admin"),
-            outsider: nkey_user(dir.path(), "outsider"),
-            _dir: dir,
-        }
-    }
-
-    /// The shipped server config with these keys, plus a user that may
-    /// only publish deploy.test.> (no build rights).
-    fn server_config(&self, file: &str) -> String {
-        let mut text = std::fs::read_to_string(format!("{ROOT}/docs/{file}")).unwrap();
-        for (variable, key) in [
-            ("BUILDER_NKEY", &self.builder.1),
-            ("TEST_DEPLOYER_NKEY", &self.test_deployer.1),
-            ("ADMIN_DEPLOYER_NKEY", &self.admin.1),
-        ] {
-            let start = text.find(&format!("{variable}: \"")).unwrap() + variable.len() + 3;
-            let end = start + text[start..].find('"').unwrap();
-            text.replace_range(start..end, key);
-        }
-        let outsider = format!(
-            "      {{\n        nkey: \"{}\"\n        permissions {{\n          publish {{ allow: [\"deploy.test.>\"] }}\n          subscribe {{ allow: [\"build.responses.>\"] }}\n        }}\n      }}\n    ]",
-            self.outsider.1
-        );
-        let end = text.rfind("    ]").unwrap();
-        text.replace_range(end..end + 5, &outsider);
-        text
-    }
-}
-
-async fn connect_as(nats: &NatsServer, seed_file: &Path) -> Requester {
-    let seed = std::fs::read_to_string(seed_file).unwrap();
-    Requester::with_options(
-        &nats.url(),
-        async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()),
-    )
-    .await
-}
 
 async fn builds_work_under(config_file: &str) {
     let ids = Identities::new();
@@ -481,14 +427,20 @@ async fn a_flood_of_malformed_requests_is_rejected_without_nix_or_growth() {
 #[tokio::test]
 async fn cancel_stops_a_waiting_and_a_running_build() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    // Unsigned builds are cancelled by an admin (see tests/verdicts.rs for
+    // who else may cancel what).
+    let ids = Identities::new();
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.auth(&format!("admins = [\"{}\"]", ids.admin.1))
+    });
+    let admin = ids.admin.0.to_str().unwrap();
     let client = Requester::new(&nats).await;
     let (mut running, events) = client.send_until_started("build.homelab.slow").await;
     let running_id = events[0].reply.build_id.clone();
     let mut waiting = client.send("build.homelab.ns1", "").await;
     let waiting_id = waiting.next().await.reply.build_id;
 
-    let out = run_cli(&nats.url(), &["cancel", &waiting_id]).await;
+    let out = run_cli(&nats.url(), &["cancel", &waiting_id, "--nkey-file", admin]).await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled while queued"));
     let rest = replies(waiting.until_terminal().await);
@@ -498,7 +450,11 @@ async fn cancel_stops_a_waiting_and_a_running_build() {
         (BuildStatus::Cancelled, Some("cancelled by request".into()))
     );
 
-    let out = run_cli(&nats.url(), &["cancel", &running_id, "--json"]).await;
+    let out = run_cli(
+        &nats.url(),
+        &["cancel", &running_id, "--json", "--nkey-file", admin],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["event"], "cancel");
@@ -517,7 +473,7 @@ async fn cancel_stops_a_waiting_and_a_running_build() {
     })
     .await;
 
-    let out = run_cli(&nats.url(), &["cancel", &running_id]).await;
+    let out = run_cli(&nats.url(), &["cancel", &running_id, "--nkey-file", admin]).await;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let out = run_cli(&nats.url(), &["cancel", "$(id)"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));

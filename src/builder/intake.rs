@@ -10,19 +10,21 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::cancel;
+use super::live::{AttachError, LiveRequests};
 use super::monitor::Monitor;
-use super::queue::{PushError, Queue};
+use super::queue::{PushError, Queue, Take};
 use super::replies::{Publisher, Replies};
-use super::request::{Job, Report};
+use super::request::{Job, Report, may_cancel};
 use crate::config::Config;
 use crate::protocol::{
     self, BuildStatus, CancelEvent, CancelOutcome, CancelRequest, CancelledState, ErrorBody,
-    ErrorCode, Event, RESPONSES_PREFIX, RequestError, StatusEvent, SubjectKind, Target,
-    ValidRequest,
+    ErrorCode, Event, RESPONSES_PREFIX, StatusEvent, SubjectKind, Target, ValidRequest,
 };
+use crate::signing::{self, Signature};
 
 /// What identifies a request for coalescing: the same repo, target, ref,
-/// rev and log choice build the same thing.
+/// rev and log choice build the same thing; the same owner (or none) may
+/// share it, so a cancel by one owner never ends another's request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Identity {
     repo: String,
@@ -30,6 +32,7 @@ struct Identity {
     git_ref: Option<String>,
     rev: Option<String>,
     logs: bool,
+    owner: Option<String>,
 }
 
 impl Identity {
@@ -40,6 +43,7 @@ impl Identity {
             git_ref: job.git_ref.clone(),
             rev: job.rev.clone(),
             logs: job.logs,
+            owner: job.owner.clone(),
         }
     }
 }
@@ -50,8 +54,10 @@ pub(crate) struct Intake {
     publisher: Arc<Publisher>,
     queue: Arc<Queue<Job>>,
     monitor: Arc<Monitor>,
-    /// Rejections are logged at most this often, so a flood of bad
-    /// requests neither floods the journal nor slows the intake down.
+    live: Arc<LiveRequests>,
+    /// Rejections (and requests given no answer) are logged at most this
+    /// often, so a flood of bad requests neither floods the journal nor
+    /// slows the intake down.
     rejection_log: RateLimit,
 }
 
@@ -92,19 +98,32 @@ impl RateLimit {
     }
 }
 
+/// Where a request's answer may go.
+enum ReplyTo {
+    /// Nowhere: the request asked for none.
+    Nobody,
+    /// This subject, under `build.responses.` and serving no live request.
+    Subject(Subject),
+    /// Nowhere: the subject is not one the builder answers on.
+    Refused,
+}
+
 impl Intake {
-    /// An intake that queues onto `queue` and replies through `publisher`.
+    /// An intake that queues onto `queue`, replies through `publisher` and
+    /// keeps `live` up to date.
     pub(crate) fn new(
         config: Arc<Config>,
         publisher: Arc<Publisher>,
         queue: Arc<Queue<Job>>,
         monitor: Arc<Monitor>,
+        live: Arc<LiveRequests>,
     ) -> Self {
         Self {
             config,
             publisher,
             queue,
             monitor,
+            live,
             rejection_log: RateLimit::new(20),
         }
     }
@@ -127,6 +146,46 @@ impl Intake {
         self.monitor
             .build_finished(&job.build_id, &job.repo, report.status, report.duration);
         job.finish(report);
+        self.live.remove(&job.build_id);
+    }
+
+    /// Where the answer to `message` may go. The builder speaks only on
+    /// subjects under `build.responses.`, and a subject already serving a
+    /// live request gets nothing more: a requester's subject cannot be
+    /// borrowed to send it another build's events (or a rejection).
+    fn reply_to(&self, message: &Message) -> ReplyTo {
+        let Some(reply) = &message.reply else {
+            return ReplyTo::Nobody;
+        };
+        let reason = if !reply.starts_with(RESPONSES_PREFIX) {
+            "foreign_reply_subject"
+        } else if self.live.is_attached(reply) {
+            "reply_subject_in_use"
+        } else {
+            return ReplyTo::Subject(reply.clone());
+        };
+        self.monitor.ignored(reason);
+        if self.may_log() {
+            tracing::warn!(
+                subject = %message.subject,
+                reply = %protocol::quote_for_error(reply),
+                reason,
+                "request ignored: no answer goes to its reply subject"
+            );
+        }
+        ReplyTo::Refused
+    }
+
+    /// Whether one more rejection may be logged now (see `rejection_log`).
+    fn may_log(&self) -> bool {
+        let (log, held_back) = self.rejection_log.allow();
+        if held_back > 0 {
+            tracing::warn!(
+                count = held_back,
+                "more requests rejected or ignored (not logged one by one)"
+            );
+        }
+        log
     }
 
     /// Handles a message on `build.*.*`.
@@ -136,12 +195,17 @@ impl Intake {
             // Replies (ours included) and anything else are never requests.
             SubjectKind::Response | SubjectKind::Other => return,
         };
+        let reply = match self.reply_to(&message) {
+            ReplyTo::Refused => return,
+            ReplyTo::Nobody => None,
+            ReplyTo::Subject(subject) => Some(subject),
+        };
         let build_id = protocol::new_build_id();
-        let replies = Replies::new(Arc::clone(&self.publisher), message.reply.clone());
+        let replies = Replies::new(Arc::clone(&self.publisher), reply.clone());
         let span = tracing::info_span!("request", %build_id, %repo, %target);
 
-        let valid = check_reply_subject(&message).and_then(|()| {
-            protocol::parse_build_request(
+        let valid = self.signer(&message).and_then(|owner| {
+            let request = protocol::parse_build_request(
                 &message.subject,
                 &message.payload,
                 |repo| self.config.repos.contains_key(repo),
@@ -154,26 +218,24 @@ impl Intake {
                         .join(", ")
                 },
             )
+            .map_err(|err| err.to_error_body())?;
+            Ok(request.map(|request| (request, owner)))
         });
-        let ValidRequest {
-            target,
-            body: request,
-            ..
-        } = match valid {
+        let (
+            ValidRequest {
+                target,
+                body: request,
+                ..
+            },
+            owner,
+        ) = match valid {
             Ok(Some(valid)) => valid,
             Ok(None) => return,
-            Err(err) => {
-                let (log, held_back) = self.rejection_log.allow();
-                if held_back > 0 {
-                    tracing::warn!(
-                        count = held_back,
-                        "more requests rejected (not logged one by one)"
-                    );
+            Err(error) => {
+                if self.may_log() {
+                    tracing::warn!(parent: &span, code = %error.code, message = %error.message, "request rejected");
                 }
-                if log {
-                    tracing::warn!(parent: &span, code = %err.code(), %err, "request rejected");
-                }
-                self.reject(&replies, &build_id, err.to_error_body());
+                self.reject(&replies, &build_id, error);
                 return;
             }
         };
@@ -188,25 +250,30 @@ impl Intake {
             git_ref: git_ref.clone(),
             rev: request.rev.map(|rev| rev.to_ascii_lowercase()),
             logs: request.logs,
+            owner: owner.clone(),
             replies: replies.clone(),
             received_at: SystemTime::now(),
         };
 
-        if let Some(reply) = &message.reply {
+        if let Some(reply) = &reply {
             if self.coalesce(&job, reply, &span) {
                 return;
             }
         }
 
+        let heartbeat_ms = super::request::millis(self.config.builder.progress_interval);
         let accepted = |queue_position| Event::Accepted {
             repo: repo.clone(),
             target: target.to_string(),
             git_ref: git_ref.clone(),
             queue_position,
+            heartbeat_ms,
         };
-        // `accepted` is queued for sending before the worker can take the
-        // job, so it always precedes `started`.
+        // `accepted` is queued for sending, and the request counted as
+        // live, before the worker can take the job: `accepted` always
+        // precedes `started`, and the request leaves `live` only after.
         let pushed = self.queue.push_announced(job, |position| {
+            self.live.register(&build_id, &replies);
             replies.send(&build_id, accepted(position));
         });
         match pushed {
@@ -214,6 +281,7 @@ impl Intake {
                 parent: &span,
                 queue_position,
                 git_ref = git_ref.as_deref().unwrap_or("-"),
+                owner = owner.as_deref().unwrap_or("-"),
                 "request accepted"
             ),
             Err(PushError::Full) => {
@@ -239,16 +307,49 @@ impl Intake {
         }
     }
 
+    /// Who signed a build request: its owner (`None`: unsigned). A bad
+    /// signature, or none where `[auth] require_signed` asks for one, is
+    /// `unauthorized`.
+    fn signer(&self, message: &Message) -> Result<Option<String>, ErrorBody> {
+        let reply = message.reply.as_deref().unwrap_or("");
+        let signature = signing::verify(
+            message.headers.as_ref(),
+            &message.subject,
+            reply,
+            &message.payload,
+        );
+        match signature {
+            Signature::Valid(key) => Ok(Some(key)),
+            Signature::Invalid(why) => Err(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                format!("the request's signature is not valid: {why}"),
+            )),
+            Signature::Unsigned if self.config.auth.require_signed => Err(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "this builder takes only signed requests: connect with --nkey-file or --creds-file",
+            )),
+            Signature::Unsigned => Ok(None),
+        }
+    }
+
     /// Joins `job`'s requester to an identical request that is still
     /// waiting: it gets `accepted` with that build's id, then every later
-    /// event of it.
+    /// event of it. A build with [`protocol::MAX_REQUESTERS_PER_BUILD`]
+    /// requesters takes no more; the request then queues on its own.
     fn coalesce(&self, job: &Job, reply: &Subject, span: &tracing::Span) -> bool {
         let identity = Identity::of(job);
+        let heartbeat_ms = super::request::millis(self.config.builder.progress_interval);
+        let mut joined = false;
         self.queue.join(
             |waiting| Identity::of(waiting) == identity,
             |waiting, queue_position| {
-                // Sent before joining, under the queue's lock: `accepted`
-                // comes before anything the build sends afterwards.
+                // Attached and `accepted` sent under the queue's lock:
+                // `accepted` comes before anything the build sends later.
+                match self.live.attach(&waiting.build_id, reply) {
+                    Ok(()) => {}
+                    Err(AttachError::Full | AttachError::Taken) => return,
+                }
+                joined = true;
                 waiting.replies.send_to(
                     reply,
                     &waiting.build_id,
@@ -257,9 +358,9 @@ impl Intake {
                         target: waiting.target.to_string(),
                         git_ref: waiting.git_ref.clone(),
                         queue_position,
+                        heartbeat_ms,
                     },
                 );
-                waiting.replies.add(reply.clone());
                 tracing::info!(
                     parent: span,
                     joined = %waiting.build_id,
@@ -267,7 +368,8 @@ impl Intake {
                     "request joined an identical waiting build"
                 );
             },
-        )
+        );
+        joined
     }
 
     fn reject(&self, replies: &Replies, build_id: &str, error: ErrorBody) {
@@ -277,52 +379,94 @@ impl Intake {
 
     /// Answers a `build.status` request.
     pub(crate) fn status(&self, message: Message) {
-        if let Some(reply) = reply_subject(&message) {
+        if let ReplyTo::Subject(reply) = self.reply_to(&message) {
             self.answer(reply, &StatusEvent::Status(self.monitor.status()));
         }
     }
 
     /// Handles a `build.cancel` request: a waiting build leaves the queue,
-    /// a running one is stopped; either gets its terminal event.
+    /// a running one is stopped; either gets its terminal event. Only the
+    /// build's owner or an admin may (see [`may_cancel`]); anyone else gets
+    /// `forbidden` and the build goes on.
     pub(crate) fn cancel(&self, message: Message) {
-        // Like a build, a cancel may come without a reply subject; one
-        // with a reply subject replies could not reach is ignored.
-        if message.reply.is_some() && check_reply_subject(&message).is_err() {
-            let _ = reply_subject(&message); // logs why
-            return;
-        }
-        let reply = message.reply.clone();
-        let request = CancelRequest::parse(&message.payload);
-        let outcome = match request {
-            Err(err) => CancelOutcome {
-                build_id: String::new(),
+        // Like a build, a cancel may come without a reply subject.
+        let reply = match self.reply_to(&message) {
+            ReplyTo::Refused => return,
+            ReplyTo::Nobody => None,
+            ReplyTo::Subject(subject) => Some(subject),
+        };
+        let outcome = match self.cancel_outcome(&message) {
+            Ok(outcome) => outcome,
+            Err((build_id, error)) => CancelOutcome {
+                build_id,
                 found: false,
                 state: None,
-                error: Some(err.to_error_body()),
+                error: Some(error),
             },
-            Ok(CancelRequest { build_id }) => {
-                // The queue first: a job only moves from it to running,
-                // so looking in this order cannot miss one in passing.
-                let state = if let Some(job) = self.queue.remove(|job| job.build_id == build_id) {
-                    self.cancel_waiting(&job, cancel::BY_REQUEST);
-                    Some(CancelledState::Queued)
-                } else if self.monitor.cancel_running(&build_id) {
-                    Some(CancelledState::Running)
-                } else {
-                    None
-                };
-                tracing::info!(%build_id, ?state, "cancel requested");
-                CancelOutcome {
-                    build_id,
-                    found: state.is_some(),
-                    state,
-                    error: None,
-                }
-            }
         };
         if let Some(reply) = reply {
             self.answer(reply, &CancelEvent::Cancel(outcome));
         }
+    }
+
+    fn cancel_outcome(&self, message: &Message) -> Result<CancelOutcome, (String, ErrorBody)> {
+        let CancelRequest { build_id } = CancelRequest::parse(&message.payload)
+            .map_err(|err| (String::new(), err.to_error_body()))?;
+        let signature = signing::verify(
+            message.headers.as_ref(),
+            &message.subject,
+            message.reply.as_deref().unwrap_or(""),
+            &message.payload,
+        );
+        let signer = match signature {
+            Signature::Valid(key) => Some(key),
+            Signature::Unsigned => None,
+            Signature::Invalid(why) => {
+                let message = format!("the cancel's signature is not valid: {why}");
+                return Err((build_id, ErrorBody::new(ErrorCode::Unauthorized, message)));
+            }
+        };
+        let admins = &self.config.auth.admins;
+        let allow = |owner: Option<&str>| may_cancel(owner, signer.as_deref(), admins);
+        // The queue first: a job only moves from it to running, so looking
+        // in this order cannot miss one in passing.
+        let found = match self.queue.take_if(
+            |job| job.build_id == build_id,
+            |job| allow(job.owner.as_deref()),
+        ) {
+            Take::Taken(job) => {
+                self.cancel_waiting(&job, cancel::BY_REQUEST);
+                Take::Taken(CancelledState::Queued)
+            }
+            Take::Refused => Take::Refused,
+            Take::Missing => match self.monitor.cancel_running(&build_id, allow) {
+                Take::Taken(()) => Take::Taken(CancelledState::Running),
+                Take::Refused => Take::Refused,
+                Take::Missing => Take::Missing,
+            },
+        };
+        let signer_text = signer.as_deref().unwrap_or("-");
+        let state = match found {
+            Take::Taken(state) => Some(state),
+            Take::Missing => None,
+            Take::Refused => {
+                tracing::warn!(%build_id, signer = signer_text, "cancel refused: not the build's owner or an admin");
+                let message = match signer {
+                    Some(_) => "only the build's owner or an admin may cancel it",
+                    None => {
+                        "cancels must be signed (--nkey-file or --creds-file) by the build's owner or an admin"
+                    }
+                };
+                return Err((build_id, ErrorBody::new(ErrorCode::Forbidden, message)));
+            }
+        };
+        tracing::info!(%build_id, ?state, signer = signer_text, "cancel requested");
+        Ok(CancelOutcome {
+            build_id,
+            found: state.is_some(),
+            state,
+            error: None,
+        })
     }
 
     fn answer(&self, reply: Subject, body: &impl Serialize) {
@@ -330,25 +474,5 @@ impl Intake {
             Ok(payload) => self.publisher.enqueue(reply, Bytes::from(payload), false),
             Err(err) => tracing::error!(%err, "cannot encode a reply"),
         }
-    }
-}
-
-/// A request's reply subject, when it is one replies may go to.
-fn reply_subject(message: &Message) -> Option<Subject> {
-    match check_reply_subject(message) {
-        Ok(()) => message.reply.clone(),
-        Err(err) => {
-            tracing::warn!(subject = %message.subject, %err, "request ignored");
-            None
-        }
-    }
-}
-
-fn check_reply_subject(message: &Message) -> Result<(), RequestError> {
-    match &message.reply {
-        Some(reply) if !reply.starts_with(RESPONSES_PREFIX) => Err(RequestError::BadReplySubject {
-            subject: protocol::quote_for_error(reply),
-        }),
-        _ => Ok(()),
     }
 }

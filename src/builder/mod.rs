@@ -12,6 +12,7 @@
 mod cancel;
 mod eval;
 mod intake;
+mod live;
 mod monitor;
 mod queue;
 mod replies;
@@ -40,6 +41,7 @@ use crate::protocol::{
 use crate::systemd;
 use cancel::Cancellation;
 use intake::Intake;
+use live::LiveRequests;
 use monitor::Monitor;
 use queue::Queue;
 use replies::Publisher;
@@ -99,6 +101,7 @@ struct Service {
     background: CancellationToken,
     http: JoinHandle<()>,
     sender: JoinHandle<()>,
+    heartbeats: JoinHandle<()>,
 }
 
 impl Service {
@@ -119,6 +122,13 @@ impl Service {
             ..nats::ConnectSettings::from_config(&config.nats, "homelab-deploy-builder")
         };
         let connection = nats::connect(&settings).await?;
+        match &connection.signer {
+            // Clients check replies against this key (--builder-key).
+            Some(signer) => tracing::info!(key = signer.public_key(), "replies are signed"),
+            None => tracing::warn!(
+                "no NKey in [nats]: replies are not signed, so clients cannot tell them from forgeries"
+            ),
+        }
 
         let queue = Arc::new(Queue::new(config.builder.queue_limit));
         let monitor = Arc::new(Monitor::new(
@@ -158,6 +168,12 @@ impl Service {
             Arc::clone(&config),
             Arc::clone(&monitor),
         ));
+        let live = Arc::new(LiveRequests::default());
+        let heartbeats = tokio::spawn(send_heartbeats(
+            Arc::clone(&live),
+            config.builder.progress_interval,
+            background.clone(),
+        ));
         // Alive from here, not from when the task first runs: ready means
         // `/healthz` says ok.
         monitor.worker_running(true);
@@ -165,9 +181,16 @@ impl Service {
             Arc::clone(&queue),
             runner,
             Arc::clone(&monitor),
+            Arc::clone(&live),
             shutdown.clone(),
         ));
-        let intake = Intake::new(Arc::clone(&config), Arc::clone(&publisher), queue, monitor);
+        let intake = Intake::new(
+            Arc::clone(&config),
+            Arc::clone(&publisher),
+            queue,
+            monitor,
+            live,
+        );
         Ok(Self {
             config,
             connection,
@@ -178,6 +201,7 @@ impl Service {
             background,
             http,
             sender,
+            heartbeats,
         })
     }
 
@@ -273,6 +297,7 @@ impl Service {
             background,
             http,
             sender,
+            heartbeats,
             ..
         } = self;
         if !worker.is_finished() {
@@ -297,7 +322,7 @@ impl Service {
             );
         }
         background.cancel();
-        let _ = tokio::join!(http, sender);
+        let _ = tokio::join!(http, sender, heartbeats);
         tracing::info!("builder stopped");
     }
 }
@@ -308,6 +333,7 @@ async fn work(
     queue: Arc<Queue<Job>>,
     runner: Arc<Runner>,
     monitor: Arc<Monitor>,
+    live: Arc<LiveRequests>,
     shutdown: Cancellation,
 ) {
     loop {
@@ -341,6 +367,24 @@ async fn work(
         monitor.build_finished(&job.build_id, &job.repo, report.status, report.duration);
         queue.done();
         job.finish(report);
+        live.remove(&job.build_id);
     }
     monitor.worker_running(false);
+}
+
+/// Sends `heartbeat` to every live request that has heard nothing for
+/// `every` (the `heartbeat_ms` that `accepted` announces) and a little
+/// more, until `stop`. A building host's requesters hear `progress` at
+/// least that often already; heartbeats fill the gaps (the queue, fetching,
+/// evaluating), at most `every` × 1.5 + 1 s apart.
+async fn send_heartbeats(live: Arc<LiveRequests>, every: Duration, stop: CancellationToken) {
+    const SLACK: Duration = Duration::from_secs(1);
+    let mut ticker = tokio::time::interval(every / 2);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => live.send_heartbeats(every + SLACK),
+            () = stop.cancelled() => return,
+        }
+    }
 }

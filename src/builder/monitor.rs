@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::cancel::{self, Cancellation};
-use super::queue::Queue;
+use super::queue::{Queue, Take};
 use super::request::Job;
 use crate::config::Config;
 use crate::metrics::{Exporter, Health, Metrics};
@@ -109,6 +109,12 @@ impl Monitor {
             .inc();
     }
 
+    /// A request was given no answer, for `reason` (one of
+    /// [`crate::metrics::IGNORE_REASONS`]).
+    pub(crate) fn ignored(&self, reason: &str) {
+        self.metrics.ignored.with_label_values(&[reason]).inc();
+    }
+
     /// A request starts running; `cancel` stops it.
     pub(crate) fn build_started(&self, job: &Job, cancel: Cancellation) {
         self.lock().running = Some(Running {
@@ -117,6 +123,7 @@ impl Monitor {
                 repo: job.repo.clone(),
                 target: job.target.to_string(),
                 git_ref: job.git_ref.clone(),
+                owner: job.owner.clone(),
                 host: None,
                 index: None,
                 total: None,
@@ -127,14 +134,22 @@ impl Monitor {
         });
     }
 
-    /// Cancels the running request if it is `build_id`.
-    pub(crate) fn cancel_running(&self, build_id: &str) -> bool {
+    /// Cancels the running request if it is `build_id` and `allow` lets
+    /// its owner's build go.
+    pub(crate) fn cancel_running(
+        &self,
+        build_id: &str,
+        allow: impl FnOnce(Option<&str>) -> bool,
+    ) -> Take<()> {
         match &self.lock().running {
             Some(running) if running.status.build_id == build_id => {
+                if !allow(running.status.owner.as_deref()) {
+                    return Take::Refused;
+                }
                 running.cancel.cancel(cancel::BY_REQUEST);
-                true
+                Take::Taken(())
             }
-            _ => false,
+            _ => Take::Missing,
         }
     }
 
@@ -217,6 +232,7 @@ impl Monitor {
             repo: job.repo.clone(),
             target: job.target.to_string(),
             git_ref: job.git_ref.clone(),
+            owner: job.owner.clone(),
             queued_at: rfc3339(job.received_at),
         });
         let state = self.lock();

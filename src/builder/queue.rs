@@ -6,6 +6,17 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
+/// What [`Queue::take_if`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Take<J> {
+    /// The job, out of the queue.
+    Taken(J),
+    /// A matching job that may not be taken; it stays.
+    Refused,
+    /// No matching job.
+    Missing,
+}
+
 /// Why a request could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PushError {
@@ -92,11 +103,24 @@ impl<J> Queue<J> {
         }
     }
 
-    /// Takes the first waiting job that `matches` out of the queue.
-    pub(crate) fn remove(&self, matches: impl Fn(&J) -> bool) -> Option<J> {
+    /// Takes the first waiting job that `matches` out of the queue, if
+    /// `allow` lets it go.
+    pub(crate) fn take_if(
+        &self,
+        matches: impl Fn(&J) -> bool,
+        allow: impl FnOnce(&J) -> bool,
+    ) -> Take<J> {
         let mut state = self.lock();
-        let index = state.waiting.iter().position(matches)?;
-        state.waiting.remove(index)
+        let Some(index) = state.waiting.iter().position(matches) else {
+            return Take::Missing;
+        };
+        if !allow(&state.waiting[index]) {
+            return Take::Refused;
+        }
+        match state.waiting.remove(index) {
+            Some(job) => Take::Taken(job),
+            None => Take::Missing,
+        }
     }
 
     /// Waits for the next job and marks the queue busy until [`Self::done`].
@@ -183,8 +207,10 @@ mod tests {
             !queue.join(|j| *j == 1, |_, _| {}),
             "the running job is not waiting"
         );
-        assert_eq!(queue.remove(|j| *j == 2), Some(2));
-        assert_eq!(queue.remove(|j| *j == 2), None);
+        assert_eq!(queue.take_if(|j| *j == 2, |_| false), Take::Refused);
+        assert_eq!(queue.waiting(), 2, "a refused job stays");
+        assert_eq!(queue.take_if(|j| *j == 2, |_| true), Take::Taken(2));
+        assert_eq!(queue.take_if(|j| *j == 2, |_| true), Take::Missing);
         assert_eq!(queue.waiting(), 1);
         let mut announced = None;
         queue

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::nats::{Connection, ConnectionState};
 use crate::protocol::{Event, Reply};
+use crate::signing::Signer;
 use crate::sync::lock;
 
 /// How long the outbox waits after a reconnection before it drains.
@@ -30,6 +31,8 @@ pub(crate) const RECONNECT_HOLD: Duration = Duration::from_secs(3);
 /// Expendable events (progress, log) kept waiting at most; beyond it the
 /// newest are dropped.
 pub(crate) const MAX_EXPENDABLE_QUEUED: usize = 256;
+/// Bytes of a message's `max_payload` left for its signature headers.
+const SIGNATURE_ROOM: usize = 512;
 
 struct Outgoing {
     subject: Subject,
@@ -56,6 +59,8 @@ impl Outbox {
 pub(crate) struct Publisher {
     nats: async_nats::Client,
     state: watch::Receiver<ConnectionState>,
+    /// Signs every reply, when the builder has an NKey.
+    signer: Option<Arc<Signer>>,
     outbox: Mutex<Outbox>,
     wake: Notify,
     drained: Notify,
@@ -67,6 +72,7 @@ impl Publisher {
         Arc::new(Self {
             nats: connection.client.clone(),
             state: connection.state.clone(),
+            signer: connection.signer.clone(),
             outbox: Mutex::new(Outbox::default()),
             wake: Notify::new(),
             drained: Notify::new(),
@@ -94,6 +100,12 @@ impl Publisher {
         });
         drop(outbox);
         self.wake.notify_one();
+    }
+
+    /// The largest reply the server takes, less room for the signature
+    /// headers.
+    fn max_reply_bytes(&self) -> usize {
+        self.nats.max_payload().saturating_sub(SIGNATURE_ROOM)
     }
 
     /// Messages waiting to be sent.
@@ -148,7 +160,16 @@ impl Publisher {
                 () = self.until_deliverable() => {}
                 () = stop.cancelled() => return,
             }
-            if let Err(err) = self.nats.publish(item.subject.clone(), item.payload).await {
+            let published = match &self.signer {
+                Some(signer) => {
+                    let headers = signer.headers(&item.subject, "", &item.payload);
+                    self.nats
+                        .publish_with_headers(item.subject.clone(), headers, item.payload)
+                        .await
+                }
+                None => self.nats.publish(item.subject.clone(), item.payload).await,
+            };
+            if let Err(err) = published {
                 tracing::warn!(%err, subject = %item.subject, "cannot publish a reply");
             }
             let mut outbox = self.lock();
@@ -190,6 +211,8 @@ impl Publisher {
 pub(crate) struct Replies {
     publisher: Arc<Publisher>,
     to: Arc<Mutex<Vec<Subject>>>,
+    /// When an event was last sent to every requester.
+    last_sent: Arc<Mutex<Instant>>,
 }
 
 impl std::fmt::Debug for Replies {
@@ -206,10 +229,12 @@ impl Replies {
         Self {
             publisher,
             to: Arc::new(Mutex::new(to.into_iter().collect())),
+            last_sent: Arc::new(Mutex::new(Instant::now())),
         }
     }
 
-    fn subjects(&self) -> Vec<Subject> {
+    /// The requesters' subjects.
+    pub(crate) fn subjects(&self) -> Vec<Subject> {
         lock(&self.to).clone()
     }
 
@@ -218,8 +243,14 @@ impl Replies {
         lock(&self.to).push(subject);
     }
 
+    /// How long since the last event to every requester.
+    pub(crate) fn idle_for(&self) -> Duration {
+        lock(&self.last_sent).elapsed()
+    }
+
     /// Sends one event to every requester; never waits.
     pub(crate) fn send(&self, build_id: &str, event: Event) {
+        *lock(&self.last_sent) = Instant::now();
         let subjects = self.subjects();
         if subjects.is_empty() {
             return;
@@ -240,13 +271,17 @@ impl Replies {
 }
 
 fn send_to(publisher: &Publisher, subjects: &[Subject], build_id: &str, event: Event) {
-    let expendable = matches!(event, Event::Progress { .. } | Event::Log { .. });
+    let expendable = matches!(
+        event,
+        Event::Progress { .. } | Event::Log { .. } | Event::Heartbeat
+    );
     let name = event.name();
     let reply = Reply {
         build_id: build_id.to_owned(),
         event,
     };
-    let payload = match serde_json::to_vec(&reply) {
+    // A terminal event too large for the server is shortened, never lost.
+    let payload = match reply.to_json_within(publisher.max_reply_bytes()) {
         Ok(payload) => Bytes::from(payload),
         Err(err) => {
             tracing::error!(%err, event = name, "cannot encode a reply");

@@ -19,6 +19,8 @@ pub(crate) struct Job {
     pub(crate) rev: Option<String>,
     /// Stream build output as `log` events.
     pub(crate) logs: bool,
+    /// The NKey public key that signed the request, if it was signed.
+    pub(crate) owner: Option<String>,
     pub(crate) replies: Replies,
     /// When the request arrived.
     pub(crate) received_at: SystemTime,
@@ -47,8 +49,16 @@ impl Job {
             failed: report.hosts.len() - succeeded,
             hosts: report.hosts,
             error: report.error,
+            omitted_hosts: 0,
         }
     }
+}
+
+/// Whether a cancel signed by `signer` (`None`: unsigned) may stop a build
+/// signed by `owner`: its owner may, and so may the configured admins;
+/// unsigned builds only the admins, unsigned cancels never.
+pub(crate) fn may_cancel(owner: Option<&str>, signer: Option<&str>, admins: &[String]) -> bool {
+    signer.is_some_and(|signer| owner == Some(signer) || admins.iter().any(|a| a == signer))
 }
 
 /// The result of a whole request, as reported in `finished`.
@@ -119,4 +129,21 @@ impl HostFailure {
 /// outlasts any build).
 pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_are_cancelled_by_their_owner_or_an_admin_only() {
+        let admins = ["UADMIN".to_owned()];
+        assert!(may_cancel(Some("UOWNER"), Some("UOWNER"), &admins));
+        assert!(may_cancel(Some("UOWNER"), Some("UADMIN"), &admins));
+        assert!(may_cancel(None, Some("UADMIN"), &admins));
+        assert!(!may_cancel(Some("UOWNER"), Some("USTRANGER"), &admins));
+        assert!(!may_cancel(None, Some("USTRANGER"), &admins));
+        assert!(!may_cancel(Some("UOWNER"), None, &admins));
+        assert!(!may_cancel(None, None, &admins));
+    }
 }

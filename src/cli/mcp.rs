@@ -5,7 +5,7 @@ use std::time::Duration;
 use rmcp::ServiceExt;
 
 use super::{Exit, NatsArgs};
-use crate::client::{BuildClient, Timeouts};
+use crate::client::Timeouts;
 use crate::mcp::BuildTools;
 
 #[derive(Debug, clap::Args)]
@@ -27,12 +27,10 @@ pub async fn run(args: Args) -> Exit {
         retry_initial_connect: true,
         ..args.nats.settings("homelab-deploy-mcp")
     };
-    let client = match BuildClient::connect(&settings).await {
+    let client = match super::connect_with(&args.nats, &settings).await {
         Ok(client) => client,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return Exit::Usage;
-        }
+        // Without a server to wait for, only local configuration fails.
+        Err(_) => return Exit::Usage,
     };
     let timeouts = Timeouts {
         total: args.timeout,

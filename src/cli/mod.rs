@@ -95,6 +95,10 @@ pub struct NatsArgs {
     /// CA certificate for tls:// servers not signed by a system root.
     #[arg(long, env = "HOMELAB_DEPLOY_TLS_CA_FILE", value_name = "PATH")]
     tls_ca_file: Option<PathBuf>,
+    /// The builder's NKey public key (`U…`): replies not validly signed by
+    /// it are ignored, so nobody else can forge a result.
+    #[arg(long, env = "HOMELAB_DEPLOY_BUILDER_KEY", value_name = "KEY")]
+    builder_key: Option<String>,
 }
 
 impl NatsArgs {
@@ -137,13 +141,22 @@ pub struct QueryArgs {
     nats: NatsArgs,
 }
 
-/// Connects a client, or says why not (exit 3: no builder can answer).
+/// Connects a client, or says why not: exit 2 for a local configuration
+/// error (a key file, a URL, `--builder-key`), 3 when no server answers.
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<crate::client::BuildClient, Exit> {
-    crate::client::BuildClient::connect(&nats.settings(name))
+    connect_with(nats, &nats.settings(name)).await
+}
+
+/// [`connect`] with adjusted settings.
+pub async fn connect_with(
+    nats: &NatsArgs,
+    settings: &ConnectSettings,
+) -> Result<crate::client::BuildClient, Exit> {
+    crate::client::BuildClient::connect(settings, nats.builder_key.as_deref())
         .await
         .map_err(|err| {
             eprintln!("error: {err}");
-            Exit::NoBuilder
+            client_exit(&err)
         })
 }
 
@@ -151,11 +164,15 @@ pub async fn connect(nats: &NatsArgs, name: &str) -> Result<crate::client::Build
 pub fn client_exit(err: &crate::client::ClientError) -> Exit {
     use crate::client::ClientError;
     match err {
-        ClientError::Invalid(_) | ClientError::InvalidRepo(_) => Exit::Usage,
+        ClientError::Invalid(_) | ClientError::InvalidRepo(_) | ClientError::BadBuilderKey(_) => {
+            Exit::Usage
+        }
+        ClientError::Connect(err) if err.is_local() => Exit::Usage,
         ClientError::Connect(_)
         | ClientError::NoResponders { .. }
         | ClientError::NotAcknowledged { .. }
         | ClientError::TimedOut { .. }
+        | ClientError::BuilderSilent { .. }
         | ClientError::Nats(_)
         | ClientError::Closed => Exit::NoBuilder,
     }

@@ -74,6 +74,7 @@ impl<W: Write> View<W> {
                 target,
                 git_ref,
                 queue_position,
+                ..
             } => {
                 let ahead = match queue_position {
                     0 => "starting now".to_owned(),
@@ -176,6 +177,7 @@ impl<W: Write> View<W> {
                 hosts,
                 rev,
                 error,
+                omitted_hosts,
                 ..
             } => {
                 let took = human_duration(Duration::from_millis(*duration_ms));
@@ -198,6 +200,11 @@ impl<W: Write> View<W> {
                 if !failing.is_empty() {
                     summary.push_str(&format!("; not built: {}", failing.join(", ")));
                 }
+                if *omitted_hosts > 0 {
+                    summary.push_str(&format!(
+                        " ({omitted_hosts} more hosts not listed: the result was too large for NATS)"
+                    ));
+                }
                 lines.push(summary);
                 lines
             }
@@ -206,7 +213,7 @@ impl<W: Write> View<W> {
                 lines.extend(indent_error(error));
                 lines
             }
-            Event::Unknown => Vec::new(),
+            Event::Heartbeat | Event::Unknown => Vec::new(),
         }
     }
 
@@ -295,6 +302,7 @@ mod tests {
                 target: "all".into(),
                 git_ref: Some("master".into()),
                 queue_position: 0,
+                heartbeat_ms: 0,
             },
             Event::Started {
                 repo: "demo".into(),
@@ -332,6 +340,7 @@ mod tests {
                 )),
             },
             Event::Finished {
+                omitted_hosts: 0,
                 repo: "demo".into(),
                 target: "all".into(),
                 rev: Some("609da7ab2bec60c568928f7e8d760a36e14805b0".into()),
@@ -390,6 +399,7 @@ mod tests {
     #[test]
     fn request_errors_are_shown_before_the_summary() {
         let text = render(vec![Event::Finished {
+            omitted_hosts: 0,
             repo: "demo".into(),
             target: "nope".into(),
             rev: None,

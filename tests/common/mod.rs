@@ -457,6 +457,10 @@ pub struct BuilderOptions {
     pub env: Vec<(String, String)>,
     /// Extra command-line arguments (after `builder --config ...`).
     pub args: Vec<String>,
+    /// Extra lines for the `[nats]` table (e.g. `nkey_seed_file`).
+    pub extra_nats: String,
+    /// Lines of the `[auth]` table.
+    pub auth: String,
 }
 
 impl BuilderOptions {
@@ -470,7 +474,28 @@ impl BuilderOptions {
             path_prefix: None,
             env: Vec::new(),
             args: Vec::new(),
+            extra_nats: String::new(),
+            auth: String::new(),
         }
+    }
+
+    /// Extra lines for the `[nats]` table.
+    pub fn nats(mut self, lines: &str) -> Self {
+        self.extra_nats.push_str(lines);
+        self.extra_nats.push('\n');
+        self
+    }
+
+    /// The builder signs its replies with this NKey seed file.
+    pub fn signing_with(self, seed_file: &Path) -> Self {
+        self.nats(&format!("nkey_seed_file = \"{}\"", seed_file.display()))
+    }
+
+    /// Lines for the `[auth]` table.
+    pub fn auth(mut self, lines: &str) -> Self {
+        self.auth.push_str(lines);
+        self.auth.push('\n');
+        self
     }
 
     /// Sets an environment variable for the builder.
@@ -518,8 +543,8 @@ impl BuilderOptions {
 
     pub fn config_text(&self, nats_url: &str) -> String {
         let mut text = format!(
-            "[nats]\nurl = \"{nats_url}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[builder]\nhost_timeout = \"{}\"\n{}\n",
-            self.host_timeout, self.extra_builder
+            "[nats]\nurl = \"{nats_url}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[builder]\nhost_timeout = \"{}\"\n{}\n[auth]\n{}\n",
+            self.extra_nats, self.host_timeout, self.extra_builder, self.auth
         );
         for (i, (name, url, git_ref)) in self.repos.iter().enumerate() {
             let _ = writeln!(text, "[repos.{name}]\nurl = \"{url}\"");
@@ -559,6 +584,8 @@ impl Builder {
             path_prefix: path_prefix.map(Path::to_owned),
             env: Vec::new(),
             args: Vec::new(),
+            extra_nats: String::new(),
+            auth: String::new(),
         };
         Self::spawn_with(config, &options)
     }
@@ -793,6 +820,62 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free loopback port in {base}..{ephemeral_low}");
+}
+
+/// NKey identities of the plan's permission table, and an outsider who
+/// may not build; each a seed file and its public key.
+pub struct Identities {
+    _dir: tempfile::TempDir,
+    pub builder: (PathBuf, String),
+    pub test_deployer: (PathBuf, String),
+    pub admin: (PathBuf, String),
+    pub outsider: (PathBuf, String),
+}
+
+impl Identities {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            builder: nkey_user(dir.path(), "builder"),
+            test_deployer: nkey_user(dir.path(), "test-deployer"),
+            admin: nkey_user(dir.path(), "admin"),
+            outsider: nkey_user(dir.path(), "outsider"),
+            _dir: dir,
+        }
+    }
+
+    /// The shipped server config `docs/<file>` with these keys, plus a
+    /// user that may only publish deploy.test.> (no build rights).
+    pub fn server_config(&self, file: &str) -> String {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let mut text = std::fs::read_to_string(format!("{root}/docs/{file}")).unwrap();
+        for (variable, key) in [
+            ("BUILDER_NKEY", &self.builder.1),
+            ("TEST_DEPLOYER_NKEY", &self.test_deployer.1),
+            ("ADMIN_DEPLOYER_NKEY", &self.admin.1),
+        ] {
+            let start = text.find(&format!("{variable}: \"")).unwrap() + variable.len() + 3;
+            let end = start + text[start..].find('"').unwrap();
+            text.replace_range(start..end, key);
+        }
+        let outsider = format!(
+            "      {{\n        nkey: \"{}\"\n        permissions {{\n          publish {{ allow: [\"deploy.test.>\"] }}\n          subscribe {{ allow: [\"build.responses.>\"] }}\n        }}\n      }}\n    ]",
+            self.outsider.1
+        );
+        let end = text.rfind("    ]").unwrap();
+        text.replace_range(end..end + 5, &outsider);
+        text
+    }
+}
+
+/// A [`Requester`] authenticated with the NKey seed in `seed_file`.
+pub async fn connect_as(nats: &NatsServer, seed_file: &Path) -> Requester {
+    let seed = std::fs::read_to_string(seed_file).unwrap();
+    Requester::with_options(
+        &nats.url(),
+        async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()),
+    )
+    .await
 }
 
 /// Writes a fresh NKey user seed (mode 0600) into `dir`; returns the seed

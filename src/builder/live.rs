@@ -1,0 +1,99 @@
+//! The requests the builder has accepted and not yet finished, with the
+//! reply subjects attached to them: a subject serves one live request at a
+//! time, so nobody can attach a requester's subject to another build (or
+//! the same one twice), and every live request hears a heartbeat while
+//! nothing else is sent.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::Subject;
+
+use super::replies::Replies;
+use crate::protocol::{Event, MAX_REQUESTERS_PER_BUILD};
+use crate::sync::lock;
+
+/// Why a requester could not be attached to a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttachError {
+    /// The subject already serves a live request.
+    Taken,
+    /// The build already has [`MAX_REQUESTERS_PER_BUILD`] requesters.
+    Full,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: HashMap<String, Replies>,
+    /// Reply subject → the build it serves.
+    subjects: HashMap<String, String>,
+}
+
+/// Live requests by build id, and their reply subjects.
+#[derive(Default)]
+pub(crate) struct LiveRequests {
+    inner: Mutex<Inner>,
+}
+
+impl LiveRequests {
+    /// Whether `subject` serves a live request.
+    pub(crate) fn is_attached(&self, subject: &Subject) -> bool {
+        lock(&self.inner).subjects.contains_key(subject.as_str())
+    }
+
+    /// Records a newly accepted request with its requester's subject.
+    pub(crate) fn register(&self, build_id: &str, replies: &Replies) {
+        let mut inner = lock(&self.inner);
+        for subject in replies.subjects() {
+            inner
+                .subjects
+                .insert(subject.to_string(), build_id.to_owned());
+        }
+        inner.requests.insert(build_id.to_owned(), replies.clone());
+    }
+
+    /// Adds `subject` as a requester of the live request `build_id`.
+    pub(crate) fn attach(&self, build_id: &str, subject: &Subject) -> Result<(), AttachError> {
+        let mut inner = lock(&self.inner);
+        if inner.subjects.contains_key(subject.as_str()) {
+            return Err(AttachError::Taken);
+        }
+        let Some(replies) = inner.requests.get(build_id) else {
+            return Err(AttachError::Full); // finished meanwhile: nothing to join
+        };
+        if replies.subjects().len() >= MAX_REQUESTERS_PER_BUILD {
+            return Err(AttachError::Full);
+        }
+        replies.add(subject.clone());
+        inner
+            .subjects
+            .insert(subject.to_string(), build_id.to_owned());
+        Ok(())
+    }
+
+    /// Forgets a request that has sent its terminal event; its subjects
+    /// are free again.
+    pub(crate) fn remove(&self, build_id: &str) {
+        let mut inner = lock(&self.inner);
+        if let Some(replies) = inner.requests.remove(build_id) {
+            for subject in replies.subjects() {
+                inner.subjects.remove(subject.as_str());
+            }
+        }
+    }
+
+    /// Sends `heartbeat` to every live request that sent nothing for
+    /// `quiet`.
+    pub(crate) fn send_heartbeats(&self, quiet: Duration) {
+        let due: Vec<(String, Replies)> = lock(&self.inner)
+            .requests
+            .iter()
+            .filter(|(_, replies)| replies.idle_for() >= quiet)
+            .map(|(id, replies)| (id.clone(), replies.clone()))
+            .collect();
+        for (build_id, replies) in due {
+            replies.send(&build_id, Event::Heartbeat);
+        }
+    }
+}

@@ -1,0 +1,693 @@
+//! Trustworthy verdicts: signed replies and requests, results bound to
+//! their own request, cancels by owner, reply subjects the builder owns,
+//! bounded fan-out, a dead builder noticed, and terminal events that fit —
+//! against a real builder, nats-server (the plan's permission table and the
+//! strict one) and Nix. docs/security.md lists which claim each test backs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, Reply};
+
+/// A nats-server with `file`'s permission table, and a builder signing
+/// with its key (plus `configure`).
+fn signed_service(
+    ids: &Identities,
+    file: &str,
+    flake: &Flake,
+    configure: impl FnOnce(BuilderOptions) -> BuilderOptions,
+) -> (NatsServer, Builder) {
+    let nats = NatsServer::start_with_config(&ids.server_config(file));
+    let options = configure(BuilderOptions::new(flake).signing_with(&ids.builder.0));
+    let builder = Builder::start(&nats, &options);
+    (nats, builder)
+}
+
+/// Starts `homelab-deploy <args>` against `nats`, without waiting.
+fn spawn_cli(nats_url: &str, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
+        .env_remove("HOMELAB_DEPLOY_NKEY_FILE")
+        .env_remove("HOMELAB_DEPLOY_CREDS_FILE")
+        .env_remove("HOMELAB_DEPLOY_BUILDER_KEY")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn finish(child: tokio::process::Child) -> std::process::Output {
+    tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("the CLI did not exit in time")
+        .unwrap()
+}
+
+/// Waits for the first reply on `subscriber` that `matches`; returns the
+/// subject it arrived on and the reply.
+async fn watch_for(
+    subscriber: &mut async_nats::Subscriber,
+    matches: impl Fn(&Reply) -> bool,
+) -> (String, Reply) {
+    loop {
+        let message = tokio::time::timeout(WAIT, subscriber.next())
+            .await
+            .expect("no matching reply")
+            .unwrap();
+        if let Ok(reply) = serde_json::from_slice::<Reply>(&message.payload) {
+            if matches(&reply) {
+                return (message.subject.to_string(), reply);
+            }
+        }
+    }
+}
+
+/// A `finished` that says the opposite of the truth.
+fn forged_finished(build_id: &str, status: BuildStatus) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "build_id": build_id, "event": "finished", "repo": "homelab", "target": "slow",
+        "rev": null, "status": status, "duration_ms": 1, "succeeded": 0, "failed": 1,
+        "hosts": [], "error": null
+    }))
+    .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Forged results
+
+/// Under the plan's table a test deployer may subscribe to every reply and
+/// publish on any reply subject: it learns a victim's subject and build id
+/// from the builder's own `accepted` and publishes a `finished` of its own.
+/// With `--builder-key` the victim ignores it; without, it is fooled.
+async fn forged_finished_against_a_client(builder_key: bool) -> std::process::Output {
+    let ids = Identities::new();
+    let flake = Flake::new(&[("slow", Host::Gated)]);
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
+    attacker.nats.flush().await.unwrap();
+
+    let mut args = vec![
+        "build",
+        "homelab",
+        "slow",
+        "--nkey-file",
+        ids.admin.0.to_str().unwrap(),
+    ];
+    if builder_key {
+        args.extend(["--builder-key", ids.builder.1.as_str()]);
+    }
+    let victim = spawn_cli(&nats.url(), &args);
+    let (subject, accepted) = watch_for(&mut everything, |r| {
+        matches!(r.event, Event::Accepted { .. })
+    })
+    .await;
+    attacker
+        .nats
+        .publish(
+            subject.clone(),
+            forged_finished(&accepted.build_id, BuildStatus::Failed).into(),
+        )
+        .await
+        .unwrap();
+    attacker.nats.flush().await.unwrap();
+    // The forgery reached the victim's subject before the real result.
+    watch_for(&mut everything, |r| {
+        matches!(r.event, Event::Finished { .. })
+    })
+    .await;
+    flake.open_gate();
+    finish(victim).await
+}
+
+#[tokio::test]
+async fn a_forged_finished_is_ignored_with_the_builder_key() {
+    let out = forged_finished_against_a_client(true).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ignoring an unsigned reply"), "{stderr}");
+}
+
+#[tokio::test]
+async fn without_the_builder_key_a_forged_finished_is_believed() {
+    // What --builder-key protects against: the same forgery, believed.
+    let out = forged_finished_against_a_client(false).await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+}
+
+#[tokio::test]
+async fn events_of_another_build_on_the_clients_subject_are_ignored() {
+    // Even without a key, the client keeps to the build its `accepted` named.
+    let ids = Identities::new();
+    let flake = Flake::new(&[("slow", Host::Gated)]);
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
+    attacker.nats.flush().await.unwrap();
+    let victim = spawn_cli(
+        &nats.url(),
+        &[
+            "build",
+            "homelab",
+            "slow",
+            "--json",
+            "--nkey-file",
+            ids.admin.0.to_str().unwrap(),
+        ],
+    );
+    let (subject, _) = watch_for(&mut everything, |r| {
+        matches!(r.event, Event::Accepted { .. })
+    })
+    .await;
+    attacker
+        .nats
+        .publish(
+            subject,
+            forged_finished("0123456789abcdef", BuildStatus::Failed).into(),
+        )
+        .await
+        .unwrap();
+    attacker.nats.flush().await.unwrap();
+    watch_for(&mut everything, |r| r.build_id == "0123456789abcdef").await;
+    flake.open_gate();
+    let out = finish(victim).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("0123456789abcdef"),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// Under the strict table only the builder publishes replies, so the
+/// attacker makes the builder do it: a request identical to a cheap waiting
+/// build, and a bogus request, both naming the victim's reply subject.
+async fn borrowed_reply_subjects_change_nothing(file: &str) {
+    let ids = Identities::new();
+    let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok), ("ns2", Host::Ok)]);
+    let (nats, mut builder) = signed_service(&ids, file, &flake, |o| o);
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let victim = connect_as(&nats, &ids.admin.0).await;
+
+    let (mut blocker, _) = attacker.send_until_started("build.homelab.slow").await;
+    let mut real = victim.send("build.homelab.ns2", "").await;
+    let real_id = real.next().await.reply.build_id;
+    let mut cheap = attacker.send("build.homelab.ns1", "").await;
+    let cheap_id = cheap.next().await.reply.build_id;
+    assert_ne!(real_id, cheap_id);
+
+    for (subject, body) in [("build.homelab.ns1", ""), ("build.nope.x", "")] {
+        attacker
+            .nats
+            .publish_with_reply(subject.to_owned(), real.reply_to.clone(), body.into())
+            .await
+            .unwrap();
+    }
+    attacker.nats.flush().await.unwrap();
+    poll(
+        "both borrowing requests to be counted",
+        async || {
+            let text = http_get(&builder.metrics_addr(), "/metrics").await.1;
+            metric(
+                &text,
+                r#"homelab_deploy_builder_requests_ignored_total{reason="reply_subject_in_use"}"#,
+            ) == Some(2.0)
+        },
+        |counted| *counted,
+    )
+    .await;
+
+    flake.open_gate();
+    blocker.until_terminal().await;
+    cheap.until_terminal().await;
+    let rest: Vec<Reply> = real
+        .until_terminal()
+        .await
+        .into_iter()
+        .map(|t| t.reply)
+        .collect();
+    assert!(
+        rest.iter().all(|r| r.build_id == real_id),
+        "{file}: another build's event reached the victim: {rest:?}"
+    );
+    assert!(
+        !event_names(&rest).contains(&"accepted") && !event_names(&rest).contains(&"rejected"),
+        "{file}: {rest:?}"
+    );
+    assert!(
+        matches!(
+            terminal(&rest),
+            Event::Finished {
+                status: BuildStatus::Success,
+                ..
+            }
+        ),
+        "{file}: {rest:?}"
+    );
+    assert_eq!(rest.iter().filter(|r| r.is_terminal()).count(), 1);
+}
+
+#[tokio::test]
+async fn borrowed_reply_subjects_change_nothing_under_the_plans_permissions() {
+    borrowed_reply_subjects_change_nothing("nats-server.example.conf").await;
+}
+
+#[tokio::test]
+async fn borrowed_reply_subjects_change_nothing_under_the_strict_permissions() {
+    borrowed_reply_subjects_change_nothing("nats-server.strict.example.conf").await;
+}
+
+#[tokio::test]
+async fn replies_never_go_outside_build_responses() {
+    // Under the strict table `allow_responses` would deliver a rejection to
+    // any subject a request names, e.g. into deploy.prod.
+    let ids = Identities::new();
+    let flake = Flake::homelab();
+    let (nats, mut builder) =
+        signed_service(&ids, "nats-server.strict.example.conf", &flake, |o| o);
+    let admin = connect_as(&nats, &ids.admin.0).await;
+    let mut prod = admin.nats.subscribe("deploy.prod.>").await.unwrap();
+    admin.nats.flush().await.unwrap();
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    for subject in [
+        "build.nope.x",
+        "build.homelab.ns1",
+        "build.status",
+        "build.cancel",
+    ] {
+        attacker
+            .nats
+            .publish_with_reply(
+                subject.to_owned(),
+                "deploy.prod.restart".to_owned(),
+                "".into(),
+            )
+            .await
+            .unwrap();
+    }
+    attacker.nats.flush().await.unwrap();
+    poll(
+        "the four requests to be counted",
+        async || {
+            let text = http_get(&builder.metrics_addr(), "/metrics").await.1;
+            metric(
+                &text,
+                r#"homelab_deploy_builder_requests_ignored_total{reason="foreign_reply_subject"}"#,
+            ) == Some(4.0)
+        },
+        |counted| *counted,
+    )
+    .await;
+    // One more request with a proper subject is answered; by then anything
+    // sent to deploy.prod would have arrived.
+    let replies = attacker.build("build.nope.x", "").await;
+    assert_eq!(event_names(&replies), ["rejected"]);
+    assert!(
+        futures_util::FutureExt::now_or_never(prod.next()).is_none(),
+        "the builder published outside build.responses."
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Signatures
+
+#[tokio::test]
+async fn reply_signatures_verify_with_an_independent_ed25519_implementation() {
+    let python = format!(
+        "{}/target/tools/venv/bin/python",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let has_nacl = std::process::Command::new(&python)
+        .args(["-c", "import nacl.signing"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_nacl,
+        "PyNaCl is not installed: run ./scripts/test (it sets up target/tools/venv)"
+    );
+
+    let ids = Identities::new();
+    let flake = Flake::homelab();
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
+    let client = connect_as(&nats, &ids.admin.0).await;
+    let reply_to = client.reply_subject();
+    let mut subscriber = client.nats.subscribe(reply_to.clone()).await.unwrap();
+    client
+        .nats
+        .publish_with_reply("build.homelab.ns1", reply_to.clone(), "".into())
+        .await
+        .unwrap();
+    let mut checked = 0;
+    let dir = tempfile::tempdir().unwrap();
+    loop {
+        let message = tokio::time::timeout(WAIT, subscriber.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let headers = message.headers.clone().expect("an unsigned reply");
+        let key = headers
+            .get("Homelab-Deploy-Key")
+            .unwrap()
+            .as_str()
+            .to_owned();
+        let signature = headers
+            .get("Homelab-Deploy-Signature")
+            .unwrap()
+            .as_str()
+            .to_owned();
+        assert_eq!(key, ids.builder.1);
+        let body = dir.path().join("body");
+        std::fs::write(&body, &message.payload).unwrap();
+        let verify = |subject: &str| {
+            std::process::Command::new(&python)
+                .args([
+                    &format!("{}/tests/verify_signature.py", env!("CARGO_MANIFEST_DIR")),
+                    &key,
+                    &signature,
+                    subject,
+                    body.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap()
+        };
+        let out = verify(&reply_to);
+        assert!(out.status.success(), "{}", describe(&out));
+        // The same check fails for another subject: it can fail.
+        assert!(!verify("build.responses.other").status.success());
+        checked += 1;
+        let reply: Reply = serde_json::from_slice(&message.payload).unwrap();
+        if reply.is_terminal() {
+            break;
+        }
+    }
+    assert!(checked >= 4, "only {checked} replies");
+}
+
+#[tokio::test]
+async fn unsigned_requests_are_refused_when_signatures_are_required() {
+    let ids = Identities::new();
+    let flake = Flake::homelab();
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| {
+        o.auth("require_signed = true")
+    });
+    // A plain NATS client authenticates with the key but signs nothing.
+    let deployer = connect_as(&nats, &ids.test_deployer.0).await;
+    let replies = deployer.build("build.homelab.ns1", "").await;
+    match terminal(&replies) {
+        Event::Rejected { error } => assert_eq!(error.code, ErrorCode::Unauthorized),
+        other => panic!("{other:?}"),
+    }
+    // The CLI with the same key signs, and builds.
+    let out = run_cli(
+        &nats.url(),
+        &[
+            "build",
+            "homelab",
+            "ns1",
+            "--nkey-file",
+            ids.test_deployer.0.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+// ---------------------------------------------------------------------------
+// Cancels
+
+#[tokio::test]
+async fn builds_are_cancelled_only_by_their_owner_or_an_admin() {
+    // A server without authorization: who signed is all that matters, and
+    // every key may publish build.cancel (as under the plan's table).
+    let ids = Identities::new();
+    let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok), ("ns2", Host::Ok)]);
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.signing_with(&ids.builder.0)
+            .auth(&format!("admins = [\"{}\"]", ids.admin.1))
+    });
+    let owner = ids.test_deployer.0.to_str().unwrap();
+    let admin = ids.admin.0.to_str().unwrap();
+    let stranger_seed = &ids.outsider.0;
+
+    // A signed running build, a signed waiting one, an unsigned waiting one.
+    let running = spawn_cli(
+        &nats.url(),
+        &["build", "homelab", "slow", "--json", "--nkey-file", owner],
+    );
+    let status = async || {
+        let out = run_cli(&nats.url(), &["status", "--json", "--nkey-file", admin]).await;
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let mut running_id = String::new();
+    poll(
+        "the signed build to run",
+        async || {
+            let now = status().await;
+            running_id = now["running"]["build_id"].as_str().unwrap_or("").to_owned();
+            now["running"]["host"] == "slow"
+        },
+        |running| *running,
+    )
+    .await;
+    assert_eq!(
+        status().await["running"]["owner"],
+        ids.test_deployer.1.as_str()
+    );
+    let waiting = spawn_cli(
+        &nats.url(),
+        &["build", "homelab", "ns1", "--nkey-file", owner],
+    );
+    let plain = Requester::new(&nats).await;
+    let mut unsigned = plain.send("build.homelab.ns2", "").await;
+    let unsigned_id = unsigned.next().await.reply.build_id;
+    let mut waiting_id = String::new();
+    poll(
+        "the signed waiting build to be queued",
+        async || {
+            let now = status().await;
+            let queue = now["queue"].as_array().cloned().unwrap_or_default();
+            waiting_id = queue
+                .iter()
+                .find(|q| q["target"] == "ns1")
+                .and_then(|q| q["build_id"].as_str())
+                .unwrap_or("")
+                .to_owned();
+            !waiting_id.is_empty()
+        },
+        |queued| *queued,
+    )
+    .await;
+
+    let cancel = async |id: &str, key: Option<&str>| {
+        let mut args = vec!["cancel", id, "--json"];
+        if let Some(key) = key {
+            args.extend(["--nkey-file", key]);
+        }
+        let out = run_cli(&nats.url(), &args).await;
+        let reply: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", describe(&out)));
+        (out.status.code(), reply)
+    };
+    // A stranger, an unsigned cancel, and the owner of other builds may not.
+    for (id, key) in [
+        (running_id.as_str(), Some(stranger_seed.to_str().unwrap())),
+        (running_id.as_str(), None),
+        (waiting_id.as_str(), Some(stranger_seed.to_str().unwrap())),
+        (unsigned_id.as_str(), Some(owner)),
+    ] {
+        let (code, reply) = cancel(id, key).await;
+        assert_eq!(code, Some(2), "{reply}");
+        assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
+        assert_eq!(reply["found"], false, "{reply}");
+    }
+    assert_eq!(status().await["running"]["build_id"], running_id.as_str());
+    assert_eq!(status().await["queue"].as_array().unwrap().len(), 2);
+
+    // The owner cancels its waiting build; an admin the unsigned one and
+    // the owner's running one.
+    for (id, key, state) in [
+        (waiting_id.as_str(), owner, "queued"),
+        (unsigned_id.as_str(), admin, "queued"),
+        (running_id.as_str(), admin, "running"),
+    ] {
+        let (code, reply) = cancel(id, Some(key)).await;
+        assert_eq!(code, Some(0), "{reply}");
+        assert_eq!(reply["state"], state, "{reply}");
+    }
+    let out = finish(running).await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"cancelled\""));
+    assert_eq!(finish(waiting).await.status.code(), Some(1));
+    let rest: Vec<Reply> = unsigned
+        .until_terminal()
+        .await
+        .into_iter()
+        .map(|t| t.reply)
+        .collect();
+    assert!(matches!(
+        terminal(&rest),
+        Event::Finished {
+            status: BuildStatus::Cancelled,
+            ..
+        }
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// Bounds and liveness
+
+#[tokio::test]
+async fn one_build_takes_at_most_64_requesters() {
+    let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
+    let (nats, _builder) = start_service(&flake, |o| o);
+    let client = Requester::new(&nats).await;
+    let (mut blocker, _) = client.send_until_started("build.homelab.slow").await;
+    let mut requests = Vec::new();
+    for _ in 0..65 {
+        requests.push(client.send("build.homelab.ns1", "").await);
+    }
+    let mut ids = Vec::new();
+    for request in &mut requests {
+        ids.push(request.next().await.reply.build_id);
+    }
+    // 64 share one build; the 65th got a build of its own.
+    assert!(ids[..64].iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_ne!(ids[64], ids[0]);
+    flake.open_gate();
+    blocker.until_terminal().await;
+    for request in &mut requests {
+        let rest: Vec<Reply> = request
+            .until_terminal()
+            .await
+            .into_iter()
+            .map(|t| t.reply)
+            .collect();
+        assert_eq!(rest.iter().filter(|r| r.is_terminal()).count(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_killed_builder_makes_the_client_exit_3_within_the_heartbeat_bound() {
+    let flake = Flake::new(&[("slow", Host::Gated)]);
+    let (nats, mut builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\""));
+    let client = spawn_cli(&nats.url(), &["build", "homelab", "slow"]);
+    builder.wait_for_log("host started");
+    let killed = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-KILL", &builder.pid().to_string()])
+        .status()
+        .unwrap();
+    let out = finish(client).await;
+    let waited = killed.elapsed();
+    flake.open_gate();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("went silent"),
+        "{}",
+        describe(&out)
+    );
+    // Three heartbeats of 1 s and 10 s of grace, with room for a busy machine.
+    assert!(waited < Duration::from_secs(20), "{waited:?}");
+}
+
+#[tokio::test]
+async fn a_waiting_request_hears_heartbeats() {
+    let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
+    let (nats, _builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\""));
+    let client = Requester::new(&nats).await;
+    let (mut blocker, _) = client.send_until_started("build.homelab.slow").await;
+    let mut waiting = client.send("build.homelab.ns1", "").await;
+    let accepted = waiting.next().await;
+    assert!(matches!(
+        accepted.reply.event,
+        Event::Accepted {
+            heartbeat_ms: 1000,
+            ..
+        }
+    ));
+    let heartbeats = waiting.until(|e| matches!(e, Event::Heartbeat)).await;
+    assert_eq!(heartbeats.len(), 1);
+    let again = waiting.until(|e| matches!(e, Event::Heartbeat)).await;
+    // At most 1.5 heartbeats and a second apart, and only heartbeats.
+    assert_eq!(again.len(), 1);
+    assert!(again[0].at - heartbeats[0].at < Duration::from_millis(2600));
+    flake.open_gate();
+    blocker.until_terminal().await;
+    waiting.until_terminal().await;
+}
+
+#[tokio::test]
+async fn a_finished_too_large_for_max_payload_is_shortened_not_lost() {
+    let hosts: Vec<(String, Host)> = (0..30)
+        .map(|i| (format!("host-{i:02}"), Host::FailEval))
+        .collect();
+    let hosts: Vec<(&str, Host)> = hosts.iter().map(|(n, h)| (n.as_str(), h.clone())).collect();
+    let flake = Flake::new(&hosts);
+    let nats = NatsServer::start_with_config("max_payload: 2048\n");
+    let builder = Builder::start(&nats, &BuilderOptions::new(&flake));
+    let client = Requester::new(&nats).await;
+    let replies = client.build("build.homelab.all", "").await;
+    match terminal(&replies) {
+        Event::Finished {
+            hosts,
+            failed,
+            omitted_hosts,
+            ..
+        } => {
+            assert_eq!(*failed, 30);
+            assert!(*omitted_hosts > 0);
+            assert_eq!(hosts.len() + omitted_hosts, 30);
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(builder);
+}
+
+#[tokio::test]
+async fn local_configuration_errors_exit_2_and_an_absent_server_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seed, _) = nkey_user(dir.path(), "me");
+    let open = dir.path().join("open.nk");
+    std::fs::copy(&seed, &open).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let creds = dir.path().join("open.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            std::fs::read_to_string(&seed).unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let nowhere = format!("nats://127.0.0.1:{}", free_port());
+    for (url, args) in [
+        (
+            nowhere.as_str(),
+            vec!["status", "--nkey-file", open.to_str().unwrap()],
+        ),
+        (
+            nowhere.as_str(),
+            vec!["status", "--creds-file", creds.to_str().unwrap()],
+        ),
+        ("nats://bad host:1", vec!["status"]),
+        (
+            nowhere.as_str(),
+            vec!["status", "--builder-key", "Unot-a-key"],
+        ),
+    ] {
+        let out = run_cli(url, &args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+    }
+    let out = run_cli(&nowhere, &["status", "--nkey-file", seed.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+}
