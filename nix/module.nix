@@ -66,6 +66,7 @@
         HOMELAB_DEPLOY_NKEY_FILE = credential "nkey";
         HOMELAB_DEPLOY_CREDS_FILE = credential "creds";
         HOMELAB_DEPLOY_TLS_CA_FILE = credential "tls-ca";
+        HOMELAB_DEPLOY_BUILDER_KEY = lib.mkIf (cfg.builderPublicKey != null) cfg.builderPublicKey;
       };
       serviceConfig = {
         Type = "oneshot";
@@ -269,6 +270,18 @@ in {
       type = lib.types.nullOr lib.types.str;
       default = null;
       description = "A NATS `.creds` file instead of `scheduleNkeyFile`, delivered the same way.";
+    };
+
+    builderPublicKey = lib.mkOption {
+      type = lib.types.nullOr (lib.types.strMatching "U[A-Z2-7]{55}");
+      default = null;
+      example = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
+      description = ''
+        The builder's NKey public key (`homelab-deploy nkey --public-key-of`
+        on its seed prints it). Scheduled builds then accept only results
+        signed with it (`HOMELAB_DEPLOY_BUILDER_KEY`), so nobody else on NATS
+        can forge one.
+      '';
     };
   };
 

@@ -117,6 +117,7 @@
             }
           ];
           scheduleNkeyFile = "/run/secrets/homelab-deploy-scheduler-nkey";
+          builderPublicKey = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
         };
       }
     ];
@@ -423,7 +424,7 @@
       testReadmeScheduledBuilds = {
         expr = lib.mapAttrs (_: service: {
           inherit (service.serviceConfig) ExecStart LoadCredential;
-          inherit (service.environment) HOMELAB_DEPLOY_NATS_URL HOMELAB_DEPLOY_NKEY_FILE;
+          inherit (service.environment) HOMELAB_DEPLOY_NATS_URL HOMELAB_DEPLOY_NKEY_FILE HOMELAB_DEPLOY_BUILDER_KEY;
           tls = service.environment ? HOMELAB_DEPLOY_TLS_CA_FILE;
         }) (lib.getAttrs [scheduled0 scheduled1] readme.config.systemd.services);
         expected = {
@@ -432,6 +433,7 @@
             LoadCredential = ["nkey:/run/secrets/homelab-deploy-scheduler-nkey"];
             HOMELAB_DEPLOY_NATS_URL = "nats://nats.home.2rjus.net:4222";
             HOMELAB_DEPLOY_NKEY_FILE = "/run/credentials/${scheduled0}.service/nkey";
+            HOMELAB_DEPLOY_BUILDER_KEY = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
             tls = false;
           };
           ${scheduled1} = {
@@ -439,6 +441,7 @@
             LoadCredential = ["nkey:/run/secrets/homelab-deploy-scheduler-nkey"];
             HOMELAB_DEPLOY_NATS_URL = "nats://nats.home.2rjus.net:4222";
             HOMELAB_DEPLOY_NKEY_FILE = "/run/credentials/${scheduled1}.service/nkey";
+            HOMELAB_DEPLOY_BUILDER_KEY = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
             tls = false;
           };
         };
@@ -506,6 +509,7 @@
           inherit (service.serviceConfig) ExecStart LoadCredential;
           inherit (service.environment) HOMELAB_DEPLOY_NATS_URL HOMELAB_DEPLOY_CREDS_FILE HOMELAB_DEPLOY_TLS_CA_FILE;
           nkey = service.environment ? HOMELAB_DEPLOY_NKEY_FILE;
+          builderKey = service.environment ? HOMELAB_DEPLOY_BUILDER_KEY;
         };
         expected = {
           ExecStart = quoted [(exe tls.cfg.package) "build" "nixos-servers" "ns1" "--ref" "flake-update/2026-11-28"];
@@ -514,6 +518,7 @@
           HOMELAB_DEPLOY_CREDS_FILE = "/run/credentials/${tlsUnit}.service/creds";
           HOMELAB_DEPLOY_TLS_CA_FILE = "/run/credentials/${tlsUnit}.service/tls-ca";
           nkey = false;
+          builderKey = false;
         };
       };
       testTlsOptionalPathsCanBeTurnedOff = {
