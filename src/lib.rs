@@ -3,7 +3,8 @@
 //! The builder daemon ([`builder`]) takes requests on `build.<repo>.<target>`
 //! ([`protocol`]), builds each host with Nix ([`nix`]) one after the other,
 //! and streams events back; the client ([`client`]) and the CLI ([`cli`])
-//! drive it; [`metrics`] exports what operators watch.
+//! drive it; [`metrics`] exports what operators watch; [`redact`] keeps
+//! credentials out of everything sent and logged.
 
 #![forbid(unsafe_code)]
 
@@ -17,5 +18,6 @@ pub mod nats;
 pub(crate) mod nix;
 pub(crate) mod present;
 pub mod protocol;
+pub(crate) mod redact;
 mod sync;
 pub(crate) mod systemd;
