@@ -126,7 +126,8 @@ fn hides_userinfo(scheme: &[u8], userinfo: &[u8]) -> bool {
     // Whatever precedes the scheme in running text (an escape sequence's
     // tail, say) may cling to it, hence "ends with".
     let ssh = scheme.to_ascii_lowercase().ends_with(b"ssh");
-    !(ssh && !userinfo.contains(&b':'))
+    let password = userinfo.contains(&b':');
+    !ssh || password
 }
 
 /// For a parameter name starting at `start`: the range of its value when

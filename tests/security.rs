@@ -2,6 +2,8 @@
 //! in repo URLs never leave the builder, and idle metrics connections cannot
 //! take the file descriptors builds need.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::{Child, Command, Stdio};
