@@ -27,16 +27,10 @@ impl GitOverHttp {
     fn serve(flake: &Flake, extra: &Flake, branch: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let bare = dir.path().join("repo.git");
-        git(
-            flake.path(),
-            &["clone", "-q", "--bare", ".", bare.to_str().unwrap()],
-        );
-        let refspec = format!("master:{branch}");
-        git(
-            extra.path(),
-            &["push", "-q", bare.to_str().unwrap(), &refspec],
-        );
-        git(&bare, &["update-server-info"]);
+        let bare = bare.to_str().unwrap();
+        flake.git(&["clone", "-q", "--bare", ".", bare]);
+        extra.git(&["push", "-q", bare, &format!("master:{branch}")]);
+        flake.git(&["--git-dir", bare, "update-server-info"]);
         let port = free_port();
         let server = Command::new("python3")
             .args([
@@ -74,20 +68,6 @@ impl Drop for GitOverHttp {
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
-}
-
-fn git(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Every message on every subject, as text: subject, reply subject, payload.
@@ -256,6 +236,16 @@ async fn try_get(addr: &str, path: &str) -> Option<u16> {
 }
 
 const FD_LIMIT: u64 = 1024;
+
+/// Sets the running process's descriptor limit: `soft`, and 1024 hard.
+fn set_fd_limit(pid: u32, soft: u64) {
+    let limit = format!("--nofile={soft}:{FD_LIMIT}");
+    let set = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .expect("prlimit (util-linux) is needed");
+    assert!(set.success(), "prlimit {limit} failed");
+}
 const IDLE_CONNECTIONS: usize = 2000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,12 +257,7 @@ async fn idle_metrics_connections_cannot_starve_builds_under_a_1024_fd_limit() {
     let pid = builder.pid();
 
     // The builder gets the limit many systems default to.
-    let limit = format!("--nofile={FD_LIMIT}:{FD_LIMIT}");
-    let set = Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), &limit])
-        .status()
-        .expect("prlimit (util-linux) is needed");
-    assert!(set.success(), "prlimit failed");
+    set_fd_limit(pid, FD_LIMIT);
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(
         limits.lines().any(|l| l.starts_with("Max open files")
@@ -359,17 +344,9 @@ async fn failed_accepts_back_off_and_the_server_recovers() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
     let (_nats, mut builder) = start_service(&flake, |options| options);
     let addr = builder.metrics_addr();
-    let pid = builder.pid().to_string();
-    let set_limit = |soft: u64| {
-        let limit = format!("--nofile={soft}:{FD_LIMIT}");
-        let set = Command::new("prlimit")
-            .args(["--pid", &pid, &limit])
-            .status()
-            .expect("prlimit (util-linux) is needed");
-        assert!(set.success(), "prlimit failed");
-    };
+    let pid = builder.pid();
     // Only stdin, stdout and stderr fit: every accept fails with EMFILE.
-    set_limit(3);
+    set_fd_limit(pid, 3);
     let _waiting = tokio::net::TcpStream::connect(&addr).await.unwrap();
     const FAILURES: usize = 4;
     let failures = |log: &str| -> Vec<String> {
@@ -395,7 +372,7 @@ async fn failed_accepts_back_off_and_the_server_recovers() {
         failed.join("\n")
     );
 
-    set_limit(FD_LIMIT);
+    set_fd_limit(pid, FD_LIMIT);
     poll(
         "/metrics to answer with descriptors free again",
         async || try_get(&addr, "/metrics").await,
