@@ -3,7 +3,8 @@
 //! The builder daemon ([`builder`]) takes requests on `build.<repo>.<target>`
 //! ([`protocol`]), builds each host with Nix ([`nix`]) one after the other,
 //! and streams events back; the client ([`client`]) and the CLI ([`cli`])
-//! drive it; [`metrics`] exports what operators watch.
+//! drive it; [`metrics`] exports what operators watch; [`redact`] keeps
+//! credentials out of everything sent and logged.
 
 #![forbid(unsafe_code)]
 
@@ -18,5 +19,6 @@ pub(crate) mod nix;
 pub(crate) mod present;
 pub mod protocol;
 pub(crate) mod signing;
+pub(crate) mod redact;
 mod sync;
 pub(crate) mod systemd;

@@ -64,8 +64,10 @@ fn schema(value: serde_json::Value) -> Arc<JsonObject> {
     }
 }
 
+/// A tool result; every one passes here, so its text is where credentials
+/// (say, in a NATS URL quoted by a connection error) are masked.
 fn text_result(text: String, is_error: bool) -> CallToolResult {
-    let content = vec![ContentBlock::text(text)];
+    let content = vec![ContentBlock::text(crate::redact::redact(&text))];
     if is_error {
         CallToolResult::error(content)
     } else {
@@ -397,5 +399,20 @@ impl ServerHandler for BuildTools {
             }
         };
         Ok(result.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_results_carry_no_credentials() {
+        let result = text_result(
+            "cannot connect to nats://deploy:s3cret@nats.lan:4222".into(),
+            true,
+        );
+        let text = &result.content[0].as_text().unwrap().text;
+        assert_eq!(text, "cannot connect to nats://***@nats.lan:4222");
     }
 }

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -16,13 +17,14 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{BuildStatus, ErrorCode, HostStatus};
@@ -292,42 +294,147 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown`.
+/// Bounds on the HTTP server, so idle or slow clients cannot take the
+/// builder's file descriptors (which every `nix` it starts needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; one more is closed as soon as it is
+    /// accepted.
+    pub connections: usize,
+    /// Longest wait for a request's headers, the first or the next on a
+    /// kept-alive connection; then the connection is closed.
+    pub header_read: Duration,
+    /// Longest any connection stays open, whatever it does.
+    pub lifetime: Duration,
+    /// First pause after a failed `accept` (out of file descriptors, say);
+    /// it doubles on each failure in a row, up to `max_accept_pause`.
+    pub accept_pause: Duration,
+    /// Longest pause after failed `accept`s.
+    pub max_accept_pause: Duration,
+}
+
+/// The limits the builder serves with.
+pub const LIMITS: Limits = Limits {
+    connections: 64,
+    header_read: Duration::from_secs(10),
+    lifetime: Duration::from_secs(60),
+    accept_pause: Duration::from_millis(100),
+    max_accept_pause: Duration::from_secs(1),
+};
+
+/// Serves `/metrics` and `/healthz` until `shutdown`, within [`LIMITS`].
 pub async fn serve(
     listener: TcpListener,
     exporter: Arc<dyn Exporter>,
     shutdown: CancellationToken,
 ) {
+    serve_with(listener, exporter, LIMITS, shutdown).await;
+}
+
+/// Serves `/metrics` and `/healthz` until `shutdown`, within `limits`.
+pub async fn serve_with(
+    listener: TcpListener,
+    exporter: Arc<dyn Exporter>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(limits.connections));
     let mut connections = tokio::task::JoinSet::new();
+    let mut pause = AcceptPause::new(&limits);
+    let mut refused: u64 = 0;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
         };
+        // Reap finished connections as we go.
+        while connections.try_join_next().is_some() {}
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                pause.reset();
+                stream
+            }
             Err(err) => {
-                tracing::warn!(%err, "metrics: cannot accept a connection");
-                continue;
+                // Out of file descriptors the same error comes back at once:
+                // pause instead of spinning (and give Nix its fds back).
+                let wait = pause.next();
+                tracing::warn!(
+                    %err,
+                    pause = %humantime::format_duration(wait),
+                    "metrics: cannot accept a connection"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    () = shutdown.cancelled() => break,
+                }
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // Closed at once: a waiting connection would hold an fd too.
+            if refused == 0 {
+                tracing::warn!(
+                    limit = limits.connections,
+                    "metrics: too many connections; closing new ones until some end"
+                );
+            }
+            refused += 1;
+            drop(stream);
+            continue;
+        };
+        if refused > 0 {
+            tracing::info!(refused, "metrics: taking connections again");
+            refused = 0;
+        }
         let exporter = Arc::clone(&exporter);
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request| {
                 let exporter = Arc::clone(&exporter);
                 async move { Ok::<_, Infallible>(respond(&request, exporter.as_ref())) }
             });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}
+                () = tokio::time::sleep(limits.lifetime) => {}
                 () = shutdown.cancelled() => {}
             }
         });
-        // Reap finished connections as we go.
-        while connections.try_join_next().is_some() {}
     }
     connections.shutdown().await;
+}
+
+/// The pause after failed `accept`s: doubling from the first to the
+/// longest, back to the first after a success.
+#[derive(Debug)]
+struct AcceptPause {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl AcceptPause {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            first: limits.accept_pause,
+            max: limits.max_accept_pause,
+            next: limits.accept_pause,
+        }
+    }
+
+    /// The pause after one more failure.
+    fn next(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (now * 2).min(self.max);
+        now
+    }
+
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
 }
 
 fn respond(request: &Request<Incoming>, exporter: &dyn Exporter) -> Response<Full<Bytes>> {
@@ -352,6 +459,9 @@ fn respond(request: &Request<Incoming>, exporter: &dyn Exporter) -> Response<Ful
             "only GET\n".to_owned(),
         ),
     };
+    // Label values come from flakes and config; mask anything that looks
+    // like a credential all the same.
+    let body = crate::redact::redact(&body).into_owned();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
@@ -406,6 +516,163 @@ mod tests {
         assert!(text.contains(
             "homelab_deploy_builder_build_duration_seconds_bucket{repo=\"r\",le=\"30\"} 1"
         ));
+    }
+
+    struct Fixed;
+
+    impl Exporter for Fixed {
+        fn metrics(&self) -> String {
+            "up 1\n".to_owned()
+        }
+        fn health(&self) -> Health {
+            Health {
+                nats_connected: true,
+                worker_alive: true,
+            }
+        }
+    }
+
+    const GENEROUS: Limits = Limits {
+        connections: 64,
+        header_read: Duration::from_secs(30),
+        lifetime: Duration::from_secs(60),
+        accept_pause: Duration::from_millis(100),
+        max_accept_pause: Duration::from_secs(1),
+    };
+
+    /// A server with `limits` on a free loopback port; stops with the guard.
+    async fn server(limits: Limits) -> (SocketAddr, tokio_util::sync::DropGuard) {
+        serve_for(Arc::new(Fixed), limits).await
+    }
+
+    async fn serve_for(
+        exporter: Arc<dyn Exporter>,
+        limits: Limits,
+    ) -> (SocketAddr, tokio_util::sync::DropGuard) {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_with(listener, exporter, limits, stop.clone()));
+        (addr, stop.drop_guard())
+    }
+
+    /// Reads until the server closes the connection; what it sent, or
+    /// `None` if it was still open after 5 s.
+    async fn until_closed(stream: &mut tokio::net::TcpStream) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let mut received = Vec::new();
+        let read = stream.read_to_end(&mut received);
+        match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(_)) => Some(String::from_utf8_lossy(&received).into_owned()),
+            Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                Some(String::from_utf8_lossy(&received).into_owned())
+            }
+            Ok(Err(err)) => panic!("read failed: {err}"),
+            Err(_) => None,
+        }
+    }
+
+    async fn get(addr: SocketAddr, close: bool) -> (tokio::net::TcpStream, String) {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let connection = if close { "close" } else { "keep-alive" };
+        let request =
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = if close {
+            until_closed(&mut stream).await.unwrap_or_default()
+        } else {
+            String::new()
+        };
+        (stream, response)
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_at_once_and_slots_come_back() {
+        let limits = Limits {
+            connections: 2,
+            ..GENEROUS
+        };
+        let (addr, _stop) = server(limits).await;
+        let idle_a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _idle_b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Closed long before the 30 s header timeout: it was refused.
+        assert_eq!(until_closed(&mut third).await.as_deref(), Some(""));
+
+        drop(idle_a);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, response) = get(addr, true).await;
+            if response.starts_with("HTTP/1.1 200") {
+                assert!(response.ends_with("up 1\n"), "{response}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a freed slot was never reused"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_and_idle_kept_alive_connections_are_closed_after_the_header_timeout() {
+        let limits = Limits {
+            header_read: Duration::from_millis(300),
+            ..GENEROUS
+        };
+        let (addr, _stop) = server(limits).await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(
+            until_closed(&mut silent).await.is_some(),
+            "a silent connection stayed open"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250));
+
+        let (mut kept, _) = get(addr, false).await;
+        let response = until_closed(&mut kept).await;
+        let response = response.expect("an idle kept-alive connection stayed open");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+
+    #[tokio::test]
+    async fn no_connection_outlives_its_lifetime() {
+        let limits = Limits {
+            lifetime: Duration::from_millis(300),
+            ..GENEROUS
+        };
+        let (addr, _stop) = server(limits).await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(until_closed(&mut silent).await.is_some());
+    }
+
+    #[test]
+    fn accept_pauses_double_up_to_the_longest_and_start_over_after_a_success() {
+        let mut pause = AcceptPause::new(&LIMITS);
+        let ms = |pause: &mut AcceptPause| pause.next().as_millis();
+        let seen: Vec<_> = (0..6).map(|_| ms(&mut pause)).collect();
+        assert_eq!(seen, [100, 200, 400, 800, 1000, 1000]);
+        pause.reset();
+        assert_eq!(ms(&mut pause), 100);
+    }
+
+    #[tokio::test]
+    async fn metrics_bodies_carry_no_credentials() {
+        struct Leaky;
+        impl Exporter for Leaky {
+            fn metrics(&self) -> String {
+                "x{url=\"https://u:SECRET@h/r\"} 1\n".to_owned()
+            }
+            fn health(&self) -> Health {
+                Fixed.health()
+            }
+        }
+        let (addr, _stop) = serve_for(Arc::new(Leaky), GENEROUS).await;
+        let (_, response) = get(addr, true).await;
+        assert!(response.contains("https://***@h/r"), "{response}");
+        assert!(!response.contains("SECRET"));
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! After a reconnection the outbox is held for a moment before it drains:
 //! requesters reconnect too, and an event published before their
 //! subscription is back would be lost.
+//!
+//! Credentials (a token in a repo URL that Nix repeats in a message) are
+//! masked here, on the way out, whatever the reply.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::nats::{Connection, ConnectionState};
 use crate::protocol::{Event, Reply};
 use crate::signing::Signer;
+use crate::redact::redact;
 use crate::sync::lock;
 
 /// How long the outbox waits after a reconnection before it drains.
@@ -83,8 +87,10 @@ impl Publisher {
         lock(&self.outbox)
     }
 
-    /// Queues `payload` for `subject`; never waits.
+    /// Queues `payload` for `subject`; never waits. Every reply passes
+    /// here, so this is where credentials are taken out (see [`crate::redact`]).
     pub(crate) fn enqueue(&self, subject: Subject, payload: Bytes, expendable: bool) {
+        let payload = redact_payload(payload);
         let mut outbox = self.lock();
         if expendable {
             if outbox.expendable >= MAX_EXPENDABLE_QUEUED {
@@ -270,6 +276,14 @@ impl Replies {
     }
 }
 
+/// `payload` with credentials masked; the same bytes when there are none.
+fn redact_payload(payload: Bytes) -> Bytes {
+    match redact(&String::from_utf8_lossy(&payload)) {
+        std::borrow::Cow::Borrowed(_) => payload,
+        std::borrow::Cow::Owned(redacted) => Bytes::from(redacted),
+    }
+}
+
 fn send_to(publisher: &Publisher, subjects: &[Subject], build_id: &str, event: Event) {
     let expendable = matches!(
         event,
@@ -290,5 +304,32 @@ fn send_to(publisher: &Publisher, subjects: &[Subject], build_id: &str, event: E
     };
     for subject in subjects {
         publisher.enqueue(subject.clone(), payload.clone(), expendable);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_leave_without_credentials() {
+        let reply = Reply {
+            build_id: "b".into(),
+            event: Event::Log {
+                host: "ns1".into(),
+                lines: vec!["fetching 'https://oauth2:glpat-SECRET@git.example/r.git'".into()],
+            },
+        };
+        let payload = Bytes::from(serde_json::to_vec(&reply).unwrap());
+        let sent = redact_payload(payload);
+        let text = std::str::from_utf8(&sent).unwrap();
+        assert!(!text.contains("SECRET"), "{text}");
+        let back: Reply = serde_json::from_slice(&sent).unwrap();
+        let Event::Log { lines, .. } = back.event else {
+            panic!("not a log event: {text}");
+        };
+        assert_eq!(lines[0], "fetching 'https://***@git.example/r.git'");
+        let clean = Bytes::from_static(b"{\"build_id\":\"b\"}");
+        assert_eq!(redact_payload(clean.clone()).as_ptr(), clean.as_ptr());
     }
 }

@@ -19,7 +19,7 @@ pub async fn run(args: Args) -> Exit {
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("error: {err}");
+            super::print_error(&err);
             return Exit::Usage;
         }
     };
@@ -32,7 +32,7 @@ pub async fn run(args: Args) -> Exit {
         Ok(()) => Exit::Success,
         Err(err) => {
             tracing::error!(%err, "builder failed");
-            eprintln!("error: {err}");
+            super::print_error(&err);
             Exit::Failed
         }
     }

@@ -19,7 +19,7 @@ pub fn run(args: &Args) -> Exit {
             Exit::Success
         }
         Err(err) => {
-            eprintln!("error: {err}");
+            super::print_error(&err);
             Exit::Usage
         }
     }

@@ -232,7 +232,7 @@ fn init_logging(format: LogFormat, default_level: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(RedactedStderr);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder
@@ -240,5 +240,83 @@ fn init_logging(format: LogFormat, default_level: &str) {
             .flatten_event(true)
             .with_current_span(true)
             .init(),
+    }
+}
+
+/// The log's writer: each event is formatted whole into a buffer, then
+/// written to stderr with credentials masked ([`crate::redact`]), so no
+/// log line, whatever its fields, carries a token from a repo URL.
+struct RedactedStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactedStderr {
+    type Writer = Redacting<std::io::Stderr>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Redacting::new(std::io::stderr())
+    }
+}
+
+/// Collects one log event and writes it, redacted, to `inner` when
+/// dropped (the formatter drops the writer after each event).
+struct Redacting<W: std::io::Write> {
+    buffer: Vec<u8>,
+    inner: W,
+}
+
+impl<W: std::io::Write> Redacting<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            buffer: Vec::new(),
+            inner,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Redacting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write> Drop for Redacting<W> {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.buffer);
+        // Nowhere to report a failing stderr.
+        let _ = self
+            .inner
+            .write_all(crate::redact::redact(&text).as_bytes());
+        let _ = self.inner.flush();
+    }
+}
+
+/// Prints `error: …` for a failed command, credentials masked (a config
+/// error may quote a repo URL).
+pub(crate) fn print_error(err: &dyn std::fmt::Display) {
+    eprintln!("error: {}", crate::redact::redact(&err.to_string()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn log_lines_are_written_without_credentials() {
+        let mut out = Vec::new();
+        {
+            let mut writer = Redacting::new(&mut out);
+            // Split the way a formatter might; the secret spans both writes.
+            writer
+                .write_all(b"pinning url=git+https://oauth2:SEC")
+                .unwrap();
+            writer.write_all(b"RET@git.example/r.git\n").unwrap();
+        }
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text, "pinning url=git+https://***@git.example/r.git\n");
     }
 }

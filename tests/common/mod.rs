@@ -351,7 +351,8 @@ impl Flake {
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
-    fn git(&self, args: &[&str]) -> Output {
+    /// Runs git in the repository; panics with its stderr on failure.
+    pub fn git(&self, args: &[&str]) -> Output {
         let out = Command::new("git")
             .args(args)
             .current_dir(self.path())

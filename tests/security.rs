@@ -1,0 +1,382 @@
+//! What an attacker with request rights cannot get at or break: credentials
+//! in repo URLs never leave the builder, and idle metrics connections cannot
+//! take the file descriptors builds need.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use homelab_deploy::protocol::{BuildStatus, Event, Reply, random_hex};
+
+/// A bare clone of a flake served over dumb HTTP on 127.0.0.1 (git's
+/// `update-server-info` and Python's static file server); stopped on drop.
+struct GitOverHttp {
+    server: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl GitOverHttp {
+    /// Serves `flake` as `repo.git`, with `extra`'s master as branch `branch`.
+    fn serve(flake: &Flake, extra: &Flake, branch: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("repo.git");
+        let bare = bare.to_str().unwrap();
+        flake.git(&["clone", "-q", "--bare", ".", bare]);
+        extra.git(&["push", "-q", bare, &format!("master:{branch}")]);
+        flake.git(&["--git-dir", bare, "update-server-info"]);
+        let port = free_port();
+        let server = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--directory")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 is needed to serve a git repository over HTTP");
+        wait_for_blocking("the git HTTP server", WAIT, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Self {
+            server,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The repo's URL with `userinfo` in it.
+    fn url(&self, userinfo: &str) -> String {
+        format!("git+http://{userinfo}@127.0.0.1:{}/repo.git", self.port)
+    }
+}
+
+impl Drop for GitOverHttp {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Every message on every subject, as text: subject, reply subject, payload.
+async fn spy_on_everything(nats: &NatsServer) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+    let client = nats.connect().await;
+    let mut all = client.subscribe(">").await.unwrap();
+    client.flush().await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn({
+        let seen = Arc::clone(&seen);
+        async move {
+            while let Some(message) = all.next().await {
+                let text = format!(
+                    "{} {} {}",
+                    message.subject,
+                    message.reply.as_deref().unwrap_or("-"),
+                    String::from_utf8_lossy(&message.payload)
+                );
+                seen.lock().unwrap().push(text);
+            }
+        }
+    });
+    (client, seen)
+}
+
+fn finished_error(replies: &[Reply]) -> (BuildStatus, String) {
+    match terminal(replies) {
+        Event::Finished { status, error, .. } => (
+            *status,
+            error
+                .as_ref()
+                .map(|error| error.message.clone())
+                .unwrap_or_default(),
+        ),
+        other => panic!("not finished: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs() {
+    let flake = Flake::new(&[("ns1", Host::Ok)]);
+    // A ref whose flake has no nixosConfigurations: Nix's error quotes the
+    // whole URL, token included.
+    let no_hosts =
+        Flake::with_source(|_, _| "{ outputs = { self }: { packages = { }; }; }\n".into());
+    let http = GitOverHttp::serve(&flake, &no_hosts, "no-hosts");
+    let token = format!("glpat{}", random_hex::<10>());
+
+    let nats = NatsServer::start();
+    let (spy, seen) = spy_on_everything(&nats).await;
+    let mut options = BuilderOptions::new(&flake);
+    options.repos = vec![("homelab".into(), http.url(&format!("oauth2:{token}")), None)];
+    let mut builder = Builder::start(&nats, &options);
+    let metrics_addr = builder.metrics_addr();
+    let requester = Requester::new(&nats).await;
+
+    let replies = requester
+        .build("build.homelab.all", r#"{"ref":"no-hosts","logs":true}"#)
+        .await;
+    let (status, message) = finished_error(&replies);
+    assert_eq!(status, BuildStatus::Failed, "{replies:?}");
+    // The URL is still there for the reader, its userinfo masked.
+    let masked = format!("http://***@127.0.0.1:{}/repo.git", http.port);
+    assert!(message.contains(&masked), "{message}");
+
+    let replies = requester
+        .build(
+            "build.homelab.all",
+            r#"{"ref":"no-such-branch","logs":true}"#,
+        )
+        .await;
+    assert_eq!(
+        finished_error(&replies).0,
+        BuildStatus::Failed,
+        "{replies:?}"
+    );
+
+    let replies = requester
+        .build("build.homelab.all", r#"{"logs":true}"#)
+        .await;
+    assert_eq!(
+        finished_error(&replies).0,
+        BuildStatus::Success,
+        "{replies:?}"
+    );
+
+    let status = run_cli(&nats.url(), &["status", "--json"]).await;
+    assert!(status.status.success(), "{}", describe(&status));
+    let (code, metrics) = http_get(&metrics_addr, "/metrics").await;
+    assert_eq!(code, 200);
+
+    // Everything on the wire so far has reached the spy once its own
+    // message, published last, has.
+    spy.publish("security.sentinel", "end".into())
+        .await
+        .unwrap();
+    spy.flush().await.unwrap();
+    wait_for("the spy to see everything", WAIT, || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.starts_with("security.sentinel"))
+    })
+    .await;
+    builder.terminate();
+    let log = builder.log_text();
+
+    let messages = seen.lock().unwrap().clone();
+    assert!(
+        messages.iter().any(|m| m.contains(&masked)),
+        "the finished error never went out on NATS"
+    );
+    for message in &messages {
+        assert!(!message.contains(&token), "sent on NATS: {message}");
+    }
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(!status.contains(&token), "in build.status: {status}");
+    assert!(!metrics.contains(&token), "in /metrics: {metrics}");
+    assert!(!log.contains(&token), "in the builder's log:\n{log}");
+    assert!(
+        log.contains(&masked),
+        "the log never mentioned the repo:\n{log}"
+    );
+}
+
+/// The builder's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+/// Connections waiting to be accepted on the loopback listener at `port`
+/// (a listening socket's `rx_queue` in /proc/net/tcp).
+fn accept_backlog(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let listening = fields.get(3) == Some(&"0A");
+        if fields.get(1) != Some(&local.as_str()) || !listening {
+            return None;
+        }
+        let (_, rx) = fields.get(4)?.split_once(':')?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
+
+/// `GET path` returning the status code, or `None` if the server closed
+/// the connection or did not answer within 2 s.
+async fn try_get(addr: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        response.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+const FD_LIMIT: u64 = 1024;
+
+/// Sets the running process's descriptor limit: `soft`, and 1024 hard.
+fn set_fd_limit(pid: u32, soft: u64) {
+    let limit = format!("--nofile={soft}:{FD_LIMIT}");
+    let set = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .expect("prlimit (util-linux) is needed");
+    assert!(set.success(), "prlimit {limit} failed");
+}
+const IDLE_CONNECTIONS: usize = 2000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_metrics_connections_cannot_starve_builds_under_a_1024_fd_limit() {
+    let flake = Flake::new(&[("ns1", Host::Ok)]);
+    let (nats, mut builder) = start_service(&flake, |options| options);
+    let addr = builder.metrics_addr();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let pid = builder.pid();
+
+    // The builder gets the limit many systems default to.
+    set_fd_limit(pid, FD_LIMIT);
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max open files")
+            && l.split_whitespace().filter(|w| *w == "1024").count() == 2),
+        "{limits}"
+    );
+    // The test itself needs room for its side of every connection.
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX);
+    let wanted = (IDLE_CONNECTIONS as u64 + 512).min(hard);
+    assert!(
+        wanted > IDLE_CONNECTIONS as u64,
+        "the test's own fd limit ({hard}) is too low"
+    );
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(wanted),
+            maximum: Some(hard),
+        },
+    )
+    .unwrap();
+
+    // Open them all at once, each attempt bounded.
+    let attempts = (0..IDLE_CONNECTIONS).map(|_| {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(addr.clone()),
+        )
+    });
+    let idle: Vec<_> = futures_util::future::join_all(attempts)
+        .await
+        .into_iter()
+        .filter_map(|attempt| attempt.ok()?.ok())
+        .collect();
+    assert!(
+        idle.len() as u64 > FD_LIMIT,
+        "only {} connections opened: not enough to exhaust the limit",
+        idle.len()
+    );
+    // The builder has taken every one of them off its accept queue.
+    wait_for(
+        "the builder to accept every connection",
+        Duration::from_secs(10),
+        || accept_backlog(port) == Some(0),
+    )
+    .await;
+    let fds_flooded = open_fds(pid);
+    assert!(
+        (fds_flooded as u64) < FD_LIMIT / 2,
+        "the builder holds {fds_flooded} fds under the flood"
+    );
+
+    let requester = Requester::new(&nats).await;
+    let replies = requester.build("build.homelab.all", "").await;
+    assert_eq!(
+        finished_error(&replies),
+        (BuildStatus::Success, String::new()),
+        "{replies:?}\n{}",
+        builder.log_text()
+    );
+
+    drop(idle);
+    poll(
+        "/metrics to answer after the idle connections are gone",
+        async || try_get(&addr, "/metrics").await,
+        |code| *code == Some(200),
+    )
+    .await;
+    let log = builder.log_text();
+    assert!(!log.contains("Too many open files"), "{log}");
+    eprintln!(
+        "{} idle connections opened; builder fds under the flood: {fds_flooded}",
+        IDLE_CONNECTIONS
+    );
+}
+
+/// When the builder runs out of file descriptors, the metrics server pauses
+/// between failed accepts (100 ms, doubling) instead of spinning, and serves
+/// again once descriptors are free.
+#[tokio::test]
+async fn failed_accepts_back_off_and_the_server_recovers() {
+    let flake = Flake::new(&[("ns1", Host::Ok)]);
+    let (_nats, mut builder) = start_service(&flake, |options| options);
+    let addr = builder.metrics_addr();
+    let pid = builder.pid();
+    // Only stdin, stdout and stderr fit: every accept fails with EMFILE.
+    set_fd_limit(pid, 3);
+    let _waiting = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    const FAILURES: usize = 4;
+    let failures = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|line| line.contains("cannot accept a connection"))
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_for("failed accepts", WAIT, || {
+        failures(&builder.log_text()).len() >= FAILURES
+    })
+    .await;
+    let failed = failures(&builder.log_text());
+    let at =
+        |line: &str| humantime::parse_rfc3339(line.split_whitespace().next().unwrap()).unwrap();
+    let span = at(&failed[FAILURES - 1])
+        .duration_since(at(&failed[0]))
+        .unwrap();
+    // Pauses of 100, 200 and 400 ms lie between the first and the fourth.
+    assert!(
+        span >= Duration::from_millis(650),
+        "{FAILURES} failed accepts within {span:?}: it spins\n{}",
+        failed.join("\n")
+    );
+
+    set_fd_limit(pid, FD_LIMIT);
+    poll(
+        "/metrics to answer with descriptors free again",
+        async || try_get(&addr, "/metrics").await,
+        |code| *code == Some(200),
+    )
+    .await;
+}
