@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use common::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use homelab_deploy::nix::NixVersion;
 use homelab_deploy::protocol::{ErrorCode, Event, HostStatus, Reply};
 
 /// The binary under test.
@@ -142,17 +143,28 @@ pub fn nix_config() -> String {
         path
     });
     announce_nix();
-    // `build-hook =` and `builders =`: the private Nix 2.26 runs through its
-    // own dynamic loader, so /proc/self/exe is the loader and Nix's build
-    // hook (`/proc/self/exe __build-remote`) cannot start; nothing here
-    // builds remotely anyway. `build-users-group =`: that Nix defaults to
-    // `nixbld`, a group only its package's postinst creates; the tests
-    // build as root with single-user Nix, like Debian's 2.8.
-    format!(
+    // `build-users-group =`: Debian's nix-bin (2.8 and 2.26) defaults to
+    // `nixbld`, a group only nix-setup-systemd creates; the tests build as
+    // root with single-user Nix.
+    // `extra-experimental-features`: Nix 2.26 reads NIX_CONFIG before the
+    // command line's `--extra-experimental-features`, and without flakes
+    // enabled by then it ignores `flake-registry` (warning on every call).
+    // That the builder enables flakes itself is proven by its argv tests.
+    let mut config = format!(
         "substituters =\nflake-registry = {}\nsandbox = false\nwarn-dirty = false\n\
-         build-hook =\nbuilders =\nbuild-users-group =\n",
+         build-users-group =\nextra-experimental-features = nix-command flakes\n",
         registry.display()
-    )
+    );
+    // `build-hook =` and `builders =`: the private Nix 2.26 runs through its
+    // own dynamic loader (scripts/lib/nix-versions.sh), so /proc/self/exe is
+    // the loader and Nix's build hook (`/proc/self/exe __build-remote`)
+    // cannot start; nothing here builds remotely anyway. Nix 2.8 cannot
+    // have it: it runs the empty hook command and fails ("unexpected EOF
+    // reading a line"), so it keeps its default hook, which declines.
+    if NixVersion::parse(nix_version()).is_some_and(|v| v > NixVersion::new(2, 8, 0)) {
+        config.push_str("build-hook =\nbuilders =\n");
+    }
+    config
 }
 
 // ---------------------------------------------------------------------------
