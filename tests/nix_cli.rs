@@ -149,3 +149,39 @@ fn the_other_derivation_installable_form_is_wrong_on_this_nix() {
         "{wrong} built {out_path}"
     );
 }
+
+/// Builds read `--json` because `--print-out-paths` only exists from
+/// Nix 2.9: the claim behind that choice, checked on the real binary.
+#[test]
+fn print_out_paths_exists_only_from_nix_2_9() {
+    let cli = cli();
+    let flake = Flake::new(&[("ns1", Host::Ok)]);
+    let (_, drv, out_path) = pin_and_eval(&cli, &flake, "ns1");
+    let installable = cli.drv_outputs_installable(&drv);
+    let invocation = Invocation {
+        program: cli.build_drv(&drv).program,
+        args: [
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "build",
+            "--no-link",
+            "--print-out-paths",
+            &installable,
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    };
+    let out = run(&invocation);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if cli.version() >= NixVersion::new(2, 9, 0) {
+        assert!(out.status.success(), "{invocation}:\n{stderr}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), out_path);
+    } else {
+        assert!(
+            !out.status.success(),
+            "{invocation} worked on {}",
+            cli.version()
+        );
+        assert!(stderr.contains("print-out-paths"), "{stderr}");
+    }
+}
