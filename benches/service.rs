@@ -69,11 +69,10 @@ fn bench_flake_source(salt: &str, system: &str) -> String {
 }
 
 fn nix(args: &[&str]) -> Command {
-    let mut command = Command::new("nix");
+    let mut command = nix_command("nix");
     command
         .args(["--extra-experimental-features", "nix-command flakes"])
-        .args(args)
-        .env("NIX_CONFIG", nix_config());
+        .args(args);
     command
 }
 
@@ -94,6 +93,7 @@ fn shell_loop(flake: &Flake) -> Duration {
     let started = Instant::now();
     let status = Command::new("sh")
         .args(["-c", &script])
+        .env("PATH", test_path())
         .env("NIX_CONFIG", nix_config())
         .status()
         .unwrap();

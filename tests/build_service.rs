@@ -656,9 +656,8 @@ async fn gc_roots_keep_the_newest_generations_per_host() {
     );
 
     // Nix knows the generations as GC roots.
-    let out = std::process::Command::new("nix-store")
+    let out = nix_command("nix-store")
         .args(["--gc", "--print-roots"])
-        .env("NIX_CONFIG", nix_config())
         .output()
         .unwrap();
     let listed = String::from_utf8_lossy(&out.stdout);

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -18,9 +16,8 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 fn module_config(extra: &str) -> String {
     let expression =
         format!("let defaults = import {ROOT}/nix/defaults.nix; in defaults // {extra}");
-    let out = Command::new("nix-instantiate")
+    let out = nix_command("nix-instantiate")
         .args(["--eval", "--strict", "--json", "--expr", &expression])
-        .env("NIX_CONFIG", nix_config())
         .output()
         .unwrap();
     assert!(

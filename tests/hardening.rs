@@ -505,14 +505,7 @@ async fn max_silent_time_stops_a_silent_build() {
 /// takes three seconds to exit, so a shutdown has something to wait for.
 fn slow_to_stop_nix() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let real = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v nix"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let real = which("nix").expect("nix not found");
     let script = format!(
         "#!/bin/sh\ncase \" $* \" in\n  *\" build \"*) trap '/bin/sleep 3; exit 143' TERM; {real} \"$@\" & child=$!; wait $child; status=$?; wait $child 2>/dev/null; exit $status ;;\n  *) exec {real} \"$@\" ;;\nesac\n",
         real = real.trim()

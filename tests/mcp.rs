@@ -25,6 +25,7 @@ async fn drive(nats_url: &str, args: &[&str], steps: Value) -> Vec<Value> {
         .arg("mcp")
         .args(args)
         .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
+        .env("PATH", test_path())
         .env("RUST_LOG", "homelab_deploy=debug")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -317,23 +317,60 @@ mod tests {
 @nix {"action":"stop","id":13537736916993}
 @nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m \u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3\u001b[0m","raw_msg":"\u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3\u001b[0m"}"#;
 
-    /// The same failure in the shape Nix 2.24 writes it: activities carry a
-    /// `parent`, messages carry a `trace`, and fetch activities (type 112)
-    /// and fetch-status results (type 108) appear that 2.8 never sent.
-    const NIX_2_24_FAILED_BUILD: &str = r#"@nix {"action":"start","id":7021741629440,"level":4,"parent":0,"text":"fetching git input 'git+file:///srv/demo'","type":112}
-@nix {"action":"result","fields":["done"],"id":7021741629440,"type":108}
-@nix {"action":"stop","id":7021741629440}
-@nix {"action":"start","id":7021741629441,"level":0,"parent":0,"text":"","type":102}
-@nix {"action":"start","id":7021741629442,"level":0,"parent":0,"text":"","type":104}
-@nix {"action":"result","fields":[0,1,0,0],"id":7021741629442,"type":105}
-@nix {"action":"start","fields":["/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv","",1,1],"id":7021741629443,"level":3,"parent":0,"text":"building '/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv'","type":105}
-@nix {"action":"result","fields":[0,1,1,0],"id":7021741629442,"type":105}
-@nix {"action":"result","fields":[104,"buildPhase"],"id":7021741629443,"type":104}
-@nix {"action":"result","fields":["about to fail"],"id":7021741629443,"type":101}
-@nix {"action":"result","fields":[0,1,0,1],"id":7021741629442,"type":105}
-@nix {"action":"stop","id":7021741629443}
-@nix {"action":"stop","id":7021741629442}
-@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m builder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3;\n       last 1 log lines:\n       > about to fail\n       For full logs, run 'nix log /nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv'.","raw_msg":"builder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3","trace":[]}"#;
+    /// A failing build with a dependency that builds first, as Nix 2.26
+    /// logs it (captured from Debian trixie's nix-bin 2.26.3 running
+    /// `nix build --json --log-format internal-json --no-link <drv>^*`):
+    /// activities carry a `parent`, informational messages come without
+    /// `raw_msg`, and the counts shrink when a build fails (`[1,1,0,1]`).
+    const NIX_2_26_FAILED_BUILD: &str = r#"@nix {"action":"start","id":92973157056512,"level":6,"parent":0,"text":"querying info about missing paths","type":0}
+@nix {"action":"stop","id":92973157056512}
+@nix {"action":"msg","level":3,"msg":"these 2 derivations will be built:"}
+@nix {"action":"msg","level":3,"msg":"  /nix/store/va746k7xj4x1xj0aj2jd3v82anlwak3f-dep.drv"}
+@nix {"action":"msg","level":3,"msg":"  /nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv"}
+@nix {"action":"start","id":92973157056513,"level":0,"parent":0,"text":"","type":102}
+@nix {"action":"start","id":92973157056514,"level":0,"parent":0,"text":"","type":104}
+@nix {"action":"start","id":92973157056515,"level":0,"parent":0,"text":"","type":103}
+@nix {"action":"result","fields":[0,1,0,0],"id":92973157056514,"type":105}
+@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
+@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
+@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
+@nix {"action":"start","id":92973157056516,"level":6,"parent":0,"text":"querying info about missing paths","type":0}
+@nix {"action":"stop","id":92973157056516}
+@nix {"action":"result","fields":[0,2,0,0],"id":92973157056514,"type":105}
+@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
+@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
+@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
+@nix {"action":"start","fields":["/nix/store/va746k7xj4x1xj0aj2jd3v82anlwak3f-dep.drv","",1,1],"id":92973157056517,"level":3,"parent":0,"text":"building '/nix/store/va746k7xj4x1xj0aj2jd3v82anlwak3f-dep.drv'","type":105}
+@nix {"action":"result","fields":[0,2,1,0],"id":92973157056514,"type":105}
+@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
+@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
+@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
+@nix {"action":"result","fields":["dep"],"id":92973157056517,"type":101}
+@nix {"action":"result","fields":[1,2,0,0],"id":92973157056514,"type":105}
+@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
+@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
+@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
+@nix {"action":"stop","id":92973157056517}
+@nix {"action":"start","fields":["/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv","",1,1],"id":92973157056518,"level":3,"parent":0,"text":"building '/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv'","type":105}
+@nix {"action":"result","fields":[1,2,1,0],"id":92973157056514,"type":105}
+@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
+@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
+@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
+@nix {"action":"result","fields":["about to fail"],"id":92973157056518,"type":101}
+@nix {"action":"result","fields":["\u001b[31mred\u001b[0m"],"id":92973157056518,"type":101}
+@nix {"action":"result","fields":[1,1,0,1],"id":92973157056514,"type":105}
+@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
+@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
+@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
+@nix {"action":"stop","id":92973157056518}
+@nix {"action":"stop","id":92973157056515}
+@nix {"action":"stop","id":92973157056514}
+@nix {"action":"stop","id":92973157056513}
+@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m \u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv\u001b[0m' failed with exit code 3\u001b[0m","raw_msg":"\u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv\u001b[0m' failed with exit code 3\u001b[0m"}"#;
+
+    /// An evaluation error as Nix 2.26.3 logs it (`nix eval --json
+    /// --log-format internal-json`): one message with the whole trace.
+    const NIX_2_26_EVAL_ERROR: &str = r#"@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m\n       … while evaluating the attribute '\u001b[35;1mevalfail.config.system.build.toplevel.drvPath\u001b[0m'\n         \u001b[34;1mat \u001b[35;1m/nix/store/y2z9z026vl7jgd4xiwcsi305vmbw47r2-source/flake.nix:10:5\u001b[0m:\n            9|     nixosConfigurations.good.config.system.build.toplevel = good;\n           10|     nixosConfigurations.evalfail.config.system.build.toplevel = throw \"evaluation of this host fails on purpose\";\n             |     \u001b[31;1m^\u001b[0m\n           11|   };\n\n       … while calling the '\u001b[35;1mthrow\u001b[0m' builtin\n         \u001b[34;1mat \u001b[35;1m/nix/store/y2z9z026vl7jgd4xiwcsi305vmbw47r2-source/flake.nix:10:65\u001b[0m:\n            9|     nixosConfigurations.good.config.system.build.toplevel = good;\n           10|     nixosConfigurations.evalfail.config.system.build.toplevel = throw \"evaluation of this host fails on purpose\";\n             |                                                                 \u001b[31;1m^\u001b[0m\n           11|   };\n\n       \u001b[31;1merror:\u001b[0m evaluation of this host fails on purpose","raw_msg":"evaluation of this host fails on purpose"}"#;
 
     fn parse_all(text: &str) -> Vec<LogEvent> {
         let mut parser = LogParser::new();
@@ -387,20 +424,63 @@ mod tests {
     }
 
     #[test]
-    fn nix_2_24_newer_types_and_fields_are_ignored() {
-        let events = parse_all(NIX_2_24_FAILED_BUILD);
-        assert_eq!(progress(&events), vec![(0, 1), (0, 1), (0, 1)]);
+    fn nix_2_26_progress_comes_only_from_the_builds_activity() {
+        let events = parse_all(NIX_2_26_FAILED_BUILD);
+        assert_eq!(
+            progress(&events),
+            vec![(0, 1), (0, 2), (0, 2), (1, 2), (1, 2), (1, 1)]
+        );
+    }
+
+    #[test]
+    fn nix_2_26_build_lines_and_builds_are_seen() {
+        let events = parse_all(NIX_2_26_FAILED_BUILD);
+        let lines: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::BuildLine(l) => Some(l.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lines, ["dep", "about to fail", "red"]);
+        let started: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::BuildStarted { drv_path } => Some(derivation_name(drv_path)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started, ["dep", "bad"]);
+    }
+
+    #[test]
+    fn nix_2_26_error_tail_has_the_error_and_the_log_but_no_info_messages() {
         let mut tail = ErrorTail::default();
-        for event in &events {
-            tail.observe(event);
+        for event in parse_all(NIX_2_26_FAILED_BUILD) {
+            tail.observe(&event);
+        }
+        assert_eq!(
+            tail.summary(),
+            "error: builder for '/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv' failed with exit code 3\nlast log lines:\n> dep\n> about to fail\n> red"
+        );
+    }
+
+    #[test]
+    fn nix_2_26_eval_error_keeps_its_trace_without_ansi() {
+        let mut tail = ErrorTail::default();
+        for event in parse_all(NIX_2_26_EVAL_ERROR) {
+            tail.observe(&event);
         }
         let summary = tail.summary();
+        assert!(summary.starts_with("error:\n"), "{summary}");
         assert!(
-            summary.starts_with("error: builder for '/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv' failed with exit code 3;"),
+            summary.contains(
+                "while evaluating the attribute 'evalfail.config.system.build.toplevel.drvPath'"
+            ),
             "{summary}"
         );
         assert!(
-            summary.ends_with("last log lines:\n> about to fail"),
+            summary.ends_with("error: evaluation of this host fails on purpose"),
             "{summary}"
         );
         assert!(!summary.contains('\u{1b}'));

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use homelab_deploy::nix::NixVersion;
 use homelab_deploy::protocol::{ErrorCode, Event, HostStatus, Reply};
 
 /// The binary under test.
@@ -61,16 +62,68 @@ pub fn wait_for_blocking(what: &str, timeout: Duration, mut condition: impl FnMu
 }
 
 fn require_tool(name: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
     assert!(
-        found,
+        which(name).is_some(),
         "`{name}` is not installed; run ./scripts/test, which installs it (Debian: apt-get install nats-server nix-bin)"
     );
+}
+
+/// Names the directory holding the `nix` and `nix-store` the tests run
+/// (scripts/test sets it to the private Nix 2.26); unset, the first `nix`
+/// on PATH.
+pub const NIX_BIN_VAR: &str = "HOMELAB_DEPLOY_TEST_NIX_BIN";
+
+/// PATH for every process the tests start: the selected Nix first.
+pub fn test_path() -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    match std::env::var_os(NIX_BIN_VAR) {
+        Some(dir) if !dir.is_empty() => format!("{}:{path}", Path::new(&dir).display()),
+        _ => path,
+    }
+}
+
+/// Where `program` is on the tests' PATH.
+pub fn which(program: &str) -> Option<String> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .env("PATH", test_path())
+        .output()
+        .ok()?;
+    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !path.is_empty()).then_some(path)
+}
+
+/// `nix --version` of the Nix the tests run, with its path.
+pub fn nix_version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        let Some(nix) = which("nix") else {
+            return "none on PATH".to_owned();
+        };
+        let out = Command::new(&nix).arg("--version").output().unwrap();
+        format!("{} ({nix})", String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// Says once per test (cargo shows it with a failing test's output) which
+/// Nix the test runs.
+fn announce_nix() {
+    thread_local! {
+        static ANNOUNCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !ANNOUNCED.replace(true) {
+        eprintln!("nix: {}", nix_version());
+    }
+}
+
+/// A command for `program` (`nix`, `nix-store`, ...) of the selected Nix,
+/// with the tests' PATH and `NIX_CONFIG`.
+pub fn nix_command(program: &str) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env("PATH", test_path())
+        .env("NIX_CONFIG", nix_config());
+    command
 }
 
 /// A directory that lives as long as the test process, for files every test
@@ -89,10 +142,29 @@ pub fn nix_config() -> String {
         std::fs::write(&path, r#"{"flakes":[],"version":2}"#).unwrap();
         path
     });
-    format!(
-        "substituters =\nflake-registry = {}\nsandbox = false\nwarn-dirty = false\n",
+    announce_nix();
+    // `build-users-group =`: Debian's nix-bin (2.8 and 2.26) defaults to
+    // `nixbld`, a group only nix-setup-systemd creates; the tests build as
+    // root with single-user Nix.
+    // `extra-experimental-features`: Nix 2.26 reads NIX_CONFIG before the
+    // command line's `--extra-experimental-features`, and without flakes
+    // enabled by then it ignores `flake-registry` (warning on every call).
+    // That the builder enables flakes itself is proven by its argv tests.
+    let mut config = format!(
+        "substituters =\nflake-registry = {}\nsandbox = false\nwarn-dirty = false\n\
+         build-users-group =\nextra-experimental-features = nix-command flakes\n",
         registry.display()
-    )
+    );
+    // `build-hook =` and `builders =`: the private Nix 2.26 runs through its
+    // own dynamic loader (scripts/lib/nix-versions.sh), so /proc/self/exe is
+    // the loader and Nix's build hook (`/proc/self/exe __build-remote`)
+    // cannot start; nothing here builds remotely anyway. Nix 2.8 cannot
+    // have it: it runs the empty hook command and fails ("unexpected EOF
+    // reading a line"), so it keeps its default hook, which declines.
+    if NixVersion::parse(nix_version()).is_some_and(|v| v > NixVersion::new(2, 8, 0)) {
+        config.push_str("build-hook =\nbuilders =\n");
+    }
+    config
 }
 
 // ---------------------------------------------------------------------------
@@ -612,10 +684,10 @@ impl Builder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        if let Some(prefix) = path_prefix {
-            let path = std::env::var("PATH").unwrap_or_default();
-            command.env("PATH", format!("{}:{path}", prefix.display()));
-        }
+        match path_prefix {
+            Some(prefix) => command.env("PATH", format!("{}:{}", prefix.display(), test_path())),
+            None => command.env("PATH", test_path()),
+        };
         let child = command.spawn().unwrap();
         Self {
             child: Some(child),
@@ -715,12 +787,7 @@ impl NixRecorder {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         for program in ["nix", "nix-store"] {
-            let real = Command::new("sh")
-                .args(["-c", &format!("command -v {program}")])
-                .output()
-                .unwrap();
-            let real = String::from_utf8(real.stdout).unwrap().trim().to_owned();
-            assert!(!real.is_empty(), "{program} not found");
+            let real = which(program).unwrap_or_else(|| panic!("{program} not found"));
             let script = format!(
                 // One write per line, so concurrent invocations do not interleave.
                 "#!/bin/sh\nline={program}\nfor a in \"$@\"; do line=\"$line$(printf '\\037')$a\"; done\nprintf '%s\\n' \"$line\" >> {log}\nexec {real} \"$@\"\n",
@@ -1143,6 +1210,7 @@ pub async fn run_cli(nats_url: &str, args: &[&str]) -> Output {
     let output = tokio::process::Command::new(BIN)
         .args(args)
         .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
+        .env("PATH", test_path())
         .env_remove("HOMELAB_DEPLOY_NKEY_FILE")
         .env_remove("HOMELAB_DEPLOY_CREDS_FILE")
         .stdin(Stdio::null())
