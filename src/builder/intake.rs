@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::cancel;
-use super::monitor::Monitor;
+use super::monitor::{Monitor, RunningCancel};
 use super::queue::{PushError, Queue};
 use super::replies::{Publisher, Replies};
 use super::request::{Job, Report};
@@ -303,18 +303,21 @@ impl Intake {
             Ok(CancelRequest { build_id }) => {
                 // The queue first: a job only moves from it to running,
                 // so looking in this order cannot miss one in passing.
-                let state = if let Some(job) = self.queue.remove(|job| job.build_id == build_id) {
-                    self.cancel_waiting(&job, cancel::BY_REQUEST);
-                    Some(CancelledState::Queued)
-                } else if self.monitor.cancel_running(&build_id) {
-                    Some(CancelledState::Running)
-                } else {
-                    None
-                };
-                tracing::info!(%build_id, ?state, "cancel requested");
+                let (found, state) =
+                    if let Some(job) = self.queue.remove(|job| job.build_id == build_id) {
+                        self.cancel_waiting(&job, cancel::BY_REQUEST);
+                        (true, Some(CancelledState::Queued))
+                    } else {
+                        match self.monitor.cancel_running(&build_id) {
+                            RunningCancel::Cancelled => (true, Some(CancelledState::Running)),
+                            RunningCancel::TooLate => (false, Some(CancelledState::Finishing)),
+                            RunningCancel::NotRunning => (false, None),
+                        }
+                    };
+                tracing::info!(%build_id, found, ?state, "cancel requested");
                 CancelOutcome {
                     build_id,
-                    found: state.is_some(),
+                    found,
                     state,
                     error: None,
                 }

@@ -93,6 +93,7 @@ struct Service {
     connection: Connection,
     publisher: Arc<Publisher>,
     intake: Intake,
+    monitor: Arc<Monitor>,
     subscriptions: Subscriptions,
     worker: JoinHandle<()>,
     /// Stops the metrics server and the publisher, after the last reply.
@@ -158,6 +159,8 @@ impl Service {
             Arc::clone(&config),
             Arc::clone(&monitor),
         ));
+        // Roots left by a crash go before any request runs.
+        runner.start_up().await;
         // Alive from here, not from when the task first runs: ready means
         // `/healthz` says ok.
         monitor.worker_running(true);
@@ -167,12 +170,18 @@ impl Service {
             Arc::clone(&monitor),
             shutdown.clone(),
         ));
-        let intake = Intake::new(Arc::clone(&config), Arc::clone(&publisher), queue, monitor);
+        let intake = Intake::new(
+            Arc::clone(&config),
+            Arc::clone(&publisher),
+            queue,
+            Arc::clone(&monitor),
+        );
         Ok(Self {
             config,
             connection,
             publisher,
             intake,
+            monitor,
             subscriptions,
             worker,
             background,
@@ -268,6 +277,7 @@ impl Service {
             connection,
             publisher,
             intake,
+            monitor,
             mut subscriptions,
             worker,
             background,
@@ -298,6 +308,7 @@ impl Service {
         }
         background.cancel();
         let _ = tokio::join!(http, sender);
+        let _ = tokio::task::spawn_blocking(move || monitor.flush_state()).await;
         tracing::info!("builder stopped");
     }
 }
