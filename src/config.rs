@@ -109,9 +109,14 @@ pub struct BuilderConfig {
     #[serde(default = "defaults::queue_limit")]
     pub queue_limit: usize,
     /// Wall-clock limit for a host's evaluation and, separately, its build,
-    /// e.g. `"2h"`.
+    /// e.g. `"2h"`; listing a flake's hosts gets one too.
     #[serde(default = "defaults::host_timeout", with = "humantime_serde")]
     pub host_timeout: Duration,
+    /// Wall-clock limit for fetching and pinning a flake (`nix flake
+    /// metadata`), e.g. `"10m"`: a hung fetch does not hold the queue for
+    /// a whole `host_timeout`.
+    #[serde(default = "defaults::fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
     /// How often a building host reports progress when Nix itself is quiet.
     #[serde(default = "defaults::progress_interval", with = "humantime_serde")]
     pub progress_interval: Duration,
@@ -119,13 +124,22 @@ pub struct BuilderConfig {
     /// reported as `timeout`, e.g. `"1h"`. Unset: no limit.
     #[serde(default, with = "humantime_serde")]
     pub max_silent_time: Option<Duration>,
-    /// Where successful outputs are rooted, as `<dir>/<repo>/<host>`, so the
-    /// garbage collector keeps them; without it builds use `--no-link`.
+    /// Where derivations and outputs are rooted so the garbage collector
+    /// keeps them: the default ref's results as `<dir>/<repo>/<host>`, other
+    /// refs' under `<dir>/<repo>/.refs/`, requests' own under
+    /// `<dir>/.requests/` (see `builder::roots`). Without it nothing is
+    /// rooted and builds use `--no-link`.
     pub gc_roots_dir: Option<PathBuf>,
-    /// Generations of each host's root kept in `gc_roots_dir` (the newest
-    /// included); older ones are removed so the collector can reclaim them.
+    /// Generations of each host's root kept for the repo's default ref (the
+    /// newest included); older ones are removed so the collector can
+    /// reclaim them. Builds of other refs never remove these.
     #[serde(default = "defaults::keep_roots")]
     pub keep_roots: usize,
+    /// How long the roots (and the results in `build.status`) of a ref
+    /// other than the default, or of an explicit `rev`, are kept after its
+    /// last build, e.g. `"7d"`.
+    #[serde(default = "defaults::side_roots_ttl", with = "humantime_serde")]
+    pub side_roots_ttl: Duration,
     /// Nix evaluator processes that evaluate a request's hosts ahead of the
     /// builds, in parallel. Default: half the CPUs, at least 1.
     #[serde(default = "defaults::eval_workers")]
@@ -145,14 +159,49 @@ impl Default for BuilderConfig {
         Self {
             queue_limit: defaults::queue_limit(),
             host_timeout: defaults::host_timeout(),
+            fetch_timeout: defaults::fetch_timeout(),
             progress_interval: defaults::progress_interval(),
             max_silent_time: None,
             gc_roots_dir: None,
             keep_roots: defaults::keep_roots(),
+            side_roots_ttl: defaults::side_roots_ttl(),
             eval_workers: defaults::eval_workers(),
             eval_max_memory: defaults::eval_max_memory(),
             state_file: None,
         }
+    }
+}
+
+impl BuilderConfig {
+    /// Durations are added to clocks at run time: past these bounds they
+    /// are mistakes (and would overflow), so they are refused up front.
+    fn check_bounds(&self) -> Result<(), ConfigError> {
+        const DAY: u64 = 24 * 60 * 60;
+        let timeouts: [(&'static str, Option<Duration>); 4] = [
+            ("host_timeout", Some(self.host_timeout)),
+            ("fetch_timeout", Some(self.fetch_timeout)),
+            ("progress_interval", Some(self.progress_interval)),
+            ("max_silent_time", self.max_silent_time),
+        ];
+        let bounds = timeouts
+            .into_iter()
+            .map(|(key, value)| (key, value, Duration::from_secs(7 * DAY), "7d"))
+            .chain([(
+                "side_roots_ttl",
+                Some(self.side_roots_ttl),
+                Duration::from_secs(3660 * DAY),
+                "10years",
+            )]);
+        for (key, value, limit, limit_text) in bounds {
+            if let Some(value) = value.filter(|v| *v > limit) {
+                return Err(ConfigError::TooLong {
+                    key,
+                    value: humantime::format_duration(value).to_string(),
+                    limit: limit_text,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -247,6 +296,12 @@ mod defaults {
     pub fn host_timeout() -> Duration {
         Duration::from_secs(2 * 60 * 60)
     }
+    pub fn fetch_timeout() -> Duration {
+        Duration::from_secs(10 * 60)
+    }
+    pub fn side_roots_ttl() -> Duration {
+        Duration::from_secs(7 * 24 * 60 * 60)
+    }
     pub fn progress_interval() -> Duration {
         Duration::from_secs(30)
     }
@@ -294,10 +349,18 @@ pub enum ConfigError {
     },
     #[error("[repos.{repo}] ref: {reason}")]
     BadRepoRef { repo: String, reason: String },
-    #[error("[repos.{repo}] exclude: {host:?} is not a valid host name")]
+    #[error(
+        "[repos.{repo}] exclude: {host:?} is not a host name (empty, control characters or over 128 bytes)"
+    )]
     BadExclude { repo: String, host: String },
     #[error("[builder] {key} must be greater than zero")]
     Zero { key: &'static str },
+    #[error("[builder] {key} = {value:?} is longer than the limit of {limit:?}")]
+    TooLong {
+        key: &'static str,
+        value: String,
+        limit: &'static str,
+    },
     #[error("[auth] admins: {0}")]
     BadAdminKey(#[from] crate::signing::BadPublicKey),
 }
@@ -373,6 +436,17 @@ impl Config {
                 key: "progress_interval",
             });
         }
+        if self.builder.fetch_timeout.is_zero() {
+            return Err(ConfigError::Zero {
+                key: "fetch_timeout",
+            });
+        }
+        if self.builder.side_roots_ttl.is_zero() {
+            return Err(ConfigError::Zero {
+                key: "side_roots_ttl",
+            });
+        }
+        self.builder.check_bounds()?;
         for admin in &self.auth.admins {
             crate::signing::parse_user_key(admin)?;
         }
@@ -439,7 +513,12 @@ impl RepoConfig {
             })?;
         }
         for host in &self.exclude {
-            if !is_valid_name(host) {
+            // Any attribute name may be excluded, the ones `all` could not
+            // build included; only what cannot be a name is refused.
+            if host.is_empty()
+                || host.len() > crate::protocol::MAX_NAME_BYTES
+                || host.chars().any(char::is_control)
+            {
                 return Err(ConfigError::BadExclude {
                     repo: name.to_owned(),
                     host: host.clone(),
@@ -592,8 +671,11 @@ url = "git+file:///srv/demo"
     fn refs_and_excludes_are_checked() {
         let text = format!("{MINIMAL}ref = \"a..b\"\n");
         assert!(matches!(parse(&text), Err(ConfigError::BadRepoRef { .. })));
-        let text = format!("{MINIMAL}exclude = [\"ok\", \"not ok\"]\n");
+        let text = format!("{MINIMAL}exclude = [\"ok\", \"\"]\n");
         assert!(matches!(parse(&text), Err(ConfigError::BadExclude { .. })));
+        // A host `all` cannot build may be excluded.
+        let text = format!("{MINIMAL}exclude = [\"nix-cache02.home\"]\n");
+        assert!(parse(&text).is_ok());
     }
 
     #[test]
@@ -647,6 +729,47 @@ url = "git+file:///srv/demo"
             parse(&text).unwrap().builder.max_silent_time,
             Some(Duration::from_secs(45 * 60))
         );
+    }
+
+    #[test]
+    fn durations_past_any_sensible_bound_are_refused() {
+        for (key, value) in [
+            ("host_timeout", "300000000000y"),
+            ("fetch_timeout", "8d"),
+            ("progress_interval", "30d"),
+            ("max_silent_time", "1y"),
+            ("side_roots_ttl", "300000000000y"),
+        ] {
+            let text = MINIMAL.replace(
+                "[repos.demo]",
+                &format!("[builder]\n{key} = \"{value}\"\n[repos.demo]"),
+            );
+            let err = parse(&text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::TooLong { key: k, .. } if *k == key),
+                "{key}: {err}"
+            );
+        }
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "[builder]\nhost_timeout = \"7d\"\nside_roots_ttl = \"365d\"\n[repos.demo]",
+        );
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn fetching_and_side_roots_have_their_own_limits() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.builder.fetch_timeout, Duration::from_secs(600));
+        assert_eq!(
+            config.builder.side_roots_ttl,
+            Duration::from_secs(7 * 86400)
+        );
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "[builder]\nfetch_timeout = \"0s\"\n[repos.demo]",
+        );
+        assert!(matches!(parse(&text), Err(ConfigError::Zero { .. })));
     }
 
     #[test]

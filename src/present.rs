@@ -81,11 +81,26 @@ pub fn status_report(status: &BuilderStatus) -> String {
         let width = status
             .last_results
             .iter()
-            .map(|r| r.repo.len() + r.host.len() + 1)
+            .map(|r| {
+                r.repo.len()
+                    + r.host.len()
+                    + 1
+                    + r.git_ref.as_ref().map_or(0, |g| g.len() + 3)
+                    + if r.git_ref.is_none() && r.pinned {
+                        6
+                    } else {
+                        0
+                    }
+            })
             .max()
             .unwrap_or(0);
         for result in &status.last_results {
-            let name = format!("{}/{}", result.repo, result.host);
+            let mut name = format!("{}/{}", result.repo, result.host);
+            if let Some(git_ref) = &result.git_ref {
+                name.push_str(&format!(" ({git_ref})"));
+            } else if result.pinned {
+                name.push_str(" (rev)");
+            }
             let rev = short_rev(result.rev.as_deref());
             text.push_str(&format!(
                 "  {name:<width$}  {:<9} rev {rev:<12}  {}  {}\n",
@@ -115,6 +130,18 @@ pub fn cancel_outcome(outcome: &CancelOutcome) -> (String, bool) {
         (None, Some(CancelledState::Queued)) => {
             (format!("build {id}: cancelled while queued"), false)
         }
+        (None, Some(CancelledState::Finishing)) => (
+            format!(
+                "build {id}: too late to cancel: every host was done; it ends with its own result"
+            ),
+            true,
+        ),
+        (None, Some(CancelledState::Unknown)) => (
+            format!(
+                "build {id}: not cancelled (the builder gave a state this client does not know)"
+            ),
+            true,
+        ),
         (None, None) => (
             format!(
                 "build {id}: no running or queued build has this id (already finished, or unknown)"
@@ -169,6 +196,8 @@ mod tests {
                 rev: Some("609da7ab2bec60c568928f7e8d760a36e14805b0".into()),
                 out_path: None,
                 finished_at: "2026-11-28T00:59:00Z".into(),
+                git_ref: None,
+                pinned: false,
             }],
         };
         let text = status_report(&status);

@@ -367,6 +367,12 @@ pub enum ErrorCode {
     Forbidden,
     /// The builder itself failed; see the message.
     Internal,
+    /// Target `all` resolved to no host at all (an empty
+    /// `nixosConfigurations`, or an `exclude` that covers every host).
+    NoHosts,
+    /// Hosts of `all` that cannot be built were left out (their names are
+    /// not `[A-Za-z0-9_-]+`); they are listed in `skipped`.
+    HostsSkipped,
     /// A code from a newer builder that this client does not know.
     #[serde(other)]
     Unknown,
@@ -389,6 +395,8 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::Internal => "internal",
+            Self::NoHosts => "no_hosts",
+            Self::HostsSkipped => "hosts_skipped",
             Self::Unknown => "unknown",
         }
     }
@@ -564,6 +572,14 @@ pub struct HostSummary {
     pub cached: bool,
 }
 
+/// A host of `all` that was not built, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedHost {
+    /// The attribute name as the flake has it.
+    pub host: String,
+    pub reason: String,
+}
+
 /// Every reply: a build id plus one event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
@@ -612,6 +628,10 @@ pub enum Event {
         /// for flake types without one).
         rev: Option<String>,
         hosts: Vec<String>,
+        /// Hosts of `all` that will not be built, and why; any makes the
+        /// request `failed`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        skipped: Vec<SkippedHost>,
     },
     /// A host begins (evaluation, then build).
     HostStarted {
@@ -656,7 +676,11 @@ pub enum Event {
         succeeded: usize,
         failed: usize,
         hosts: Vec<HostSummary>,
-        /// Why the request failed before any host built, or why it was cancelled.
+        /// Hosts of `all` that were not built, and why (as in `started`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        skipped: Vec<SkippedHost>,
+        /// Why the request failed before any host built, why hosts were
+        /// skipped, or why it was cancelled.
         error: Option<ErrorBody>,
         /// Hosts left out of `hosts` so the event fits the server's
         /// `max_payload` (they still count in `succeeded`/`failed`).
@@ -748,7 +772,9 @@ pub struct CancelOutcome {
     pub build_id: String,
     /// Whether a running or waiting build with this id was cancelled.
     pub found: bool,
-    /// Where it was: `running` or `queued`; `null` when not found.
+    /// Where it was: `running` or `queued`; `finishing` (with `found:
+    /// false`) when the build had already built its last host and ends with
+    /// its own result; `null` when not found.
     pub state: Option<CancelledState>,
     /// Why the request itself was invalid, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -761,6 +787,11 @@ pub struct CancelOutcome {
 pub enum CancelledState {
     Running,
     Queued,
+    /// Too late: every host was done; the build was not cancelled.
+    Finishing,
+    /// A state from a newer builder.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The reply to a `build.status` request.
@@ -841,6 +872,13 @@ pub struct LastResult {
     pub out_path: Option<String>,
     /// When the host finished (RFC 3339, UTC).
     pub finished_at: String,
+    /// The ref it was built from, for a build of a ref other than the
+    /// repo's default (absent for the default ref's results).
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// Built from a `rev` the request named (absent when not).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
 /// Formats a time as RFC 3339 in UTC, to the second.
@@ -1026,6 +1064,7 @@ mod tests {
                 failed: 200,
                 hosts: (0..200).map(host).collect(),
                 error: Some(ErrorBody::new(ErrorCode::Internal, "x".repeat(4000))),
+                skipped: Vec::new(),
                 omitted_hosts: 0,
             },
         };
@@ -1297,10 +1336,28 @@ mod tests {
             ErrorCode::Cancelled,
             ErrorCode::ShuttingDown,
             ErrorCode::Internal,
+            ErrorCode::NoHosts,
+            ErrorCode::HostsSkipped,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }
+    }
+
+    #[test]
+    fn skipped_hosts_and_late_cancels_are_additive() {
+        // An older builder's `started` has no `skipped`: it reads as none.
+        let reply: Reply = serde_json::from_str(
+            r#"{"event":"started","build_id":"1","repo":"r","target":"all","rev":null,"hosts":["a"]}"#,
+        )
+        .unwrap();
+        assert!(matches!(reply.event, Event::Started { ref skipped, .. } if skipped.is_empty()));
+        let outcome: CancelOutcome =
+            serde_json::from_str(r#"{"build_id":"1","found":false,"state":"finishing"}"#).unwrap();
+        assert_eq!(outcome.state, Some(CancelledState::Finishing));
+        let outcome: CancelOutcome =
+            serde_json::from_str(r#"{"build_id":"1","found":false,"state":"later"}"#).unwrap();
+        assert_eq!(outcome.state, Some(CancelledState::Unknown));
     }
 
     #[test]

@@ -91,7 +91,7 @@ fn every_command_line_works_on_this_nix() {
         "a fresh output must be invalid"
     );
 
-    let built = json(&run_ok(&cli.build_drv(&drv)));
+    let built = json(&run_ok(&cli.build_drv(&drv, None)));
     assert_eq!(built[0]["drvPath"], drv.as_str(), "{built}");
     assert_eq!(built[0]["outputs"]["out"], out_path.as_str(), "{built}");
 
@@ -104,6 +104,13 @@ fn every_command_line_works_on_this_nix() {
     assert_eq!(
         std::fs::canonicalize(&link).unwrap().to_str(),
         Some(out_path.as_str())
+    );
+    // The derivation file itself is rooted, not its output.
+    let drv_link = roots.path().join("ns1.drv");
+    run_ok(&cli.root_drv(&drv, drv_link.to_str().unwrap()));
+    assert_eq!(
+        std::fs::canonicalize(&drv_link).unwrap().to_str(),
+        Some(drv.as_str())
     );
 }
 
@@ -121,9 +128,9 @@ fn the_other_derivation_installable_form_is_wrong_on_this_nix() {
         format!("{drv}^*")
     };
     let wrong = Invocation {
-        program: cli.build_drv(&drv).program,
+        program: cli.build_drv(&drv, None).program,
         args: cli
-            .build_drv(&drv)
+            .build_drv(&drv, None)
             .args
             .into_iter()
             .map(|a| {
@@ -159,7 +166,7 @@ fn print_out_paths_exists_only_from_nix_2_9() {
     let (_, drv, out_path) = pin_and_eval(&cli, &flake, "ns1");
     let installable = cli.drv_outputs_installable(&drv);
     let invocation = Invocation {
-        program: cli.build_drv(&drv).program,
+        program: cli.build_drv(&drv, None).program,
         args: [
             "--extra-experimental-features",
             "nix-command flakes",

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use super::cancel::Cancellation;
 use super::request::HostFailure;
+use super::roots::RequestRoots;
 use crate::nix::NixCli;
 use crate::nix::argv::{EVAL_MARKER, is_drv_path};
 use crate::nix::log::{ErrorTail, LogEvent, LogParser};
@@ -60,12 +61,15 @@ pub(crate) struct Evaluations {
 impl Evaluations {
     /// Starts evaluating `hosts` (indexes into the request's host list) of
     /// the flake at `locked_url`; `known` are results available already.
+    /// With `roots`, each derivation is rooted there as soon as it is known,
+    /// before its host can see it.
     pub(crate) fn start(
         nix: &NixCli,
         locked_url: &str,
         hosts: &[String],
         known: Vec<Option<Evaluated>>,
         settings: &EvalSettings,
+        roots: Option<RequestRoots>,
         cancel: &Cancellation,
     ) -> Self {
         let stop = cancel.token().child_token();
@@ -75,8 +79,27 @@ impl Evaluations {
             .filter(|(i, _)| known.get(*i).is_none_or(Option::is_none))
             .map(|(i, host)| (i, host.clone()))
             .collect();
-        let (sender, incoming) = mpsc::channel(hosts.len().max(1));
+        let (sender, evaluated) = mpsc::channel(hosts.len().max(1));
+        let (rooted, incoming) = mpsc::channel(hosts.len().max(1));
+        for (index, known) in known.into_iter().enumerate().take(hosts.len()) {
+            if let Some(known) = known {
+                // One slot per host: never full.
+                let _ = sender.try_send((index, Ok(known)));
+            }
+        }
         let mut lanes = JoinSet::new();
+        lanes.spawn(
+            root_each(
+                nix.clone(),
+                hosts.to_vec(),
+                roots,
+                settings.host_timeout,
+                cancel.clone(),
+                evaluated,
+                rooted,
+            )
+            .instrument(tracing::Span::current()),
+        );
         // Round-robin in host order, so the first hosts (built first) are
         // the first evaluated in every lane.
         let workers = settings.workers.max(1).min(pending.len().max(1));
@@ -103,12 +126,7 @@ impl Evaluations {
                 .instrument(tracing::Span::current()),
             );
         }
-        let results = known
-            .into_iter()
-            .map(|r| r.map(Ok))
-            .chain(std::iter::repeat_with(|| None))
-            .take(hosts.len())
-            .collect();
+        let results = std::iter::repeat_with(|| None).take(hosts.len()).collect();
         Self {
             results,
             incoming,
@@ -150,6 +168,33 @@ impl Evaluations {
     pub(crate) async fn shutdown(mut self) {
         self.stop.cancel();
         while self.lanes.join_next().await.is_some() {}
+    }
+}
+
+/// Passes each evaluation on once its derivation is rooted (when there are
+/// roots), so no host ever holds a derivation the collector may take. A
+/// derivation that cannot be rooted is still built, with a warning.
+async fn root_each(
+    nix: NixCli,
+    hosts: Vec<String>,
+    roots: Option<RequestRoots>,
+    timeout: Duration,
+    cancel: Cancellation,
+    mut evaluated: mpsc::Receiver<(usize, HostResult)>,
+    rooted: mpsc::Sender<(usize, HostResult)>,
+) {
+    while let Some((index, result)) = evaluated.recv().await {
+        if let (Some(roots), Ok(done), Some(host)) = (&roots, &result, hosts.get(index)) {
+            let deadline = Instant::now() + timeout;
+            if let Err(err) = roots
+                .root_drv(&nix, host, &done.drv_path, deadline, &cancel)
+                .await
+            {
+                tracing::warn!(%host, error = %err.error.message, "cannot root the derivation");
+            }
+        }
+        // One slot per host: never full; closed once the request is over.
+        let _ = rooted.try_send((index, result));
     }
 }
 

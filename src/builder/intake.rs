@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::cancel;
 use super::live::{AttachError, LiveRequests};
-use super::monitor::Monitor;
+use super::monitor::{Monitor, RunningCancel};
 use super::queue::{PushError, Queue, Take};
 use super::replies::{Publisher, Replies};
 use super::request::{Job, Report, may_cancel};
@@ -440,9 +440,19 @@ impl Intake {
             }
             Take::Refused => Take::Refused,
             Take::Missing => match self.monitor.cancel_running(&build_id, allow) {
-                Take::Taken(()) => Take::Taken(CancelledState::Running),
-                Take::Refused => Take::Refused,
-                Take::Missing => Take::Missing,
+                RunningCancel::Cancelled => Take::Taken(CancelledState::Running),
+                RunningCancel::Refused => Take::Refused,
+                // Every host is done: it ends with its own result.
+                RunningCancel::TooLate => {
+                    tracing::info!(%build_id, "cancel requested too late: the build is finishing");
+                    return Ok(CancelOutcome {
+                        build_id,
+                        found: false,
+                        state: Some(CancelledState::Finishing),
+                        error: None,
+                    });
+                }
+                RunningCancel::NotRunning => Take::Missing,
             },
         };
         let signer_text = signer.as_deref().unwrap_or("-");

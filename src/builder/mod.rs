@@ -95,6 +95,7 @@ struct Service {
     connection: Connection,
     publisher: Arc<Publisher>,
     intake: Intake,
+    monitor: Arc<Monitor>,
     subscriptions: Subscriptions,
     worker: JoinHandle<()>,
     /// Stops the metrics server and the publisher, after the last reply.
@@ -168,6 +169,8 @@ impl Service {
             Arc::clone(&config),
             Arc::clone(&monitor),
         ));
+        // Roots left by a crash go before any request runs.
+        runner.start_up().await;
         let live = Arc::new(LiveRequests::default());
         let heartbeats = tokio::spawn(send_heartbeats(
             Arc::clone(&live),
@@ -188,7 +191,7 @@ impl Service {
             Arc::clone(&config),
             Arc::clone(&publisher),
             queue,
-            monitor,
+            Arc::clone(&monitor),
             live,
         );
         Ok(Self {
@@ -196,6 +199,7 @@ impl Service {
             connection,
             publisher,
             intake,
+            monitor,
             subscriptions,
             worker,
             background,
@@ -292,6 +296,7 @@ impl Service {
             connection,
             publisher,
             intake,
+            monitor,
             mut subscriptions,
             worker,
             background,
@@ -323,6 +328,7 @@ impl Service {
         }
         background.cancel();
         let _ = tokio::join!(http, sender, heartbeats);
+        let _ = tokio::task::spawn_blocking(move || monitor.flush_state()).await;
         tracing::info!("builder stopped");
     }
 }

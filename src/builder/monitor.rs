@@ -1,6 +1,15 @@
 //! What operators see: the running build, the queue, every host's last
 //! result (for `build.status`), the metrics, and health. Optionally kept in
-//! a state file so "last successful build" survives a restart.
+//! a state file so "last successful build" survives a restart; the file is
+//! written by a thread of its own, atomically (write, fsync, rename), so a
+//! slow disk never holds up the async runtime and a crash never leaves half
+//! a file.
+//!
+//! Results of the repo's default ref are kept per host for good and feed
+//! the per-host metrics; results of other refs and of explicit revs are
+//! kept per ref as well, expire with their roots (`side_roots_ttl`) and
+//! never become metric series, so no requester can grow either without
+//! bound.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +21,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::cancel::{self, Cancellation};
-use super::queue::{Queue, Take};
+use super::queue::Queue;
 use super::request::Job;
+use super::roots::Lineage;
 use crate::config::Config;
 use crate::metrics::{Exporter, Health, Metrics};
 use crate::nats::ConnectionState;
@@ -29,20 +39,40 @@ pub(crate) struct Monitor {
     queue: Arc<Queue<Job>>,
     state: Mutex<State>,
     state_file: Option<PathBuf>,
+    writer: Option<StateWriter>,
     nats: watch::Receiver<ConnectionState>,
     worker_alive: AtomicBool,
 }
 
+/// Side results kept at most, whatever their age: the oldest go first.
+const MAX_SIDE_RECORDS: usize = 4096;
+
 #[derive(Default)]
 struct State {
     running: Option<Running>,
-    hosts: BTreeMap<(String, String), HostRecord>,
+    /// By repo, host and lineage key (empty for the default ref).
+    hosts: BTreeMap<(String, String, String), HostRecord>,
 }
 
 struct Running {
     status: RunningBuild,
     since: Instant,
     cancel: Cancellation,
+    /// Every host is done: a cancel now is too late.
+    settled: bool,
+}
+
+/// What a `build.cancel` for the running build did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunningCancel {
+    /// It was stopped.
+    Cancelled,
+    /// Every host was done already; it ends with its own result.
+    TooLate,
+    /// The signer may not cancel it (see `request::may_cancel`).
+    Refused,
+    /// No running build has that id.
+    NotRunning,
 }
 
 /// What is remembered of one host (and, with `state_file`, persisted).
@@ -51,6 +81,23 @@ struct HostRecord {
     last: LastResult,
     /// Unix time of the last success, which may be older than `last`.
     last_success: Option<f64>,
+    /// The lineage key of a side ref's result (`ref-…`, `rev-…`); absent
+    /// for the default ref.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    side: Option<String>,
+    /// Unix time of `last`.
+    #[serde(default)]
+    finished: f64,
+}
+
+impl HostRecord {
+    fn key(&self) -> (String, String, String) {
+        (
+            self.last.repo.clone(),
+            self.last.host.clone(),
+            self.side.clone().unwrap_or_default(),
+        )
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,6 +127,7 @@ impl Monitor {
                 .collect(),
             queue,
             state: Mutex::new(State::default()),
+            writer: config.builder.state_file.clone().map(StateWriter::start),
             state_file: config.builder.state_file.clone(),
             nats,
             worker_alive: AtomicBool::new(false),
@@ -131,26 +179,45 @@ impl Monitor {
             },
             since: Instant::now(),
             cancel,
+            settled: false,
         });
     }
 
-    /// Cancels the running request if it is `build_id` and `allow` lets
-    /// its owner's build go.
+    /// Cancels the running request if it is `build_id`, `allow` lets its
+    /// owner's build go, and it still has hosts to finish.
     pub(crate) fn cancel_running(
         &self,
         build_id: &str,
         allow: impl FnOnce(Option<&str>) -> bool,
-    ) -> Take<()> {
+    ) -> RunningCancel {
         match &self.lock().running {
             Some(running) if running.status.build_id == build_id => {
                 if !allow(running.status.owner.as_deref()) {
-                    return Take::Refused;
+                    RunningCancel::Refused
+                } else if running.settled {
+                    RunningCancel::TooLate
+                } else {
+                    running.cancel.cancel(cancel::BY_REQUEST);
+                    RunningCancel::Cancelled
                 }
-                running.cancel.cancel(cancel::BY_REQUEST);
-                Take::Taken(())
             }
-            _ => Take::Missing,
+            _ => RunningCancel::NotRunning,
         }
+    }
+
+    /// The running request `build_id` has finished its last host: from now
+    /// on a cancel is answered as too late. Returns whether `cancel` fired
+    /// before (then the request ends cancelled, as its canceller was told).
+    pub(crate) fn settle(&self, build_id: &str, cancel: &Cancellation) -> bool {
+        let mut state = self.lock();
+        if let Some(running) = state
+            .running
+            .as_mut()
+            .filter(|r| r.status.build_id == build_id)
+        {
+            running.settled = true;
+        }
+        cancel.is_cancelled()
     }
 
     /// The running request moved on to `host`.
@@ -162,30 +229,41 @@ impl Monitor {
         }
     }
 
-    /// A host finished.
+    /// A host finished; `(git_ref, pinned, lineage)` say what it was built
+    /// from. Only the default ref's results become metric series.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn host_finished(
         &self,
         repo: &str,
         host: &str,
+        (git_ref, pinned, lineage): (Option<&str>, bool, &Lineage),
         status: HostStatus,
         duration: Duration,
         rev: Option<&str>,
         out_path: Option<&str>,
     ) {
         let now = SystemTime::now();
-        let unix = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        self.metrics
-            .host_finished(repo, host, status, duration.as_secs_f64(), unix);
+        let unix = unix_time(now);
+        let side = match lineage {
+            Lineage::Default => {
+                self.metrics
+                    .host_finished(repo, host, status, duration.as_secs_f64(), unix);
+                None
+            }
+            Lineage::Side(key) => Some(key.clone()),
+        };
         let snapshot = {
             let mut state = self.lock();
-            let key = (repo.to_owned(), host.to_owned());
+            let key = (
+                repo.to_owned(),
+                host.to_owned(),
+                side.clone().unwrap_or_default(),
+            );
             let last_success = match status {
                 HostStatus::Success => Some(unix),
                 _ => state.hosts.get(&key).and_then(|r| r.last_success),
             };
+            let is_side = side.is_some();
             state.hosts.insert(
                 key,
                 HostRecord {
@@ -196,13 +274,48 @@ impl Monitor {
                         rev: rev.map(str::to_owned),
                         out_path: out_path.map(str::to_owned),
                         finished_at: rfc3339(now),
+                        git_ref: if is_side {
+                            git_ref.map(str::to_owned)
+                        } else {
+                            None
+                        },
+                        pinned: is_side && pinned,
                     },
                     last_success,
+                    side,
+                    finished: unix,
                 },
             );
+            if is_side {
+                bound_side_records(&mut state.hosts);
+            }
             state.hosts.values().cloned().collect::<Vec<_>>()
         };
         self.save(snapshot);
+    }
+
+    /// Forgets side results older than `ttl` (their roots go with them).
+    pub(crate) fn expire_side_results(&self, ttl: Duration) {
+        let horizon = unix_time(SystemTime::now()) - ttl.as_secs_f64();
+        let snapshot = {
+            let mut state = self.lock();
+            let before = state.hosts.len();
+            state
+                .hosts
+                .retain(|_, record| record.side.is_none() || record.finished > horizon);
+            if state.hosts.len() == before {
+                return;
+            }
+            state.hosts.values().cloned().collect::<Vec<_>>()
+        };
+        self.save(snapshot);
+    }
+
+    /// Waits until the state file holds everything saved so far.
+    pub(crate) fn flush_state(&self) {
+        if let Some(writer) = &self.writer {
+            writer.flush();
+        }
     }
 
     /// A request finished (ran, or was cancelled while it waited).
@@ -269,37 +382,130 @@ impl Monitor {
             if !config.repos.contains_key(&record.last.repo) {
                 continue;
             }
-            if let Some(unix) = record.last_success {
+            if let (Some(unix), None) = (record.last_success, &record.side) {
                 self.metrics
                     .host_last_success
                     .with_label_values(&[&record.last.repo, &record.last.host])
                     .set(unix);
             }
-            state
-                .hosts
-                .insert((record.last.repo.clone(), record.last.host.clone()), record);
+            state.hosts.insert(record.key(), record);
         }
+        bound_side_records(&mut state.hosts);
         tracing::info!(hosts = state.hosts.len(), path = %path.display(), "restored host results");
     }
 
     fn save(&self, hosts: Vec<HostRecord>) {
-        let Some(path) = &self.state_file else {
-            return;
-        };
-        if let Err(err) = write_atomically(path, &StateFile { version: 1, hosts }) {
-            tracing::warn!(path = %path.display(), %err, "cannot write the state file");
+        if let Some(writer) = &self.writer {
+            writer.save(hosts);
         }
     }
 }
 
+fn unix_time(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// Drops the oldest side results beyond [`MAX_SIDE_RECORDS`].
+fn bound_side_records(hosts: &mut BTreeMap<(String, String, String), HostRecord>) {
+    let mut sides: Vec<(f64, (String, String, String))> = hosts
+        .iter()
+        .filter(|(_, record)| record.side.is_some())
+        .map(|(key, record)| (record.finished, key.clone()))
+        .collect();
+    if sides.len() <= MAX_SIDE_RECORDS {
+        return;
+    }
+    sides.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let excess = sides.len() - MAX_SIDE_RECORDS;
+    for (_, key) in sides.into_iter().take(excess) {
+        hosts.remove(&key);
+    }
+}
+
+/// What the state file's thread is asked to do.
+enum WriterMessage {
+    Save(Vec<HostRecord>),
+    /// Answer once everything before is written.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// The thread that writes the state file: only the newest snapshot waiting
+/// is written, so a burst of results costs one write.
+struct StateWriter {
+    sender: Mutex<std::sync::mpsc::Sender<WriterMessage>>,
+}
+
+impl StateWriter {
+    fn start(path: PathBuf) -> Self {
+        let (sender, receiver) = std::sync::mpsc::channel::<WriterMessage>();
+        let spawned = std::thread::Builder::new()
+            .name("state-file".to_owned())
+            .spawn(move || {
+                while let Ok(message) = receiver.recv() {
+                    let mut newest = None;
+                    let mut waiting = Vec::new();
+                    for message in std::iter::once(message).chain(receiver.try_iter()) {
+                        match message {
+                            WriterMessage::Save(hosts) => newest = Some(hosts),
+                            WriterMessage::Flush(done) => waiting.push(done),
+                        }
+                    }
+                    if let Some(hosts) = newest {
+                        let state = StateFile { version: 1, hosts };
+                        if let Err(err) = write_atomically(&path, &state) {
+                            tracing::warn!(path = %path.display(), %err, "cannot write the state file");
+                        }
+                    }
+                    for done in waiting {
+                        let _ = done.send(());
+                    }
+                }
+            });
+        if let Err(err) = &spawned {
+            tracing::warn!(%err, "cannot start the state file's writer; results are not kept");
+        }
+        Self {
+            sender: Mutex::new(sender),
+        }
+    }
+
+    fn save(&self, hosts: Vec<HostRecord>) {
+        let _ = crate::sync::lock(&self.sender).send(WriterMessage::Save(hosts));
+    }
+
+    fn flush(&self) {
+        let (done, wait) = std::sync::mpsc::channel();
+        if crate::sync::lock(&self.sender)
+            .send(WriterMessage::Flush(done))
+            .is_ok()
+        {
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Writes `state` to a temporary file beside `path`, syncs it, renames it
+/// over `path` and syncs the directory: after a crash the file is the old
+/// one or the new one, never a mix.
 fn write_atomically(path: &Path, state: &StateFile) -> std::io::Result<()> {
+    use std::io::Write;
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp");
-    if let Some(dir) = path.parent() {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = dir {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl Exporter for Monitor {
@@ -350,12 +556,64 @@ mod tests {
                     rev: None,
                     out_path: None,
                     finished_at: "2026-11-28T00:00:00Z".to_owned(),
+                    git_ref: None,
+                    pinned: false,
                 },
                 last_success: Some(unix),
+                side: None,
+                finished: unix,
             };
             let bytes = serde_json::to_vec(&StateFile { version: 1, hosts: vec![record] }).unwrap();
             let restored: StateFile = serde_json::from_slice(&bytes).unwrap();
             prop_assert_eq!(restored.hosts[0].last_success, Some(unix));
         }
+    }
+
+    fn side_record(host: &str, finished: f64) -> HostRecord {
+        HostRecord {
+            last: LastResult {
+                repo: "homelab".to_owned(),
+                host: host.to_owned(),
+                status: HostStatus::Success,
+                rev: None,
+                out_path: None,
+                finished_at: "2026-11-28T00:00:00Z".to_owned(),
+                git_ref: Some("flake-update/x".to_owned()),
+                pinned: false,
+            },
+            last_success: Some(finished),
+            side: Some("ref-flake-update%2Fx".to_owned()),
+            finished,
+        }
+    }
+
+    #[test]
+    fn side_results_are_bounded_oldest_first() {
+        let mut hosts = BTreeMap::new();
+        for i in 0..MAX_SIDE_RECORDS + 10 {
+            let record = side_record(&format!("h{i}"), i as f64);
+            hosts.insert(record.key(), record);
+        }
+        bound_side_records(&mut hosts);
+        assert_eq!(hosts.len(), MAX_SIDE_RECORDS);
+        assert!(hosts.values().all(|r| r.finished >= 10.0));
+    }
+
+    #[test]
+    fn state_files_are_replaced_whole_and_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let writer = StateWriter::start(path.clone());
+        for i in 0..50 {
+            writer.save(vec![side_record("ns1", f64::from(i))]);
+        }
+        writer.flush();
+        let stored: StateFile = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(stored.hosts[0].finished, 49.0);
+        assert!(!path.with_extension("tmp").exists());
+        // An old state file (no side, no finished) still reads.
+        let old = br#"{"version":1,"hosts":[{"last":{"repo":"r","host":"h","status":"success","rev":null,"out_path":null,"finished_at":"2026-11-28T00:00:00Z"},"last_success":1.0}]}"#;
+        let stored: StateFile = serde_json::from_slice(old).unwrap();
+        assert!(stored.hosts[0].side.is_none());
     }
 }

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::nats::{Connection, ConnectionState};
 use crate::protocol::{Event, Reply};
-use crate::signing::Signer;
 use crate::redact::redact;
+use crate::signing::Signer;
 use crate::sync::lock;
 
 /// How long the outbox waits after a reconnection before it drains.

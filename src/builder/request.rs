@@ -6,7 +6,9 @@
 use std::time::{Duration, SystemTime};
 
 use super::replies::Replies;
-use crate::protocol::{BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, Target};
+use crate::protocol::{
+    BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, SkippedHost, Target,
+};
 
 /// A request that passed validation and waits for its turn.
 #[derive(Debug)]
@@ -46,8 +48,10 @@ impl Job {
             status: report.status,
             duration_ms: millis(report.duration),
             succeeded,
-            failed: report.hosts.len() - succeeded,
+            // Skipped hosts did not succeed either.
+            failed: report.hosts.len() - succeeded + report.skipped.len(),
             hosts: report.hosts,
+            skipped: report.skipped,
             error: report.error,
             omitted_hosts: 0,
         }
@@ -69,6 +73,8 @@ pub(crate) struct Report {
     pub(crate) hosts: Vec<HostSummary>,
     pub(crate) error: Option<ErrorBody>,
     pub(crate) duration: Duration,
+    /// Hosts of `all` that were not built.
+    pub(crate) skipped: Vec<SkippedHost>,
 }
 
 impl Report {
@@ -80,6 +86,7 @@ impl Report {
             hosts: Vec::new(),
             error: Some(error),
             duration: Duration::ZERO,
+            skipped: Vec::new(),
         }
     }
 }

@@ -1,25 +1,79 @@
-//! Garbage-collector roots for built hosts, kept like Nix profiles:
-//! `<dir>/<repo>/<host>` points at the newest `<host>-<n>-link`, which
-//! points into the store. Each success that changes a host's output adds a
-//! generation and swaps `<host>` over atomically; only the newest
-//! `keep_roots` generations are kept, so the binary cache on the build host
-//! keeps serving what was built without the store growing forever.
+//! Garbage-collector roots: what the builder evaluated and built stays in
+//! the store (and the binary cache on the build host keeps serving it).
+//!
+//! The layout of `gc_roots_dir` (README "GC roots" describes it too):
+//!
+//! ```text
+//! <dir>/<repo>/<host>                 -> <host>-<n>-link (the newest)
+//! <dir>/<repo>/<host>-<n>-link        -> /nix/store/…   default ref, keep_roots generations
+//! <dir>/<repo>/.refs/<key>/<host>     -> <host>-<n>-link
+//! <dir>/<repo>/.refs/<key>/<host>-<n>-link -> /nix/store/…   other refs and revs: the latest
+//! <dir>/<repo>/.refs/<key>/.last-build                         its mtime: when it last built
+//! <dir>/.requests/<build_id>/<host>.drv  -> /nix/store/….drv  while the request runs
+//! <dir>/.requests/<build_id>/<host>      -> /nix/store/…      the output, from the moment it exists
+//! <dir>/.requests/<build_id>/.source     -> /nix/store/…-source
+//! ```
+//!
+//! `<key>` is `ref-<ref>` (each `/` written `%2F`) or `rev-<commit>`. Repo
+//! and host names are `[A-Za-z0-9_-]+`, so no name collides with the dotted
+//! entries. Every link is an indirect root (`nix build --out-link`), so the
+//! builder needs no write access to `/nix/var/nix/gcroots`.
+//!
+//! The default ref's generations are like Nix profiles: each success that
+//! changes a host's output adds one and swaps `<host>` over atomically;
+//! only the newest `keep_roots` are kept, and nothing else ever removes
+//! them. A side ref keeps one generation per host, and its whole directory
+//! goes `side_roots_ttl` after its last build. A request's own directory
+//! holds its derivations and outputs until it ends; the builder removes it
+//! then, and removes any left over by a crash when it starts.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use super::cancel::Cancellation;
 use super::request::HostFailure;
 use crate::nix::NixCli;
+use crate::nix::argv::Invocation;
 use crate::nix::process::{self, Outcome};
 use crate::protocol::{ErrorCode, random_hex};
+
+/// Where side roots live inside a repo's directory.
+const SIDE_DIR: &str = ".refs";
+/// Where requests keep their temporary roots.
+const REQUESTS_DIR: &str = ".requests";
+/// The file whose mtime says when a side ref last built.
+const LAST_BUILD: &str = ".last-build";
 
 /// Where and how many roots are kept.
 #[derive(Debug, Clone)]
 pub(crate) struct GcRoots {
     pub(crate) dir: PathBuf,
     pub(crate) keep: usize,
+    pub(crate) side_ttl: Duration,
+}
+
+/// Which line of roots a request's results join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lineage {
+    /// The repo's default ref without a `rev`: the deployable history.
+    Default,
+    /// Any other ref, or an explicit `rev`: the directory name under `.refs`.
+    Side(String),
+}
+
+impl Lineage {
+    /// The lineage of a request for `git_ref`/`rev` in a repo whose default
+    /// ref is `default_ref`.
+    pub(crate) fn of(git_ref: Option<&str>, rev: Option<&str>, default_ref: Option<&str>) -> Self {
+        match (git_ref, rev) {
+            (_, Some(rev)) => Self::Side(format!("rev-{rev}")),
+            (git_ref, None) if git_ref == default_ref => Self::Default,
+            (Some(git_ref), None) => Self::Side(format!("ref-{}", git_ref.replace('/', "%2F"))),
+            (None, None) => Self::Default,
+        }
+    }
 }
 
 fn failure(what: &str, path: &Path, err: impl std::fmt::Display) -> HostFailure {
@@ -38,39 +92,119 @@ fn generation(name: &str, host: &str) -> Option<u64> {
         .ok()
 }
 
+/// Runs a Nix command that adds a root at `link`.
+async fn add_root(
+    invocation: &Invocation,
+    link: &Path,
+    deadline: Instant,
+    cancel: &Cancellation,
+) -> Result<(), HostFailure> {
+    let outcome = process::run(invocation, deadline, cancel.token(), &mut |_: &str| {}).await;
+    match outcome {
+        Ok(Outcome::Exited { status, .. }) if status.success() => Ok(()),
+        Ok(Outcome::Cancelled) => Err(HostFailure::cancelled(cancel.reason())),
+        Ok(other) => Err(failure("add", link, format!("nix ended with {other:?}"))),
+        Err(err) => Err(failure("add", link, err)),
+    }
+}
+
 impl GcRoots {
-    /// Roots `out_path` as the newest generation of `repo`/`host`.
+    fn requests_dir(&self) -> PathBuf {
+        self.dir.join(REQUESTS_DIR)
+    }
+
+    /// A fresh directory for the temporary roots of request `build_id`.
+    pub(crate) fn request(&self, build_id: &str) -> Result<RequestRoots, HostFailure> {
+        let dir = self.requests_dir().join(build_id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|err| failure("create the directory of", &dir, err))?;
+        Ok(RequestRoots { dir })
+    }
+
+    /// Removes the temporary roots of requests that did not end (a crash).
+    pub(crate) fn sweep_requests(&self) {
+        let dir = self.requests_dir();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    tracing::info!(path = %entry.path().display(), "removing the roots of a request that did not end");
+                    remove_tree(&entry.path());
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!(path = %dir.display(), %err, "cannot list request roots"),
+        }
+    }
+
+    /// Removes side roots whose last build is older than `side_roots_ttl`;
+    /// returns the `(repo, key)` of each.
+    pub(crate) fn expire_side_roots(&self) -> Vec<(String, String)> {
+        let mut expired = Vec::new();
+        let Ok(repos) = std::fs::read_dir(&self.dir) else {
+            return expired;
+        };
+        let now = SystemTime::now();
+        for repo in repos.flatten() {
+            let repo_name = repo.file_name().to_string_lossy().into_owned();
+            if repo_name.starts_with('.') {
+                continue;
+            }
+            let Ok(sides) = std::fs::read_dir(repo.path().join(SIDE_DIR)) else {
+                continue;
+            };
+            for side in sides.flatten() {
+                let stamp = side.path().join(LAST_BUILD);
+                let last = std::fs::metadata(&stamp)
+                    .and_then(|m| m.modified())
+                    .or_else(|_| side.metadata().and_then(|m| m.modified()));
+                let age = last.ok().and_then(|t| now.duration_since(t).ok());
+                if age.is_some_and(|age| age >= self.side_ttl) {
+                    let key = side.file_name().to_string_lossy().into_owned();
+                    tracing::info!(repo = %repo_name, %key, "side roots expired");
+                    remove_tree(&side.path());
+                    expired.push((repo_name.clone(), key));
+                }
+            }
+        }
+        expired
+    }
+
+    /// Roots `out_path` as the newest generation of `repo`/`host` in
+    /// `lineage`. The output is rooted already (by the request), so there
+    /// is no window in which the collector could take it.
     pub(crate) async fn record(
         &self,
         nix: &NixCli,
-        repo: &str,
+        (repo, lineage): (&str, &Lineage),
         host: &str,
         out_path: &str,
         deadline: Instant,
         cancel: &Cancellation,
     ) -> Result<(), HostFailure> {
-        let dir = self.dir.join(repo);
+        let (dir, keep) = match lineage {
+            Lineage::Default => (self.dir.join(repo), self.keep.max(1)),
+            Lineage::Side(key) => (self.dir.join(repo).join(SIDE_DIR).join(key), 1),
+        };
         std::fs::create_dir_all(&dir)
             .map_err(|err| failure("create the directory of", &dir, err))?;
+        if let Lineage::Side(_) = lineage {
+            // Written on every build, whether the output changed or not:
+            // the TTL counts from here.
+            let stamp = dir.join(LAST_BUILD);
+            std::fs::write(&stamp, b"").map_err(|err| failure("stamp", &stamp, err))?;
+        }
         let current = dir.join(host);
         if std::fs::canonicalize(&current).is_ok_and(|target| target == Path::new(out_path)) {
             return Ok(()); // unchanged output: already rooted
         }
 
-        let mut generations = self.generations(&dir, host)?;
+        let mut generations = generations(&dir, host)?;
         let next = generations.last().map_or(1, |(n, _)| n + 1);
         let link = dir.join(format!("{host}-{next}-link"));
         let link_str = link.to_string_lossy().into_owned();
         // `nix build --out-link` on a valid path creates the link and
         // registers it with the daemon as an (indirect) root.
-        let invocation = nix.add_root(out_path, &link_str);
-        let outcome = process::run(&invocation, deadline, cancel.token(), &mut |_: &str| {}).await;
-        match outcome {
-            Ok(Outcome::Exited { status, .. }) if status.success() => {}
-            Ok(Outcome::Cancelled) => return Err(HostFailure::cancelled(cancel.reason())),
-            Ok(other) => return Err(failure("add", &link, format!("nix ended with {other:?}"))),
-            Err(err) => return Err(failure("add", &link, err)),
-        }
+        add_root(&nix.add_root(out_path, &link_str), &link, deadline, cancel).await?;
 
         // Swap `<host>` to the new generation atomically (rename over it).
         let temporary = dir.join(format!(".{host}.{}", random_hex::<4>()));
@@ -82,7 +216,7 @@ impl GcRoots {
         })?;
 
         generations.push((next, link));
-        let excess = generations.len().saturating_sub(self.keep.max(1));
+        let excess = generations.len().saturating_sub(keep);
         for (_, old) in generations.drain(..excess) {
             if let Err(err) = std::fs::remove_file(&old) {
                 tracing::warn!(path = %old.display(), %err, "cannot remove an old GC root");
@@ -90,19 +224,73 @@ impl GcRoots {
         }
         Ok(())
     }
+}
 
-    /// Existing generations of `host` in `dir`, oldest first.
-    fn generations(&self, dir: &Path, host: &str) -> Result<Vec<(u64, PathBuf)>, HostFailure> {
-        let entries = std::fs::read_dir(dir).map_err(|err| failure("list", dir, err))?;
-        let mut generations: Vec<(u64, PathBuf)> = entries
-            .flatten()
-            .filter_map(|entry| {
-                let name = entry.file_name();
-                generation(&name.to_string_lossy(), host).map(|n| (n, entry.path()))
-            })
-            .collect();
-        generations.sort();
-        Ok(generations)
+/// Existing generations of `host` in `dir`, oldest first.
+fn generations(dir: &Path, host: &str) -> Result<Vec<(u64, PathBuf)>, HostFailure> {
+    let entries = std::fs::read_dir(dir).map_err(|err| failure("list", dir, err))?;
+    let mut generations: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            generation(&name.to_string_lossy(), host).map(|n| (n, entry.path()))
+        })
+        .collect();
+    generations.sort();
+    Ok(generations)
+}
+
+fn remove_tree(path: &Path) {
+    if let Err(err) = std::fs::remove_dir_all(path) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), %err, "cannot remove GC roots");
+        }
+    }
+}
+
+/// The temporary roots of one request: its derivations, its outputs and
+/// its source, from the moment each is known until the request ends.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestRoots {
+    dir: PathBuf,
+}
+
+impl RequestRoots {
+    /// Where `host`'s output is built to.
+    pub(crate) fn out_link(&self, host: &str) -> String {
+        self.dir.join(host).to_string_lossy().into_owned()
+    }
+
+    /// Roots `host`'s derivation file.
+    pub(crate) async fn root_drv(
+        &self,
+        nix: &NixCli,
+        host: &str,
+        drv_path: &str,
+        deadline: Instant,
+        cancel: &Cancellation,
+    ) -> Result<(), HostFailure> {
+        let link = self.dir.join(format!("{host}.drv"));
+        let invocation = nix.root_drv(drv_path, &link.to_string_lossy());
+        add_root(&invocation, &link, deadline, cancel).await
+    }
+
+    /// Roots the fetched source of the flake.
+    pub(crate) async fn root_source(
+        &self,
+        nix: &NixCli,
+        path: &str,
+        deadline: Instant,
+        cancel: &Cancellation,
+    ) -> Result<(), HostFailure> {
+        let link = self.dir.join(".source");
+        let invocation = nix.add_root(path, &link.to_string_lossy());
+        add_root(&invocation, &link, deadline, cancel).await
+    }
+
+    /// Drops every temporary root of the request.
+    pub(crate) fn remove(&self) {
+        remove_tree(&self.dir);
     }
 }
 
@@ -118,5 +306,86 @@ mod tests {
         assert_eq!(generation("ns1-3-link", "ns"), None, "ns is not ns1");
         assert_eq!(generation("ns1-x-link", "ns1"), None);
         assert_eq!(generation("ns1-3-link.tmp", "ns1"), None);
+    }
+
+    #[test]
+    fn the_default_ref_without_a_rev_is_the_default_lineage() {
+        assert_eq!(
+            Lineage::of(Some("master"), None, Some("master")),
+            Lineage::Default
+        );
+        assert_eq!(Lineage::of(None, None, None), Lineage::Default);
+        assert_eq!(
+            Lineage::of(Some("flake-update/2026-11-28"), None, Some("master")),
+            Lineage::Side("ref-flake-update%2F2026-11-28".into())
+        );
+        // Naming the remote's default branch is still a side ref: the
+        // builder cannot know which branch that is.
+        assert_eq!(
+            Lineage::of(Some("master"), None, None),
+            Lineage::Side("ref-master".into())
+        );
+        let rev = "609da7ab2bec60c568928f7e8d760a36e14805b0";
+        assert_eq!(
+            Lineage::of(Some("master"), Some(rev), Some("master")),
+            Lineage::Side(format!("rev-{rev}"))
+        );
+    }
+
+    #[test]
+    fn side_keys_are_single_path_components() {
+        for git_ref in ["a/b/c", "refs/tags/v1.0", "x_y-z.1"] {
+            let Lineage::Side(key) = Lineage::of(Some(git_ref), None, Some("master")) else {
+                panic!("{git_ref} is not a side ref");
+            };
+            assert!(!key.contains('/') && !key.starts_with('.'), "{key}");
+        }
+    }
+
+    #[test]
+    fn expired_side_roots_go_and_fresh_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = GcRoots {
+            dir: dir.path().to_owned(),
+            keep: 3,
+            side_ttl: Duration::from_secs(3600),
+        };
+        let old = dir.path().join("homelab/.refs/ref-old");
+        let fresh = dir.path().join("homelab/.refs/ref-fresh");
+        for side in [&old, &fresh] {
+            std::fs::create_dir_all(side).unwrap();
+            std::fs::write(side.join(LAST_BUILD), b"").unwrap();
+        }
+        let long_ago = SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(old.join(LAST_BUILD))
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        assert_eq!(
+            roots.expire_side_roots(),
+            [("homelab".to_owned(), "ref-old".to_owned())]
+        );
+        assert!(!old.exists() && fresh.exists());
+    }
+
+    #[test]
+    fn requests_left_by_a_crash_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = GcRoots {
+            dir: dir.path().to_owned(),
+            keep: 3,
+            side_ttl: Duration::from_secs(60),
+        };
+        let request = roots.request("0123456789abcdef").unwrap();
+        std::os::unix::fs::symlink("/nix/store/x", request.out_link("ns1")).unwrap();
+        roots.sweep_requests();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(REQUESTS_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

@@ -12,16 +12,17 @@ use super::cancel::Cancellation;
 use super::eval::{EvalSettings, Evaluated, Evaluations};
 use super::monitor::Monitor;
 use super::request::{HostFailure, Job, Report, millis};
-use super::roots::GcRoots;
+use super::roots::{GcRoots, Lineage, RequestRoots};
 use super::watch::HostWatch;
 use crate::config::{Config, RepoConfig};
 use crate::nix::NixCli;
-use crate::nix::argv::{Invocation, flake_url_with_ref};
+use crate::nix::argv::{Invocation, Locked, evaluation_url, flake_fetch_urls};
 use crate::nix::json::{FlakeMetadata, host_names, out_path_from_build_json};
 use crate::nix::log::{ErrorTail, LogParser};
 use crate::nix::process::{self, Outcome};
 use crate::protocol::{
-    BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, Target, is_valid_name,
+    BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, SkippedHost, Target,
+    is_valid_name,
 };
 use crate::sync::lock;
 
@@ -35,9 +36,10 @@ pub(crate) struct Runner {
     memo: Mutex<Memo>,
 }
 
-/// Evaluation results by locked flake URL. A locked URL pins every input,
-/// so the same URL always evaluates to the same derivations: an unchanged
-/// flake is not evaluated twice.
+/// Evaluation results by the fetched source's `narHash` (and the repo's
+/// URL). The hash covers every file, `flake.lock` included, so the same key
+/// always evaluates to the same derivations: an unchanged flake is not
+/// evaluated twice. A source without a `narHash` is never remembered.
 #[derive(Default)]
 struct Memo {
     hosts: HashMap<String, Vec<String>>,
@@ -58,9 +60,11 @@ impl Memo {
 
 /// A flake fetched and pinned to one commit.
 struct Pinned {
-    /// The locked flake URL every host of the request is built from.
+    /// The locked flake URL every host of the request is evaluated from.
     locked_url: String,
     rev: Option<String>,
+    /// What evaluations of this source are remembered by, if anything.
+    memo_key: Option<String>,
 }
 
 /// A host that built (or was found built).
@@ -70,10 +74,12 @@ struct Built {
 }
 
 /// One request on its way through [`Runner::run`]: the job, its
-/// cancellation, and the pinned flake once known.
+/// cancellation, which roots its results join and its temporary roots.
 struct Run<'a> {
     job: &'a Job,
     cancel: &'a Cancellation,
+    lineage: Lineage,
+    roots: Option<RequestRoots>,
 }
 
 impl Runner {
@@ -82,6 +88,7 @@ impl Runner {
         let roots = config.builder.gc_roots_dir.clone().map(|dir| GcRoots {
             dir,
             keep: config.builder.keep_roots,
+            side_ttl: config.builder.side_roots_ttl,
         });
         Self {
             nix,
@@ -90,6 +97,25 @@ impl Runner {
             roots,
             memo: Mutex::new(Memo::default()),
         }
+    }
+
+    /// Cleans up after a previous run of the builder: removes the
+    /// temporary roots of requests a crash left behind and expired side
+    /// roots (with their results).
+    pub(crate) async fn start_up(&self) {
+        if let Some(roots) = self.roots.clone() {
+            let _ = tokio::task::spawn_blocking(move || roots.sweep_requests()).await;
+        }
+        self.expire_side_roots().await;
+    }
+
+    /// Removes side roots and side results past `side_roots_ttl`.
+    async fn expire_side_roots(&self) {
+        if let Some(roots) = self.roots.clone() {
+            let _ = tokio::task::spawn_blocking(move || roots.expire_side_roots()).await;
+        }
+        self.monitor
+            .expire_side_results(self.config.builder.side_roots_ttl);
     }
 
     /// Runs `job` to its end, sending every event but `finished`, which the
@@ -103,7 +129,34 @@ impl Runner {
             target = %job.target
         );
         async {
-            let report = self.execute(&Run { job, cancel }).await;
+            let default_ref = self
+                .config
+                .repos
+                .get(&job.repo)
+                .and_then(|repo| repo.git_ref.as_deref());
+            let lineage = Lineage::of(job.git_ref.as_deref(), job.rev.as_deref(), default_ref);
+            let roots = match self
+                .roots
+                .as_ref()
+                .map(|r| r.request(&job.build_id))
+                .transpose()
+            {
+                Ok(roots) => roots,
+                Err(failure) => {
+                    return Report::ended_early(failure.build_status(), failure.error);
+                }
+            };
+            let run = Run {
+                job,
+                cancel,
+                lineage,
+                roots,
+            };
+            let report = self.execute(&run).await;
+            if let Some(roots) = run.roots {
+                let _ = tokio::task::spawn_blocking(move || roots.remove()).await;
+            }
+            self.expire_side_roots().await;
             tracing::info!(
                 status = %report.status,
                 duration_ms = millis(report.duration),
@@ -116,7 +169,7 @@ impl Runner {
     }
 
     async fn execute(&self, run: &Run<'_>) -> Report {
-        let Run { job, cancel } = *run;
+        let Run { job, cancel, .. } = *run;
         let started = Instant::now();
         let report = |status, rev, hosts, error| Report {
             status,
@@ -124,6 +177,7 @@ impl Runner {
             hosts,
             error,
             duration: started.elapsed(),
+            skipped: Vec::new(),
         };
         let early = |failure: HostFailure, rev| {
             report(failure.build_status(), rev, Vec::new(), Some(failure.error))
@@ -133,16 +187,15 @@ impl Runner {
             let error = ErrorBody::new(ErrorCode::UnknownRepo, "repo vanished from the config");
             return report(BuildStatus::Failed, None, Vec::new(), Some(error));
         };
-        let deadline = started + self.config.builder.host_timeout;
-
-        let pinned = match self.pin(repo, run, deadline).await {
+        let pinned = match self.pin(repo, run).await {
             Ok(pinned) => pinned,
             Err(failure) => return early(failure, None),
         };
         tracing::info!(rev = pinned.rev.as_deref().unwrap_or("-"), "flake pinned");
 
-        let hosts = match self.resolve_hosts(repo, run, &pinned, deadline).await {
-            Ok(hosts) => hosts,
+        let deadline = Instant::now() + self.config.builder.host_timeout;
+        let (hosts, skipped) = match self.resolve_hosts(repo, run, &pinned, deadline).await {
+            Ok(resolved) => resolved,
             Err(failure) => return early(failure, pinned.rev),
         };
 
@@ -153,6 +206,7 @@ impl Runner {
                 target: job.target.to_string(),
                 rev: pinned.rev.clone(),
                 hosts: hosts.clone(),
+                skipped: skipped.clone(),
             },
         );
 
@@ -161,8 +215,9 @@ impl Runner {
             hosts
                 .iter()
                 .map(|host| {
+                    let key = pinned.memo_key.clone()?;
                     memo.evaluated
-                        .get(&(pinned.locked_url.clone(), host.clone()))
+                        .get(&(key, host.clone()))
                         .filter(|e| std::path::Path::new(&e.drv_path).exists())
                         .cloned()
                 })
@@ -179,6 +234,7 @@ impl Runner {
             &hosts,
             known,
             &settings,
+            run.roots.clone(),
             cancel,
         );
 
@@ -202,55 +258,107 @@ impl Runner {
         }
         evaluations.shutdown().await;
 
-        // A cancel that came after the last host finished changes nothing.
-        let status = if summaries.iter().any(|h| h.status == HostStatus::Cancelled) {
+        // From here a `build.cancel` is answered as too late and changes
+        // nothing; one that came before is honoured, even if every host
+        // finished meanwhile: its requester was told it was cancelled.
+        let cancelled = self.monitor.settle(&job.build_id, cancel);
+        let status = if cancelled || summaries.iter().any(|h| h.status == HostStatus::Cancelled) {
             BuildStatus::Cancelled
-        } else if summaries.iter().all(|h| h.status == HostStatus::Success) {
+        } else if summaries.iter().all(|h| h.status == HostStatus::Success) && skipped.is_empty() {
             BuildStatus::Success
         } else {
             BuildStatus::Failed
         };
-        let error = (status == BuildStatus::Cancelled)
-            .then(|| ErrorBody::new(ErrorCode::Cancelled, cancel.reason()));
-        report(status, pinned.rev, summaries, error)
+        let error = match status {
+            BuildStatus::Cancelled => Some(ErrorBody::new(ErrorCode::Cancelled, cancel.reason())),
+            _ if !skipped.is_empty() => Some(skipped_error(&skipped)),
+            _ => None,
+        };
+        let mut report = report(status, pinned.rev, summaries, error);
+        report.skipped = skipped;
+        report
     }
 
-    /// Fetches the flake (bypassing Nix's fetch cache) and pins its commit.
-    async fn pin(
-        &self,
-        repo: &RepoConfig,
-        run: &Run<'_>,
-        deadline: Instant,
-    ) -> Result<Pinned, HostFailure> {
+    /// Fetches the flake (bypassing Nix's fetch cache) and pins its commit,
+    /// within `fetch_timeout`. A git ref that is not a branch is tried as a
+    /// tag.
+    async fn pin(&self, repo: &RepoConfig, run: &Run<'_>) -> Result<Pinned, HostFailure> {
         let job = run.job;
-        let url = flake_url_with_ref(&repo.url, job.git_ref.as_deref(), job.rev.as_deref());
-        let invocation = self.nix.flake_metadata(&url);
-        let stdout = self
-            .run_quiet(&invocation, deadline, run.cancel, ErrorCode::FetchFailed)
-            .await?;
+        let deadline = Instant::now() + self.config.builder.fetch_timeout;
+        let mut first_failure = None;
+        let mut stdout = None;
+        for url in flake_fetch_urls(&repo.url, job.git_ref.as_deref(), job.rev.as_deref()) {
+            let invocation = self.nix.flake_metadata(&url);
+            match self
+                .run_quiet(&invocation, deadline, run.cancel, ErrorCode::FetchFailed)
+                .await
+            {
+                Ok(out) => {
+                    stdout = Some(out);
+                    break;
+                }
+                Err(failure) if failure.error.code != ErrorCode::FetchFailed => {
+                    return Err(failure);
+                }
+                Err(failure) => {
+                    first_failure.get_or_insert(failure);
+                }
+            }
+        }
+        let Some(stdout) = stdout else {
+            return Err(first_failure.unwrap_or_else(|| {
+                HostFailure::failed(ErrorCode::FetchFailed, "no URL to fetch the flake from")
+            }));
+        };
         let metadata = FlakeMetadata::parse(&stdout).map_err(|err| {
             HostFailure::failed(
                 ErrorCode::FetchFailed,
                 format!("cannot read `nix flake metadata` output: {err}"),
             )
         })?;
+        if let (Some(roots), Some(path)) = (&run.roots, &metadata.path) {
+            let rooted = roots
+                .root_source(&self.nix, path, deadline, run.cancel)
+                .await;
+            if let Err(err) = rooted {
+                if err.status == HostStatus::Cancelled {
+                    return Err(err);
+                }
+                tracing::warn!(error = %err.error.message, "cannot root the flake's source");
+            }
+        }
+        let locked_url = evaluation_url(&Locked {
+            url: &metadata.url,
+            rev: metadata.rev(),
+            nar_hash: metadata.nar_hash(),
+            path: metadata.path.as_deref(),
+            dir: metadata.dir(),
+            submodules: metadata.submodules(),
+        });
         Ok(Pinned {
             rev: metadata.rev().map(str::to_owned),
-            locked_url: metadata.url,
+            memo_key: metadata
+                .nar_hash()
+                .map(|hash| format!("{} {hash}", repo.url)),
+            locked_url,
         })
     }
 
     /// The hosts to build, in order: the named one, or for `all` every
-    /// `nixosConfigurations` attribute, sorted, minus the repo's `exclude`.
+    /// `nixosConfigurations` attribute, sorted, minus the repo's `exclude`;
+    /// and the hosts of `all` that cannot be built, with why.
     async fn resolve_hosts(
         &self,
         repo: &RepoConfig,
         run: &Run<'_>,
         pinned: &Pinned,
         deadline: Instant,
-    ) -> Result<Vec<String>, HostFailure> {
+    ) -> Result<(Vec<String>, Vec<SkippedHost>), HostFailure> {
         let job = run.job;
-        let remembered = lock(&self.memo).hosts.get(&pinned.locked_url).cloned();
+        let remembered = pinned
+            .memo_key
+            .as_ref()
+            .and_then(|key| lock(&self.memo).hosts.get(key).cloned());
         let names = match remembered {
             Some(names) => names,
             None => {
@@ -264,16 +372,18 @@ impl Runner {
                         format!("nixosConfigurations is not an attribute set: {err}"),
                     )
                 })?;
-                let mut memo = lock(&self.memo);
-                memo.make_room();
-                memo.hosts.insert(pinned.locked_url.clone(), names.clone());
+                if let Some(key) = &pinned.memo_key {
+                    let mut memo = lock(&self.memo);
+                    memo.make_room();
+                    memo.hosts.insert(key.clone(), names.clone());
+                }
                 names
             }
         };
         match &job.target {
             Target::Host(host) => {
                 if names.contains(host) {
-                    Ok(vec![host.clone()])
+                    Ok((vec![host.clone()], Vec::new()))
                 } else {
                     Err(HostFailure::failed(
                         ErrorCode::UnknownHost,
@@ -285,18 +395,47 @@ impl Runner {
                     ))
                 }
             }
-            Target::All => Ok(names
-                .into_iter()
-                .filter(|name| {
-                    // Names outside the subject charset cannot be requested
-                    // by name either; they are left out of `all` as well.
-                    if !is_valid_name(name) {
-                        tracing::warn!(host = %name, "skipping host whose name is not [A-Za-z0-9_-]+");
-                        return false;
+            Target::All => {
+                let mut hosts = Vec::new();
+                let mut skipped = Vec::new();
+                for name in names {
+                    if repo.exclude.contains(&name) {
+                        continue;
                     }
-                    !repo.exclude.contains(name)
-                })
-                .collect()),
+                    // Names outside the subject charset cannot be requested
+                    // by name, nor safely handed to Nix: such a host is not
+                    // built, and the request says so and fails.
+                    if is_valid_name(&name) {
+                        hosts.push(name);
+                    } else {
+                        tracing::warn!(host = %name, "skipping host whose name is not [A-Za-z0-9_-]+");
+                        skipped.push(SkippedHost {
+                            reason: format!(
+                                "its name is not [A-Za-z0-9_-]+ (at most {} bytes, not starting with '-'); rename the attribute, or list it in the repo's exclude",
+                                crate::protocol::MAX_NAME_BYTES
+                            ),
+                            host: crate::protocol::quote_for_error(&name)
+                                .trim_matches('"')
+                                .to_owned(),
+                        });
+                    }
+                }
+                if hosts.is_empty() && skipped.is_empty() {
+                    return Err(HostFailure::failed(
+                        ErrorCode::NoHosts,
+                        format!(
+                            "nixosConfigurations of {} has no host to build{}",
+                            job.repo,
+                            if repo.exclude.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (exclude: {})", repo.exclude.join(", "))
+                            }
+                        ),
+                    ));
+                }
+                Ok((hosts, skipped))
+            }
         }
     }
 
@@ -310,7 +449,7 @@ impl Runner {
         (index, total): (usize, usize),
         evaluations: &mut Evaluations,
     ) -> HostSummary {
-        let Run { job, cancel } = *run;
+        let Run { job, cancel, .. } = *run;
         let started = Instant::now();
         // Status first: whoever hears `host_started` and asks for the status
         // then sees this host.
@@ -329,13 +468,11 @@ impl Runner {
         let result = watch
             .drive(async {
                 let evaluated = evaluations.get(index, cancel).await?;
-                {
+                if let Some(key) = &pinned.memo_key {
                     let mut memo = lock(&self.memo);
                     memo.make_room();
-                    memo.evaluated.insert(
-                        (pinned.locked_url.clone(), host.to_owned()),
-                        evaluated.clone(),
-                    );
+                    memo.evaluated
+                        .insert((key.clone(), host.to_owned()), evaluated.clone());
                 }
                 self.build_evaluated(run, host, &evaluated, &watch).await
             })
@@ -355,6 +492,7 @@ impl Runner {
         self.monitor.host_finished(
             &job.repo,
             host,
+            (job.git_ref.as_deref(), job.rev.is_some(), &run.lineage),
             status,
             duration,
             pinned.rev.as_deref(),
@@ -402,14 +540,15 @@ impl Runner {
         watch: &HostWatch<'_>,
     ) -> Result<Built, HostFailure> {
         let deadline = Instant::now() + self.config.builder.host_timeout;
+        let out_link = run.roots.as_ref().map(|roots| roots.out_link(host));
         let built = self
-            .build_or_find(evaluated, watch, deadline, run.cancel)
+            .build_or_find(evaluated, out_link.as_deref(), watch, deadline, run.cancel)
             .await?;
         if let Some(roots) = &self.roots {
             roots
                 .record(
                     &self.nix,
-                    &run.job.repo,
+                    (&run.job.repo, &run.lineage),
                     host,
                     &built.out_path,
                     deadline,
@@ -420,21 +559,27 @@ impl Runner {
         Ok(built)
     }
 
+    /// Builds the host's derivation into `out_link` (rooted from the moment
+    /// the output exists). An output already in the store is reported as
+    /// cached; it is still "built" (nothing to do but link it), so it is
+    /// rooted before anything could collect it.
     async fn build_or_find(
         &self,
         evaluated: &Evaluated,
+        out_link: Option<&str>,
         watch: &HostWatch<'_>,
         deadline: Instant,
         cancel: &Cancellation,
     ) -> Result<Built, HostFailure> {
-        if self.is_valid(&evaluated.out_path, deadline, cancel).await {
+        let cached = self.is_valid(&evaluated.out_path, deadline, cancel).await;
+        if cached && out_link.is_none() {
             return Ok(Built {
                 out_path: evaluated.out_path.clone(),
                 cached: true,
             });
         }
 
-        let build = self.nix.build_drv(&evaluated.drv_path);
+        let build = self.nix.build_drv(&evaluated.drv_path, out_link);
         let mut parser = LogParser::new();
         let mut tail = ErrorTail::default();
         let limits = process::Limits {
@@ -458,10 +603,7 @@ impl Runner {
                 ),
             )
         })?;
-        Ok(Built {
-            out_path,
-            cached: false,
-        })
+        Ok(Built { out_path, cached })
     }
 
     /// Whether `path` is already valid in the store.
@@ -477,6 +619,8 @@ impl Runner {
     }
 
     /// Runs a request-level Nix command (no host, no progress events).
+    /// Past `deadline` it is a timeout: of fetching for `fetch_failed`, else
+    /// of `host_timeout`.
     async fn run_quiet(
         &self,
         invocation: &Invocation,
@@ -516,6 +660,10 @@ impl Runner {
                     Outcome::Silent => {
                         "killed after printing nothing for max_silent_time".to_owned()
                     }
+                    _ if failure_code == ErrorCode::FetchFailed => format!(
+                        "fetching the flake was killed after exceeding fetch_timeout ({})",
+                        humantime::format_duration(self.config.builder.fetch_timeout)
+                    ),
                     _ => format!(
                         "killed after exceeding host_timeout ({})",
                         humantime::format_duration(self.config.builder.host_timeout)
@@ -530,4 +678,20 @@ impl Runner {
             Ok(Outcome::Cancelled) => Err(HostFailure::cancelled(cancel.reason())),
         }
     }
+}
+
+/// The request-level error of an `all` build that left hosts out.
+fn skipped_error(skipped: &[SkippedHost]) -> ErrorBody {
+    let list: Vec<String> = skipped
+        .iter()
+        .map(|s| format!("{:?}: {}", s.host, s.reason))
+        .collect();
+    ErrorBody::new(
+        ErrorCode::HostsSkipped,
+        format!(
+            "{} host(s) of nixosConfigurations not built: {}",
+            skipped.len(),
+            list.join("; ")
+        ),
+    )
 }

@@ -178,12 +178,14 @@ impl<W: Write> View<W> {
                 rev,
                 error,
                 omitted_hosts,
+                skipped,
                 ..
             } => {
                 let took = human_duration(Duration::from_millis(*duration_ms));
                 let mut lines = Vec::new();
                 if let Some(error) = error {
-                    if hosts.is_empty() || *status == BuildStatus::Cancelled {
+                    if hosts.is_empty() || *status == BuildStatus::Cancelled || !skipped.is_empty()
+                    {
                         lines.push(format!("build {id}: {}", error.code));
                         lines.extend(indent_error(error));
                     }
@@ -309,6 +311,7 @@ mod tests {
                 target: "all".into(),
                 rev: Some("609da7ab2bec60c568928f7e8d760a36e14805b0".into()),
                 hosts: vec!["a".into(), "b".into()],
+                skipped: vec![],
             },
             Event::HostStarted {
                 host: "a".into(),
@@ -364,6 +367,7 @@ mod tests {
                         cached: false,
                     },
                 ],
+                skipped: vec![],
                 error: None,
             },
         ]);
@@ -408,6 +412,7 @@ mod tests {
             succeeded: 0,
             failed: 0,
             hosts: vec![],
+            skipped: vec![],
             error: Some(ErrorBody::new(
                 ErrorCode::UnknownHost,
                 "host \"nope\" is not known",

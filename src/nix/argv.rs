@@ -53,6 +53,11 @@ impl NixCli {
         }
     }
 
+    /// The Nix version the command lines are written for.
+    pub fn version(&self) -> NixVersion {
+        self.version
+    }
+
     fn invocation<I, S>(&self, args: I) -> Invocation
     where
         I: IntoIterator<Item = S>,
@@ -141,24 +146,51 @@ impl NixCli {
         }
     }
 
-    /// Roots an existing store path at `link` (building a valid path does
-    /// nothing but create the link and register it as a GC root).
+    /// Roots an existing store path (not a `.drv`) at `link` (building a
+    /// valid path does nothing but create the link and register it as a GC
+    /// root).
     pub fn add_root(&self, store_path: &str, link: &str) -> Invocation {
         self.invocation(["build", "--out-link", link, store_path])
     }
 
     /// Builds a derivation's outputs, printing them as JSON on stdout and the
-    /// log as `internal-json` on stderr. Nothing is linked: GC roots are
-    /// added afterwards with [`Self::add_root`].
-    pub fn build_drv(&self, drv_path: &str) -> Invocation {
-        self.invocation([
+    /// log as `internal-json` on stderr. With `out_link` the output is rooted
+    /// there from the moment it exists; without, nothing is linked.
+    pub fn build_drv(&self, drv_path: &str, out_link: Option<&str>) -> Invocation {
+        let link = match out_link {
+            Some(link) => vec!["--out-link".to_owned(), link.to_owned()],
+            None => vec!["--no-link".to_owned()],
+        };
+        let mut args = vec![
             "build".to_owned(),
             "--json".to_owned(),
             "--log-format".to_owned(),
             "internal-json".to_owned(),
-            "--no-link".to_owned(),
-            self.drv_outputs_installable(drv_path),
-        ])
+        ];
+        args.extend(link);
+        args.push(self.drv_outputs_installable(drv_path));
+        self.invocation(args)
+    }
+
+    /// Roots the derivation file `drv_path` itself (not its outputs) at
+    /// `link`, building nothing. From Nix 2.15 a bare `.drv` installable
+    /// means the file; before, it means the outputs, and `nix-instantiate`
+    /// of the imported derivation gives the same `.drv` and roots it.
+    pub fn root_drv(&self, drv_path: &str, link: &str) -> Invocation {
+        if self.version.drv_needs_output_selector() {
+            self.invocation(["build", "--out-link", link, drv_path])
+        } else {
+            Invocation {
+                program: sibling_program(&self.program, "nix-instantiate"),
+                args: vec![
+                    "--add-root".to_owned(),
+                    link.to_owned(),
+                    "--indirect".to_owned(),
+                    "--expr".to_owned(),
+                    format!("import {}", serde_json::Value::from(drv_path)),
+                ],
+            }
+        }
     }
 
     /// The installable that means "all outputs of this derivation": a bare
@@ -181,11 +213,43 @@ fn sibling_program(nix: &str, name: &str) -> String {
     }
 }
 
-/// Appends `ref` and `rev` to a flake URL from the config.
+/// Flake URL schemes served by a forge's API (a tarball per commit): they
+/// take `ref` or `rev`, not both.
+const FORGE_SCHEMES: [&str; 3] = ["github:", "gitlab:", "sourcehut:"];
+
+/// Appends `ref` and `rev` to a flake URL from the config. For a forge
+/// (`github:`, `gitlab:`, `sourcehut:`), which Nix refuses both for, a `rev`
+/// alone is given: the commit decides, whatever the branch.
 pub fn flake_url_with_ref(url: &str, git_ref: Option<&str>, rev: Option<&str>) -> String {
+    let forge = FORGE_SCHEMES.iter().any(|scheme| url.starts_with(scheme));
+    let git_ref = if forge && rev.is_some() {
+        None
+    } else {
+        git_ref
+    };
+    with_params(url, &[("ref", git_ref), ("rev", rev)])
+}
+
+/// The URLs to fetch a flake at `git_ref`/`rev` from, in order: for a git
+/// repository fetched by `git fetch` (anything `git+` but a local work
+/// tree, which resolves any ref itself), Nix looks a bare ref up as a branch
+/// (`refs/heads/<ref>`) only, so a tag is tried as `refs/tags/<ref>` after it.
+pub fn flake_fetch_urls(url: &str, git_ref: Option<&str>, rev: Option<&str>) -> Vec<String> {
+    let mut urls = vec![flake_url_with_ref(url, git_ref, rev)];
+    if let Some(git_ref) = git_ref {
+        if url.starts_with("git+") && !git_ref.starts_with("refs/") && git_ref != "HEAD" {
+            let tag = format!("refs/tags/{git_ref}");
+            urls.push(flake_url_with_ref(url, Some(&tag), rev));
+        }
+    }
+    urls
+}
+
+/// Appends query parameters (those with a value) to `url`.
+fn with_params(url: &str, params: &[(&str, Option<&str>)]) -> String {
     let mut result = url.to_owned();
     let mut separator = if url.contains('?') { '&' } else { '?' };
-    for (key, value) in [("ref", git_ref), ("rev", rev)] {
+    for (key, value) in params {
         if let Some(value) = value {
             result.push(separator);
             result.push_str(key);
@@ -195,6 +259,62 @@ pub fn flake_url_with_ref(url: &str, git_ref: Option<&str>, rev: Option<&str>) -
         }
     }
     result
+}
+
+/// Percent-encodes what may not stand as is in a URL query value.
+fn query_value(value: &str) -> String {
+    let mut encoded = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '-' | '_' | '.' | '~' => encoded.push(c),
+            other => {
+                let mut buf = [0; 4];
+                for byte in other.encode_utf8(&mut buf).bytes() {
+                    encoded.push_str(&format!("%{byte:02X}"));
+                }
+            }
+        }
+    }
+    encoded
+}
+
+/// What `nix flake metadata` locked, as a URL that evaluates exactly that.
+#[derive(Debug, Clone, Copy)]
+pub struct Locked<'a> {
+    /// Its `url`: the locked URL (which drops some attributes).
+    pub url: &'a str,
+    pub rev: Option<&'a str>,
+    pub nar_hash: Option<&'a str>,
+    /// The fetched source in the store.
+    pub path: Option<&'a str>,
+    pub dir: Option<&'a str>,
+    pub submodules: bool,
+}
+
+/// The URL every evaluation of a request uses: the locked URL with what
+/// Nix's URL leaves out (`submodules=1`) put back; a source without a
+/// revision (a dirty work tree), whose URL would be fetched afresh with
+/// whatever it holds by then, is evaluated from the fetched store path
+/// itself, checked against its `narHash`.
+pub fn evaluation_url(locked: &Locked<'_>) -> String {
+    if locked.rev.is_none() {
+        if let (Some(path), Some(nar_hash)) = (locked.path, locked.nar_hash) {
+            let hash = query_value(nar_hash);
+            return with_params(
+                &format!("path:{path}"),
+                &[("dir", locked.dir), ("narHash", Some(&hash))],
+            );
+        }
+    }
+    let has_submodules = locked
+        .url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|p| p.starts_with("submodules=")));
+    if locked.submodules && !has_submodules {
+        with_params(locked.url, &[("submodules", Some("1"))])
+    } else {
+        locked.url.to_owned()
+    }
 }
 
 /// Whether Nix printed something that looks like a derivation store path.
@@ -227,7 +347,7 @@ mod tests {
             cli(2, 8).flake_metadata("git+file:///x"),
             cli(2, 24).list_hosts(LOCKED),
             cli(2, 24).eval_hosts(LOCKED, &["ns1".into()]),
-            cli(2, 8).build_drv(DRV),
+            cli(2, 8).build_drv(DRV, None),
         ] {
             assert_eq!(inv.program, "nix");
             assert_eq!(
@@ -240,7 +360,7 @@ mod tests {
     #[test]
     fn build_on_nix_2_8_uses_the_bare_drv_path() {
         assert_eq!(
-            args(&cli(2, 8).build_drv(DRV))[2..],
+            args(&cli(2, 8).build_drv(DRV, None))[2..],
             [
                 "build",
                 "--json",
@@ -262,7 +382,7 @@ mod tests {
         let expected = format!("{DRV}^*");
         assert_eq!(cli(2, 15).drv_outputs_installable(DRV), expected);
         assert_eq!(
-            args(&cli(2, 24).build_drv(DRV))[2..],
+            args(&cli(2, 24).build_drv(DRV, None))[2..],
             [
                 "build",
                 "--json",
@@ -312,7 +432,7 @@ mod tests {
     fn build_output_is_read_as_json_on_every_version() {
         // `--print-out-paths` only exists from Nix 2.9; `--json` on both.
         for version in [(2, 8), (2, 9), (2, 24)] {
-            let inv = cli(version.0, version.1).build_drv(DRV);
+            let inv = cli(version.0, version.1).build_drv(DRV, None);
             assert!(inv.args.contains(&"--json".to_owned()));
             assert!(!inv.args.contains(&"--print-out-paths".to_owned()));
         }
@@ -388,6 +508,149 @@ mod tests {
     }
 
     #[test]
+    fn builds_into_a_root_when_asked() {
+        let inv = cli(2, 24).build_drv(DRV, Some("/gc/.requests/b1/ns1"));
+        assert_eq!(
+            args(&inv)[2..],
+            [
+                "build",
+                "--json",
+                "--log-format",
+                "internal-json",
+                "--out-link",
+                "/gc/.requests/b1/ns1",
+                &format!("{DRV}^*")
+            ]
+        );
+    }
+
+    #[test]
+    fn derivation_files_are_rooted_without_building_on_each_version() {
+        // Nix 2.15+: a bare .drv installable is the file itself.
+        let inv = cli(2, 24).root_drv(DRV, "/gc/r/ns1.drv");
+        assert_eq!(inv.program, "nix");
+        assert_eq!(
+            args(&inv)[2..],
+            ["build", "--out-link", "/gc/r/ns1.drv", DRV]
+        );
+        // Before: the same .drv, re-instantiated from the file, is rooted.
+        let inv = NixCli::new("/bin/nix", NixVersion::new(2, 8, 0)).root_drv(DRV, "/gc/r/ns1.drv");
+        assert_eq!(inv.program, "/bin/nix-instantiate");
+        assert_eq!(
+            args(&inv),
+            [
+                "--add-root",
+                "/gc/r/ns1.drv",
+                "--indirect",
+                "--expr",
+                &format!("import \"{DRV}\"")
+            ]
+        );
+    }
+
+    #[test]
+    fn forges_get_a_rev_without_its_ref() {
+        for forge in [
+            "github:torjus/nixos-servers",
+            "gitlab:torjus/nixos-servers",
+            "sourcehut:~torjus/nixos-servers",
+        ] {
+            assert_eq!(
+                flake_url_with_ref(forge, Some("master"), Some("abc")),
+                format!("{forge}?rev=abc")
+            );
+            assert_eq!(
+                flake_url_with_ref(forge, Some("v1.0"), None),
+                format!("{forge}?ref=v1.0")
+            );
+            // A forge resolves tags itself: one URL only.
+            assert_eq!(flake_fetch_urls(forge, Some("v1.0"), None).len(), 1);
+        }
+        assert_eq!(
+            flake_url_with_ref("github:o/r?dir=sub", Some("main"), Some("abc")),
+            "github:o/r?dir=sub&rev=abc"
+        );
+        // git keeps both: the rev must be on the ref.
+        assert_eq!(
+            flake_url_with_ref("git+https://h/r.git", Some("main"), Some("abc")),
+            "git+https://h/r.git?ref=main&rev=abc"
+        );
+    }
+
+    #[test]
+    fn git_refs_are_tried_as_a_branch_then_as_a_tag() {
+        for url in [
+            "git+https://h/r.git",
+            "git+http://127.0.0.1:8080/r.git",
+            "git+ssh://git@h/r.git",
+            "git+file:///srv/r.git",
+        ] {
+            assert_eq!(
+                flake_fetch_urls(url, Some("v1.0"), None),
+                [
+                    format!("{url}?ref=v1.0"),
+                    format!("{url}?ref=refs/tags/v1.0")
+                ]
+            );
+            assert_eq!(
+                flake_fetch_urls(url, Some("v1.0"), Some("abc")),
+                [
+                    format!("{url}?ref=v1.0&rev=abc"),
+                    format!("{url}?ref=refs/tags/v1.0&rev=abc")
+                ]
+            );
+            // A full ref name and no ref at all are taken as they are.
+            assert_eq!(flake_fetch_urls(url, Some("refs/tags/v1"), None).len(), 1);
+            assert_eq!(flake_fetch_urls(url, None, None), [url.to_owned()]);
+        }
+    }
+
+    #[test]
+    fn evaluation_uses_exactly_what_was_locked() {
+        let locked = Locked {
+            url: "git+file:///srv/r?ref=master&rev=abc",
+            rev: Some("abc"),
+            nar_hash: Some("sha256-a+b/c="),
+            path: Some("/nix/store/x-source"),
+            dir: None,
+            submodules: true,
+        };
+        assert_eq!(
+            evaluation_url(&locked),
+            "git+file:///srv/r?ref=master&rev=abc&submodules=1"
+        );
+        let newer = Locked {
+            url: "git+file:///srv/r?ref=master&rev=abc&submodules=1",
+            ..locked
+        };
+        assert_eq!(evaluation_url(&newer), newer.url);
+        let plain = Locked {
+            submodules: false,
+            ..locked
+        };
+        assert_eq!(evaluation_url(&plain), plain.url);
+        // No rev: the fetched tree itself, checked by its hash.
+        let dirty = Locked {
+            url: "git+file:///srv/r?dir=sub",
+            rev: None,
+            dir: Some("sub"),
+            ..locked
+        };
+        assert_eq!(
+            evaluation_url(&dirty),
+            "path:/nix/store/x-source?dir=sub&narHash=sha256-a%2Bb%2Fc%3D"
+        );
+        let unhashed = Locked {
+            nar_hash: None,
+            ..dirty
+        };
+        assert_eq!(
+            evaluation_url(&unhashed),
+            "git+file:///srv/r?dir=sub&submodules=1"
+        );
+    }
+
+    #[test]
     fn drv_paths_are_recognised() {
         assert!(is_drv_path(DRV));
         assert!(!is_drv_path("/nix/store/x-a2"));
@@ -398,7 +661,7 @@ mod tests {
 
     #[test]
     fn invocations_display_readably() {
-        let inv = cli(2, 8).build_drv(DRV);
+        let inv = cli(2, 8).build_drv(DRV, None);
         assert_eq!(
             inv.to_string(),
             format!(

@@ -12,6 +12,9 @@ pub struct FlakeMetadata {
     /// The locked URL: every input pinned.
     pub url: String,
     revision: Option<String>,
+    /// The store path of the fetched source.
+    #[serde(default)]
+    pub path: Option<String>,
     #[serde(default)]
     locked: LockedAttrs,
 }
@@ -19,6 +22,11 @@ pub struct FlakeMetadata {
 #[derive(Debug, Deserialize, Default)]
 struct LockedAttrs {
     rev: Option<String>,
+    #[serde(rename = "narHash")]
+    nar_hash: Option<String>,
+    #[serde(default)]
+    submodules: bool,
+    dir: Option<String>,
 }
 
 impl FlakeMetadata {
@@ -30,6 +38,21 @@ impl FlakeMetadata {
     /// The commit the flake was locked at, when it is a git flake.
     pub fn rev(&self) -> Option<&str> {
         self.revision.as_deref().or(self.locked.rev.as_deref())
+    }
+
+    /// The hash of the fetched source tree (`sha256-...`), when Nix gave one.
+    pub fn nar_hash(&self) -> Option<&str> {
+        self.locked.nar_hash.as_deref()
+    }
+
+    /// Whether the lock includes git submodules.
+    pub fn submodules(&self) -> bool {
+        self.locked.submodules
+    }
+
+    /// The flake's subdirectory in its source tree, if any.
+    pub fn dir(&self) -> Option<&str> {
+        self.locked.dir.as_deref()
     }
 }
 
@@ -96,6 +119,14 @@ mod tests {
         // Nix 2.24 adds fingerprint and puts more attributes in the URL.
         let new = FlakeMetadata::parse(r#"{"fingerprint":"abc","lastModified":1795826300,"locked":{"lastModified":1795826300,"narHash":"sha256-x","ref":"master","rev":"609da7ab2bec60c568928f7e8d760a36e14805b0","revCount":1,"type":"git","url":"file:///tmp/fl"},"locks":{},"original":{},"originalUrl":"git+file:///tmp/fl","path":"/nix/store/x-source","resolved":{},"resolvedUrl":"git+file:///tmp/fl","revCount":1,"revision":"609da7ab2bec60c568928f7e8d760a36e14805b0","url":"git+file:///tmp/fl?lastModified=1795826300&narHash=sha256-x&ref=master&rev=609da7ab2bec60c568928f7e8d760a36e14805b0&revCount=1"}"#.as_bytes()).unwrap();
         assert_eq!(new.rev(), Some("609da7ab2bec60c568928f7e8d760a36e14805b0"));
+        assert_eq!(new.nar_hash(), Some("sha256-x"));
+        assert_eq!(new.path.as_deref(), Some("/nix/store/x-source"));
+        assert!(!new.submodules());
+        // A dirty tree: no rev; submodules and dir only in `locked`.
+        let dirty = FlakeMetadata::parse(br#"{"locked":{"dir":"sub","narHash":"sha256-y","submodules":true,"type":"git","url":"file:///tmp/fl?dir=sub"},"path":"/nix/store/y-source","url":"git+file:///tmp/fl?dir=sub"}"#).unwrap();
+        assert_eq!(dirty.rev(), None);
+        assert!(dirty.submodules());
+        assert_eq!(dirty.dir(), Some("sub"));
     }
 
     #[test]

@@ -404,6 +404,17 @@ impl Flake {
         self.head()
     }
 
+    /// Changes every host's output in the work tree without committing it:
+    /// the flake becomes dirty, without a rev.
+    pub fn change_uncommitted(&self, marker: &str) {
+        self.write_files(marker);
+    }
+
+    /// Tags the current head as `tag`.
+    pub fn tag(&self, tag: &str) {
+        self.git(&["tag", tag]);
+    }
+
     /// Creates `branch` from the current head and switches to it.
     pub fn branch(&self, branch: &str) {
         self.git(&["checkout", "-q", "-b", branch]);
@@ -1077,6 +1088,18 @@ impl Requester {
             .until(|e| matches!(e, Event::HostStarted { .. }))
             .await;
         (pending, events)
+    }
+
+    /// Asks `build.status` and returns the builder's report.
+    pub async fn status(&self) -> homelab_deploy::protocol::BuilderStatus {
+        let mut pending = self.send("build.status", "").await;
+        let message = tokio::time::timeout(WAIT, pending.subscriber.next())
+            .await
+            .expect("no status reply in time")
+            .expect("subscription closed");
+        let homelab_deploy::protocol::StatusEvent::Status(status) =
+            serde_json::from_slice(&message.payload).unwrap();
+        status
     }
 
     /// Sends a request and collects its events up to the terminal one.

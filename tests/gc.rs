@@ -1,0 +1,244 @@
+//! GC roots against the real garbage collector: nothing the builder
+//! evaluated or built is lost to a `nix-collect-garbage`, builds of other
+//! refs never unroot the default ref's results, and side roots expire.
+//!
+//! A real collection deletes every unrooted path of the one shared store,
+//! so these tests live in their own binary (cargo runs test binaries one
+//! after another) and take turns inside it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use homelab_deploy::protocol::{BuildStatus, Event, HostStatus, Reply};
+
+/// One collection at a time, and no build of another test meanwhile.
+static STORE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs the garbage collector (the `nix-collect-garbage` beside `nix` on
+/// PATH) and checks that it ran.
+fn collect_garbage() {
+    let out = std::process::Command::new("nix-collect-garbage")
+        .env("NIX_CONFIG", nix_config())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix-collect-garbage failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn roots_option(roots: &Path, extra: &str) -> String {
+    format!("gc_roots_dir = \"{}\"\n{extra}", roots.display())
+}
+
+fn out_paths(replies: &[Reply]) -> Vec<(String, String)> {
+    host_outcomes(replies)
+        .into_iter()
+        .map(|o| {
+            assert_eq!(o.status, HostStatus::Success, "{}: {}", o.host, o.message);
+            (o.host, o.out_path.unwrap())
+        })
+        .collect()
+}
+
+fn finished(replies: &[Reply]) -> BuildStatus {
+    match terminal(replies) {
+        Event::Finished { status, .. } => *status,
+        other => panic!("not finished: {other:?}"),
+    }
+}
+
+/// Where the link at `link` finally points, if it still resolves.
+fn resolved(link: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(link).ok()
+}
+
+#[tokio::test]
+async fn a_collection_during_an_all_build_loses_no_host() {
+    let _store = STORE.lock().await;
+    let flake = Flake::new(&[
+        ("a-early", Host::Gated),
+        ("b", Host::Ok),
+        ("c", Host::Ok),
+        ("d", Host::Ok),
+    ]);
+    let roots = tempfile::tempdir().unwrap();
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.builder(&roots_option(roots.path(), "eval_workers = 2"))
+    });
+    let client = Requester::new(&nats).await;
+    let (mut pending, events) = client.send_until_started("build.homelab.all").await;
+    let build_id = events[0].reply.build_id.clone();
+
+    // Every host is evaluated (its derivation rooted for the request) while
+    // the first one still builds; the evaluators have exited.
+    let request = roots.path().join(".requests").join(&build_id);
+    wait_for("every derivation to be rooted", WAIT, || {
+        ["b", "c", "d"]
+            .iter()
+            .all(|h| request.join(format!("{h}.drv")).exists())
+    })
+    .await;
+    let gate = flake.gate().display().to_string();
+    wait_for("the evaluators to exit", WAIT, || {
+        processes_matching("@homelab-deploy-eval").is_empty()
+    })
+    .await;
+    wait_for("a-early to be building", WAIT, || {
+        !processes_matching(&gate).is_empty()
+    })
+    .await;
+
+    collect_garbage();
+    flake.open_gate();
+
+    let mut replies: Vec<Reply> = events.into_iter().map(|t| t.reply).collect();
+    replies.extend(pending.until_terminal().await.into_iter().map(|t| t.reply));
+    let built = out_paths(&replies);
+    assert_eq!(finished(&replies), BuildStatus::Success);
+    assert_eq!(built.len(), 4);
+    // Every result is rooted as the host's current generation, and the
+    // request's own roots are gone.
+    for (host, out_path) in &built {
+        let root = roots.path().join("homelab").join(host);
+        assert_eq!(
+            resolved(&root).as_deref(),
+            Some(Path::new(out_path)),
+            "{host}"
+        );
+    }
+    assert!(!request.exists(), "the request's roots were left behind");
+    collect_garbage();
+    for (host, out_path) in &built {
+        assert!(Path::new(out_path).exists(), "{host}: {out_path} collected");
+    }
+}
+
+#[tokio::test]
+async fn other_refs_never_unroot_the_default_refs_result() {
+    let _store = STORE.lock().await;
+    let flake = Flake::homelab();
+    let roots = tempfile::tempdir().unwrap();
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.builder(&roots_option(roots.path(), "keep_roots = 2"))
+            .repo("ref = \"master\"")
+    });
+    let client = Requester::new(&nats).await;
+    let deployed = out_paths(&client.build("build.homelab.ns1", "").await)[0]
+        .1
+        .clone();
+
+    // Four builds of other refs (branches, and a rev), each a new output.
+    let mut side = Vec::new();
+    for i in 0..3 {
+        let branch = format!("flake-update/{i}");
+        flake.checkout("master");
+        flake.branch(&branch);
+        flake.commit_change(&format!("update {i}"));
+        let body = format!(r#"{{"ref": "{branch}"}}"#);
+        let replies = client.build("build.homelab.ns1", &body).await;
+        side.push((
+            format!("ref-flake-update%2F{i}"),
+            out_paths(&replies)[0].1.clone(),
+        ));
+    }
+    let rev = flake.commit_change("experiment");
+    let body = format!(r#"{{"ref": "flake-update/2", "rev": "{rev}"}}"#);
+    let replies = client.build("build.homelab.ns1", &body).await;
+    side.push((format!("rev-{rev}"), out_paths(&replies)[0].1.clone()));
+
+    let current = roots.path().join("homelab/ns1");
+    assert_eq!(resolved(&current).as_deref(), Some(Path::new(&deployed)));
+    collect_garbage();
+    assert!(
+        Path::new(&deployed).exists(),
+        "the deployed output was collected"
+    );
+    assert_eq!(resolved(&current).as_deref(), Some(Path::new(&deployed)));
+    // Each side ref keeps its latest result, apart from the default's.
+    for (key, out_path) in &side {
+        let link = roots.path().join("homelab/.refs").join(key).join("ns1");
+        assert_eq!(
+            resolved(&link).as_deref(),
+            Some(Path::new(out_path)),
+            "{key}"
+        );
+    }
+
+    // Only the default ref's results are per-host series; the side results
+    // show in `build.status` with their ref.
+    let status = client.status().await;
+    let refs: Vec<(Option<&str>, bool)> = status
+        .last_results
+        .iter()
+        .map(|r| (r.git_ref.as_deref(), r.pinned))
+        .collect();
+    assert_eq!(refs.len(), 5, "{refs:?}");
+    assert!(refs.contains(&(None, false)));
+    assert!(refs.contains(&(Some("flake-update/0"), false)));
+    assert!(refs.contains(&(Some("flake-update/2"), true)));
+}
+
+#[tokio::test]
+async fn side_roots_expire_after_their_ttl_and_crashed_requests_are_swept() {
+    let _store = STORE.lock().await;
+    let flake = Flake::homelab();
+    let roots = tempfile::tempdir().unwrap();
+    // What a crash leaves behind: a request's roots.
+    let stale = roots.path().join(".requests/0123456789abcdef");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::os::unix::fs::symlink("/nix/store/nothing", stale.join("ns1")).unwrap();
+
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.builder(&roots_option(roots.path(), "side_roots_ttl = \"2s\""))
+    });
+    assert!(
+        !stale.exists(),
+        "the crashed request's roots were not swept"
+    );
+    let client = Requester::new(&nats).await;
+    flake.branch("feature");
+    flake.commit_change("feature");
+    let replies = client
+        .build("build.homelab.ns1", r#"{"ref": "feature"}"#)
+        .await;
+    let side_out = out_paths(&replies)[0].1.clone();
+    let side = roots.path().join("homelab/.refs/ref-feature");
+    assert_eq!(
+        resolved(&side.join("ns1")).as_deref(),
+        Some(Path::new(&side_out))
+    );
+
+    // Once the TTL has passed, the next request's end removes it.
+    let stamp = side.join(".last-build");
+    wait_for("the side root to outlive its TTL", WAIT, || {
+        std::fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| {
+                SystemTime::now()
+                    .duration_since(t)
+                    .is_ok_and(|age| age > Duration::from_secs(2))
+            })
+    })
+    .await;
+    flake.checkout("master");
+    client.build("build.homelab.ns2", "").await;
+    assert!(!side.exists(), "the side root outlived its TTL");
+    let status = client.status().await;
+    assert!(
+        status.last_results.iter().all(|r| r.git_ref.is_none()),
+        "{:?}",
+        status.last_results
+    );
+    collect_garbage();
+    assert!(
+        !Path::new(&side_out).exists(),
+        "the expired output is still rooted"
+    );
+}
