@@ -47,6 +47,8 @@ pub enum ClientError {
     },
     #[error("--builder-key: {0}")]
     BadBuilderKey(#[from] BadPublicKey),
+    #[error("the builder stopped {} ago to restart and has not resumed the build (raise --resume-timeout)", humantime::format_duration(*.waited))]
+    NotResumed { waited: Duration },
     #[error("NATS: {0}")]
     Nats(String),
     #[error("the NATS connection closed before the build finished")]
@@ -60,6 +62,11 @@ pub struct Timeouts {
     pub total: Duration,
     /// For the first reply (`accepted` is sent at once on receipt).
     pub accept: Duration,
+    /// After `interrupted`, for the builder to come back (`resumed`).
+    pub resume: Duration,
+    /// How long to keep asking while NATS says no builder listens (a
+    /// builder restarting); `None`: give up at once.
+    pub wait_for_builder: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -67,9 +74,14 @@ impl Default for Timeouts {
         Self {
             total: Duration::from_secs(3 * 60 * 60),
             accept: Duration::from_secs(30),
+            resume: Duration::from_secs(10 * 60),
+            wait_for_builder: None,
         }
     }
 }
+
+/// How long to wait between attempts while no builder listens.
+const NO_RESPONDERS_RETRY: Duration = Duration::from_secs(1);
 
 /// A connection that sends build requests.
 pub struct BuildClient {
@@ -159,14 +171,25 @@ impl BuildClient {
 
     /// Publishes `body` on `subject` with a fresh reply subject, subscribed
     /// to first so no reply can be missed, and waits until the server has it.
-    async fn publish_request(&self, subject: &str, body: Bytes) -> Result<Subscriber, ClientError> {
-        let nats_error = |err: &dyn std::fmt::Display| ClientError::Nats(err.to_string());
+    async fn publish_request(
+        &self,
+        subject: &str,
+        body: Bytes,
+    ) -> Result<(Subscriber, String), ClientError> {
         let reply_to = self.reply_subject();
         let subscriber = self
             .nats
             .subscribe(reply_to.clone())
             .await
-            .map_err(|e| nats_error(&e))?;
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        self.publish(subject, &reply_to, body).await?;
+        Ok((subscriber, reply_to))
+    }
+
+    /// Publishes (signed, with our NKey) and waits until the server has it.
+    async fn publish(&self, subject: &str, reply_to: &str, body: Bytes) -> Result<(), ClientError> {
+        let nats_error = |err: &dyn std::fmt::Display| ClientError::Nats(err.to_string());
+        let reply_to = reply_to.to_owned();
         match &self.signer {
             Some(signer) => {
                 let headers = signer.headers(subject, &reply_to, &body);
@@ -182,7 +205,7 @@ impl BuildClient {
         }
         .map_err(|e| nats_error(&e))?;
         self.nats.flush().await.map_err(|e| nats_error(&e))?;
-        Ok(subscriber)
+        Ok(())
     }
 
     /// Asks the builder for its status; returns it and the exact reply.
@@ -216,7 +239,7 @@ impl BuildClient {
         body: Bytes,
         wait: Duration,
     ) -> Result<(T, Bytes), ClientError> {
-        let mut subscriber = self.publish_request(subject, body).await?;
+        let (mut subscriber, _) = self.publish_request(subject, body).await?;
         let not_acknowledged = || ClientError::NotAcknowledged {
             subject: subject.to_owned(),
             waited: wait,
@@ -259,12 +282,19 @@ impl BuildClient {
                 .map_err(|err| ClientError::Nats(err.to_string()))?
                 .into()
         };
-        let subscriber = self.publish_request(&subject, body).await?;
+        let (subscriber, reply_to) = self.publish_request(&subject, body.clone()).await?;
         let now = Instant::now();
         Ok(BuildEvents {
             client: self,
             subscriber,
             subject,
+            reply_to,
+            body,
+            retry_until: timeouts.wait_for_builder.map(|wait| now + wait),
+            retry_at: None,
+            accept_wait: timeouts.accept.min(timeouts.total),
+            resume_timeout: timeouts.resume,
+            interrupted: false,
             started: now,
             deadline: now + timeouts.total,
             accept_deadline: now + timeouts.accept.min(timeouts.total),
@@ -291,6 +321,17 @@ pub struct BuildEvents<'a> {
     client: &'a BuildClient,
     subscriber: Subscriber,
     subject: String,
+    reply_to: String,
+    body: Bytes,
+    /// Until when "no responders" means "ask again" (`--wait-for-builder`).
+    retry_until: Option<Instant>,
+    /// When to ask again, after "no responders".
+    retry_at: Option<Instant>,
+    /// How long a builder has to acknowledge the request.
+    accept_wait: Duration,
+    resume_timeout: Duration,
+    /// Between `interrupted` and `resumed`.
+    interrupted: bool,
     started: Instant,
     deadline: Instant,
     accept_deadline: Instant,
@@ -307,14 +348,34 @@ pub struct BuildEvents<'a> {
 impl BuildEvents<'_> {
     /// The next event; `Ok(None)` after the terminal one.
     pub async fn next(&mut self) -> Result<Option<Received>, ClientError> {
+        // Cancellation safe (callers `select!` on it): every wait is a
+        // deadline kept in `self`, never a sleep inside.
         while !self.finished {
-            let message =
-                match tokio::time::timeout_at(self.wait_until(), self.subscriber.next()).await {
-                    Ok(Some(message)) => message,
-                    Ok(None) => return Err(ClientError::Closed),
-                    Err(_) => return Err(self.gave_up()),
-                };
+            if self.retry_at.is_some_and(|at| Instant::now() >= at) {
+                self.client
+                    .publish(&self.subject, &self.reply_to, self.body.clone())
+                    .await?;
+                self.retry_at = None;
+                continue;
+            }
+            let wait_until = match self.retry_at {
+                Some(at) => at.min(self.wait_until()),
+                None => self.wait_until(),
+            };
+            let message = match tokio::time::timeout_at(wait_until, self.subscriber.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err(ClientError::Closed),
+                Err(_) if self.retry_at.is_some() => continue,
+                Err(_) => return Err(self.gave_up()),
+            };
             if message.status == Some(StatusCode::NO_RESPONDERS) {
+                let now = Instant::now();
+                if self.build_id.is_none() && self.retry_until.is_some_and(|until| now < until) {
+                    // A builder restarting: ask again in a moment.
+                    self.retry_at = Some(now + NO_RESPONDERS_RETRY);
+                    self.accept_deadline = self.accept_deadline.max(now + self.accept_wait);
+                    continue;
+                }
                 return Err(ClientError::NoResponders {
                     subject: self.subject.clone(),
                 });
@@ -333,9 +394,15 @@ impl BuildEvents<'_> {
                 continue;
             }
             self.heard_at = Instant::now();
-            if let Event::Accepted { heartbeat_ms, .. } = &reply.event {
-                self.silence_limit = (*heartbeat_ms > 0)
-                    .then(|| Duration::from_millis(heartbeat_ms.saturating_mul(3)) + SILENCE_GRACE);
+            match &reply.event {
+                Event::Accepted { heartbeat_ms, .. } | Event::Resumed { heartbeat_ms, .. } => {
+                    self.interrupted = false;
+                    self.silence_limit = (*heartbeat_ms > 0).then(|| {
+                        Duration::from_millis(heartbeat_ms.saturating_mul(3)) + SILENCE_GRACE
+                    });
+                }
+                Event::Interrupted { resume: true } => self.interrupted = true,
+                _ => {}
             }
             self.finished = reply.is_terminal();
             return Ok(Some(Received {
@@ -346,8 +413,8 @@ impl BuildEvents<'_> {
         Ok(None)
     }
 
-    /// Binds to the first `accepted` or `rejected` and keeps only events of
-    /// that build.
+    /// Binds to the first `accepted` or `rejected` (or `interrupted`,
+    /// `resumed`) and keeps only events of that build.
     fn is_ours(&mut self, reply: &Reply) -> bool {
         match &self.build_id {
             Some(id) if *id == reply.build_id => true,
@@ -355,7 +422,16 @@ impl BuildEvents<'_> {
                 tracing::warn!(ours = %id, other = %reply.build_id, "ignoring an event of another build");
                 false
             }
-            None if matches!(reply.event, Event::Accepted { .. } | Event::Rejected { .. }) => {
+            // A request journaled just before the builder stopped may hear
+            // `interrupted` or `resumed` before (or instead of) `accepted`.
+            None if matches!(
+                reply.event,
+                Event::Accepted { .. }
+                    | Event::Rejected { .. }
+                    | Event::Interrupted { .. }
+                    | Event::Resumed { .. }
+            ) =>
+            {
                 self.build_id = Some(reply.build_id.clone());
                 true
             }
@@ -371,6 +447,9 @@ impl BuildEvents<'_> {
         if self.build_id.is_none() {
             return self.accept_deadline;
         }
+        if self.interrupted {
+            return self.deadline.min(self.heard_at + self.resume_timeout);
+        }
         match self.silence_limit {
             Some(limit) => self.deadline.min(self.heard_at + limit),
             None => self.deadline,
@@ -384,6 +463,9 @@ impl BuildEvents<'_> {
             (None, _) => ClientError::NotAcknowledged {
                 subject: self.subject.clone(),
                 waited: self.started.elapsed(),
+            },
+            (Some(_), _) if self.interrupted && now < self.deadline => ClientError::NotResumed {
+                waited: now - self.heard_at,
             },
             (Some(_), Some(limit)) if now < self.deadline => ClientError::BuilderSilent {
                 silent: now - self.heard_at,

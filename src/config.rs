@@ -152,6 +152,16 @@ pub struct BuilderConfig {
     /// File that keeps every host's last result across restarts (so the
     /// last-success metric and `build.status` survive them). Optional.
     pub state_file: Option<PathBuf>,
+    /// The journal of accepted requests (in the builder's state directory):
+    /// requests running or waiting when the builder stops or crashes are
+    /// picked up again when it starts. Unset: nothing is journaled, and a
+    /// stop cancels them.
+    pub journal_file: Option<PathBuf>,
+    /// With a journal, stopping pauses requests (`interrupted`) for the next
+    /// start to resume; `false` cancels them as without one (also
+    /// `builder --no-resume`).
+    #[serde(default = "defaults::resume")]
+    pub resume: bool,
 }
 
 impl Default for BuilderConfig {
@@ -168,6 +178,8 @@ impl Default for BuilderConfig {
             eval_workers: defaults::eval_workers(),
             eval_max_memory: defaults::eval_max_memory(),
             state_file: None,
+            journal_file: None,
+            resume: defaults::resume(),
         }
     }
 }
@@ -298,6 +310,9 @@ mod defaults {
     }
     pub fn fetch_timeout() -> Duration {
         Duration::from_secs(10 * 60)
+    }
+    pub fn resume() -> bool {
+        true
     }
     pub fn side_roots_ttl() -> Duration {
         Duration::from_secs(7 * 24 * 60 * 60)

@@ -197,6 +197,10 @@ impl BuildTools {
                 Event::HostStarted {
                     host, index, total, ..
                 } => Some(format!("host {index} of {total}: {host}")),
+                Event::Interrupted { resume: true } => {
+                    Some("the builder is restarting; waiting for it to resume".to_owned())
+                }
+                Event::Resumed { .. } => Some("the builder resumed the build".to_owned()),
                 Event::Progress {
                     host,
                     done,

@@ -77,6 +77,10 @@ pub struct Metrics {
     pub nats_connected: IntGauge,
     /// Reconnections after the first connection.
     pub nats_reconnects: IntCounter,
+    /// Requests picked up again from the journal at start.
+    pub resumed_requests: IntCounter,
+    /// Size of the journal of accepted requests.
+    pub journal_bytes: IntGauge,
 }
 
 fn name(suffix: &str) -> String {
@@ -154,6 +158,14 @@ impl Metrics {
                 name("nats_reconnects_total"),
                 "Reconnections to NATS after the first connection.",
             )?,
+            resumed_requests: IntCounter::new(
+                name("resumed_requests_total"),
+                "Requests picked up again from the journal after a restart.",
+            )?,
+            journal_bytes: IntGauge::new(
+                name("journal_bytes"),
+                "Size of the journal of accepted requests, in bytes.",
+            )?,
             registry,
         };
         let info = IntGaugeVec::new(
@@ -175,6 +187,8 @@ impl Metrics {
         r.register(Box::new(metrics.oldest_active_age.clone()))?;
         r.register(Box::new(metrics.nats_connected.clone()))?;
         r.register(Box::new(metrics.nats_reconnects.clone()))?;
+        r.register(Box::new(metrics.resumed_requests.clone()))?;
+        r.register(Box::new(metrics.journal_bytes.clone()))?;
         r.register(Box::new(info))?;
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

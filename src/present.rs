@@ -54,6 +54,11 @@ pub fn status_report(status: &BuilderStatus) -> String {
                 running.target,
                 running.started_at,
                 owned_by(running.owner.as_deref())
+                    + if running.resumed {
+                        ", resumed after a restart"
+                    } else {
+                        ""
+                    }
             ));
         }
         None => text.push_str("running: nothing\n"),
@@ -71,6 +76,11 @@ pub fn status_report(status: &BuilderStatus) -> String {
                 queued.git_ref.as_deref().unwrap_or("default"),
                 queued.queued_at,
                 owned_by(queued.owner.as_deref())
+                    + if queued.resumed {
+                        ", resumed after a restart"
+                    } else {
+                        ""
+                    }
             ));
         }
     }
@@ -172,6 +182,7 @@ mod tests {
             ],
             running: Some(RunningBuild {
                 owner: None,
+                resumed: false,
                 build_id: "b1".into(),
                 repo: "nixos-servers".into(),
                 target: "all".into(),
@@ -183,6 +194,7 @@ mod tests {
             }),
             queue: vec![QueuedBuild {
                 owner: None,
+                resumed: false,
                 build_id: "b2".into(),
                 repo: "nixos".into(),
                 target: "gunter".into(),

@@ -689,6 +689,20 @@ pub enum Event {
     },
     /// Terminal: the request was refused on receipt.
     Rejected { error: ErrorBody },
+    /// The builder is stopping (a restart, a deploy of its own host). With
+    /// `resume: true` it has the request on disk and picks it up again when
+    /// it is back, sending `resumed`; nothing ends here.
+    Interrupted { resume: bool },
+    /// The builder is back and goes on with the request: the same build id,
+    /// the same pinned rev; hosts in `done` finished before and are not
+    /// built again.
+    Resumed {
+        /// Hosts already finished, with their results in `finished`.
+        done: Vec<String>,
+        /// As in `accepted`: the builder's heartbeat from now on.
+        #[serde(default)]
+        heartbeat_ms: u64,
+    },
     /// An event type from a newer builder; clients skip it.
     #[serde(other)]
     Unknown,
@@ -712,6 +726,8 @@ impl Event {
             Self::HostFinished { .. } => "host_finished",
             Self::Finished { .. } => "finished",
             Self::Rejected { .. } => "rejected",
+            Self::Interrupted { .. } => "interrupted",
+            Self::Resumed { .. } => "resumed",
             Self::Unknown => "unknown",
         }
     }
@@ -838,6 +854,9 @@ pub struct RunningBuild {
     /// The NKey public key that signed the request (`null`: unsigned).
     #[serde(default)]
     pub owner: Option<String>,
+    /// Picked up again from the journal after the builder restarted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
     /// The host building now (`null` while the flake is fetched).
     pub host: Option<String>,
     /// Its position, counting from 1, and the number of hosts.
@@ -858,6 +877,9 @@ pub struct QueuedBuild {
     /// The NKey public key that signed the request (`null`: unsigned).
     #[serde(default)]
     pub owner: Option<String>,
+    /// Picked up again from the journal after the builder restarted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
     /// When the request arrived (RFC 3339, UTC).
     pub queued_at: String,
 }

@@ -8,6 +8,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Why requests end when the builder stops.
 pub(crate) const SHUTDOWN: &str = "the builder is shutting down";
+/// Why requests stop when the builder stops and will resume them.
+pub(crate) const INTERRUPTED: &str = "the builder is restarting; the build resumes when it is back";
 /// Why a request ends after `build.cancel`.
 pub(crate) const BY_REQUEST: &str = "cancelled by request";
 

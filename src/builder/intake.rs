@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::cancel;
+use super::journal::{AcceptedRequest, Journaling, Record};
 use super::live::{AttachError, LiveRequests};
 use super::monitor::{Monitor, RunningCancel};
 use super::queue::{PushError, Queue, Take};
@@ -55,6 +56,7 @@ pub(crate) struct Intake {
     queue: Arc<Queue<Job>>,
     monitor: Arc<Monitor>,
     live: Arc<LiveRequests>,
+    journal: Journaling,
     /// Rejections (and requests given no answer) are logged at most this
     /// often, so a flood of bad requests neither floods the journal nor
     /// slows the intake down.
@@ -117,6 +119,7 @@ impl Intake {
         queue: Arc<Queue<Job>>,
         monitor: Arc<Monitor>,
         live: Arc<LiveRequests>,
+        journal: Journaling,
     ) -> Self {
         Self {
             config,
@@ -124,15 +127,24 @@ impl Intake {
             queue,
             monitor,
             live,
+            journal,
             rejection_log: RateLimit::new(20),
         }
     }
 
-    /// Refuses new requests from now on (`shutting_down`) and ends every
-    /// waiting one with `finished`/`cancelled`, saying `reason`.
+    /// Refuses new requests from now on (`shutting_down`). Every waiting
+    /// one is told `interrupted` when the builder stops to resume them
+    /// (`reason` is [`cancel::INTERRUPTED`]; they stay in the journal), or
+    /// ended with `finished`/`cancelled`, saying `reason`.
     pub(crate) fn close(&self, reason: &str) {
         for job in self.queue.close() {
-            self.cancel_waiting(&job, reason);
+            if reason == cancel::INTERRUPTED {
+                tracing::info!(build_id = %job.build_id, "waiting build interrupted; it resumes at the next start");
+                job.replies
+                    .send(&job.build_id, Event::Interrupted { resume: true });
+            } else {
+                self.cancel_waiting(&job, reason);
+            }
         }
     }
 
@@ -146,6 +158,9 @@ impl Intake {
         self.monitor
             .build_finished(&job.build_id, &job.repo, report.status, report.duration);
         job.finish(report);
+        self.journal.note(Record::Ended {
+            build_id: job.build_id.clone(),
+        });
         self.live.remove(&job.build_id);
     }
 
@@ -253,6 +268,7 @@ impl Intake {
             owner: owner.clone(),
             replies: replies.clone(),
             received_at: SystemTime::now(),
+            resume: None,
         };
 
         if let Some(reply) = &reply {
@@ -269,12 +285,21 @@ impl Intake {
             queue_position,
             heartbeat_ms,
         };
-        // `accepted` is queued for sending, and the request counted as
-        // live, before the worker can take the job: `accepted` always
-        // precedes `started`, and the request leaves `live` only after.
-        let pushed = self.queue.push_announced(job, |position| {
-            self.live.register(&build_id, &replies);
-            replies.send(&build_id, accepted(position));
+        // On disk before `accepted` is sent: an accepted request survives a
+        // restart. (A full queue is refused before anything is written.)
+        let pushed = self.queue.has_room().and_then(|()| {
+            let record = Record::Accepted(AcceptedRequest::of(&job));
+            if let Err(err) = self.journal.record(record) {
+                tracing::error!(parent: &span, %err, "request rejected: cannot journal it");
+                return Err(PushError::Unrecorded);
+            }
+            // `accepted` is queued for sending, and the request counted as
+            // live, before the worker can take the job: `accepted` always
+            // precedes `started`, and the request leaves `live` only after.
+            self.queue.push_announced(job, |position| {
+                self.live.register(&build_id, &replies);
+                replies.send(&build_id, accepted(position));
+            })
         });
         match pushed {
             Ok(queue_position) => tracing::info!(
@@ -297,11 +322,23 @@ impl Intake {
             }
             Err(PushError::Closed) => {
                 tracing::warn!(parent: &span, "request rejected: shutting down");
+                // Closed between the check and the push: the record goes.
+                self.journal.note(Record::Ended {
+                    build_id: build_id.clone(),
+                });
                 let message = "the builder is shutting down; try again when it is back";
                 self.reject(
                     &replies,
                     &build_id,
                     ErrorBody::new(ErrorCode::ShuttingDown, message),
+                );
+            }
+            Err(PushError::Unrecorded) => {
+                let message = "the builder cannot record the request on disk; see its log";
+                self.reject(
+                    &replies,
+                    &build_id,
+                    ErrorBody::new(ErrorCode::Internal, message),
                 );
             }
         }
@@ -350,6 +387,10 @@ impl Intake {
                     Err(AttachError::Full | AttachError::Taken) => return,
                 }
                 joined = true;
+                self.journal.note(Record::Joined {
+                    build_id: waiting.build_id.clone(),
+                    reply: reply.to_string(),
+                });
                 waiting.replies.send_to(
                     reply,
                     &waiting.build_id,

@@ -12,6 +12,7 @@
 mod cancel;
 mod eval;
 mod intake;
+mod journal;
 mod live;
 mod monitor;
 mod queue;
@@ -36,15 +37,19 @@ use crate::nats::{self, Connection, NatsError};
 use crate::nix::NixCli;
 use crate::nix::version::{NixVersion, VersionError};
 use crate::protocol::{
-    BuildStatus, CANCEL_SUBJECT, ErrorBody, ErrorCode, REQUEST_SUBSCRIPTION, STATUS_SUBJECT,
+    BuildStatus, CANCEL_SUBJECT, ErrorBody, ErrorCode, Event, REQUEST_SUBSCRIPTION, STATUS_SUBJECT,
+    Target,
 };
 use crate::systemd;
+use async_nats::Subject;
 use cancel::Cancellation;
 use intake::Intake;
+use journal::{Journal, Journaling, Record, Unfinished};
 use live::LiveRequests;
 use monitor::Monitor;
 use queue::Queue;
 use replies::Publisher;
+use replies::Replies;
 use request::{Job, Report};
 use runner::Runner;
 
@@ -70,15 +75,23 @@ pub enum BuilderError {
     Metrics(#[from] MetricsError),
     #[error("cannot subscribe to {subject}: {reason}")]
     Subscribe { subject: String, reason: String },
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
 }
 
 /// Runs the builder until `shutdown` fires and every request has its
 /// terminal event.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BuilderError> {
-    let shutdown = Cancellation::root(shutdown, cancel::SHUTDOWN);
+    // With a journal, stopping is a pause: requests resume at the next start.
+    let reason = if config.builder.journal_file.is_some() && config.builder.resume {
+        cancel::INTERRUPTED
+    } else {
+        cancel::SHUTDOWN
+    };
+    let shutdown = Cancellation::root(shutdown, reason);
     let mut service = Service::start(config, &shutdown).await?;
     service.serve(&shutdown).await;
-    service.stop().await;
+    service.stop(&shutdown).await;
     Ok(())
 }
 
@@ -131,11 +144,27 @@ impl Service {
             ),
         }
 
+        let (journaling, recovered) = match &config.builder.journal_file {
+            Some(path) => {
+                let (journal, recovered) = Journal::open(path)?;
+                if recovered.skipped > 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        lines = recovered.skipped,
+                        "skipped unreadable journal lines (a write cut short by a crash, or damage)"
+                    );
+                }
+                (Journaling::to(Arc::new(journal)), recovered.requests)
+            }
+            None => (Journaling::default(), Vec::new()),
+        };
+
         let queue = Arc::new(Queue::new(config.builder.queue_limit));
         let monitor = Arc::new(Monitor::new(
             &config,
             Arc::clone(&queue),
             connection.state.clone(),
+            journaling.clone(),
         )?);
         let background = CancellationToken::new();
         let http = tokio::spawn(metrics::serve(
@@ -168,10 +197,23 @@ impl Service {
             NixCli::new("nix", version),
             Arc::clone(&config),
             Arc::clone(&monitor),
+            journaling.clone(),
         ));
         // Roots left by a crash go before any request runs.
         runner.start_up().await;
         let live = Arc::new(LiveRequests::default());
+        // Requests from before a stop or a crash run first, in their order.
+        for unfinished in recovered {
+            resume(
+                unfinished,
+                &config,
+                &publisher,
+                &queue,
+                &live,
+                &monitor,
+                &journaling,
+            );
+        }
         let heartbeats = tokio::spawn(send_heartbeats(
             Arc::clone(&live),
             config.builder.progress_interval,
@@ -185,6 +227,7 @@ impl Service {
             runner,
             Arc::clone(&monitor),
             Arc::clone(&live),
+            journaling.clone(),
             shutdown.clone(),
         ));
         let intake = Intake::new(
@@ -193,6 +236,7 @@ impl Service {
             queue,
             Arc::clone(&monitor),
             live,
+            journaling,
         );
         Ok(Self {
             config,
@@ -282,7 +326,7 @@ impl Service {
                     closing = true;
                     systemd::stopping();
                     tracing::info!("shutting down: cancelling queued and running builds");
-                    self.intake.close(cancel::SHUTDOWN);
+                    self.intake.close(shutdown.reason());
                 }
                 _ = &mut self.worker, if closing => break,
             }
@@ -291,7 +335,7 @@ impl Service {
 
     /// Ends what is left, delivers the last replies (for a bounded time)
     /// and stops the background tasks.
-    async fn stop(self) {
+    async fn stop(self, shutdown: &Cancellation) {
         let Self {
             connection,
             publisher,
@@ -306,7 +350,7 @@ impl Service {
             ..
         } = self;
         if !worker.is_finished() {
-            intake.close(cancel::SHUTDOWN);
+            intake.close(shutdown.reason());
             let _ = worker.await;
         }
         for subscription in [
@@ -340,6 +384,7 @@ async fn work(
     runner: Arc<Runner>,
     monitor: Arc<Monitor>,
     live: Arc<LiveRequests>,
+    journal: Journaling,
     shutdown: Cancellation,
 ) {
     loop {
@@ -356,6 +401,7 @@ async fn work(
         let task = tokio::spawn({
             let runner = Arc::clone(&runner);
             let job = Arc::clone(&job);
+            let cancel = cancel.clone();
             async move { runner.run(&job, &cancel).await }
         });
         let report = match task.await {
@@ -368,11 +414,23 @@ async fn work(
                 )
             }
         };
+        if report.status == BuildStatus::Cancelled && cancel.reason() == cancel::INTERRUPTED {
+            // Paused, not ended: it stays in the journal for the next start.
+            tracing::info!(build_id = %job.build_id, "build interrupted; it resumes at the next start");
+            monitor.build_interrupted(&job.build_id);
+            queue.done();
+            job.replies
+                .send(&job.build_id, Event::Interrupted { resume: true });
+            continue;
+        }
         // Everything that answers status and queue questions is settled
         // before the requester hears `finished`.
         monitor.build_finished(&job.build_id, &job.repo, report.status, report.duration);
         queue.done();
         job.finish(report);
+        journal.note(Record::Ended {
+            build_id: job.build_id.clone(),
+        });
         live.remove(&job.build_id);
     }
     monitor.worker_running(false);
@@ -393,4 +451,67 @@ async fn send_heartbeats(live: Arc<LiveRequests>, every: Duration, stop: Cancell
             () = stop.cancelled() => return,
         }
     }
+}
+
+/// Queues a request from the journal again, under its build id and with
+/// its requesters, and tells them it goes on (`resumed`). One whose repo or
+/// target the config no longer allows ends `failed` at once.
+fn resume(
+    unfinished: Unfinished,
+    config: &Config,
+    publisher: &Arc<Publisher>,
+    queue: &Queue<Job>,
+    live: &LiveRequests,
+    monitor: &Monitor,
+    journal: &Journaling,
+) {
+    let request = &unfinished.request;
+    let mut subjects = request.replies.iter().map(|s| Subject::from(s.as_str()));
+    let replies = Replies::new(Arc::clone(publisher), subjects.next());
+    for subject in subjects {
+        replies.add(subject);
+    }
+    let target = Target::parse(&request.target);
+    let job = Job {
+        build_id: request.build_id.clone(),
+        repo: request.repo.clone(),
+        target: target.clone().unwrap_or(Target::All),
+        git_ref: request.git_ref.clone(),
+        rev: request.rev.clone(),
+        logs: request.logs,
+        owner: request.owner.clone(),
+        replies: replies.clone(),
+        received_at: request.received_at(),
+        resume: Some(unfinished.resume()),
+    };
+    if !config.repos.contains_key(&job.repo) || target.is_err() {
+        tracing::warn!(build_id = %job.build_id, repo = %job.repo, "journaled request no longer fits the config; ending it");
+        let error = ErrorBody::new(
+            ErrorCode::UnknownRepo,
+            format!("repo {} is no longer configured on the builder", job.repo),
+        );
+        monitor.build_finished(
+            &job.build_id,
+            &job.repo,
+            BuildStatus::Failed,
+            Duration::ZERO,
+        );
+        job.finish(Report::ended_early(BuildStatus::Failed, error));
+        journal.note(Record::Ended {
+            build_id: job.build_id.clone(),
+        });
+        return;
+    }
+    let done: Vec<String> = unfinished.done.iter().map(|h| h.host.clone()).collect();
+    tracing::info!(build_id = %job.build_id, repo = %job.repo, target = %job.target, done = done.len(), "resuming a journaled request");
+    live.register(&job.build_id, &replies);
+    replies.send(
+        &job.build_id,
+        Event::Resumed {
+            done,
+            heartbeat_ms: request::millis(config.builder.progress_interval),
+        },
+    );
+    monitor.resumed();
+    queue.restore(job);
 }

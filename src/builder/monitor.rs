@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::cancel::{self, Cancellation};
+use super::journal::Journaling;
 use super::queue::Queue;
 use super::request::Job;
 use super::roots::Lineage;
@@ -42,6 +43,7 @@ pub(crate) struct Monitor {
     writer: Option<StateWriter>,
     nats: watch::Receiver<ConnectionState>,
     worker_alive: AtomicBool,
+    journal: Journaling,
 }
 
 /// Side results kept at most, whatever their age: the oldest go first.
@@ -113,6 +115,7 @@ impl Monitor {
         config: &Config,
         queue: Arc<Queue<Job>>,
         nats: watch::Receiver<ConnectionState>,
+        journal: Journaling,
     ) -> Result<Self, crate::metrics::MetricsError> {
         let metrics = Metrics::new(config.repos.keys().map(String::as_str))?;
         let monitor = Self {
@@ -131,6 +134,7 @@ impl Monitor {
             state_file: config.builder.state_file.clone(),
             nats,
             worker_alive: AtomicBool::new(false),
+            journal,
         };
         monitor.restore(config);
         Ok(monitor)
@@ -172,6 +176,7 @@ impl Monitor {
                 target: job.target.to_string(),
                 git_ref: job.git_ref.clone(),
                 owner: job.owner.clone(),
+                resumed: job.resume.is_some(),
                 host: None,
                 index: None,
                 total: None,
@@ -338,6 +343,24 @@ impl Monitor {
         }
     }
 
+    /// The running request stopped to resume at the next start: not a
+    /// finished build.
+    pub(crate) fn build_interrupted(&self, build_id: &str) {
+        let mut state = self.lock();
+        if state
+            .running
+            .as_ref()
+            .is_some_and(|r| r.status.build_id == build_id)
+        {
+            state.running = None;
+        }
+    }
+
+    /// A request from the journal was queued again.
+    pub(crate) fn resumed(&self) {
+        self.metrics.resumed_requests.inc();
+    }
+
     /// The `build.status` report.
     pub(crate) fn status(&self) -> BuilderStatus {
         let queue = self.queue.snapshot(|job| QueuedBuild {
@@ -346,6 +369,7 @@ impl Monitor {
             target: job.target.to_string(),
             git_ref: job.git_ref.clone(),
             owner: job.owner.clone(),
+            resumed: job.resume.is_some(),
             queued_at: rfc3339(job.received_at),
         });
         let state = self.lock();
@@ -520,6 +544,9 @@ impl Exporter for Monitor {
             .oldest_active_age
             .set(age.map_or(0.0, |a| a.as_secs_f64()));
         let nats = *self.nats.borrow();
+        metrics
+            .journal_bytes
+            .set(i64::try_from(self.journal.bytes()).unwrap_or(i64::MAX));
         metrics.nats_connected.set(i64::from(nats.connected));
         // Every connection after the first is a reconnection.
         let reconnects = nats.connects.saturating_sub(1);

@@ -24,6 +24,8 @@ pub(crate) enum PushError {
     Full,
     /// The builder is shutting down.
     Closed,
+    /// The request could not be journaled (the intake's own refusal).
+    Unrecorded,
 }
 
 struct State<J> {
@@ -83,6 +85,26 @@ impl<J> Queue<J> {
         drop(state);
         self.wake.notify_one();
         Ok(position)
+    }
+
+    /// Whether a push now would be taken (the intake, the only producer,
+    /// asks before it journals a request).
+    pub(crate) fn has_room(&self) -> Result<(), PushError> {
+        let state = self.lock();
+        if state.closed {
+            Err(PushError::Closed)
+        } else if state.waiting.len() >= self.limit {
+            Err(PushError::Full)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Appends a job picked up again after a restart: it was accepted
+    /// before, so `queue_limit` does not apply to it.
+    pub(crate) fn restore(&self, job: J) {
+        self.lock().waiting.push_back(job);
+        self.wake.notify_one();
     }
 
     /// Finds the first waiting job that `matches` and calls `join` with it

@@ -26,6 +26,19 @@ pub(crate) struct Job {
     pub(crate) replies: Replies,
     /// When the request arrived.
     pub(crate) received_at: SystemTime,
+    /// What it had done before the builder restarted (`None`: a new one).
+    pub(crate) resume: Option<Resume>,
+}
+
+/// What a request picked up again after a restart had done before.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Resume {
+    /// The commit it was pinned at, once it had started.
+    pub(crate) rev: Option<String>,
+    /// Its resolved hosts (and skipped ones), once it had started.
+    pub(crate) started: Option<(Vec<String>, Vec<SkippedHost>)>,
+    /// Hosts that had finished, with their results.
+    pub(crate) done: Vec<HostSummary>,
 }
 
 impl Job {

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::cancel::Cancellation;
+use super::cancel::{self, Cancellation};
 use super::eval::{EvalSettings, Evaluated, Evaluations};
+use super::journal::{Journaling, Record};
 use super::monitor::Monitor;
 use super::request::{HostFailure, Job, Report, millis};
 use super::roots::{GcRoots, Lineage, RequestRoots};
@@ -34,6 +35,8 @@ pub(crate) struct Runner {
     monitor: Arc<Monitor>,
     roots: Option<GcRoots>,
     memo: Mutex<Memo>,
+    /// Where each request's progress is recorded for a restart.
+    journal: Journaling,
 }
 
 /// Evaluation results by the fetched source's `narHash` (and the repo's
@@ -84,7 +87,12 @@ struct Run<'a> {
 
 impl Runner {
     /// A runner for `nix` as detected, with an empty memory.
-    pub(crate) fn new(nix: NixCli, config: Arc<Config>, monitor: Arc<Monitor>) -> Self {
+    pub(crate) fn new(
+        nix: NixCli,
+        config: Arc<Config>,
+        monitor: Arc<Monitor>,
+        journal: Journaling,
+    ) -> Self {
         let roots = config.builder.gc_roots_dir.clone().map(|dir| GcRoots {
             dir,
             keep: config.builder.keep_roots,
@@ -95,6 +103,7 @@ impl Runner {
             config,
             monitor,
             roots,
+            journal,
             memo: Mutex::new(Memo::default()),
         }
     }
@@ -193,27 +202,50 @@ impl Runner {
         };
         tracing::info!(rev = pinned.rev.as_deref().unwrap_or("-"), "flake pinned");
 
-        let deadline = Instant::now() + self.config.builder.host_timeout;
-        let (hosts, skipped) = match self.resolve_hosts(repo, run, &pinned, deadline).await {
-            Ok(resolved) => resolved,
-            Err(failure) => return early(failure, pinned.rev),
+        let resumed = job.resume.as_ref();
+        let (hosts, skipped) = match resumed.and_then(|resume| resume.started.clone()) {
+            // Started before a restart: the same hosts, and no second `started`.
+            Some(started) => started,
+            None => {
+                let deadline = Instant::now() + self.config.builder.host_timeout;
+                let (hosts, skipped) = match self.resolve_hosts(repo, run, &pinned, deadline).await
+                {
+                    Ok(resolved) => resolved,
+                    Err(failure) => return early(failure, pinned.rev),
+                };
+                self.journal.note(Record::Started {
+                    build_id: job.build_id.clone(),
+                    rev: pinned.rev.clone(),
+                    hosts: hosts.clone(),
+                    skipped: skipped.clone(),
+                });
+                job.replies.send(
+                    &job.build_id,
+                    Event::Started {
+                        repo: job.repo.clone(),
+                        target: job.target.to_string(),
+                        rev: pinned.rev.clone(),
+                        hosts: hosts.clone(),
+                        skipped: skipped.clone(),
+                    },
+                );
+                (hosts, skipped)
+            }
         };
-
-        job.replies.send(
-            &job.build_id,
-            Event::Started {
-                repo: job.repo.clone(),
-                target: job.target.to_string(),
-                rev: pinned.rev.clone(),
-                hosts: hosts.clone(),
-                skipped: skipped.clone(),
-            },
-        );
+        // Hosts that finished before a restart keep their results.
+        let done_before = |host: &str| {
+            resumed.and_then(|resume| resume.done.iter().find(|done| done.host == host))
+        };
+        let total = hosts.len();
+        let todo: Vec<String> = hosts
+            .iter()
+            .filter(|host| done_before(host).is_none())
+            .cloned()
+            .collect();
 
         let known: Vec<Option<Evaluated>> = {
             let memo = lock(&self.memo);
-            hosts
-                .iter()
+            todo.iter()
                 .map(|host| {
                     let key = pinned.memo_key.clone()?;
                     memo.evaluated
@@ -231,16 +263,20 @@ impl Runner {
         let mut evaluations = Evaluations::start(
             &self.nix,
             &pinned.locked_url,
-            &hosts,
+            &todo,
             known,
             &settings,
             run.roots.clone(),
             cancel,
         );
 
-        let total = hosts.len();
         let mut summaries = Vec::with_capacity(total);
+        let mut evaluation = 0;
         for (i, host) in hosts.iter().enumerate() {
+            if let Some(done) = done_before(host) {
+                summaries.push(done.clone());
+                continue;
+            }
             if cancel.is_cancelled() {
                 summaries.push(HostSummary {
                     host: host.clone(),
@@ -252,8 +288,15 @@ impl Runner {
                 continue;
             }
             let summary = self
-                .build_host(run, &pinned, host, (i, total), &mut evaluations)
+                .build_host(
+                    run,
+                    &pinned,
+                    host,
+                    (i, total),
+                    (&mut evaluations, evaluation),
+                )
                 .await;
+            evaluation += 1;
             summaries.push(summary);
         }
         evaluations.shutdown().await;
@@ -287,7 +330,13 @@ impl Runner {
         let deadline = Instant::now() + self.config.builder.fetch_timeout;
         let mut first_failure = None;
         let mut stdout = None;
-        for url in flake_fetch_urls(&repo.url, job.git_ref.as_deref(), job.rev.as_deref()) {
+        // A request resumed after a restart builds the commit it was pinned at.
+        let rev = job
+            .resume
+            .as_ref()
+            .and_then(|resume| resume.rev.as_deref())
+            .or(job.rev.as_deref());
+        for url in flake_fetch_urls(&repo.url, job.git_ref.as_deref(), rev) {
             let invocation = self.nix.flake_metadata(&url);
             match self
                 .run_quiet(&invocation, deadline, run.cancel, ErrorCode::FetchFailed)
@@ -447,7 +496,7 @@ impl Runner {
         pinned: &Pinned,
         host: &str,
         (index, total): (usize, usize),
-        evaluations: &mut Evaluations,
+        (evaluations, evaluation): (&mut Evaluations, usize),
     ) -> HostSummary {
         let Run { job, cancel, .. } = *run;
         let started = Instant::now();
@@ -467,7 +516,7 @@ impl Runner {
         let watch = HostWatch::new(job, host, self.config.builder.progress_interval);
         let result = watch
             .drive(async {
-                let evaluated = evaluations.get(index, cancel).await?;
+                let evaluated = evaluations.get(evaluation, cancel).await?;
                 if let Some(key) = &pinned.memo_key {
                     let mut memo = lock(&self.memo);
                     memo.make_room();
@@ -489,6 +538,25 @@ impl Runner {
             ),
             Err(failure) => (failure.status, None, false, Some(failure.error)),
         };
+        let summary = HostSummary {
+            host: host.to_owned(),
+            status,
+            duration_ms,
+            out_path: out_path.clone(),
+            cached,
+        };
+        if status == HostStatus::Cancelled && cancel.reason() == cancel::INTERRUPTED {
+            // Paused: the host builds again after the restart, so it gets
+            // no result now (nor in the journal).
+            tracing::info!(%host, "host interrupted");
+            return summary;
+        }
+        if status != HostStatus::Cancelled {
+            self.journal.note(Record::Host {
+                build_id: job.build_id.clone(),
+                summary: summary.clone(),
+            });
+        }
         self.monitor.host_finished(
             &job.repo,
             host,
@@ -516,18 +584,12 @@ impl Runner {
                 host: host.to_owned(),
                 status,
                 duration_ms,
-                out_path: out_path.clone(),
+                out_path,
                 cached,
                 error,
             },
         );
-        HostSummary {
-            host: host.to_owned(),
-            status,
-            duration_ms,
-            out_path,
-            cached,
-        }
+        summary
     }
 
     /// Builds an evaluated host from its derivation (no second evaluation),

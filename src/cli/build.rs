@@ -32,6 +32,15 @@ pub struct Args {
     /// Give up on a request after this long (e.g. 90m, 3h).
     #[arg(long, default_value = "3h", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// After the builder says it is restarting, wait this long for it to
+    /// resume the build.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    resume_timeout: Duration,
+    /// While no builder listens (NATS "no responders", e.g. it is
+    /// restarting), keep asking for this long (e.g. 5m) instead of giving
+    /// up at once.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    wait_for_builder: Option<Duration>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -63,6 +72,8 @@ pub async fn run(args: Args) -> Exit {
     };
     let timeouts = Timeouts {
         total: args.timeout,
+        resume: args.resume_timeout,
+        wait_for_builder: args.wait_for_builder,
         ..Timeouts::default()
     };
     let mut worst = Exit::Success;

@@ -13,16 +13,23 @@ pub struct Args {
     /// Path to the builder's TOML config.
     #[arg(long, short)]
     config: PathBuf,
+    /// On stop, cancel running and waiting requests instead of leaving them
+    /// in the journal for the next start (`[builder] resume = false`).
+    #[arg(long)]
+    no_resume: bool,
 }
 
 pub async fn run(args: Args) -> Exit {
-    let config = match Config::load(&args.config) {
+    let mut config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(err) => {
             super::print_error(&err);
             return Exit::Usage;
         }
     };
+    if args.no_resume {
+        config.builder.resume = false;
+    }
     let shutdown = CancellationToken::new();
     if let Err(err) = watch_signals(shutdown.clone()) {
         eprintln!("error: cannot install signal handlers: {err}");

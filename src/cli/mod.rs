@@ -173,6 +173,7 @@ pub fn client_exit(err: &crate::client::ClientError) -> Exit {
         | ClientError::NotAcknowledged { .. }
         | ClientError::TimedOut { .. }
         | ClientError::BuilderSilent { .. }
+        | ClientError::NotResumed { .. }
         | ClientError::Nats(_)
         | ClientError::Closed => Exit::NoBuilder,
     }

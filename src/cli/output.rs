@@ -215,6 +215,16 @@ impl<W: Write> View<W> {
                 lines.extend(indent_error(error));
                 lines
             }
+            Event::Interrupted { resume: true } => vec![format!(
+                "build {id}: the builder is restarting; waiting for it to resume the build"
+            )],
+            Event::Interrupted { resume: false } => {
+                vec![format!("build {id}: the builder is stopping")]
+            }
+            Event::Resumed { done, .. } => vec![match done.len() {
+                0 => format!("build {id}: resumed"),
+                n => format!("build {id}: resumed ({n} hosts already done)"),
+            }],
             Event::Heartbeat | Event::Unknown => Vec::new(),
         }
     }

@@ -760,6 +760,14 @@ impl Builder {
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
+    /// Kills the builder with SIGKILL (a crash) and reaps it; the Nix
+    /// processes it started live on in their own process groups.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         let _ = Command::new("kill")
