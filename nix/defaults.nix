@@ -10,5 +10,6 @@
     gc_roots_dir = "/var/lib/homelab-deploy-builder/gcroots";
     keep_roots = 3;
     state_file = "/var/lib/homelab-deploy-builder/state.json";
+    journal_file = "/var/lib/homelab-deploy-builder/journal";
   };
 }

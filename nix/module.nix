@@ -41,6 +41,7 @@
   writablePaths = lib.unique (lib.filter (dir: dir != stateDir && !lib.hasPrefix "${stateDir}/" dir) (
     lib.optional (settings.builder ? gc_roots_dir) settings.builder.gc_roots_dir
     ++ lib.optional (settings.builder ? state_file) (dirOf settings.builder.state_file)
+    ++ lib.optional (settings.builder ? journal_file) (dirOf settings.builder.journal_file)
   ));
 
   scheduleUnit = i: entry: "homelab-deploy-build-${toString i}-${entry.repo}-${entry.target}";
@@ -77,7 +78,9 @@
             then ["--all"]
             else [entry.target]
           )
-          ++ lib.optionals (entry.ref != null) ["--ref" entry.ref]);
+          ++ lib.optionals (entry.ref != null) ["--ref" entry.ref]
+          # A timer that fires while the builder restarts waits for it.
+          ++ ["--wait-for-builder" cfg.scheduleWaitForBuilder]);
         DynamicUser = true;
         LoadCredential = lib.mapAttrsToList (name: file: "${name}:${file}") scheduleCredentials;
         ProtectSystem = "strict";
@@ -210,6 +213,7 @@ in {
                 gc_roots_dir = option (lib.types.nullOr lib.types.str) defaults.builder.gc_roots_dir "Where built hosts are rooted (kept from the garbage collector); `null` builds with `--no-link`.";
                 keep_roots = option lib.types.ints.positive defaults.builder.keep_roots "Root generations kept per host.";
                 state_file = option (lib.types.nullOr lib.types.str) defaults.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
+                journal_file = option (lib.types.nullOr lib.types.str) defaults.builder.journal_file "Journal of accepted requests, resumed after a restart or a crash; `null`: a stop cancels them.";
               };
             };
           };
@@ -270,6 +274,12 @@ in {
       type = lib.types.nullOr lib.types.str;
       default = null;
       description = "A NATS `.creds` file instead of `scheduleNkeyFile`, delivered the same way.";
+    };
+
+    scheduleWaitForBuilder = lib.mkOption {
+      type = lib.types.strMatching "[0-9]+(ms|s|m|h)";
+      default = "10m";
+      description = "How long a scheduled build keeps asking while no builder answers (it may be restarting).";
     };
 
     builderPublicKey = lib.mkOption {

@@ -145,6 +145,7 @@
               nats.tls_ca_file = "/etc/ssl/homelab-ca.pem";
               builder.gc_roots_dir = null;
               builder.state_file = null;
+              builder.journal_file = null;
             };
           }
           // {
@@ -409,6 +410,7 @@
             gc_roots_dir = "/var/lib/homelab-deploy-builder/gcroots";
             keep_roots = 3;
             state_file = "/var/lib/homelab-deploy-builder/state.json";
+            journal_file = "/var/lib/homelab-deploy-builder/journal";
           };
           nixos-servers = {
             url = "git+https://git.t-juice.club/torjus/nixos-servers.git";
@@ -429,7 +431,7 @@
         }) (lib.getAttrs [scheduled0 scheduled1] readme.config.systemd.services);
         expected = {
           ${scheduled0} = {
-            ExecStart = quoted [(exe readme.cfg.package) "build" "nixos-servers" "--all"];
+            ExecStart = quoted [(exe readme.cfg.package) "build" "nixos-servers" "--all" "--wait-for-builder" "10m"];
             LoadCredential = ["nkey:/run/secrets/homelab-deploy-scheduler-nkey"];
             HOMELAB_DEPLOY_NATS_URL = "nats://nats.home.2rjus.net:4222";
             HOMELAB_DEPLOY_NKEY_FILE = "/run/credentials/${scheduled0}.service/nkey";
@@ -437,7 +439,7 @@
             tls = false;
           };
           ${scheduled1} = {
-            ExecStart = quoted [(exe readme.cfg.package) "build" "nixos" "--all"];
+            ExecStart = quoted [(exe readme.cfg.package) "build" "nixos" "--all" "--wait-for-builder" "10m"];
             LoadCredential = ["nkey:/run/secrets/homelab-deploy-scheduler-nkey"];
             HOMELAB_DEPLOY_NATS_URL = "nats://nats.home.2rjus.net:4222";
             HOMELAB_DEPLOY_NKEY_FILE = "/run/credentials/${scheduled1}.service/nkey";
@@ -512,7 +514,7 @@
           builderKey = service.environment ? HOMELAB_DEPLOY_BUILDER_KEY;
         };
         expected = {
-          ExecStart = quoted [(exe tls.cfg.package) "build" "nixos-servers" "ns1" "--ref" "flake-update/2026-11-28"];
+          ExecStart = quoted [(exe tls.cfg.package) "build" "nixos-servers" "ns1" "--ref" "flake-update/2026-11-28" "--wait-for-builder" "10m"];
           LoadCredential = ["creds:/run/secrets/scheduler.creds" "tls-ca:/etc/ssl/homelab-ca.pem"];
           HOMELAB_DEPLOY_NATS_URL = "tls://nats1.home.2rjus.net:4222,tls://nats2.home.2rjus.net:4222";
           HOMELAB_DEPLOY_CREDS_FILE = "/run/credentials/${tlsUnit}.service/creds";
