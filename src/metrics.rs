@@ -81,6 +81,10 @@ pub struct Metrics {
     pub resumed_requests: IntCounter,
     /// Size of the journal of accepted requests.
     pub journal_bytes: IntGauge,
+    /// Derivations Nix sent to each remote builder.
+    pub remote_builds: IntCounterVec,
+    /// 1 when the last check reached the remote builder, 0 when not.
+    pub machine_up: IntGaugeVec,
 }
 
 fn name(suffix: &str) -> String {
@@ -166,6 +170,18 @@ impl Metrics {
                 name("journal_bytes"),
                 "Size of the journal of accepted requests, in bytes.",
             )?,
+            remote_builds: counter_vec(
+                "remote_builds_total",
+                "Derivations Nix built on each remote builder (machine URI, credentials masked).",
+                &["machine"],
+            )?,
+            machine_up: IntGaugeVec::new(
+                Opts::new(
+                    name("machine_up"),
+                    "1 when the last `nix store ping` of the remote builder succeeded, 0 when not.",
+                ),
+                &["machine"],
+            )?,
             registry,
         };
         let info = IntGaugeVec::new(
@@ -189,6 +205,8 @@ impl Metrics {
         r.register(Box::new(metrics.nats_reconnects.clone()))?;
         r.register(Box::new(metrics.resumed_requests.clone()))?;
         r.register(Box::new(metrics.journal_bytes.clone()))?;
+        r.register(Box::new(metrics.remote_builds.clone()))?;
+        r.register(Box::new(metrics.machine_up.clone()))?;
         r.register(Box::new(info))?;
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

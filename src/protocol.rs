@@ -4,6 +4,7 @@
 //! describes for people; the builder, the CLI client and the MCP server all
 //! speak through these types. Change both together.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -650,6 +651,10 @@ pub enum Event {
         /// Name of the derivation building now, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         building: Option<String>,
+        /// Where that derivation builds: a remote builder's URI
+        /// (credentials masked) or `localhost`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        machine: Option<String>,
     },
     /// Lines of build output, for requests that asked for `logs`.
     Log { host: String, lines: Vec<String> },
@@ -665,6 +670,11 @@ pub enum Event {
         cached: bool,
         /// Why, when not successful.
         error: Option<ErrorBody>,
+        /// Derivations built for this host on each machine: a remote
+        /// builder's URI (credentials masked) or `localhost`; empty when
+        /// nothing was built.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        machines: BTreeMap<String, u64>,
     },
     /// Terminal: the request is done.
     Finished {
@@ -1364,6 +1374,37 @@ mod tests {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }
+    }
+
+    #[test]
+    fn machines_are_additive() {
+        // An older builder's events have no machines: they read as none.
+        let reply: Reply = serde_json::from_str(
+            r#"{"event":"host_finished","build_id":"1","host":"a","status":"success","duration_ms":1,"out_path":"/nix/store/x","cached":false,"error":null}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(&reply.event, Event::HostFinished { machines, .. } if machines.is_empty())
+        );
+        let event = Event::HostFinished {
+            host: "a".into(),
+            status: HostStatus::Success,
+            duration_ms: 1,
+            out_path: None,
+            cached: true,
+            error: None,
+            machines: BTreeMap::new(),
+        };
+        assert!(!serde_json::to_string(&event).unwrap().contains("machines"));
+        let event = Event::Progress {
+            host: "a".into(),
+            done: 0,
+            expected: 1,
+            building: Some("x".into()),
+            machine: Some("localhost".into()),
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert!(json.contains(r#""machine":"localhost""#), "{json}");
     }
 
     #[test]

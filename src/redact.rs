@@ -12,7 +12,7 @@
 //!   included, since a token is often the user name (`https://TOKEN@host`)
 //!   or the user name says which token it is (`oauth2:`, `x-access-token:`);
 //!   only a bare user name of an SSH URL (`ssh://git@host`,
-//!   `git+ssh://git@host`) is kept, as it names an account, not a secret;
+//!   `git+ssh://git@host`, a Nix builder's `ssh-ng://root@host`) is kept, as it names an account, not a secret;
 //! - the value of a query parameter whose name ends in one of
 //!   [`SECRET_PARAMETER_ENDINGS`] (case-insensitive), wherever `?name=` or
 //!   `&name=` appears.
@@ -125,7 +125,8 @@ fn hides_userinfo(scheme: &[u8], userinfo: &[u8]) -> bool {
     }
     // Whatever precedes the scheme in running text (an escape sequence's
     // tail, say) may cling to it, hence "ends with".
-    let ssh = scheme.to_ascii_lowercase().ends_with(b"ssh");
+    let scheme = scheme.to_ascii_lowercase();
+    let ssh = scheme.ends_with(b"ssh") || scheme.ends_with(b"ssh-ng");
     let password = userinfo.contains(&b':');
     !ssh || password
 }
@@ -196,6 +197,7 @@ mod tests {
         for text in [
             "git+ssh://git@git.example/lab/nix.git",
             "ssh://git@host:22/r",
+            "ssh-ng://root@builder1.lab",
             "git@github.com:owner/repo.git",
             "https://git.example/lab/nix.git?ref=main&rev=abc",
             "git+file:///srv/flake",

@@ -11,7 +11,7 @@
 //! never become metric series, so no requester can grow either without
 //! bound.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,7 @@ use super::roots::Lineage;
 use crate::config::Config;
 use crate::metrics::{Exporter, Health, Metrics};
 use crate::nats::ConnectionState;
+use crate::nix::log::LOCALHOST;
 use crate::protocol::{
     BuildStatus, BuilderStatus, ErrorCode, HostStatus, LastResult, QueuedBuild, RepoInfo,
     RunningBuild, rfc3339,
@@ -46,6 +47,10 @@ pub(crate) struct Monitor {
     journal: Journaling,
 }
 
+/// Remote machines given metric series at most: more than a homelab
+/// configures.
+const MAX_MACHINE_SERIES: usize = 64;
+
 /// Side results kept at most, whatever their age: the oldest go first.
 const MAX_SIDE_RECORDS: usize = 4096;
 
@@ -54,6 +59,8 @@ struct State {
     running: Option<Running>,
     /// By repo, host and lineage key (empty for the default ref).
     hosts: BTreeMap<(String, String, String), HostRecord>,
+    /// Remote machines with a metric series.
+    machine_series: BTreeSet<String>,
 }
 
 struct Running {
@@ -231,6 +238,28 @@ impl Monitor {
             running.status.host = Some(host.to_owned());
             running.status.index = Some(index);
             running.status.total = Some(total);
+        }
+    }
+
+    /// Counts derivations Nix built on remote machines. The names come
+    /// from Nix's log, so from the machines configured for it; at most
+    /// [`MAX_MACHINE_SERIES`] series are made all the same.
+    pub(crate) fn derivations_built(&self, machines: &BTreeMap<String, u64>) {
+        let counter = &self.metrics.remote_builds;
+        for (machine, count) in machines {
+            if machine == LOCALHOST {
+                continue;
+            }
+            let mut state = self.lock();
+            if !state.machine_series.contains(machine) {
+                if state.machine_series.len() >= MAX_MACHINE_SERIES {
+                    continue;
+                }
+                state.machine_series.insert(machine.clone());
+            }
+            counter
+                .with_label_values(&[machine.as_str()])
+                .inc_by(*count);
         }
     }
 

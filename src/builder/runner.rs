@@ -529,6 +529,8 @@ impl Runner {
 
         let duration = started.elapsed();
         let duration_ms = millis(duration);
+        let machines = watch.machines();
+        self.monitor.derivations_built(&machines);
         let (status, out_path, cached, error) = match result {
             Ok(built) => (
                 HostStatus::Success,
@@ -587,6 +589,7 @@ impl Runner {
                 out_path,
                 cached,
                 error,
+                machines,
             },
         );
         summary
@@ -650,7 +653,7 @@ impl Runner {
         };
         let outcome = process::run_limited(&build, limits, cancel.token(), &mut |line: &str| {
             let event = parser.parse(line);
-            watch.observe(&event, parser.building());
+            watch.observe(&event, &parser);
             tail.observe(&event);
         })
         .await;

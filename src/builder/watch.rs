@@ -1,14 +1,14 @@
 //! Watching one host while it waits for its evaluation and builds: the
 //! `progress` and `log` events a requester sees.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::request::Job;
-use crate::nix::log::{LogEvent, clean_line};
+use crate::nix::log::{LOCALHOST, LogEvent, LogParser, clean_line};
 use crate::protocol::{Event, MAX_LOG_EVENT_BYTES};
 use crate::sync::lock;
 
@@ -37,6 +37,7 @@ struct Progress {
     done: u64,
     expected: u64,
     building: Option<String>,
+    machine: Option<String>,
 }
 
 impl WatchState {
@@ -68,6 +69,9 @@ struct WatchState {
     log: VecDeque<String>,
     log_bytes: usize,
     dropped: u64,
+    /// Derivations started on each machine, over all of the host's Nix
+    /// commands.
+    machines: BTreeMap<String, u64>,
 }
 
 impl<'a> HostWatch<'a> {
@@ -81,22 +85,34 @@ impl<'a> HostWatch<'a> {
         }
     }
 
-    /// Takes note of one event from the host's `nix build`.
-    pub(crate) fn observe(&self, event: &LogEvent, building: Option<&str>) {
+    /// Takes note of one event from the host's `nix build`, as `parser`
+    /// read it.
+    pub(crate) fn observe(&self, event: &LogEvent, parser: &LogParser) {
         let mut state = lock(&self.state);
-        if let LogEvent::Progress { done, expected, .. } = event {
-            state.now.done = *done;
-            state.now.expected = *expected;
+        match event {
+            LogEvent::Progress { done, expected, .. } => {
+                state.now.done = *done;
+                state.now.expected = *expected;
+            }
+            LogEvent::BuildStarted { machine, .. } => {
+                *state.machines.entry(machine.clone()).or_default() += 1;
+            }
+            _ => {}
         }
-        if state.now.building.as_deref() != building {
+        let (building, machine) = (parser.building(), parser.machine());
+        if state.now.building.as_deref() != building || state.now.machine.as_deref() != machine {
             state.now.building = building.map(str::to_owned);
+            state.now.machine = machine.map(str::to_owned);
         }
         if !self.job.logs {
             return;
         }
         match event {
             LogEvent::BuildLine(line) => state.push(line.clone()),
-            LogEvent::BuildStarted { drv_path } => state.push(format!("building '{drv_path}'")),
+            LogEvent::BuildStarted { drv_path, machine } if machine != LOCALHOST => {
+                state.push(format!("building '{drv_path}' on '{machine}'"))
+            }
+            LogEvent::BuildStarted { drv_path, .. } => state.push(format!("building '{drv_path}'")),
             // Nix's messages span lines (an error quotes the build log):
             // each is cut like a build line, so every line fits an event.
             LogEvent::Message { level, text } if *level <= 1 => {
@@ -106,6 +122,11 @@ impl<'a> HostWatch<'a> {
             }
             _ => {}
         }
+    }
+
+    /// Derivations built so far for the host on each machine.
+    pub(crate) fn machines(&self) -> BTreeMap<String, u64> {
+        lock(&self.state).machines.clone()
     }
 
     /// Runs `work` while reporting on it.
@@ -147,6 +168,7 @@ impl<'a> HostWatch<'a> {
                 done: progress.done,
                 expected: progress.expected,
                 building: progress.building,
+                machine: progress.machine,
             },
         );
     }

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::nix::log::LOCALHOST;
 use crate::present::{human_duration, short_rev};
 use crate::protocol::{BuildStatus, ErrorBody, Event, HostStatus, Reply};
 
@@ -118,6 +119,7 @@ impl<W: Write> View<W> {
                 done,
                 expected,
                 building,
+                ..
             } => {
                 self.state.counts = (*done, *expected);
                 self.state.building = building.clone();
@@ -145,6 +147,7 @@ impl<W: Write> View<W> {
                 out_path,
                 cached,
                 error,
+                machines,
             } => {
                 let position = self.position();
                 self.state.current = None;
@@ -166,6 +169,11 @@ impl<W: Write> View<W> {
                 }];
                 if let Some(error) = error {
                     lines.extend(indent_error(error));
+                }
+                if machines.keys().any(|m| m != LOCALHOST) {
+                    let built: Vec<String> =
+                        machines.iter().map(|(m, n)| format!("{m}: {n}")).collect();
+                    lines.push(format!("  derivations built on {}", built.join(", ")));
                 }
                 lines
             }
@@ -286,6 +294,8 @@ fn indent_error(error: &ErrorBody) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
     use crate::protocol::{ErrorCode, HostSummary};
 
     fn reply(event: Event) -> Reply {
@@ -335,6 +345,10 @@ mod tests {
                 out_path: Some("/nix/store/x-a".into()),
                 cached: false,
                 error: None,
+                machines: BTreeMap::from([
+                    ("localhost".to_owned(), 1),
+                    ("ssh-ng://root@b1?ssh-key=***".to_owned(), 3),
+                ]),
             },
             Event::HostStarted {
                 host: "b".into(),
@@ -351,6 +365,7 @@ mod tests {
                     ErrorCode::BuildFailed,
                     "error: boom\n> last line",
                 )),
+                machines: BTreeMap::from([("localhost".to_owned(), 1)]),
             },
             Event::Finished {
                 omitted_hosts: 0,
@@ -386,7 +401,7 @@ mod tests {
             "build b1: demo/all accepted (ref master, starting now)\n\
              build b1: rev 609da7ab2bec, 2 hosts: a, b\n\
              [1/2] a: building\n\
-             [1/2] a: success in 1.5s -> /nix/store/x-a\n\
+             [1/2] a: success in 1.5s -> /nix/store/x-a\n  derivations built on localhost: 1, ssh-ng://root@b1?ssh-key=***: 3\n\
              [2/2] b: building\n\
              [2/2] b: FAILED in 200ms (build_failed)\n    error: boom\n    > last line\n\
              build b1 failed: 1 succeeded, 1 failed in 1.8s (rev 609da7ab2bec); not built: b\n"

@@ -5,11 +5,12 @@
 //! fields, activity and result types); unknown types and fields are ignored,
 //! never errors.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::Deserialize;
 
 use crate::protocol::{MAX_ERROR_MESSAGE_BYTES, keep_tail};
+use crate::redact::redact;
 
 /// Activity type of the "building N derivations" umbrella activity.
 const ACT_BUILDS: u64 = 104;
@@ -23,6 +24,9 @@ const RES_PROGRESS: u64 = 105;
 const RES_POST_BUILD_LOG_LINE: u64 = 107;
 /// Verbosity of errors.
 const LEVEL_ERROR: u64 = 0;
+
+/// What a build on the machine running Nix is counted under.
+pub const LOCALHOST: &str = "localhost";
 
 /// Longest single line kept from a builder's log.
 pub const MAX_LINE_BYTES: usize = 1024;
@@ -39,8 +43,9 @@ pub enum LogEvent {
         running: u64,
         failed: u64,
     },
-    /// A derivation started building.
-    BuildStarted { drv_path: String },
+    /// A derivation started building, on `machine` (its URI with
+    /// credentials redacted, or [`LOCALHOST`]).
+    BuildStarted { drv_path: String, machine: String },
     /// A message Nix printed (level 0 is an error).
     Message { level: u64, text: String },
     /// A line that is not `@nix` JSON.
@@ -65,11 +70,20 @@ struct RawLine {
 }
 
 /// Turns stderr lines into [`LogEvent`]s; remembers which activity carries
-/// the derivation counts and which derivations are building.
+/// the derivation counts, which derivations are building and where, and how
+/// many were built on each machine.
 #[derive(Debug, Default)]
 pub struct LogParser {
     builds_activity: Option<u64>,
-    building: Vec<(u64, String)>,
+    building: Vec<Building>,
+    machines: BTreeMap<String, u64>,
+}
+
+#[derive(Debug)]
+struct Building {
+    id: u64,
+    drv_path: String,
+    machine: String,
 }
 
 impl LogParser {
@@ -81,7 +95,18 @@ impl LogParser {
     /// The name of the derivation that most recently started building and
     /// is still building.
     pub fn building(&self) -> Option<&str> {
-        self.building.last().map(|(_, drv)| derivation_name(drv))
+        self.building.last().map(|b| derivation_name(&b.drv_path))
+    }
+
+    /// The machine of the derivation [`Self::building`] names.
+    pub fn machine(&self) -> Option<&str> {
+        self.building.last().map(|b| b.machine.as_str())
+    }
+
+    /// Derivations started so far on each machine (redacted URI, or
+    /// [`LOCALHOST`]).
+    pub fn machines(&self) -> &BTreeMap<String, u64> {
+        &self.machines
     }
 
     /// Interprets one stderr line (without its newline).
@@ -93,21 +118,15 @@ impl LogParser {
             return LogEvent::Ignored;
         };
         match raw.action.as_str() {
+            // A remote build relays the remote Nix's own activities; the
+            // first umbrella activity is the one of this command.
             "start" if raw.kind == ACT_BUILDS => {
-                self.builds_activity = Some(raw.id);
+                self.builds_activity.get_or_insert(raw.id);
                 LogEvent::Ignored
             }
-            "start" if raw.kind == ACT_BUILD => match raw.fields.first() {
-                Some(serde_json::Value::String(drv_path)) => {
-                    self.building.push((raw.id, drv_path.clone()));
-                    LogEvent::BuildStarted {
-                        drv_path: drv_path.clone(),
-                    }
-                }
-                _ => LogEvent::Ignored,
-            },
+            "start" if raw.kind == ACT_BUILD => self.build_started(raw.id, &raw.fields),
             "stop" => {
-                self.building.retain(|(id, _)| *id != raw.id);
+                self.building.retain(|b| b.id != raw.id);
                 LogEvent::Ignored
             }
             "result" if raw.kind == RES_BUILD_LOG_LINE || raw.kind == RES_POST_BUILD_LOG_LINE => {
@@ -135,6 +154,40 @@ impl LogParser {
                 text: strip_ansi(raw.msg.as_deref().unwrap_or_default()),
             },
             _ => LogEvent::Ignored,
+        }
+    }
+}
+
+impl LogParser {
+    /// A build activity's fields are `[drvPath, machine, round, rounds]`;
+    /// the machine is empty for a local build. The remote Nix's view of a
+    /// build sent to it (the same derivation, "local" there) is relayed
+    /// too, and is not a second build.
+    fn build_started(&mut self, id: u64, fields: &[serde_json::Value]) -> LogEvent {
+        let Some(serde_json::Value::String(drv_path)) = fields.first() else {
+            return LogEvent::Ignored;
+        };
+        let machine = match fields.get(1).and_then(serde_json::Value::as_str) {
+            None | Some("") => LOCALHOST.to_owned(),
+            Some(uri) => redact(uri).into_owned(),
+        };
+        let relayed = machine == LOCALHOST
+            && self
+                .building
+                .iter()
+                .any(|b| b.drv_path == *drv_path && b.machine != LOCALHOST);
+        if relayed {
+            return LogEvent::Ignored;
+        }
+        *self.machines.entry(machine.clone()).or_default() += 1;
+        self.building.push(Building {
+            id,
+            drv_path: drv_path.clone(),
+            machine: machine.clone(),
+        });
+        LogEvent::BuildStarted {
+            drv_path: drv_path.clone(),
+            machine,
         }
     }
 }
@@ -368,6 +421,71 @@ mod tests {
 @nix {"action":"stop","id":92973157056513}
 @nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m \u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv\u001b[0m' failed with exit code 3\u001b[0m","raw_msg":"\u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv\u001b[0m' failed with exit code 3\u001b[0m"}"#;
 
+    /// Two derivations sent to a remote machine by Nix 2.8's build hook
+    /// (captured from Debian's nix-bin with `builders = ssh-ng://…` and
+    /// `max-jobs = 0`; the key path shortened, per-derivation progress of
+    /// other activities left out): each build activity names the machine,
+    /// and the remote Nix's own activities for the same derivation (an
+    /// umbrella activity, a "local" build) are relayed in between.
+    const NIX_2_8_REMOTE_BUILD: &str = r#"@nix {"action":"start","id":6979321856000,"level":0,"text":"","type":102}
+@nix {"action":"start","id":6979321856001,"level":0,"text":"","type":104}
+@nix {"action":"start","id":6979321856002,"level":0,"text":"","type":103}
+@nix {"action":"result","fields":[0,1,0,0],"id":6979321856001,"type":105}
+@nix {"action":"stop","id":6979321856003}
+@nix {"action":"result","fields":[0,2,0,0],"id":6979321856001,"type":105}
+@nix {"action":"start","id":6979321856004,"level":4,"text":"connecting to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
+@nix {"action":"stop","id":6979321856004}
+@nix {"action":"start","fields":["/nix/store/gr9xihcqd71s80ihm1xbm6gj8linm4lb-dep.drv","ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519",1,1],"id":6979321856005,"level":3,"text":"building '/nix/store/gr9xihcqd71s80ihm1xbm6gj8linm4lb-dep.drv' on 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":105}
+@nix {"action":"result","fields":[0,2,1,0],"id":6979321856001,"type":105}
+@nix {"action":"start","id":6979321856006,"level":4,"text":"waiting for the upload lock to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
+@nix {"action":"stop","id":6979321856006}
+@nix {"action":"start","id":6979321856007,"level":4,"text":"copying dependencies to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
+@nix {"action":"stop","id":6979321856008}
+@nix {"action":"start","id":6979321856009,"level":3,"text":"copying 0 paths","type":103}
+@nix {"action":"stop","id":6979321856009}
+@nix {"action":"stop","id":6979321856007}
+@nix {"action":"start","id":6979321856010,"level":0,"text":"","type":102}
+@nix {"action":"start","id":6979321856011,"level":0,"text":"","type":104}
+@nix {"action":"start","id":6979321856012,"level":0,"text":"","type":103}
+@nix {"action":"result","fields":[0,1,0,0],"id":6979321856011,"type":105}
+@nix {"action":"stop","id":6979321856013}
+@nix {"action":"start","fields":["/nix/store/gr9xihcqd71s80ihm1xbm6gj8linm4lb-dep.drv","",1,1],"id":6979321856014,"level":3,"text":"building '/nix/store/gr9xihcqd71s80ihm1xbm6gj8linm4lb-dep.drv'","type":105}
+@nix {"action":"result","fields":[0,1,1,0],"id":6979321856011,"type":105}
+@nix {"action":"result","fields":["dep"],"id":6979321856014,"type":101}
+@nix {"action":"result","fields":[1,1,0,0],"id":6979321856011,"type":105}
+@nix {"action":"stop","id":6979321856014}
+@nix {"action":"stop","id":6979321856012}
+@nix {"action":"stop","id":6979321856011}
+@nix {"action":"stop","id":6979321856010}
+@nix {"action":"start","id":6979321856015,"level":4,"text":"copying outputs from 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
+@nix {"action":"start","id":6979321856016,"level":3,"text":"copying 1 paths","type":103}
+@nix {"action":"start","fields":["/nix/store/49q4rfk9c6af5p0i4ypjsv218dv3vz78-dep","ssh-ng://root@127.0.0.1","local"],"id":6979321856017,"level":3,"text":"copying path '/nix/store/49q4rfk9c6af5p0i4ypjsv218dv3vz78-dep' from 'ssh-ng://root@127.0.0.1'","type":100}
+@nix {"action":"stop","id":6979321856017}
+@nix {"action":"stop","id":6979321856016}
+@nix {"action":"stop","id":6979321856015}
+@nix {"action":"result","fields":[1,2,0,0],"id":6979321856001,"type":105}
+@nix {"action":"stop","id":6979321856005}
+@nix {"action":"start","id":6979321856018,"level":4,"text":"connecting to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
+@nix {"action":"stop","id":6979321856018}
+@nix {"action":"start","fields":["/nix/store/j4h90hgbry3hys0mcv4gx67qdyn11v7c-top.drv","ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519",1,1],"id":6979321856019,"level":3,"text":"building '/nix/store/j4h90hgbry3hys0mcv4gx67qdyn11v7c-top.drv' on 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":105}
+@nix {"action":"result","fields":[1,2,1,0],"id":6979321856001,"type":105}
+@nix {"action":"start","id":6979321856020,"level":4,"text":"waiting for the upload lock to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
+@nix {"action":"stop","id":6979321856020}
+@nix {"action":"start","id":6979321856021,"level":4,"text":"copying dependencies to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
+@nix {"action":"stop","id":6979321856022}
+@nix {"action":"start","id":6979321856023,"level":3,"text":"copying 0 paths","type":103}
+@nix {"action":"stop","id":6979321856023}
+@nix {"action":"stop","id":6979321856021}
+@nix {"action":"start","id":6979321856024,"level":0,"text":"","type":102}
+@nix {"action":"start","id":6979321856025,"level":0,"text":"","type":104}
+@nix {"action":"start","id":6979321856026,"level":0,"text":"","type":103}
+@nix {"action":"result","fields":[0,1,0,0],"id":6979321856025,"type":105}
+@nix {"action":"stop","id":6979321856027}
+@nix {"action":"start","fields":["/nix/store/j4h90hgbry3hys0mcv4gx67qdyn11v7c-top.drv","",1,1],"id":6979321856028,"level":3,"text":"building '/nix/store/j4h90hgbry3hys0mcv4gx67qdyn11v7c-top.drv'","type":105}
+@nix {"action":"result","fields":[0,1,1,0],"id":6979321856025,"type":105}
+@nix {"action":"result","fields":["top"],"id":6979321856028,"type":101}
+@nix {"action":"result","fields":["sh: 1: cat: not found"],"id":6979321856028,"type":101}"#;
+
     /// An evaluation error as Nix 2.26.3 logs it (`nix eval --json
     /// --log-format internal-json`): one message with the whole trace.
     const NIX_2_26_EVAL_ERROR: &str = r#"@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m\n       … while evaluating the attribute '\u001b[35;1mevalfail.config.system.build.toplevel.drvPath\u001b[0m'\n         \u001b[34;1mat \u001b[35;1m/nix/store/y2z9z026vl7jgd4xiwcsi305vmbw47r2-source/flake.nix:10:5\u001b[0m:\n            9|     nixosConfigurations.good.config.system.build.toplevel = good;\n           10|     nixosConfigurations.evalfail.config.system.build.toplevel = throw \"evaluation of this host fails on purpose\";\n             |     \u001b[31;1m^\u001b[0m\n           11|   };\n\n       … while calling the '\u001b[35;1mthrow\u001b[0m' builtin\n         \u001b[34;1mat \u001b[35;1m/nix/store/y2z9z026vl7jgd4xiwcsi305vmbw47r2-source/flake.nix:10:65\u001b[0m:\n            9|     nixosConfigurations.good.config.system.build.toplevel = good;\n           10|     nixosConfigurations.evalfail.config.system.build.toplevel = throw \"evaluation of this host fails on purpose\";\n             |                                                                 \u001b[31;1m^\u001b[0m\n           11|   };\n\n       \u001b[31;1merror:\u001b[0m evaluation of this host fails on purpose","raw_msg":"evaluation of this host fails on purpose"}"#;
@@ -407,7 +525,8 @@ mod tests {
             .collect();
         assert_eq!(lines, ["about to fail", "red"]);
         assert!(events.contains(&LogEvent::BuildStarted {
-            drv_path: "/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv".into()
+            drv_path: "/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv".into(),
+            machine: LOCALHOST.into(),
         }));
     }
 
@@ -446,7 +565,7 @@ mod tests {
         let started: Vec<&str> = events
             .iter()
             .filter_map(|e| match e {
-                LogEvent::BuildStarted { drv_path } => Some(derivation_name(drv_path)),
+                LogEvent::BuildStarted { drv_path, .. } => Some(derivation_name(drv_path)),
                 _ => None,
             })
             .collect();
@@ -463,6 +582,74 @@ mod tests {
             tail.summary(),
             "error: builder for '/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv' failed with exit code 3\nlast log lines:\n> dep\n> about to fail\n> red"
         );
+    }
+
+    #[test]
+    fn nix_2_8_remote_builds_are_counted_once_under_their_machine() {
+        let mut parser = LogParser::new();
+        let mut machines_seen = Vec::new();
+        let events: Vec<LogEvent> = NIX_2_8_REMOTE_BUILD
+            .lines()
+            .map(|line| {
+                let event = parser.parse(line);
+                machines_seen.push(parser.machine().map(str::to_owned));
+                event
+            })
+            .collect();
+        let remote = "ssh-ng://root@127.0.0.1?ssh-key=***";
+        let started: Vec<(&str, &str)> = events
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::BuildStarted { drv_path, machine } => {
+                    Some((derivation_name(drv_path), machine.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started, [("dep", remote), ("top", remote)]);
+        assert_eq!(
+            parser.machines(),
+            &BTreeMap::from([(remote.to_owned(), 2)]),
+            "the relayed local view of a remote build is not a second build"
+        );
+        assert!(machines_seen.contains(&Some(remote.to_owned())));
+        assert!(!machines_seen.contains(&Some(LOCALHOST.to_owned())));
+        // Counts come from this command's umbrella activity, not from the
+        // remote Nix's relayed one (which would say 1 of 1).
+        assert_eq!(
+            progress(&events),
+            vec![(0, 1), (0, 2), (0, 2), (1, 2), (1, 2)]
+        );
+    }
+
+    #[test]
+    fn local_builds_count_under_localhost_on_both_versions() {
+        for capture in [NIX_2_8_FAILED_BUILD, NIX_2_26_FAILED_BUILD] {
+            let mut parser = LogParser::new();
+            let mut machines_seen = Vec::new();
+            for line in capture.lines() {
+                parser.parse(line);
+                machines_seen.extend(parser.machine().map(str::to_owned));
+            }
+            let expected = capture.matches(r#"","",1,1]"#).count();
+            assert!(expected > 0);
+            assert_eq!(
+                parser.machines(),
+                &BTreeMap::from([(LOCALHOST.to_owned(), expected as u64)])
+            );
+            assert!(machines_seen.iter().all(|m| m == LOCALHOST));
+        }
+    }
+
+    #[test]
+    fn machine_credentials_are_redacted() {
+        let mut parser = LogParser::new();
+        let line = r#"@nix {"action":"start","fields":["/nix/store/a-x.drv","ssh://builder:hunter2@b1",1,1],"id":7,"level":3,"text":"","type":105}"#;
+        let LogEvent::BuildStarted { machine, .. } = parser.parse(line) else {
+            panic!("not a build start");
+        };
+        assert_eq!(machine, "ssh://***@b1");
+        assert_eq!(parser.machine(), Some("ssh://***@b1"));
     }
 
     #[test]
