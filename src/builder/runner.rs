@@ -718,6 +718,9 @@ impl Runner {
                 if message.is_empty() {
                     message = format!("nix exited with {status} and printed no error");
                 }
+                if message.contains(NO_MACHINE_FOR_BUILD) {
+                    message.push_str(NO_MACHINE_HINT);
+                }
                 Err(HostFailure::failed(failure_code, message))
             }
             Ok(outcome @ (Outcome::TimedOut | Outcome::Silent)) => {
@@ -744,6 +747,14 @@ impl Runner {
         }
     }
 }
+
+/// What Nix says when neither the local machine nor any remote builder
+/// may take a derivation; its "cannot build on '<machine>'" messages before
+/// it name the machines tried.
+const NO_MACHINE_FOR_BUILD: &str = "unable to start any build";
+const NO_MACHINE_HINT: &str = "\nno machine could take the build: local builds are disabled \
+(max-jobs = 0) and every remote builder in Nix's `builders` was unreachable or lacks the \
+system or features; see the machines in `homelab-deploy status`";
 
 /// The request-level error of an `all` build that left hosts out.
 fn skipped_error(skipped: &[SkippedHost]) -> ErrorBody {

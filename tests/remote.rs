@@ -1,0 +1,175 @@
+//! Nix's distributed builds against a second store on this machine (see
+//! [`common::RemoteStore`]): derivations build where Nix sends them, come
+//! back rooted, and every `host_finished` says where they were built.
+//!
+//! Remote builds need Nix's build hook, which only the system Nix (2.8)
+//! can run here; with the private Nix 2.26 these tests say why they skip.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, HostStatus};
+
+/// The remote's URI as events name it: the key path masked.
+const REMOTE: &str = "ssh-ng://root@127.0.0.1?ssh-key=***";
+
+fn skip_without_remote_builds() -> bool {
+    match RemoteStore::unsupported() {
+        Some(reason) => {
+            eprintln!("skipped: remote builds cannot run here: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+fn finished_status(replies: &[homelab_deploy::protocol::Reply]) -> BuildStatus {
+    match terminal(replies) {
+        Event::Finished { status, .. } => *status,
+        other => panic!("not finished: {other:?}"),
+    }
+}
+
+/// The GC roots of `path` in the builder's store.
+fn roots_of(path: &str) -> String {
+    let out = nix_command("nix-store")
+        .args(["--query", "--roots", path])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn without_local_builds_every_host_builds_remotely_and_comes_back_rooted() {
+    if skip_without_remote_builds() {
+        return;
+    }
+    let remote = RemoteStore::start();
+    let roots = tempfile::tempdir().unwrap();
+    let flake = Flake::new(&[("ns1", Host::Ok), ("ns2", Host::Ok)]);
+    let (nats, mut builder) = start_service(&flake, |o| {
+        o.builder(&format!("gc_roots_dir = \"{}\"", roots.path().display()))
+            .env("NIX_CONFIG", &remote.nix_config(Some(0)))
+            .env("NIX_SSHOPTS", &remote.ssh_opts())
+    });
+    let client = Requester::new(&nats).await;
+
+    let replies = client.build("build.homelab.all", "").await;
+
+    assert_eq!(
+        finished_status(&replies),
+        BuildStatus::Success,
+        "{replies:?}"
+    );
+    let outcomes = host_outcomes(&replies);
+    assert_eq!(outcomes.len(), 2);
+    let mut remote_builds = 0;
+    for outcome in outcomes {
+        let out = outcome.out_path.clone().unwrap();
+        assert!(remote.has(&out), "{out} is not in the remote store");
+        assert!(
+            std::path::Path::new(&out).exists(),
+            "{out} did not come back"
+        );
+        assert!(
+            roots_of(&out).contains(&roots.path().display().to_string()),
+            "{out} is not rooted in the builder's store"
+        );
+        let built_remotely = outcome.machines.get(REMOTE).copied().unwrap_or(0);
+        assert!(
+            built_remotely >= 1,
+            "{}: {:?}",
+            outcome.host,
+            outcome.machines
+        );
+        assert_eq!(
+            outcome.machines.keys().collect::<Vec<_>>(),
+            [REMOTE],
+            "{}: nothing builds locally with max-jobs = 0",
+            outcome.host
+        );
+        remote_builds += built_remotely;
+    }
+
+    let metrics = http_get(&builder.metrics_addr(), "/metrics").await.1;
+    let series = format!("homelab_deploy_builder_remote_builds_total{{machine=\"{REMOTE}\"}}");
+    assert_eq!(
+        metric(&metrics, &series),
+        Some(remote_builds as f64),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_remote_machine_that_is_down_falls_back_to_local_builds() {
+    if skip_without_remote_builds() {
+        return;
+    }
+    let mut remote = RemoteStore::start();
+    remote.stop();
+    let flake = Flake::new(&[("ns1", Host::Ok), ("ns2", Host::Ok)]);
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.env("NIX_CONFIG", &remote.nix_config(None))
+            .env("NIX_SSHOPTS", &remote.ssh_opts())
+    });
+    let client = Requester::new(&nats).await;
+
+    let replies = client.build("build.homelab.all", "").await;
+
+    assert_eq!(
+        finished_status(&replies),
+        BuildStatus::Success,
+        "{replies:?}"
+    );
+    for outcome in host_outcomes(&replies) {
+        assert!(!remote.has(outcome.out_path.as_deref().unwrap()));
+        assert_eq!(
+            outcome.machines.keys().collect::<Vec<_>>(),
+            ["localhost"],
+            "{}: {:?}",
+            outcome.host,
+            outcome.machines
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_local_builds_and_every_machine_down_hosts_fail_naming_the_machine() {
+    if skip_without_remote_builds() {
+        return;
+    }
+    let mut remote = RemoteStore::start();
+    remote.stop();
+    let flake = Flake::new(&[("ns1", Host::Ok)]);
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.env("NIX_CONFIG", &remote.nix_config(Some(0)))
+            .env("NIX_SSHOPTS", &remote.ssh_opts())
+    });
+    let client = Requester::new(&nats).await;
+
+    let replies = client.build("build.homelab.ns1", "").await;
+
+    let outcomes = host_outcomes(&replies);
+    assert_eq!(outcomes.len(), 1);
+    let outcome = &outcomes[0];
+    assert_eq!(outcome.status, HostStatus::Failed);
+    assert_eq!(outcome.code, Some(ErrorCode::BuildFailed));
+    assert!(
+        outcome
+            .message
+            .contains(&format!("cannot build on '{REMOTE}'")),
+        "{}",
+        outcome.message
+    );
+    assert!(
+        outcome.message.contains("max-jobs = 0"),
+        "{}",
+        outcome.message
+    );
+    assert_eq!(outcome.machines, BTreeMap::new());
+}
