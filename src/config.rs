@@ -162,6 +162,12 @@ pub struct BuilderConfig {
     /// `builder --no-resume`).
     #[serde(default = "defaults::resume")]
     pub resume: bool,
+    /// Hosts of a request built at once. 1 (the default) builds them one
+    /// after the other; more pays off only when Nix has remote builders
+    /// (its `builders` setting) to take the derivations. Evaluation stays
+    /// on this machine either way (see `eval_workers`).
+    #[serde(default = "defaults::parallel_hosts")]
+    pub parallel_hosts: usize,
 }
 
 impl Default for BuilderConfig {
@@ -180,6 +186,7 @@ impl Default for BuilderConfig {
             state_file: None,
             journal_file: None,
             resume: defaults::resume(),
+            parallel_hosts: defaults::parallel_hosts(),
         }
     }
 }
@@ -326,6 +333,9 @@ mod defaults {
     pub fn eval_workers() -> usize {
         std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
     }
+    pub fn parallel_hosts() -> usize {
+        1
+    }
     pub fn eval_max_memory() -> super::ByteSize {
         super::ByteSize(2 << 30)
     }
@@ -439,6 +449,11 @@ impl Config {
         if self.builder.eval_workers == 0 {
             return Err(ConfigError::Zero {
                 key: "eval_workers",
+            });
+        }
+        if self.builder.parallel_hosts == 0 {
+            return Err(ConfigError::Zero {
+                key: "parallel_hosts",
             });
         }
         if self.builder.eval_max_memory.0 == 0 {

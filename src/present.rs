@@ -84,6 +84,20 @@ pub fn status_report(status: &BuilderStatus) -> String {
             ));
         }
     }
+    if !status.machines.is_empty() {
+        text.push_str("remote builders:\n");
+        for machine in &status.machines {
+            let state = match (machine.up, &machine.checked_at) {
+                (Some(true), Some(at)) => format!("up (checked {at})"),
+                (Some(false), Some(at)) => format!(
+                    "DOWN (checked {at}): {}",
+                    machine.error.as_deref().unwrap_or("unreachable")
+                ),
+                _ => "not checked yet".to_owned(),
+            };
+            text.push_str(&format!("  {} {state}\n", machine.machine));
+        }
+    }
     if status.last_results.is_empty() {
         text.push_str("last results: none yet\n");
     } else {
@@ -211,6 +225,7 @@ mod tests {
                 git_ref: None,
                 pinned: false,
             }],
+            machines: vec![],
         };
         let text = status_report(&status);
         assert!(

@@ -842,6 +842,24 @@ pub struct BuilderStatus {
     pub queue: Vec<QueuedBuild>,
     /// The last result of every host built since the builder's state began.
     pub last_results: Vec<LastResult>,
+    /// The remote builders of the builder's Nix (its `builders` setting)
+    /// and their last check; empty without any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<MachineStatus>,
+}
+
+/// A remote builder and how its last check went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineStatus {
+    /// Its store URI, credentials masked.
+    pub machine: String,
+    /// Whether the last check reached it; `null` before the first check.
+    pub up: Option<bool>,
+    /// When it was last checked (RFC 3339).
+    pub checked_at: Option<String>,
+    /// Why the last check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A configured repo.
@@ -1465,6 +1483,7 @@ mod tests {
             running: None,
             queue: vec![],
             last_results: vec![],
+            machines: vec![],
         });
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["event"], "status");

@@ -113,11 +113,24 @@ async fn a_remote_machine_that_is_down_falls_back_to_local_builds() {
     let mut remote = RemoteStore::start();
     remote.stop();
     let flake = Flake::new(&[("ns1", Host::Ok), ("ns2", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| {
+    let (nats, mut builder) = start_service(&flake, |o| {
         o.env("NIX_CONFIG", &remote.nix_config(None))
             .env("NIX_SSHOPTS", &remote.ssh_opts())
     });
     let client = Requester::new(&nats).await;
+    let addr = builder.metrics_addr();
+    let up = format!("homelab_deploy_builder_machine_up{{machine=\"{REMOTE}\"}}");
+    poll(
+        "the first check to find the machine down",
+        async || metric(&http_get(&addr, "/metrics").await.1, &up),
+        |value| value.is_some(),
+    )
+    .await;
+    let status = client.status().await;
+    assert_eq!(status.machines.len(), 1, "{:?}", status.machines);
+    assert_eq!(status.machines[0].up, Some(false));
+    assert!(status.machines[0].error.is_some());
+    assert_eq!(metric(&http_get(&addr, "/metrics").await.1, &up), Some(0.0));
 
     let replies = client.build("build.homelab.all", "").await;
 

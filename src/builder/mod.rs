@@ -14,6 +14,7 @@ mod eval;
 mod intake;
 mod journal;
 mod live;
+mod machines;
 mod monitor;
 mod queue;
 mod replies;
@@ -116,6 +117,7 @@ struct Service {
     http: JoinHandle<()>,
     sender: JoinHandle<()>,
     heartbeats: JoinHandle<()>,
+    machines: JoinHandle<()>,
 }
 
 impl Service {
@@ -193,6 +195,11 @@ impl Service {
             cancels: subscribe(CANCEL_SUBJECT).await?,
         };
 
+        let machines = tokio::spawn(machines::check_machines(
+            NixCli::new("nix", version),
+            Arc::clone(&monitor),
+            background.clone(),
+        ));
         let runner = Arc::new(Runner::new(
             NixCli::new("nix", version),
             Arc::clone(&config),
@@ -250,6 +257,7 @@ impl Service {
             http,
             sender,
             heartbeats,
+            machines,
         })
     }
 
@@ -347,6 +355,7 @@ impl Service {
             http,
             sender,
             heartbeats,
+            machines,
             ..
         } = self;
         if !worker.is_finished() {
@@ -371,7 +380,7 @@ impl Service {
             );
         }
         background.cancel();
-        let _ = tokio::join!(http, sender, heartbeats);
+        let _ = tokio::join!(http, sender, heartbeats, machines);
         let _ = tokio::task::spawn_blocking(move || monitor.flush_state()).await;
         tracing::info!("builder stopped");
     }

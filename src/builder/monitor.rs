@@ -30,8 +30,8 @@ use crate::metrics::{Exporter, Health, Metrics};
 use crate::nats::ConnectionState;
 use crate::nix::log::LOCALHOST;
 use crate::protocol::{
-    BuildStatus, BuilderStatus, ErrorCode, HostStatus, LastResult, QueuedBuild, RepoInfo,
-    RunningBuild, rfc3339,
+    BuildStatus, BuilderStatus, ErrorCode, HostStatus, LastResult, MachineStatus, QueuedBuild,
+    RepoInfo, RunningBuild, rfc3339,
 };
 
 /// The hub the intake, the worker and the jobs report to.
@@ -61,6 +61,8 @@ struct State {
     hosts: BTreeMap<(String, String, String), HostRecord>,
     /// Remote machines with a metric series.
     machine_series: BTreeSet<String>,
+    /// The configured remote builders and their last check.
+    machines: Vec<MachineStatus>,
 }
 
 struct Running {
@@ -408,6 +410,45 @@ impl Monitor {
             running: state.running.as_ref().map(|r| r.status.clone()),
             queue,
             last_results: state.hosts.values().map(|r| r.last.clone()).collect(),
+            machines: state.machines.clone(),
+        }
+    }
+
+    /// The remote builders configured now; those no longer configured are
+    /// forgotten (their `machine_up` series too).
+    pub(crate) fn machines_configured(&self, machines: &[String]) {
+        let mut state = self.lock();
+        state.machines.retain(|m| {
+            let keep = machines.contains(&m.machine);
+            if !keep {
+                let _ = self.metrics.machine_up.remove_label_values(&[&m.machine]);
+            }
+            keep
+        });
+        for machine in machines {
+            if !state.machines.iter().any(|m| &m.machine == machine) {
+                state.machines.push(MachineStatus {
+                    machine: machine.clone(),
+                    up: None,
+                    checked_at: None,
+                    error: None,
+                });
+            }
+        }
+    }
+
+    /// A remote builder was checked: `error` is why it could not be reached.
+    pub(crate) fn machine_checked(&self, machine: &str, error: Option<String>) {
+        let up = error.is_none();
+        self.metrics
+            .machine_up
+            .with_label_values(&[machine])
+            .set(i64::from(up));
+        let mut state = self.lock();
+        if let Some(status) = state.machines.iter_mut().find(|m| m.machine == machine) {
+            status.up = Some(up);
+            status.checked_at = Some(rfc3339(SystemTime::now()));
+            status.error = error;
         }
     }
 

@@ -135,6 +135,27 @@ impl NixCli {
         self.apply_to_configurations(locked_url, expression)
     }
 
+    /// Prints Nix's settings as JSON (`builders` among them); `show-config`
+    /// became `config show` in Nix 2.20.
+    pub fn show_config(&self) -> Invocation {
+        if self.version >= NixVersion::new(2, 20, 0) {
+            self.invocation(["config", "show", "--json"])
+        } else {
+            self.invocation(["show-config", "--json"])
+        }
+    }
+
+    /// Connects to the store at `uri` (a remote builder) and asks its
+    /// version; `store ping` became `store info` in Nix 2.20.
+    pub fn ping_store(&self, uri: &str) -> Invocation {
+        let command = if self.version >= NixVersion::new(2, 20, 0) {
+            "info"
+        } else {
+            "ping"
+        };
+        self.invocation(["store", command, "--store", uri])
+    }
+
     /// Prints which of `paths` are not valid in the store (exit 0 either
     /// way). Unlike `nix path-info`, never substitutes anything.
     pub fn check_validity(&self, paths: &[&str]) -> Invocation {

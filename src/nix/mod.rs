@@ -5,6 +5,7 @@
 pub mod argv;
 pub mod json;
 pub mod log;
+pub mod machines;
 pub mod process;
 pub mod version;
 

@@ -1,0 +1,86 @@
+//! Checking the remote builders of the builder's Nix: which machines its
+//! `builders` setting names, and whether each answers `nix store ping`,
+//! at most once a minute, one machine after the other, each bounded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::monitor::Monitor;
+use crate::nix::NixCli;
+use crate::nix::log::{ErrorTail, LogParser};
+use crate::nix::machines::{builders_setting, machine_uris, read_machines_file};
+use crate::nix::process::{self, Outcome};
+use crate::redact::redact;
+
+/// How often the machines are checked (`machine_up`, `build.status`).
+pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(60);
+/// How long one check may take before the machine counts as down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Checks the machines every [`CHECK_EVERY`] until `stop` fires.
+pub(crate) async fn check_machines(nix: NixCli, monitor: Arc<Monitor>, stop: CancellationToken) {
+    loop {
+        let uris = configured(&nix, &stop).await;
+        let names: Vec<String> = uris.iter().map(|uri| redact(uri).into_owned()).collect();
+        monitor.machines_configured(&names);
+        for (uri, name) in uris.iter().zip(&names) {
+            if stop.is_cancelled() {
+                return;
+            }
+            let error = ping(&nix, uri, &stop).await;
+            if let Some(reason) = &error {
+                tracing::warn!(machine = %name, error = %reason, "remote builder unreachable");
+            }
+            monitor.machine_checked(name, error);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+    }
+}
+
+/// The store URIs of the machines Nix would build on now.
+async fn configured(nix: &NixCli, stop: &CancellationToken) -> Vec<String> {
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let outcome = process::run(&nix.show_config(), deadline, stop, &mut |_: &str| {}).await;
+    let builders = match outcome {
+        Ok(Outcome::Exited { status, stdout }) if status.success() => builders_setting(&stdout),
+        _ => None,
+    };
+    let Some(builders) = builders else {
+        tracing::warn!("cannot read Nix's `builders` setting; remote builders are not checked");
+        return Vec::new();
+    };
+    let builders = builders.clone();
+    tokio::task::spawn_blocking(move || machine_uris(&builders, read_machines_file))
+        .await
+        .unwrap_or_default()
+}
+
+/// `None` when the machine answered, else why not.
+async fn ping(nix: &NixCli, uri: &str, stop: &CancellationToken) -> Option<String> {
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let mut parser = LogParser::new();
+    let mut tail = ErrorTail::default();
+    let outcome = process::run(&nix.ping_store(uri), deadline, stop, &mut |line: &str| {
+        tail.observe(&parser.parse(line));
+    })
+    .await;
+    match outcome {
+        Ok(Outcome::Exited { status, .. }) if status.success() => None,
+        Ok(Outcome::Exited { status, .. }) => Some(match tail.summary() {
+            summary if summary.is_empty() => format!("nix store ping exited with {status}"),
+            summary => redact(&summary).into_owned(),
+        }),
+        Ok(Outcome::TimedOut | Outcome::Silent) => Some(format!(
+            "no answer within {}",
+            humantime::format_duration(CHECK_TIMEOUT)
+        )),
+        Ok(Outcome::Cancelled) => Some("check cancelled".to_owned()),
+        Err(err) => Some(err.to_string()),
+    }
+}
