@@ -186,3 +186,135 @@ async fn without_local_builds_and_every_machine_down_hosts_fail_naming_the_machi
     );
     assert_eq!(outcome.machines, BTreeMap::new());
 }
+
+/// Hosts of the capacity tests: each build takes 1.5 s.
+const SLOW_HOSTS: [&str; 4] = ["h1", "h2", "h3", "h4"];
+const SLOW_MILLIS: u32 = 1500;
+
+/// Builds `all` of a fresh flake of [`SLOW_HOSTS`] with `parallel_hosts`
+/// and `nix_env`; returns the replies and the request's duration.
+async fn build_slow_hosts(
+    parallel_hosts: usize,
+    nix_env: &[(&str, String)],
+) -> (Vec<homelab_deploy::protocol::Reply>, u64) {
+    let hosts: Vec<(&str, Host)> = SLOW_HOSTS
+        .iter()
+        .map(|h| {
+            (
+                *h,
+                Host::Slow {
+                    millis: SLOW_MILLIS,
+                },
+            )
+        })
+        .collect();
+    let flake = Flake::new(&hosts);
+    let (nats, _builder) = start_service(&flake, |mut o| {
+        // Enough evaluators that evaluation never waits: what is measured
+        // is building.
+        o = o.builder(&format!(
+            "parallel_hosts = {parallel_hosts}\neval_workers = 4"
+        ));
+        for (key, value) in nix_env {
+            o = o.env(key, value);
+        }
+        o
+    });
+    let client = Requester::new(&nats).await;
+    let timed = client
+        .send("build.homelab.all", "")
+        .await
+        .until_terminal()
+        .await;
+    let replies: Vec<_> = timed.into_iter().map(|t| t.reply).collect();
+    let duration = match terminal(&replies) {
+        Event::Finished {
+            status,
+            duration_ms,
+            hosts,
+            ..
+        } => {
+            assert_eq!(*status, BuildStatus::Success, "{replies:?}");
+            let order: Vec<&str> = hosts.iter().map(|h| h.host.as_str()).collect();
+            assert_eq!(order, SLOW_HOSTS, "finished lists hosts in order");
+            *duration_ms
+        }
+        other => panic!("not finished: {other:?}"),
+    };
+    (replies, duration)
+}
+
+/// The host events in the order sent: `+host` started (with its index),
+/// `-host` finished.
+fn host_events(replies: &[homelab_deploy::protocol::Reply]) -> Vec<String> {
+    replies
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::HostStarted { host, index, .. } => Some(format!("+{host}@{index}")),
+            Event::HostFinished { host, .. } => Some(format!("-{host}")),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a host started before the one before it finished.
+fn interleaved(events: &[String]) -> bool {
+    events
+        .windows(2)
+        .any(|pair| pair[0].starts_with('+') && pair[1].starts_with('+'))
+}
+
+async fn parallel_hosts_is_faster_than_one_at_a_time(nix_env: &[(&str, String)], what: &str) {
+    let (one, sequential) = build_slow_hosts(1, nix_env).await;
+    let (two, parallel) = build_slow_hosts(2, nix_env).await;
+    eprintln!(
+        "{what}: {} hosts of {SLOW_MILLIS} ms: parallel_hosts = 1 took {sequential} ms, 2 took {parallel} ms",
+        SLOW_HOSTS.len()
+    );
+
+    let one = host_events(&one);
+    assert_eq!(
+        one,
+        [
+            "+h1@1", "-h1", "+h2@2", "-h2", "+h3@3", "-h3", "+h4@4", "-h4"
+        ],
+        "one at a time by default"
+    );
+    let two = host_events(&two);
+    assert!(interleaved(&two), "{two:?}");
+    let started: Vec<&String> = two.iter().filter(|e| e.starts_with('+')).collect();
+    assert_eq!(started, ["+h1@1", "+h2@2", "+h3@3", "+h4@4"]);
+    assert!(
+        parallel * 10 < sequential * 8,
+        "parallel_hosts = 2 took {parallel} ms, 1 took {sequential} ms"
+    );
+}
+
+#[tokio::test]
+async fn parallel_hosts_builds_hosts_at_once_in_their_order() {
+    // Without a daemon every `nix build` has its own max-jobs, so two
+    // hosts build at once on this machine alone.
+    // Hosts share a derivation: the second waits for the first to build it,
+    // looking again every build-poll-interval (5 s by default).
+    let env = [(
+        "NIX_CONFIG",
+        format!("{}build-poll-interval = 1\n", nix_config()),
+    )];
+    parallel_hosts_is_faster_than_one_at_a_time(&env, "local").await;
+}
+
+#[tokio::test]
+async fn parallel_hosts_uses_a_remote_builders_capacity() {
+    if skip_without_remote_builds() {
+        return;
+    }
+    let remote = RemoteStore::start();
+    let env = [
+        (
+            "NIX_CONFIG",
+            format!("{}build-poll-interval = 1\n", remote.nix_config(Some(0))),
+        ),
+        ("NIX_SSHOPTS", remote.ssh_opts()),
+    ];
+    parallel_hosts_is_faster_than_one_at_a_time(&env, "remote").await;
+}

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures_util::StreamExt;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -260,7 +261,7 @@ impl Runner {
             max_memory: self.config.builder.eval_max_memory.0,
             host_timeout: self.config.builder.host_timeout,
         };
-        let mut evaluations = Evaluations::start(
+        let evaluations = Evaluations::start(
             &self.nix,
             &pinned.locked_url,
             &todo,
@@ -270,36 +271,56 @@ impl Runner {
             cancel,
         );
 
-        let mut summaries = Vec::with_capacity(total);
+        // Up to `parallel_hosts` hosts build at once, started in the hosts'
+        // order; a host that finishes early makes room at once (unordered),
+        // and the summaries are put back in order. Each built host takes the
+        // next evaluation.
+        let evaluations = tokio::sync::Mutex::new(evaluations);
         let mut evaluation = 0;
-        for (i, host) in hosts.iter().enumerate() {
-            if let Some(done) = done_before(host) {
-                summaries.push(done.clone());
-                continue;
+        let builds = hosts.iter().enumerate().map(|(i, host)| {
+            let done = done_before(host).cloned();
+            let this_evaluation = evaluation;
+            if done.is_none() {
+                evaluation += 1;
             }
-            if cancel.is_cancelled() {
-                summaries.push(HostSummary {
-                    host: host.clone(),
-                    status: HostStatus::Cancelled,
-                    duration_ms: 0,
-                    out_path: None,
-                    cached: false,
-                });
-                continue;
+            let evaluations = &evaluations;
+            let pinned = &pinned;
+            async move {
+                if let Some(done) = done {
+                    return (i, done);
+                }
+                if cancel.is_cancelled() {
+                    let cancelled = HostSummary {
+                        host: host.clone(),
+                        status: HostStatus::Cancelled,
+                        duration_ms: 0,
+                        out_path: None,
+                        cached: false,
+                    };
+                    return (i, cancelled);
+                }
+                let summary = self
+                    .build_host(
+                        run,
+                        pinned,
+                        host,
+                        (i, total),
+                        (evaluations, this_evaluation),
+                    )
+                    .await;
+                (i, summary)
             }
-            let summary = self
-                .build_host(
-                    run,
-                    &pinned,
-                    host,
-                    (i, total),
-                    (&mut evaluations, evaluation),
-                )
-                .await;
-            evaluation += 1;
-            summaries.push(summary);
-        }
-        evaluations.shutdown().await;
+        });
+        // Collected first: with a lazy map in the stream the compiler cannot
+        // prove the request's future `Send`.
+        let builds: Vec<_> = builds.collect();
+        let mut summaries: Vec<(usize, HostSummary)> = futures_util::stream::iter(builds)
+            .buffer_unordered(self.config.builder.parallel_hosts)
+            .collect()
+            .await;
+        summaries.sort_by_key(|(i, _)| *i);
+        let summaries: Vec<HostSummary> = summaries.into_iter().map(|(_, s)| s).collect();
+        evaluations.into_inner().shutdown().await;
 
         // From here a `build.cancel` is answered as too late and changes
         // nothing; one that came before is honoured, even if every host
@@ -496,7 +517,7 @@ impl Runner {
         pinned: &Pinned,
         host: &str,
         (index, total): (usize, usize),
-        (evaluations, evaluation): (&mut Evaluations, usize),
+        (evaluations, evaluation): (&tokio::sync::Mutex<Evaluations>, usize),
     ) -> HostSummary {
         let Run { job, cancel, .. } = *run;
         let started = Instant::now();
@@ -516,7 +537,7 @@ impl Runner {
         let watch = HostWatch::new(job, host, self.config.builder.progress_interval);
         let result = watch
             .drive(async {
-                let evaluated = evaluations.get(evaluation, cancel).await?;
+                let evaluated = evaluations.lock().await.get(evaluation, cancel).await?;
                 if let Some(key) = &pinned.memo_key {
                     let mut memo = lock(&self.memo);
                     memo.make_room();

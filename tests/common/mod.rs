@@ -316,6 +316,8 @@ pub enum Host {
     /// Its evaluation waits until the gate file exists: it imports from a
     /// derivation (IFD) whose build waits on the gate.
     EvalGated,
+    /// Its build takes `millis` milliseconds (at most a minute).
+    Slow { millis: u32 },
 }
 
 /// An offline homelab flake in a git repository: plain derivations with
@@ -488,6 +490,11 @@ impl Flake {
                 ),
                 Host::Noisy { lines } => format!(
                     r#"mk "{name}" "i=0; while [ $i -lt {lines} ]; do echo log line $i of {name}; i=$((i+1)); done; echo $marker > $out""#
+                ),
+                Host::Slow { millis } => format!(
+                    r#"mk "{name}" "/bin/sleep {}.{:03}; echo $marker > $out""#,
+                    millis.min(&60_000) / 1000,
+                    millis.min(&60_000) % 1000
                 ),
             };
             let _ = writeln!(
