@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::monitor::Monitor;
 use crate::nix::NixCli;
 use crate::nix::log::{ErrorTail, LogParser};
-use crate::nix::machines::{builders_setting, machine_uris, read_machines_file};
+use crate::nix::machines::{Machine, builders_setting, machine_uris, read_machines_file};
 use crate::nix::process::{self, Outcome};
 use crate::redact::redact;
 
@@ -23,14 +23,17 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Checks the machines every [`CHECK_EVERY`] until `stop` fires.
 pub(crate) async fn check_machines(nix: NixCli, monitor: Arc<Monitor>, stop: CancellationToken) {
     loop {
-        let uris = configured(&nix, &stop).await;
-        let names: Vec<String> = uris.iter().map(|uri| redact(uri).into_owned()).collect();
+        let machines = configured(&nix, &stop).await;
+        let names: Vec<String> = machines
+            .iter()
+            .map(|m| redact(&m.uri).into_owned())
+            .collect();
         monitor.machines_configured(&names);
-        for (uri, name) in uris.iter().zip(&names) {
+        for (machine, name) in machines.iter().zip(&names) {
             if stop.is_cancelled() {
                 return;
             }
-            let error = ping(&nix, uri, &stop).await;
+            let error = ping(&nix, &machine.check_uri, &stop).await;
             if let Some(reason) = &error {
                 tracing::warn!(machine = %name, error = %reason, "remote builder unreachable");
             }
@@ -43,8 +46,8 @@ pub(crate) async fn check_machines(nix: NixCli, monitor: Arc<Monitor>, stop: Can
     }
 }
 
-/// The store URIs of the machines Nix would build on now.
-async fn configured(nix: &NixCli, stop: &CancellationToken) -> Vec<String> {
+/// The machines Nix would build on now.
+async fn configured(nix: &NixCli, stop: &CancellationToken) -> Vec<Machine> {
     let deadline = Instant::now() + CHECK_TIMEOUT;
     let outcome = process::run(&nix.show_config(), deadline, stop, &mut |_: &str| {}).await;
     let builders = match outcome {

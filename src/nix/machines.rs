@@ -1,7 +1,9 @@
 //! The remote builders Nix is configured with: its `builders` setting, a
 //! list of machines separated by `;` or newlines, or `@<file>` naming a
 //! file of them (NixOS writes `nix.buildMachines` to `/etc/nix/machines`).
-//! Only each machine's first field, its store URI, matters here.
+//! A machine is named by its first field, its store URI (as Nix names it in
+//! its log); its SSH key (third field) and public host key (eighth) go into
+//! the URI it is checked by.
 
 use serde::Deserialize;
 
@@ -28,19 +30,49 @@ pub fn builders_setting(stdout: &[u8]) -> Option<String> {
     settings.builders.value.as_str().map(str::to_owned)
 }
 
-/// The store URIs of a `builders` value, in order, without duplicates, at
+/// One remote builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    /// Its store URI as configured (and as Nix's log names it).
+    pub uri: String,
+    /// The URI to check it by: with its SSH key and host key, if given.
+    pub check_uri: String,
+}
+
+impl Machine {
+    fn parse(entry: &str) -> Option<Self> {
+        let fields: Vec<&str> = entry.split_whitespace().collect();
+        let uri = (*fields.first()?).to_owned();
+        let given = |i: usize| fields.get(i).copied().filter(|f| *f != "-");
+        let mut params = Vec::new();
+        if let Some(key) = given(2) {
+            params.push(format!("ssh-key={key}"));
+        }
+        if let Some(host_key) = given(7) {
+            params.push(format!("base64-ssh-public-host-key={host_key}"));
+        }
+        let mut check_uri = uri.clone();
+        if !params.is_empty() {
+            check_uri.push(if uri.contains('?') { '&' } else { '?' });
+            check_uri.push_str(&params.join("&"));
+        }
+        Some(Self { uri, check_uri })
+    }
+}
+
+/// The machines of a `builders` value, in order, without duplicates, at
 /// most [`MAX_MACHINES`]. An `@<file>` entry is read with `read_file` (a
 /// missing file means no machines, as for Nix).
-pub fn machine_uris(builders: &str, read_file: impl Fn(&str) -> Option<String>) -> Vec<String> {
-    let mut uris = Vec::new();
+pub fn machine_uris(builders: &str, read_file: impl Fn(&str) -> Option<String>) -> Vec<Machine> {
+    let mut machines: Vec<Machine> = Vec::new();
     let mut add = |text: &str| {
         for entry in text.split([';', '\n']) {
             let entry = entry.split('#').next().unwrap_or_default();
-            if let Some(uri) = entry.split_whitespace().next()
-                && uris.len() < MAX_MACHINES
-                && !uris.iter().any(|u| u == uri)
+            if let Some(machine) = Machine::parse(entry)
+                && machines.len() < MAX_MACHINES
+                && !machines.iter().any(|m| m.uri == machine.uri)
             {
-                uris.push(uri.to_owned());
+                machines.push(machine);
             }
         }
     };
@@ -52,7 +84,7 @@ pub fn machine_uris(builders: &str, read_file: impl Fn(&str) -> Option<String>) 
         }
         None => add(builders),
     }
-    uris
+    machines
 }
 
 /// Reads a machines file, if it exists and is not unreasonably large.
@@ -68,21 +100,43 @@ pub fn read_machines_file(path: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn uris(machines: Vec<Machine>) -> Vec<String> {
+        machines.into_iter().map(|m| m.uri).collect()
+    }
+
+    #[test]
+    fn keys_go_into_the_uri_a_machine_is_checked_by() {
+        let machines = machine_uris(
+            "ssh-ng://nix@b1 x86_64-linux /etc/nix/b1_ed25519 4 1 kvm - c3NoLWVkMjU1MTk=;ssh://b2?compress=true - /k;ssh-ng://b3",
+            |_| None,
+        );
+        let checks: Vec<&str> = machines.iter().map(|m| m.check_uri.as_str()).collect();
+        assert_eq!(
+            checks,
+            [
+                "ssh-ng://nix@b1?ssh-key=/etc/nix/b1_ed25519&base64-ssh-public-host-key=c3NoLWVkMjU1MTk=",
+                "ssh://b2?compress=true&ssh-key=/k",
+                "ssh-ng://b3"
+            ]
+        );
+        assert_eq!(machines[0].uri, "ssh-ng://nix@b1");
+    }
+
     #[test]
     fn uris_come_from_every_form_of_the_setting() {
         let none = |_: &str| None;
         assert!(machine_uris("", none).is_empty());
         assert_eq!(
-            machine_uris(
+            uris(machine_uris(
                 "ssh-ng://nix@b1 x86_64-linux /k 4 2 big-parallel ; ssh://b2 aarch64-linux",
                 none
-            ),
+            )),
             ["ssh-ng://nix@b1", "ssh://b2"]
         );
         let file = "# the fleet's builders\nssh-ng://nix@b1 x86_64-linux - 8 1\n\n  ssh-ng://nix@b3 aarch64-linux # arm\nssh-ng://nix@b1 i686-linux\n";
         let read = |path: &str| (path == "/etc/nix/machines").then(|| file.to_owned());
         assert_eq!(
-            machine_uris("@/etc/nix/machines", read),
+            uris(machine_uris("@/etc/nix/machines", read)),
             ["ssh-ng://nix@b1", "ssh-ng://nix@b3"]
         );
         assert!(machine_uris("@/nonexistent", read).is_empty());
