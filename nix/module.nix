@@ -282,6 +282,69 @@ in {
       description = "How long a scheduled build keeps asking while no builder answers (it may be restarting).";
     };
 
+    remoteBuilders = lib.mkOption {
+      default = [];
+      description = ''
+        Machines Nix sends derivations to (its distributed builds): rendered
+        to `nix.buildMachines`, with `nix.distributedBuilds` and
+        `builders-use-substitutes` set. The Nix daemon (root) logs in and
+        builds there; results come back into this machine's store, so GC
+        roots and caches keep working. Each host's `host_finished` says
+        which machine built what; the builder checks every machine once a
+        minute (`machine_up`, `build.status`). Build several hosts at once
+        with `settings.builder.parallel_hosts`.
+      '';
+      type = lib.types.listOf (lib.types.submodule {
+        options = {
+          uri = lib.mkOption {
+            type = lib.types.strMatching "(ssh|ssh-ng)://([^@/?# ]+@)?[^@/?# ]+";
+            example = "ssh-ng://nix@builder1.lab";
+            description = "The machine's store URI: `ssh-ng://` (or `ssh://`), an optional user, the host.";
+          };
+          systems = lib.mkOption {
+            type = lib.types.listOf lib.types.str;
+            default = [pkgs.stdenv.hostPlatform.system];
+            defaultText = lib.literalExpression "[ pkgs.stdenv.hostPlatform.system ]";
+            example = ["aarch64-linux"];
+            description = "Systems it builds for.";
+          };
+          sshKey = lib.mkOption {
+            type = lib.types.nullOr lib.types.str;
+            default = null;
+            example = "/etc/nix/builder_ed25519";
+            description = ''
+              Private key to log in with; null: root's SSH defaults. The Nix
+              daemon reads it as root; the builder's machine check reads it
+              too, as the builder's user, so make it group-readable by
+              `homelab-deploy-builder` (mode 0640) and keep it out of /root
+              and /home (the builder's unit cannot see them).
+            '';
+          };
+          publicHostKey = lib.mkOption {
+            type = lib.types.nullOr lib.types.str;
+            default = null;
+            description = "The machine's SSH host key, base64-encoded (`base64 -w0 /etc/ssh/ssh_host_ed25519_key.pub`); null: known_hosts.";
+          };
+          maxJobs = lib.mkOption {
+            type = lib.types.ints.positive;
+            default = 1;
+            description = "Derivations it builds at once.";
+          };
+          speedFactor = lib.mkOption {
+            type = lib.types.ints.positive;
+            default = 1;
+            description = "Relative speed: Nix prefers faster machines.";
+          };
+          features = lib.mkOption {
+            type = lib.types.listOf lib.types.str;
+            default = [];
+            example = ["big-parallel" "kvm"];
+            description = "System features it supports.";
+          };
+        };
+      });
+    };
+
     builderPublicKey = lib.mkOption {
       type = lib.types.nullOr (lib.types.strMatching "U[A-Z2-7]{55}");
       default = null;
@@ -322,6 +385,22 @@ in {
     # Whatever allowed-users says, the builder may use the daemon (as an
     # unprivileged user: it is not made a trusted user).
     nix.settings.extra-allowed-users = [user];
+
+    # Remote builders: the daemon builds there (the builder cannot pass
+    # `--builders` per request without being a trusted user).
+    nix.distributedBuilds = lib.mkIf (cfg.remoteBuilders != []) true;
+    nix.settings.builders-use-substitutes = lib.mkIf (cfg.remoteBuilders != []) true;
+    nix.buildMachines =
+      map (machine: let
+        parts = builtins.match "(ssh|ssh-ng)://(([^@]+)@)?(.+)" machine.uri;
+      in {
+        protocol = lib.elemAt parts 0;
+        sshUser = lib.elemAt parts 2;
+        hostName = lib.elemAt parts 3;
+        inherit (machine) systems sshKey publicHostKey maxJobs speedFactor;
+        supportedFeatures = machine.features;
+      })
+      cfg.remoteBuilders;
 
     environment.systemPackages = [cfg.package];
 

@@ -132,6 +132,32 @@
     ];
   };
 
+  # Two remote builders, hosts built two at once.
+  remote = system {
+    modules = [
+      ../module.nix
+      {
+        services.homelab-deploy.builder =
+          lib.recursiveUpdate base {settings.builder.parallel_hosts = 2;}
+          // {
+            remoteBuilders = [
+              {
+                uri = "ssh-ng://nix@builder1.lab";
+                sshKey = "/etc/nix/builder_ed25519";
+                maxJobs = 8;
+                speedFactor = 2;
+                features = ["big-parallel"];
+              }
+              {
+                uri = "ssh://arm.lab";
+                systems = ["aarch64-linux"];
+              }
+            ];
+          };
+      }
+    ];
+  };
+
   tlsUnit = "homelab-deploy-build-0-nixos-servers-ns1";
   tls = system {
     modules = [
@@ -633,6 +659,74 @@
         };
       };
 
+      testRemoteBuildersRenderToBuildMachines = {
+        expr = {
+          inherit (remote) failed;
+          inherit (remote.config.nix) distributedBuilds buildMachines;
+          substitutes = remote.config.nix.settings.builders-use-substitutes;
+          parallel = remote.settings.builder.parallel_hosts;
+        };
+        expected = {
+          failed = [];
+          distributedBuilds = true;
+          substitutes = true;
+          parallel = 2;
+          buildMachines = [
+            {
+              hostName = "builder1.lab";
+              protocol = "ssh-ng";
+              sshUser = "nix";
+              system = null;
+              systems = ["x86_64-linux"];
+              sshKey = "/etc/nix/builder_ed25519";
+              publicHostKey = null;
+              maxJobs = 8;
+              speedFactor = 2;
+              supportedFeatures = ["big-parallel"];
+              mandatoryFeatures = [];
+            }
+            {
+              hostName = "arm.lab";
+              protocol = "ssh";
+              sshUser = null;
+              system = null;
+              systems = ["aarch64-linux"];
+              sshKey = null;
+              publicHostKey = null;
+              maxJobs = 1;
+              speedFactor = 1;
+              supportedFeatures = [];
+              mandatoryFeatures = [];
+            }
+          ];
+        };
+      };
+      testNoRemoteBuildersNoDistributedBuilds = {
+        expr = {
+          inherit (minimal.config.nix) distributedBuilds buildMachines;
+          substitutes = minimal.config.nix.settings ? builders-use-substitutes;
+        };
+        expected = {
+          distributedBuilds = false;
+          buildMachines = [];
+          substitutes = false;
+        };
+      };
+      testRemoteBuilderUriIsChecked = {
+        expr =
+          rejects
+          (system {
+            modules = [
+              ../module.nix
+              {services.homelab-deploy.builder = base // {remoteBuilders = [{uri = "builder1.lab; rm -rf /";}];};}
+            ];
+          })
+          .config
+          .nix
+          .buildMachines;
+        expected = true;
+      };
+
       # allowed-users naming a group the builder user is in: no assertion
       # second-guesses it, and the builder is allowed in its own right.
       testAllowedThroughGroup = {
@@ -733,7 +827,7 @@ in {
 
   # Each scenario's settings, for check-config.
   configs = lib.mapAttrs (_: s: s.settings) {
-    inherit readme minimal tls both;
+    inherit readme minimal tls both remote;
     overlay = overlayOnly;
     group-allowed = groupAllowed;
   };

@@ -1,6 +1,7 @@
 # The NixOS options nix/module.nix sets or reads, declared with the types
 # nixpkgs gives them (nixos/lib/systemd-unit-options.nix,
 # nixos/modules/system/boot/systemd.nix, nixos/modules/config/nix.nix,
+# nixos/modules/config/nix-remote-build.nix,
 # nixos/modules/config/users-groups.nix, nixos/modules/misc/assertions.nix,
 # nixos/modules/services/networking/firewall.nix), so a definition NixOS
 # would reject is rejected here too. Only what the module touches is here.
@@ -213,6 +214,58 @@ in {
       type = types.package;
       default = pkgs.nix;
       defaultText = lib.literalExpression "pkgs.nix";
+    };
+    nix.distributedBuilds = mkOption {
+      type = types.bool;
+      default = false;
+    };
+    nix.buildMachines = mkOption {
+      default = [];
+      type = types.listOf (types.submodule {
+        options = {
+          hostName = mkOption {type = types.str;};
+          protocol = mkOption {
+            type = types.enum [null "ssh" "ssh-ng"];
+            default = "ssh";
+          };
+          system = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+          };
+          systems = mkOption {
+            type = types.listOf types.str;
+            default = [];
+          };
+          sshUser = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+          };
+          sshKey = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+          };
+          maxJobs = mkOption {
+            type = types.int;
+            default = 1;
+          };
+          speedFactor = mkOption {
+            type = types.int;
+            default = 1;
+          };
+          mandatoryFeatures = mkOption {
+            type = types.listOf types.str;
+            default = [];
+          };
+          supportedFeatures = mkOption {
+            type = types.listOf types.str;
+            default = [];
+          };
+          publicHostKey = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+          };
+        };
+      });
     };
     nix.settings = mkOption {
       default = {};
