@@ -425,7 +425,8 @@ in {
           wants = ["network-online.target"];
           requires = ["nix-daemon.socket"];
           after = ["network-online.target" "nix-daemon.socket"];
-          path = [cfg.nixPackage pkgs.git] ++ cfg.extraPath;
+          # ssh: the checks of remote builders run `nix store ping` here.
+          path = [cfg.nixPackage pkgs.git] ++ lib.optional (cfg.remoteBuilders != []) pkgs.openssh ++ cfg.extraPath;
           environment = {
             # Builds go through the daemon (as this unprivileged user); Nix's
             # fetch and evaluation caches live in the cache directory.

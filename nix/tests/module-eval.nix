@@ -665,9 +665,11 @@
           inherit (remote.config.nix) distributedBuilds buildMachines;
           substitutes = remote.config.nix.settings.builders-use-substitutes;
           parallel = remote.settings.builder.parallel_hosts;
+          path = remote.service.path;
         };
         expected = {
           failed = [];
+          path = [remote.config.nix.package remote.pkgs.git remote.pkgs.openssh];
           distributedBuilds = true;
           substitutes = true;
           parallel = 2;

@@ -42,6 +42,7 @@
 
     nix = fakeDerivation "nix-2.28.4" "nix" {meta.mainProgram = "nix";};
     git = fakeDerivation "git-2.50.1" "git" {meta.mainProgram = "git";};
+    openssh = fakeDerivation "openssh-10.0p2" "openssh" {meta.mainProgram = "ssh";};
 
     formats.toml = _: {
       type = tomlValue;
