@@ -333,19 +333,16 @@ impl Monitor {
     ) {
         self.metrics
             .build_finished(repo, status, duration.as_secs_f64());
-        let mut state = self.lock();
-        if state
-            .running
-            .as_ref()
-            .is_some_and(|r| r.status.build_id == build_id)
-        {
-            state.running = None;
-        }
+        self.not_running(build_id);
     }
 
     /// The running request stopped to resume at the next start: not a
     /// finished build.
     pub(crate) fn build_interrupted(&self, build_id: &str) {
+        self.not_running(build_id);
+    }
+
+    fn not_running(&self, build_id: &str) {
         let mut state = self.lock();
         if state
             .running
