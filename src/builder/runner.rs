@@ -192,6 +192,8 @@ impl Runner {
                     duration_ms: 0,
                     out_path: None,
                     cached: false,
+                    changed_packages: None,
+                    size_delta: None,
                 });
                 continue;
             }
@@ -381,6 +383,8 @@ impl Runner {
                 out_path: out_path.clone(),
                 cached,
                 error,
+                // Filled by `changes::host_changes` once it is wired in.
+                changes: None,
             },
         );
         HostSummary {
@@ -389,6 +393,8 @@ impl Runner {
             duration_ms,
             out_path,
             cached,
+            changed_packages: None,
+            size_delta: None,
         }
     }
 
