@@ -61,6 +61,8 @@ pub struct Metrics {
     pub host_build_duration: HistogramVec,
     /// Unix time of each host's last successful build.
     pub host_last_success: GaugeVec,
+    /// Closure size of each host's current result on the default ref.
+    pub host_closure_size: IntGaugeVec,
     /// Rejected requests by error code.
     pub rejected: IntCounterVec,
     /// Requests answered with nothing, by why.
@@ -123,6 +125,14 @@ impl Metrics {
                 ),
                 &["repo", "host"],
             )?,
+            host_closure_size: IntGaugeVec::new(
+                Opts::new(
+                    name("host_closure_size_bytes"),
+                    "Closure size (sum of NAR sizes) of the host's current result on the \
+                     repo's default ref.",
+                ),
+                &["repo", "host"],
+            )?,
             rejected: counter_vec(
                 "requests_rejected_total",
                 "Requests rejected on receipt, by error code.",
@@ -166,6 +176,7 @@ impl Metrics {
         r.register(Box::new(metrics.host_builds.clone()))?;
         r.register(Box::new(metrics.host_build_duration.clone()))?;
         r.register(Box::new(metrics.host_last_success.clone()))?;
+        r.register(Box::new(metrics.host_closure_size.clone()))?;
         r.register(Box::new(metrics.rejected.clone()))?;
         r.register(Box::new(metrics.ignored.clone()))?;
         r.register(Box::new(metrics.queue_length.clone()))?;
@@ -226,6 +237,13 @@ impl Metrics {
                 .with_label_values(&[repo, host])
                 .set(unix_time);
         }
+    }
+
+    /// Records the closure size of a host's new result on the default ref.
+    pub fn host_closure_size(&self, repo: &str, host: &str, bytes: u64) {
+        self.host_closure_size
+            .with_label_values(&[repo, host])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text format (0.0.4).
@@ -405,6 +423,16 @@ mod tests {
         );
         assert!(text.contains(
             "homelab_deploy_builder_build_duration_seconds_bucket{repo=\"r\",le=\"30\"} 1"
+        ));
+    }
+
+    #[test]
+    fn closure_sizes_are_a_gauge_per_host() {
+        let metrics = Metrics::new(["r"]).unwrap();
+        metrics.host_closure_size("r", "ns1", 1_288_490_188);
+        metrics.host_closure_size("r", "ns1", 1_288_490_189);
+        assert!(metrics.render().contains(
+            "homelab_deploy_builder_host_closure_size_bytes{host=\"ns1\",repo=\"r\"} 1288490189"
         ));
     }
 
