@@ -7,12 +7,15 @@
 //! [`host_changes`] beside the next host's build.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
+use thiserror::Error;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::nix::NixCli;
-use crate::nix::closure::{Closure, ClosureError, package_of, read_closure};
+use crate::nix::closure::{Closure, ClosureError, package_of, read_closures};
+use crate::nix::version::VersionError;
+use crate::nix::{NixCli, NixVersion};
 use crate::protocol::{Against, ChangedPackage, Changes, MAX_CHANGED_PACKAGES, Rebuilt};
 
 /// One package name's paths on each side.
@@ -89,8 +92,8 @@ pub fn diff(before: &Closure, after: &Closure, against: Against) -> Changes {
 }
 
 /// Reads the closures of `out_path` and of `against.out_path` (both must
-/// be valid in the store, e.g. rooted) and diffs them. An unchanged result
-/// is read once.
+/// be valid in the store, e.g. rooted) in one `nix path-info` call and
+/// diffs them.
 pub async fn host_changes(
     nix: &NixCli,
     out_path: &str,
@@ -98,15 +101,44 @@ pub async fn host_changes(
     deadline: Instant,
     cancel: &CancellationToken,
 ) -> Result<Changes, ClosureError> {
-    if against.out_path == out_path {
-        let closure = read_closure(nix, out_path, deadline, cancel).await?;
-        return Ok(diff(&closure, &closure, against));
-    }
-    let (before, after) = tokio::try_join!(
-        read_closure(nix, &against.out_path, deadline, cancel),
-        read_closure(nix, out_path, deadline, cancel),
-    )?;
-    Ok(diff(&before, &after, against))
+    let roots = [against.out_path.as_str(), out_path];
+    let closures = read_closures(nix, &roots, deadline, cancel).await?;
+    let (before, after) = match closures.as_slice() {
+        [before, after] => (before, after),
+        // read_closures returns one closure per root.
+        _ => {
+            return Err(ClosureError::Failed {
+                path: roots.join(" "),
+                message: "not one closure per path".to_owned(),
+            });
+        }
+    };
+    Ok(diff(before, after, against))
+}
+
+/// Why [`compare`] could not compare.
+#[derive(Debug, Error)]
+pub enum CompareError {
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    #[error(transparent)]
+    Closure(#[from] ClosureError),
+}
+
+/// [`host_changes`] with the `nix` at `program` (its version detected
+/// first), for tools and benchmarks; the builder calls [`host_changes`]
+/// with its own [`NixCli`].
+pub async fn compare(
+    program: &str,
+    out_path: &str,
+    against: Against,
+    timeout: Duration,
+) -> Result<Changes, CompareError> {
+    let deadline = Instant::now() + timeout;
+    let version = NixVersion::detect(program).await?;
+    let nix = NixCli::new(program, version);
+    let cancel = CancellationToken::new();
+    Ok(host_changes(&nix, out_path, against, deadline, &cancel).await?)
 }
 
 #[cfg(test)]

@@ -26,8 +26,7 @@ use crate::present::{
     cancel_outcome, changes_lines, changes_summary, human_duration, short_rev, status_report,
 };
 use crate::protocol::{
-    BuildRequest, BuildStatus, Changes, ErrorBody, Event, HostStatus, HostSummary, Reply,
-    keep_tail,
+    BuildRequest, BuildStatus, Changes, ErrorBody, Event, HostStatus, HostSummary, Reply, keep_tail,
 };
 
 /// How long a tool call waits for a NATS connection that is not up yet.
@@ -356,7 +355,10 @@ fn host_lines(hosts: &[HostSummary], outcomes: &HostOutcomes) -> String {
         let Some(changes) = outcomes.changes.get(host) else {
             continue;
         };
-        text.push_str(&format!("changes of {host}: {}\n", changes_summary(changes)));
+        text.push_str(&format!(
+            "changes of {host}: {}\n",
+            changes_summary(changes)
+        ));
         let lines = changes_lines(changes);
         // The package lines, then the `… more`, rebuilt and compared lines.
         let packages = changes.packages.len();
@@ -503,7 +505,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("openssl 3.0.14 → 3.0.15  +10.0 KiB"), "{text}");
+        assert!(
+            text.contains("openssl 3.0.14 → 3.0.15  +10.0 KiB"),
+            "{text}"
+        );
         assert!(!text.contains("changes of ns2"), "{text}");
         let structured = result.structured_content.unwrap();
         assert_eq!(structured["event"], "finished");

@@ -115,9 +115,7 @@ impl<W: Write> View<W> {
             }
             Event::HostStarted { host, index, total } => {
                 self.state.current = Some((host.clone(), *index, *total));
-                self.state
-                    .positions
-                    .insert(host.clone(), (*index, *total));
+                self.state.positions.insert(host.clone(), (*index, *total));
                 self.state.host_started = Some(Instant::now());
                 self.state.counts = (0, 0);
                 self.state.building = None;

@@ -141,21 +141,25 @@ impl NixCli {
         }
     }
 
-    /// Prints every path of `store_path`'s closure with its metadata
-    /// (`narSize` among it) as JSON: a list of objects with `path` before
-    /// Nix 2.19, an object keyed by path from then on (the argv is the same;
-    /// [`super::closure::parse_path_info`] reads both). Never substitutes:
-    /// a path that is not valid is an error, not a download.
-    pub fn closure_info(&self, store_path: &str) -> Invocation {
-        self.invocation([
+    /// Prints every path of the closures of `store_paths` with its metadata
+    /// (`narSize` and `references` among it) as JSON: a list of objects
+    /// with `path` before Nix 2.19, an object keyed by path from then on
+    /// (the argv is the same; [`super::closure::parse_path_info`] reads
+    /// both). Never substitutes: a path that is not valid is an error, not
+    /// a download.
+    pub fn closure_info(&self, store_paths: &[&str]) -> Invocation {
+        let mut args = [
             "path-info",
             "--json",
             "--recursive",
             "--option",
             "substitute",
             "false",
-            store_path,
-        ])
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(store_paths.iter().map(|p| (*p).to_owned()));
+        self.invocation(args)
     }
 
     /// Roots an existing store path at `link` (building a valid path does
@@ -379,7 +383,8 @@ mod tests {
     fn closures_are_read_with_path_info_without_substituting() {
         // The same argv on 2.8 (JSON list) and 2.19+ (JSON object).
         for version in [(2, 8), (2, 18), (2, 19), (2, 26)] {
-            let inv = cli(version.0, version.1).closure_info("/nix/store/x-a2");
+            let inv =
+                cli(version.0, version.1).closure_info(&["/nix/store/x-a2", "/nix/store/y-a2"]);
             assert_eq!(inv.program, "nix");
             assert_eq!(
                 args(&inv),
@@ -392,7 +397,8 @@ mod tests {
                     "--option",
                     "substitute",
                     "false",
-                    "/nix/store/x-a2"
+                    "/nix/store/x-a2",
+                    "/nix/store/y-a2"
                 ],
                 "{version:?}"
             );

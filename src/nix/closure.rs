@@ -55,23 +55,59 @@ struct ListedPath {
     metadata: PathMetadata,
 }
 
-/// What is read of one path's metadata (the rest, references among it, is
-/// skipped).
+/// What is read of one path's metadata (the rest is skipped).
 #[derive(Deserialize)]
 struct PathMetadata {
     #[serde(rename = "narSize")]
     nar_size: Option<u64>,
+    #[serde(default)]
+    references: Vec<String>,
     /// Present (and false) before Nix 2.19 for a path that is not valid.
     #[serde(default)]
     valid: Option<bool>,
 }
 
 impl PathMetadata {
-    fn size(&self) -> Option<u64> {
+    fn into_info(self) -> Option<PathInfo> {
         match self.valid {
             Some(false) => None,
-            _ => self.nar_size,
+            _ => Some(PathInfo {
+                size: self.nar_size?,
+                references: self.references,
+            }),
         }
+    }
+}
+
+/// One valid path: its NAR size and the paths it references.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub size: u64,
+    pub references: Vec<String>,
+}
+
+/// Paths with their metadata, as one `nix path-info --recursive` printed
+/// them: the union of the closures of the paths it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathInfos {
+    pub paths: HashMap<String, PathInfo>,
+}
+
+impl PathInfos {
+    /// The closure of `root` (which must be among the paths), following
+    /// references; a reference to a path not read is left out.
+    pub fn closure_of(&self, root: &str) -> Closure {
+        let mut paths = HashMap::new();
+        let mut pending = vec![root];
+        while let Some(path) = pending.pop() {
+            let Some(info) = self.paths.get(path) else {
+                continue;
+            };
+            if paths.insert(path.to_owned(), info.size).is_none() {
+                pending.extend(info.references.iter().map(String::as_str));
+            }
+        }
+        Closure { paths }
     }
 }
 
@@ -79,35 +115,34 @@ impl PathMetadata {
 /// on: a list of objects with `path` (before 2.19), or an object keyed by
 /// path whose value is `null` for a path that is not valid (2.19 on).
 /// Every path must be valid and carry its `narSize`.
-pub fn parse_path_info(stdout: &[u8]) -> Result<Closure, String> {
+pub fn parse_path_info(stdout: &[u8]) -> Result<PathInfos, String> {
     let not_json = |err: serde_json::Error| format!("not JSON in the expected shape ({err})");
     let first = stdout.iter().find(|b| !b.is_ascii_whitespace());
-    let entries: Vec<(String, Option<u64>)> = match first {
+    let entries: Vec<(String, Option<PathInfo>)> = match first {
         Some(b'[') => serde_json::from_slice::<Vec<ListedPath>>(stdout)
             .map_err(not_json)?
             .into_iter()
-            .map(|p| {
-                let size = p.metadata.size();
-                (p.path, size)
-            })
+            .map(|p| (p.path, p.metadata.into_info()))
             .collect(),
         Some(b'{') => serde_json::from_slice::<HashMap<String, Option<PathMetadata>>>(stdout)
             .map_err(not_json)?
             .into_iter()
-            .map(|(path, metadata)| (path, metadata.and_then(|m| m.size())))
+            .map(|(path, metadata)| (path, metadata.and_then(PathMetadata::into_info)))
             .collect(),
         _ => {
-            return Err("expected a list of paths (Nix before 2.19) or an object keyed by \
+            return Err(
+                "expected a list of paths (Nix before 2.19) or an object keyed by \
                         path (Nix 2.19 and later)"
-                .to_owned());
+                    .to_owned(),
+            );
         }
     };
     let mut paths = HashMap::with_capacity(entries.len());
-    for (path, size) in entries {
-        let size = size.ok_or_else(|| format!("{path} is not valid in the store"))?;
-        paths.insert(path, size);
+    for (path, info) in entries {
+        let info = info.ok_or_else(|| format!("{path} is not valid in the store"))?;
+        paths.insert(path, info);
     }
-    Ok(Closure { paths })
+    Ok(PathInfos { paths })
 }
 
 /// Whether `path` looks like a store path Nix printed: absolute, one
@@ -128,18 +163,22 @@ pub fn is_store_path(path: &str) -> bool {
         })
 }
 
-/// Reads the closure of `store_path` (which must be valid) with its sizes.
-pub async fn read_closure(
+/// Reads the closures of `roots` (which must be valid) with their sizes,
+/// in one `nix path-info` call (closures overlap: what they share is read
+/// once); one [`Closure`] per root, in order.
+pub async fn read_closures(
     nix: &NixCli,
-    store_path: &str,
+    roots: &[&str],
     deadline: Instant,
     cancel: &CancellationToken,
-) -> Result<Closure, ClosureError> {
-    let path = || store_path.to_owned();
-    if !is_store_path(store_path) {
-        return Err(ClosureError::NotAStorePath { path: path() });
+) -> Result<Vec<Closure>, ClosureError> {
+    let path = || roots.join(" ");
+    if let Some(bad) = roots.iter().find(|p| !is_store_path(p)) {
+        return Err(ClosureError::NotAStorePath {
+            path: (*bad).to_owned(),
+        });
     }
-    let invocation = nix.closure_info(store_path);
+    let invocation = nix.closure_info(roots);
     let limits = process::Limits {
         max_stdout: MAX_CLOSURE_JSON_BYTES,
         ..process::Limits::deadline(deadline)
@@ -153,9 +192,9 @@ pub async fn read_closure(
         errors.push(line.to_owned());
     })
     .await?;
-    match outcome {
-        Outcome::Exited { status, stdout } if status.success() => {
-            parse_path_info(&stdout).map_err(|message| {
+    let infos = match outcome {
+        Outcome::Exited { status, stdout } if status.success() => parse_path_info(&stdout)
+            .map_err(|message| {
                 let message = if stdout.len() >= MAX_CLOSURE_JSON_BYTES {
                     format!("the output exceeds {MAX_CLOSURE_JSON_BYTES} bytes")
                 } else {
@@ -165,18 +204,31 @@ pub async fn read_closure(
                     path: path(),
                     message,
                 }
-            })
+            })?,
+        Outcome::Exited { status, .. } => {
+            return Err(ClosureError::Failed {
+                path: path(),
+                message: match errors.join("\n").trim() {
+                    "" => format!("nix exited with {status}"),
+                    text => text.to_owned(),
+                },
+            });
         }
-        Outcome::Exited { status, .. } => Err(ClosureError::Failed {
-            path: path(),
-            message: match errors.join("\n").trim() {
-                "" => format!("nix exited with {status}"),
-                text => text.to_owned(),
-            },
-        }),
-        Outcome::TimedOut | Outcome::Silent => Err(ClosureError::TimedOut { path: path() }),
-        Outcome::Cancelled => Err(ClosureError::Cancelled { path: path() }),
-    }
+        Outcome::TimedOut | Outcome::Silent => {
+            return Err(ClosureError::TimedOut { path: path() });
+        }
+        Outcome::Cancelled => return Err(ClosureError::Cancelled { path: path() }),
+    };
+    roots
+        .iter()
+        .map(|root| match infos.paths.contains_key(*root) {
+            true => Ok(infos.closure_of(root)),
+            false => Err(ClosureError::Unparsable {
+                path: path(),
+                message: format!("{root} is missing from the output"),
+            }),
+        })
+        .collect()
 }
 
 /// The `<name>` of a store path `/nix/store/<hash>-<name>`.
@@ -227,35 +279,47 @@ mod tests {
     /// The same closure as Nix 2.26.3 printed it.
     const NIX_2_26: &str = r#"{"/nix/store/2hjr8flrxdnhkg81bfyh5m9hbxla95pr-nixos-system-ns1-24.05":{"ca":null,"deriver":"/nix/store/934653fcbagf4df14y1ya51x00h4ay5v-nixos-system-ns1-24.05.drv","narHash":"sha256-c9rxYYfiYmDoZotX09FgXqVZOPpyRkpExI9YnYX3fXI=","narSize":232,"references":["/nix/store/2p50iywmfkh47f50rxy17n2a4jhb5fr5-htop-3.3.0","/nix/store/wsxpfspn6m4vnh6mwp6f0wq4wvz59m9v-libfoo-1.2.3"],"registrationTime":1796210528,"signatures":[],"ultimate":true},"/nix/store/2p50iywmfkh47f50rxy17n2a4jhb5fr5-htop-3.3.0":{"ca":null,"deriver":"/nix/store/bq2sxr8j17cxplm87z6giw77b8n2kv4m-htop-3.3.0.drv","narHash":"sha256-Clw2hfh+4zCddlDDfsL0uWS1501+fbGPhixll0GTp10=","narSize":120,"references":[],"registrationTime":1796210528,"signatures":[],"ultimate":true},"/nix/store/wsxpfspn6m4vnh6mwp6f0wq4wvz59m9v-libfoo-1.2.3":{"ca":null,"deriver":"/nix/store/v87844s4m74spvyqxigv5a8gwf3fxs5d-libfoo-1.2.3.drv","narHash":"sha256-QvtAMbUl/uvi+LCObmqOhvNOapHdA2raiI4xG5zI5pA=","narSize":120,"references":[],"registrationTime":1796210528,"signatures":[],"ultimate":true}}"#;
 
-    fn expected() -> Closure {
-        Closure {
+    const TOP: &str = "/nix/store/2hjr8flrxdnhkg81bfyh5m9hbxla95pr-nixos-system-ns1-24.05";
+    const HTOP: &str = "/nix/store/2p50iywmfkh47f50rxy17n2a4jhb5fr5-htop-3.3.0";
+    const LIBFOO: &str = "/nix/store/wsxpfspn6m4vnh6mwp6f0wq4wvz59m9v-libfoo-1.2.3";
+
+    fn expected() -> PathInfos {
+        let info = |size, references: &[&str]| PathInfo {
+            size,
+            references: references.iter().map(|r| (*r).to_owned()).collect(),
+        };
+        PathInfos {
             paths: [
-                (
-                    "/nix/store/2hjr8flrxdnhkg81bfyh5m9hbxla95pr-nixos-system-ns1-24.05",
-                    232,
-                ),
-                ("/nix/store/2p50iywmfkh47f50rxy17n2a4jhb5fr5-htop-3.3.0", 120),
-                (
-                    "/nix/store/wsxpfspn6m4vnh6mwp6f0wq4wvz59m9v-libfoo-1.2.3",
-                    120,
-                ),
+                (TOP, info(232, &[HTOP, LIBFOO])),
+                (HTOP, info(120, &[])),
+                (LIBFOO, info(120, &[])),
             ]
             .into_iter()
-            .map(|(p, s)| (p.to_owned(), s))
+            .map(|(p, i)| (p.to_owned(), i))
             .collect(),
         }
     }
 
     #[test]
     fn path_info_of_nix_2_8_is_a_list() {
-        let closure = parse_path_info(NIX_2_8.as_bytes()).unwrap();
-        assert_eq!(closure, expected());
-        assert_eq!(closure.size(), 472);
+        let infos = parse_path_info(NIX_2_8.as_bytes()).unwrap();
+        assert_eq!(infos, expected());
+        assert_eq!(infos.closure_of(TOP).size(), 472);
     }
 
     #[test]
     fn path_info_of_nix_2_26_is_keyed_by_path() {
         assert_eq!(parse_path_info(NIX_2_26.as_bytes()).unwrap(), expected());
+    }
+
+    #[test]
+    fn each_root_gets_its_own_closure_from_the_references() {
+        let infos = expected();
+        let top = infos.closure_of(TOP);
+        assert_eq!(top.paths.len(), 3);
+        let htop = infos.closure_of(HTOP);
+        assert_eq!(htop.paths, [(HTOP.to_owned(), 120)].into_iter().collect());
+        assert!(infos.closure_of("/nix/store/unknown").paths.is_empty());
     }
 
     #[test]
@@ -306,7 +370,11 @@ mod tests {
             ("system-path", "system-path", ""),
             ("unit-script-foo-start", "unit-script-foo-start", ""),
             ("foo-unstable-2024-01-01", "foo-unstable", "2024-01-01"),
-            ("perl5.38.2-Test-Fatal-0.017", "perl5.38.2-Test-Fatal", "0.017"),
+            (
+                "perl5.38.2-Test-Fatal-0.017",
+                "perl5.38.2-Test-Fatal",
+                "0.017",
+            ),
         ] {
             assert_eq!(
                 package_of(&format!("{hash}{name}")),
