@@ -2,6 +2,8 @@
 //! plain derivations, read with `nix path-info` by Nix 2.8 and (when it is
 //! set up, see scripts/lib/nix-versions.sh) Nix 2.26, whose JSON differs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
