@@ -7,6 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -20,10 +23,6 @@ const PER_GROUP: usize = 50;
 /// path's `references`, as in a real system closure.
 const BASE: usize = 10;
 const RUNS: usize = 5;
-
-fn nix_config() -> String {
-    "build-users-group =\nsubstituters =\nsandbox = false\nmax-jobs = 2\n".to_owned()
-}
 
 /// A closure of `GROUPS * PER_GROUP` leaves under `GROUPS` groups under one
 /// top; `variant` "b" bumps pkg0100 to 1.1, adds newpkg-2.0 and drops pkg0200.
@@ -52,20 +51,7 @@ in drv "nixos-system-bench" "echo $deps > $out" (builtins.genList group {GROUPS}
 }
 
 fn build(dir: &std::path::Path, variant: &str) -> String {
-    let file = dir.join(format!("{variant}.nix"));
-    std::fs::write(&file, expression(variant)).unwrap();
-    let out = Command::new("nix-build")
-        .args(["--no-out-link", "--quiet"])
-        .arg(&file)
-        .env("NIX_CONFIG", nix_config())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::nix_build_expression(dir, variant, &expression(variant))
 }
 
 async fn measure(program: &str, a: &str, b: &str) {

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -33,32 +32,18 @@ in drv "nixos-system-ns1" "echo $deps > $out" [ {deps} ]"#
     )
 }
 
-fn config() -> String {
-    format!("{}build-users-group =\n", nix_config())
-}
-
 fn build(dir: &Path, name: &str, packages: &[(&str, &str)]) -> String {
-    let file = dir.join(format!("{name}.nix"));
-    std::fs::write(&file, system_expression(packages)).unwrap();
-    let out = Command::new("nix-build")
-        .args(["--no-out-link", "--quiet"])
-        .arg(&file)
-        .env("NIX_CONFIG", config())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    nix_build_expression(dir, name, &system_expression(packages))
 }
 
 /// A `nix` that runs `real` with the test's Nix settings (the builder
 /// passes its own environment to Nix).
 fn nix_wrapper(dir: &Path, name: &str, real: &str) -> String {
     let path = dir.join(name);
-    let config = format!("{}build-hook =\nbuilders =\n", config());
+    let config = format!(
+        "{}build-users-group =\nbuild-hook =\nbuilders =\n",
+        nix_config()
+    );
     std::fs::write(
         &path,
         format!("#!/bin/sh\nNIX_CONFIG='{config}' exec '{real}' \"$@\"\n"),
