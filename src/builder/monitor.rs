@@ -353,6 +353,23 @@ impl Monitor {
         }
     }
 
+    /// The rev of `repo`/`host`'s default-ref result, if that result is
+    /// `out_path`.
+    pub(crate) fn default_rev(&self, repo: &str, host: &str, out_path: &str) -> Option<String> {
+        let state = self.lock();
+        let record = state
+            .hosts
+            .get(&(repo.to_owned(), host.to_owned(), String::new()))?;
+        (record.last.out_path.as_deref() == Some(out_path))
+            .then(|| record.last.rev.clone())
+            .flatten()
+    }
+
+    /// The closure size of `repo`/`host`'s new default-ref result.
+    pub(crate) fn closure_size(&self, repo: &str, host: &str, bytes: u64) {
+        self.metrics.set_host_closure_size(repo, host, bytes);
+    }
+
     /// A request from the journal was queued again.
     pub(crate) fn resumed(&self) {
         self.metrics.resumed_requests.inc();

@@ -4,13 +4,16 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::present::{human_duration, short_rev};
+use crate::present::{changes_lines, changes_summary, human_duration, short_rev};
 use crate::protocol::{BuildStatus, ErrorBody, Event, HostStatus, Reply};
 
 /// What the user has seen of the build so far, for the status line.
 #[derive(Debug, Default)]
 struct State {
     current: Option<(String, usize, usize)>,
+    /// Every started host's position: a host's `host_finished` may come
+    /// after the next host started.
+    positions: std::collections::HashMap<String, (usize, usize)>,
     host_started: Option<Instant>,
     counts: (u64, u64),
     building: Option<String>,
@@ -21,6 +24,7 @@ struct State {
 pub struct View<W: Write> {
     out: W,
     live: bool,
+    all_changes: bool,
     started: Instant,
     state: State,
     status_shown: bool,
@@ -32,10 +36,17 @@ impl<W: Write> View<W> {
         Self {
             out,
             live,
+            all_changes: false,
             started: Instant::now(),
             state: State::default(),
             status_shown: false,
         }
+    }
+
+    /// Lists every changed package under each host, not only the summary.
+    pub fn with_all_changes(mut self, all_changes: bool) -> Self {
+        self.all_changes = all_changes;
+        self
     }
 
     /// Shows one event.
@@ -104,6 +115,7 @@ impl<W: Write> View<W> {
             }
             Event::HostStarted { host, index, total } => {
                 self.state.current = Some((host.clone(), *index, *total));
+                self.state.positions.insert(host.clone(), (*index, *total));
                 self.state.host_started = Some(Instant::now());
                 self.state.counts = (0, 0);
                 self.state.building = None;
@@ -145,9 +157,20 @@ impl<W: Write> View<W> {
                 out_path,
                 cached,
                 error,
+                changes,
             } => {
-                let position = self.position();
-                self.state.current = None;
+                let position = match self.state.positions.get(host) {
+                    Some((index, total)) => format!("[{index}/{total}]"),
+                    None => self.position(),
+                };
+                if self
+                    .state
+                    .current
+                    .as_ref()
+                    .is_none_or(|(current, _, _)| current == host)
+                {
+                    self.state.current = None;
+                }
                 let took = human_duration(Duration::from_millis(*duration_ms));
                 let mut lines = vec![match status {
                     HostStatus::Success => format!(
@@ -166,6 +189,12 @@ impl<W: Write> View<W> {
                 }];
                 if let Some(error) = error {
                     lines.extend(indent_error(error));
+                }
+                if let Some(changes) = changes {
+                    lines.push(format!("    {}", changes_summary(changes)));
+                    if self.all_changes {
+                        lines.extend(changes_lines(changes).iter().map(|l| format!("      {l}")));
+                    }
                 }
                 lines
             }
@@ -335,6 +364,7 @@ mod tests {
                 out_path: Some("/nix/store/x-a".into()),
                 cached: false,
                 error: None,
+                changes: None,
             },
             Event::HostStarted {
                 host: "b".into(),
@@ -351,6 +381,7 @@ mod tests {
                     ErrorCode::BuildFailed,
                     "error: boom\n> last line",
                 )),
+                changes: None,
             },
             Event::Finished {
                 omitted_hosts: 0,
@@ -368,6 +399,8 @@ mod tests {
                         duration_ms: 1500,
                         out_path: Some("/nix/store/x-a".into()),
                         cached: false,
+                        changed_packages: None,
+                        size_delta: None,
                     },
                     HostSummary {
                         host: "b".into(),
@@ -375,6 +408,8 @@ mod tests {
                         duration_ms: 200,
                         out_path: None,
                         cached: false,
+                        changed_packages: None,
+                        size_delta: None,
                     },
                 ],
                 skipped: vec![],

@@ -296,6 +296,28 @@ pub fn nix_system() -> String {
     format!("{}-linux", std::env::consts::ARCH)
 }
 
+/// Builds `expression` (plain derivations, no flake) with `nix-build`,
+/// writing it to `<dir>/<name>.nix`; returns its out path (not rooted).
+pub fn nix_build_expression(dir: &Path, name: &str, expression: &str) -> String {
+    let file = dir.join(format!("{name}.nix"));
+    std::fs::write(&file, expression).unwrap();
+    let out = Command::new("nix-build")
+        .args(["--no-out-link", "--quiet"])
+        .arg(&file)
+        .env(
+            "NIX_CONFIG",
+            format!("{}build-users-group =\n", nix_config()),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// What a host of a fixture flake does.
 #[derive(Debug, Clone)]
 pub enum Host {
