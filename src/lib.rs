@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod builder;
+pub mod changes;
 pub mod cli;
 pub(crate) mod client;
 pub(crate) mod config;

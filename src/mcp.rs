@@ -22,9 +22,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::client::{BuildClient, ClientError, Timeouts};
-use crate::present::{cancel_outcome, human_duration, short_rev, status_report};
+use crate::present::{
+    cancel_outcome, changes_lines, changes_summary, human_duration, short_rev, status_report,
+};
 use crate::protocol::{
-    BuildRequest, BuildStatus, ErrorBody, Event, HostStatus, HostSummary, Reply, keep_tail,
+    BuildRequest, BuildStatus, Changes, ErrorBody, Event, HostStatus, HostSummary, Reply, keep_tail,
 };
 
 /// How long a tool call waits for a NATS connection that is not up yet.
@@ -106,7 +108,9 @@ impl BuildTools {
                 "build",
                 "Build NixOS hosts of a repo on the homelab build host and wait for the result. \
                  Builds run one at a time; an `all` build takes minutes. Returns each host's \
-                 result, with the error output of hosts that failed.",
+                 result, with the error output of hosts that failed and, for hosts that built, \
+                 the packages (name, versions before and after, size change) and closure size \
+                 that changed against the host's current result on the repo's default ref.",
                 schema(json!({
                     "type": "object",
                     "properties": {
@@ -171,8 +175,9 @@ impl BuildTools {
         };
         let mut finished_hosts = 0usize;
         let mut total = None;
-        // Failing hosts' errors, from their host_finished events.
-        let mut errors = std::collections::BTreeMap::new();
+        // Failing hosts' errors and built hosts' changes, from their
+        // host_finished events.
+        let mut outcomes = HostOutcomes::default();
         loop {
             let received = tokio::select! {
                 received = events.next() => received,
@@ -211,16 +216,20 @@ impl BuildTools {
                     host,
                     status,
                     error,
+                    changes,
                     ..
                 } => {
                     finished_hosts += 1;
                     if let Some(error) = error {
-                        errors.insert(host.clone(), error.clone());
+                        outcomes.errors.insert(host.clone(), error.clone());
+                    }
+                    if let Some(changes) = changes {
+                        outcomes.changes.insert(host.clone(), changes.clone());
                     }
                     Some(format!("{host}: {status}"))
                 }
                 Event::Finished { .. } | Event::Rejected { .. } => {
-                    return summarize(&reply, &args.repo, &args.target, &errors);
+                    return summarize(&reply, &args.repo, &args.target, &outcomes);
                 }
                 _ => None,
             };
@@ -247,14 +256,22 @@ fn client_error(err: &ClientError) -> CallToolResult {
 /// tells why.
 const ERROR_TAIL_BYTES: usize = 1500;
 
+/// Most changed packages a tool result's text lists per host; the
+/// structured content has all the builder sent.
+const CHANGE_LINES_PER_HOST: usize = 25;
+
+/// What the `host_finished` events said beyond the `finished` summary.
+#[derive(Debug, Default)]
+struct HostOutcomes {
+    /// Failing hosts' errors.
+    errors: BTreeMap<String, ErrorBody>,
+    /// Built hosts' changes against the default ref.
+    changes: BTreeMap<String, Changes>,
+}
+
 /// The concise result of a build: the outcome, failing hosts with their
-/// error tails, and the hosts that built.
-fn summarize(
-    reply: &Reply,
-    repo: &str,
-    target: &str,
-    errors: &BTreeMap<String, ErrorBody>,
-) -> CallToolResult {
+/// error tails, and the hosts that built with what they change.
+fn summarize(reply: &Reply, repo: &str, target: &str, outcomes: &HostOutcomes) -> CallToolResult {
     let id = &reply.build_id;
     let (text, is_error) = match &reply.event {
         Event::Rejected { error } => (
@@ -289,20 +306,27 @@ fn summarize(
                 ));
             }
             (
-                text + &host_lines(hosts, errors),
+                text + &host_lines(hosts, outcomes),
                 *status != BuildStatus::Success,
             )
         }
         _ => ("unexpected reply from the builder".to_owned(), true),
     };
     let mut result = text_result(text, is_error);
-    result.structured_content = serde_json::to_value(reply).ok();
+    result.structured_content = serde_json::to_value(reply).ok().map(|mut value| {
+        // The `finished` event plus each built host's changes.
+        if let (Some(object), false) = (value.as_object_mut(), outcomes.changes.is_empty()) {
+            object.insert("changes".to_owned(), json!(outcomes.changes));
+        }
+        value
+    });
     result
 }
 
 /// Failing hosts with the errors their `host_finished` carried (kept in the
-/// summary's order), then the hosts that built.
-fn host_lines(hosts: &[HostSummary], errors: &BTreeMap<String, ErrorBody>) -> String {
+/// summary's order), then the hosts that built and what they change.
+fn host_lines(hosts: &[HostSummary], outcomes: &HostOutcomes) -> String {
+    let errors = &outcomes.errors;
     let mut text = String::new();
     let built: Vec<&str> = hosts
         .iter()
@@ -332,6 +356,30 @@ fn host_lines(hosts: &[HostSummary], errors: &BTreeMap<String, ErrorBody>) -> St
     }
     if !built.is_empty() {
         text.push_str(&format!("built: {}\n", built.join(", ")));
+    }
+    for host in built {
+        let Some(changes) = outcomes.changes.get(host) else {
+            continue;
+        };
+        text.push_str(&format!(
+            "changes of {host}: {}\n",
+            changes_summary(changes)
+        ));
+        let lines = changes_lines(changes);
+        // The package lines, then the `… more`, rebuilt and compared lines.
+        let packages = changes.packages.len();
+        for line in lines.iter().take(packages.min(CHANGE_LINES_PER_HOST)) {
+            text.push_str(&format!("    {line}\n"));
+        }
+        if packages > CHANGE_LINES_PER_HOST {
+            text.push_str(&format!(
+                "    … {} more listed in the structured result\n",
+                packages - CHANGE_LINES_PER_HOST
+            ));
+        }
+        for line in lines.iter().skip(packages) {
+            text.push_str(&format!("    {line}\n"));
+        }
     }
     text
 }
@@ -409,6 +457,74 @@ impl ServerHandler for BuildTools {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{Against, ChangedPackage, Rebuilt};
+
+    #[test]
+    fn build_results_say_what_each_built_host_changes() {
+        let changes = Changes {
+            against: Against {
+                out_path: "/nix/store/aaaa-nixos-system-ns1".into(),
+                rev: None,
+            },
+            packages: vec![ChangedPackage {
+                name: "openssl".into(),
+                before: vec!["3.0.14".into()],
+                after: vec!["3.0.15".into()],
+                size_delta: 10_240,
+            }],
+            more: 0,
+            rebuilt: Rebuilt::default(),
+            closure_size: 2048,
+            closure_size_delta: 10_240,
+        };
+        let host = |name: &str| HostSummary {
+            host: name.into(),
+            status: HostStatus::Success,
+            duration_ms: 1,
+            out_path: Some(format!("/nix/store/bbbb-{name}")),
+            cached: false,
+            changed_packages: Some(1),
+            size_delta: Some(10_240),
+        };
+        let reply = Reply {
+            build_id: "b1".into(),
+            event: Event::Finished {
+                repo: "r".into(),
+                target: "all".into(),
+                rev: None,
+                status: BuildStatus::Success,
+                duration_ms: 5,
+                succeeded: 2,
+                failed: 0,
+                hosts: vec![host("ns1"), host("ns2")],
+                error: None,
+                skipped: Vec::new(),
+                omitted_hosts: 0,
+            },
+        };
+        let mut outcomes = HostOutcomes::default();
+        outcomes.changes.insert("ns1".into(), changes.clone());
+        let result = summarize(&reply, "r", "all", &outcomes);
+        let text = serde_json::to_value(&result.content).unwrap().to_string();
+        assert!(
+            text.contains(
+                "changes of ns1: 1 package changed: openssl 3.0.14 → 3.0.15; closure 2.0 KiB, +10.0 KiB"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("openssl 3.0.14 → 3.0.15  +10.0 KiB"),
+            "{text}"
+        );
+        assert!(!text.contains("changes of ns2"), "{text}");
+        let structured = result.structured_content.unwrap();
+        assert_eq!(structured["event"], "finished");
+        assert_eq!(structured["hosts"][0]["changed_packages"], 1);
+        assert_eq!(
+            serde_json::from_value::<Changes>(structured["changes"]["ns1"].clone()).unwrap(),
+            changes
+        );
+    }
 
     #[test]
     fn tool_results_carry_no_credentials() {

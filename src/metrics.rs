@@ -63,6 +63,8 @@ pub struct Metrics {
     pub host_build_duration: HistogramVec,
     /// Unix time of each host's last successful build.
     pub host_last_success: GaugeVec,
+    /// Closure size of each host's current result on the default ref.
+    pub host_closure_size: IntGaugeVec,
     /// Rejected requests by error code.
     pub rejected: IntCounterVec,
     /// Requests answered with nothing, by why.
@@ -133,6 +135,14 @@ impl Metrics {
                 ),
                 &["repo", "host"],
             )?,
+            host_closure_size: IntGaugeVec::new(
+                Opts::new(
+                    name("host_closure_size_bytes"),
+                    "Closure size (sum of NAR sizes) of the host's current result on the \
+                     repo's default ref.",
+                ),
+                &["repo", "host"],
+            )?,
             rejected: counter_vec(
                 "requests_rejected_total",
                 "Requests rejected on receipt, by error code.",
@@ -196,6 +206,7 @@ impl Metrics {
         r.register(Box::new(metrics.host_builds.clone()))?;
         r.register(Box::new(metrics.host_build_duration.clone()))?;
         r.register(Box::new(metrics.host_last_success.clone()))?;
+        r.register(Box::new(metrics.host_closure_size.clone()))?;
         r.register(Box::new(metrics.rejected.clone()))?;
         r.register(Box::new(metrics.ignored.clone()))?;
         r.register(Box::new(metrics.queue_length.clone()))?;
@@ -260,6 +271,13 @@ impl Metrics {
                 .with_label_values(&[repo, host])
                 .set(unix_time);
         }
+    }
+
+    /// Records the closure size of a host's new result on the default ref.
+    pub fn set_host_closure_size(&self, repo: &str, host: &str, bytes: u64) {
+        self.host_closure_size
+            .with_label_values(&[repo, host])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text format (0.0.4).
@@ -705,6 +723,16 @@ mod tests {
         let (_, response) = get(addr, true).await;
         assert!(response.contains("https://***@h/r"), "{response}");
         assert!(!response.contains("SECRET"));
+    }
+
+    #[test]
+    fn closure_sizes_are_a_gauge_per_host() {
+        let metrics = Metrics::new(["r"]).unwrap();
+        metrics.set_host_closure_size("r", "ns1", 1_288_490_188);
+        metrics.set_host_closure_size("r", "ns1", 1_288_490_189);
+        assert!(metrics.render().contains(
+            "homelab_deploy_builder_host_closure_size_bytes{host=\"ns1\",repo=\"r\"} 1288490189"
+        ));
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! How builds and the builder read for people, the same in the CLI and in
-//! the MCP server's tool results: durations, revisions, the status report
-//! and the outcome of a cancel.
+//! the MCP server's tool results: durations, revisions, sizes, what a
+//! result changes, the status report and the outcome of a cancel.
 
 use std::time::Duration;
 
-use crate::protocol::{BuilderStatus, CancelOutcome, CancelledState};
+use crate::protocol::{BuilderStatus, CancelOutcome, CancelledState, ChangedPackage, Changes};
 
 /// Formats a duration the way people read build times: `850ms`, `12.3s`,
 /// `4m05s`, `1h02m`.
@@ -25,6 +25,134 @@ pub fn human_duration(duration: Duration) -> String {
 /// A commit as people quote it: its first 12 digits, or `-` for none.
 pub fn short_rev(rev: Option<&str>) -> &str {
     rev.map(|r| r.get(..12).unwrap_or(r)).unwrap_or("-")
+}
+
+/// A size in bytes with a binary unit: `412 B`, `10.0 KiB`, `1.2 GiB`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    // Display only: the rounding of a u64 to f64 does not matter.
+    #[allow(clippy::cast_precision_loss)]
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A size change with its sign: `+1.3 MiB`, `-412 B`, `+0 B`.
+pub fn human_size_delta(delta: i64) -> String {
+    let sign = if delta < 0 { '-' } else { '+' };
+    format!("{sign}{}", human_size(delta.unsigned_abs()))
+}
+
+/// Versions as people read them: `3.0.14`, `{3.11.9, 3.12.4}`; a path
+/// without a version shows as `∅`.
+fn versions(list: &[String]) -> String {
+    let shown: Vec<&str> = list
+        .iter()
+        .map(|v| if v.is_empty() { "∅" } else { v.as_str() })
+        .collect();
+    match shown.as_slice() {
+        [one] => (*one).to_owned(),
+        many => format!("{{{}}}", many.join(", ")),
+    }
+}
+
+/// One package's change: `openssl 3.0.14 → 3.0.15`, `htop 3.3.0 (added)`,
+/// `nano 8.0 (removed)`.
+pub fn package_change(package: &ChangedPackage) -> String {
+    let name = &package.name;
+    let (before, after) = (&package.before, &package.after);
+    let unversioned = |list: &[String]| list.iter().all(String::is_empty);
+    match (before.is_empty(), after.is_empty()) {
+        (true, _) if unversioned(after) => format!("{name} (added)"),
+        (true, _) => format!("{name} {} (added)", versions(after)),
+        (_, true) if unversioned(before) => format!("{name} (removed)"),
+        (_, true) => format!("{name} {} (removed)", versions(before)),
+        _ => format!("{name} {} → {}", versions(before), versions(after)),
+    }
+}
+
+/// How many packages the one-line summary names before `, …`.
+const SUMMARY_PACKAGES: usize = 5;
+
+/// What a result changes, in one line: `3 packages changed: openssl 3.0.14
+/// → 3.0.15, …; closure 1.2 GiB, +1.3 MiB`.
+pub fn changes_summary(changes: &Changes) -> String {
+    let count = changes.changed_packages();
+    let mut text = match count {
+        0 => "no packages changed".to_owned(),
+        1 => "1 package changed: ".to_owned(),
+        n => format!("{n} packages changed: "),
+    };
+    let named: Vec<String> = changes
+        .packages
+        .iter()
+        .take(SUMMARY_PACKAGES)
+        .map(package_change)
+        .collect();
+    text.push_str(&named.join(", "));
+    if count > named.len() {
+        text.push_str(", …");
+    }
+    if changes.rebuilt.packages > 0 {
+        text.push_str(&format!(
+            "; {} rebuilt at the same version",
+            changes.rebuilt.packages
+        ));
+    }
+    text.push_str(&format!(
+        "; closure {}, {}",
+        human_size(changes.closure_size),
+        human_size_delta(changes.closure_size_delta)
+    ));
+    text
+}
+
+/// What a result changes, one line per package (for `--changes`), then
+/// what is not listed and what it was compared with.
+pub fn changes_lines(changes: &Changes) -> Vec<String> {
+    let width = changes
+        .packages
+        .iter()
+        .map(|p| package_change(p).chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut lines: Vec<String> = changes
+        .packages
+        .iter()
+        .map(|p| {
+            format!(
+                "{:<width$}  {}",
+                package_change(p),
+                human_size_delta(p.size_delta)
+            )
+        })
+        .collect();
+    if changes.more > 0 {
+        lines.push(format!(
+            "… and {} more packages with smaller size changes",
+            changes.more
+        ));
+    }
+    if changes.rebuilt.packages > 0 {
+        lines.push(format!(
+            "{} packages rebuilt at the same version, {}",
+            changes.rebuilt.packages,
+            human_size_delta(changes.rebuilt.size_delta)
+        ));
+    }
+    lines.push(format!(
+        "compared with {} (rev {})",
+        changes.against.out_path,
+        short_rev(changes.against.rev.as_deref())
+    ));
+    lines
 }
 
 /// The status as people read it.
@@ -246,6 +374,84 @@ mod tests {
             text.contains("nixos-servers/ns2  failed    rev 609da7ab2bec"),
             "{text}"
         );
+    }
+
+    fn example_changes() -> Changes {
+        let package = |name: &str, before: &[&str], after: &[&str], size_delta| ChangedPackage {
+            name: name.into(),
+            before: before.iter().map(|s| (*s).to_owned()).collect(),
+            after: after.iter().map(|s| (*s).to_owned()).collect(),
+            size_delta,
+        };
+        Changes {
+            against: crate::protocol::Against {
+                out_path: "/nix/store/aaaa-nixos-system-ns1".into(),
+                rev: Some("609da7ab2bec60c568928f7e8d760a36e14805b0".into()),
+            },
+            packages: vec![
+                package("htop", &[], &["3.3.0"], 412_000),
+                package("openssl", &["3.0.14"], &["3.0.15"], 10_240),
+                package("nano", &["8.0"], &[], -300),
+                package("python3", &["3.11.9", "3.12.4"], &["3.12.4"], -20),
+                package("system-path", &[""], &[], 0),
+            ],
+            more: 2,
+            rebuilt: crate::protocol::Rebuilt {
+                packages: 12,
+                size_delta: 4096,
+            },
+            closure_size: 1_288_490_188,
+            closure_size_delta: 1_372_160,
+        }
+    }
+
+    #[test]
+    fn changes_read_as_one_line() {
+        assert_eq!(
+            changes_summary(&example_changes()),
+            "7 packages changed: htop 3.3.0 (added), openssl 3.0.14 → 3.0.15, nano 8.0 (removed), \
+             python3 {3.11.9, 3.12.4} → 3.12.4, system-path (removed), …; \
+             12 rebuilt at the same version; closure 1.2 GiB, +1.3 MiB"
+        );
+        let unchanged = Changes {
+            packages: vec![],
+            more: 0,
+            rebuilt: crate::protocol::Rebuilt::default(),
+            closure_size_delta: 0,
+            ..example_changes()
+        };
+        assert_eq!(
+            changes_summary(&unchanged),
+            "no packages changed; closure 1.2 GiB, +0 B"
+        );
+    }
+
+    #[test]
+    fn changes_read_as_one_line_per_package() {
+        assert_eq!(
+            changes_lines(&example_changes()),
+            [
+                "htop 3.3.0 (added)                 +402.3 KiB",
+                "openssl 3.0.14 → 3.0.15            +10.0 KiB",
+                "nano 8.0 (removed)                 -300 B",
+                "python3 {3.11.9, 3.12.4} → 3.12.4  -20 B",
+                "system-path (removed)              +0 B",
+                "… and 2 more packages with smaller size changes",
+                "12 packages rebuilt at the same version, +4.0 KiB",
+                "compared with /nix/store/aaaa-nixos-system-ns1 (rev 609da7ab2bec)",
+            ]
+        );
+    }
+
+    #[test]
+    fn sizes_read_with_binary_units() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "1023 B");
+        assert_eq!(human_size(1024), "1.0 KiB");
+        assert_eq!(human_size(1_288_490_188), "1.2 GiB");
+        assert_eq!(human_size(u64::MAX), "16.0 EiB");
+        assert_eq!(human_size_delta(-412), "-412 B");
+        assert_eq!(human_size_delta(i64::MIN), "-8.0 EiB");
     }
 
     #[test]

@@ -6,10 +6,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use common::*;
 use homelab_deploy::protocol::{
     BuildStatus, CancelEvent, CancelledState, ErrorCode, Event, HostStatus, Reply,
@@ -168,85 +164,15 @@ async fn changed_content_of_an_unlocked_flake_is_rebuilt() {
     }
 }
 
-/// A bare copy of a repository served over dumb HTTP on 127.0.0.1.
-struct GitHttp {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl GitHttp {
-    fn serve(repo: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let bare = dir.path().join("repo.git");
-        let git = |args: &[&str], cwd: &Path| {
-            let out = Command::new("git")
-                .args(args)
-                .current_dir(cwd)
-                .env("GIT_CONFIG_GLOBAL", "/dev/null")
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "git {args:?}: {out:?}");
-        };
-        git(
-            &[
-                "clone",
-                "-q",
-                "--bare",
-                &repo.display().to_string(),
-                "repo.git",
-            ],
-            dir.path(),
-        );
-        git(&["update-server-info"], &bare);
-        let port = free_port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .arg("--directory")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the HTTP server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("git+http://127.0.0.1:{}/repo.git", self.port)
-    }
-}
-
-impl Drop for GitHttp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_tag_builds_from_a_repository_fetched_over_http() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
     flake.tag("v1.0");
     let tagged = flake.head();
     let head = flake.commit_change("after the tag");
-    let server = GitHttp::serve(flake.path());
+    let server = GitOverHttp::serve(&flake);
     let (nats, _builder) = start_service(&flake, |mut o| {
-        o.repos[0].1 = server.url();
+        o.repos[0].1 = server.url(None);
         o
     });
     let client = Requester::new(&nats).await;

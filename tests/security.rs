@@ -6,69 +6,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
 use homelab_deploy::protocol::{BuildStatus, Event, Reply, random_hex};
-
-/// A bare clone of a flake served over dumb HTTP on 127.0.0.1 (git's
-/// `update-server-info` and Python's static file server); stopped on drop.
-struct GitOverHttp {
-    server: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl GitOverHttp {
-    /// Serves `flake` as `repo.git`, with `extra`'s master as branch `branch`.
-    fn serve(flake: &Flake, extra: &Flake, branch: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let bare = dir.path().join("repo.git");
-        let bare = bare.to_str().unwrap();
-        flake.git(&["clone", "-q", "--bare", ".", bare]);
-        extra.git(&["push", "-q", bare, &format!("master:{branch}")]);
-        flake.git(&["--git-dir", bare, "update-server-info"]);
-        let port = free_port();
-        let server = Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .arg("--directory")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 is needed to serve a git repository over HTTP");
-        wait_for_blocking("the git HTTP server", WAIT, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Self {
-            server,
-            port,
-            _dir: dir,
-        }
-    }
-
-    /// The repo's URL with `userinfo` in it.
-    fn url(&self, userinfo: &str) -> String {
-        format!("git+http://{userinfo}@127.0.0.1:{}/repo.git", self.port)
-    }
-}
-
-impl Drop for GitOverHttp {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
-}
 
 /// Every message on every subject, as text: subject, reply subject, payload.
 async fn spy_on_everything(nats: &NatsServer) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
@@ -113,13 +57,18 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
     // whole URL, token included.
     let no_hosts =
         Flake::with_source(|_, _| "{ outputs = { self }: { packages = { }; }; }\n".into());
-    let http = GitOverHttp::serve(&flake, &no_hosts, "no-hosts");
+    let http = GitOverHttp::serve(&flake);
+    http.push_branch(&no_hosts, "no-hosts");
     let token = format!("glpat{}", random_hex::<10>());
 
     let nats = NatsServer::start();
     let (spy, seen) = spy_on_everything(&nats).await;
     let mut options = BuilderOptions::new(&flake);
-    options.repos = vec![("homelab".into(), http.url(&format!("oauth2:{token}")), None)];
+    options.repos = vec![(
+        "homelab".into(),
+        http.url(Some(&format!("oauth2:{token}"))),
+        None,
+    )];
     let mut builder = Builder::start(&nats, &options);
     let metrics_addr = builder.metrics_addr();
     let requester = Requester::new(&nats).await;

@@ -340,6 +340,7 @@ async fn run_lane(
                 deadline: None,
                 max_silence: None,
                 kill_grace: process::EVAL_KILL_GRACE,
+                max_stdout: process::MAX_STDOUT_BYTES,
             };
             let run = process::run_limited(&invocation, limits, &stop, &mut observer);
             tokio::pin!(run);

@@ -394,6 +394,8 @@ mod tests {
                 duration_ms: 1,
                 out_path: Some(format!("/nix/store/x-{name}")),
                 cached: false,
+                changed_packages: None,
+                size_delta: None,
             },
         }
     }

@@ -364,6 +364,16 @@ impl Monitor {
     ) {
         self.metrics
             .build_finished(repo, status, duration.as_secs_f64());
+        self.not_running(build_id);
+    }
+
+    /// The running request stopped to resume at the next start: not a
+    /// finished build.
+    pub(crate) fn build_interrupted(&self, build_id: &str) {
+        self.not_running(build_id);
+    }
+
+    fn not_running(&self, build_id: &str) {
         let mut state = self.lock();
         if state
             .running
@@ -374,17 +384,21 @@ impl Monitor {
         }
     }
 
-    /// The running request stopped to resume at the next start: not a
-    /// finished build.
-    pub(crate) fn build_interrupted(&self, build_id: &str) {
-        let mut state = self.lock();
-        if state
-            .running
-            .as_ref()
-            .is_some_and(|r| r.status.build_id == build_id)
-        {
-            state.running = None;
-        }
+    /// The rev of `repo`/`host`'s default-ref result, if that result is
+    /// `out_path`.
+    pub(crate) fn default_rev(&self, repo: &str, host: &str, out_path: &str) -> Option<String> {
+        let state = self.lock();
+        let record = state
+            .hosts
+            .get(&(repo.to_owned(), host.to_owned(), String::new()))?;
+        (record.last.out_path.as_deref() == Some(out_path))
+            .then(|| record.last.rev.clone())
+            .flatten()
+    }
+
+    /// The closure size of `repo`/`host`'s new default-ref result.
+    pub(crate) fn closure_size(&self, repo: &str, host: &str, bytes: u64) {
+        self.metrics.set_host_closure_size(repo, host, bytes);
     }
 
     /// A request from the journal was queued again.

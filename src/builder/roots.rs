@@ -169,6 +169,13 @@ impl GcRoots {
         expired
     }
 
+    /// The store path `repo`/`host` on the default ref points to now (its
+    /// newest generation), if it has one.
+    pub(crate) fn default_result(&self, repo: &str, host: &str) -> Option<String> {
+        let path = std::fs::canonicalize(self.dir.join(repo).join(host)).ok()?;
+        path.to_str().map(str::to_owned)
+    }
+
     /// Roots `out_path` as the newest generation of `repo`/`host` in
     /// `lineage`. The output is rooted already (by the request), so there
     /// is no window in which the collector could take it.

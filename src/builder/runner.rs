@@ -16,6 +16,7 @@ use super::monitor::Monitor;
 use super::request::{HostFailure, Job, Report, millis};
 use super::roots::{GcRoots, Lineage, RequestRoots};
 use super::watch::HostWatch;
+use crate::changes::host_changes;
 use crate::config::{Config, RepoConfig};
 use crate::nix::NixCli;
 use crate::nix::argv::{Invocation, Locked, evaluation_url, flake_fetch_urls};
@@ -23,8 +24,8 @@ use crate::nix::json::{FlakeMetadata, host_names, out_path_from_build_json};
 use crate::nix::log::{ErrorTail, LogParser};
 use crate::nix::process::{self, Outcome};
 use crate::protocol::{
-    BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, SkippedHost, Target,
-    is_valid_name,
+    Against, BuildStatus, Changes, ErrorBody, ErrorCode, Event, HostStatus, HostSummary,
+    SkippedHost, Target, is_valid_name,
 };
 use crate::sync::lock;
 
@@ -75,7 +76,18 @@ struct Pinned {
 struct Built {
     out_path: String,
     cached: bool,
+    /// The host's result on the default ref before this build (its
+    /// current GC-root generation), to compare with; `None` for a first
+    /// build or without `gc_roots_dir`.
+    against: Option<String>,
 }
+
+/// A host's `host_finished`, sent once its closure comparison is done.
+type PendingChanges = tokio::task::JoinHandle<(String, Option<Changes>)>;
+
+/// Longest a closure comparison may take before `host_finished` goes out
+/// without it.
+const CHANGES_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One request on its way through [`Runner::run`]: the job, its
 /// cancellation, which roots its results join and its temporary roots.
@@ -287,7 +299,7 @@ impl Runner {
             let pinned = &pinned;
             async move {
                 if let Some(done) = done {
-                    return (i, done);
+                    return (i, done, None);
                 }
                 if cancel.is_cancelled() {
                     let cancelled = HostSummary {
@@ -296,10 +308,12 @@ impl Runner {
                         duration_ms: 0,
                         out_path: None,
                         cached: false,
+                        changed_packages: None,
+                        size_delta: None,
                     };
-                    return (i, cancelled);
+                    return (i, cancelled, None);
                 }
-                let summary = self
+                let (summary, changes) = self
                     .build_host(
                         run,
                         pinned,
@@ -308,19 +322,35 @@ impl Runner {
                         (evaluations, this_evaluation),
                     )
                     .await;
-                (i, summary)
+                (i, summary, changes)
             }
         });
         // Collected first: with a lazy map in the stream the compiler cannot
         // prove the request's future `Send`.
         let builds: Vec<_> = builds.collect();
-        let mut summaries: Vec<(usize, HostSummary)> = futures_util::stream::iter(builds)
-            .buffer_unordered(self.config.builder.parallel_hosts)
-            .collect()
-            .await;
-        summaries.sort_by_key(|(i, _)| *i);
-        let summaries: Vec<HostSummary> = summaries.into_iter().map(|(_, s)| s).collect();
+        let mut built: Vec<(usize, HostSummary, Option<PendingChanges>)> =
+            futures_util::stream::iter(builds)
+                .buffer_unordered(self.config.builder.parallel_hosts)
+                .collect()
+                .await;
+        built.sort_by_key(|(i, _, _)| *i);
+        let mut summaries = Vec::with_capacity(total);
+        let mut pending: Vec<PendingChanges> = Vec::new();
+        for (_, summary, changes) in built {
+            summaries.push(summary);
+            pending.extend(changes);
+        }
         evaluations.into_inner().shutdown().await;
+        // Every `host_finished` is out before `finished`, which counts the
+        // changes per host.
+        for task in pending {
+            if let Ok((host, Some(changes))) = task.await {
+                if let Some(summary) = summaries.iter_mut().find(|s| s.host == host) {
+                    summary.changed_packages = Some(changes.changed_packages());
+                    summary.size_delta = Some(changes.closure_size_delta);
+                }
+            }
+        }
 
         // From here a `build.cancel` is answered as too late and changes
         // nothing; one that came before is honoured, even if every host
@@ -518,7 +548,7 @@ impl Runner {
         host: &str,
         (index, total): (usize, usize),
         (evaluations, evaluation): (&tokio::sync::Mutex<Evaluations>, usize),
-    ) -> HostSummary {
+    ) -> (HostSummary, Option<PendingChanges>) {
         let Run { job, cancel, .. } = *run;
         let started = Instant::now();
         // Status first: whoever hears `host_started` and asks for the status
@@ -552,27 +582,35 @@ impl Runner {
         let duration_ms = millis(duration);
         let machines = watch.machines();
         self.monitor.derivations_built(&machines);
-        let (status, out_path, cached, error) = match result {
+        let (status, out_path, cached, error, against) = match result {
             Ok(built) => (
                 HostStatus::Success,
                 Some(built.out_path),
                 built.cached,
                 None,
+                built.against,
             ),
-            Err(failure) => (failure.status, None, false, Some(failure.error)),
+            Err(failure) => (failure.status, None, false, Some(failure.error), None),
         };
+        // Read before this result replaces it in the monitor.
+        let against = against.map(|against| Against {
+            rev: self.monitor.default_rev(&job.repo, host, &against),
+            out_path: against,
+        });
         let summary = HostSummary {
             host: host.to_owned(),
             status,
             duration_ms,
             out_path: out_path.clone(),
             cached,
+            changed_packages: None,
+            size_delta: None,
         };
         if status == HostStatus::Cancelled && cancel.reason() == cancel::INTERRUPTED {
             // Paused: the host builds again after the restart, so it gets
             // no result now (nor in the journal).
             tracing::info!(%host, "host interrupted");
-            return summary;
+            return (summary, None);
         }
         if status != HostStatus::Cancelled {
             self.journal.note(Record::Host {
@@ -601,19 +639,52 @@ impl Runner {
                 tracing::warn!(%host, duration_ms, %status, code = %err.code, "host failed")
             }
         }
-        job.replies.send(
-            &job.build_id,
-            Event::HostFinished {
-                host: host.to_owned(),
-                status,
-                duration_ms,
-                out_path,
-                cached,
-                error,
-                machines,
-            },
-        );
-        summary
+        let finished = Event::HostFinished {
+            host: host.to_owned(),
+            status,
+            duration_ms,
+            out_path: out_path.clone(),
+            cached,
+            error,
+            changes: None,
+            machines,
+        };
+        let (Some(out_path), Some(against)) = (out_path, against) else {
+            job.replies.send(&job.build_id, finished);
+            return (summary, None);
+        };
+        // What the build changes is worked out beside the next host's
+        // build; `host_finished` goes out with it.
+        let default_ref = run.lineage == Lineage::Default;
+        let task = tokio::spawn({
+            let nix = self.nix.clone();
+            let monitor = Arc::clone(&self.monitor);
+            let replies = job.replies.clone();
+            let (build_id, repo, host) = (job.build_id.clone(), job.repo.clone(), host.to_owned());
+            let cancel = cancel.token().clone();
+            async move {
+                let deadline = Instant::now() + CHANGES_TIME_LIMIT;
+                let changes = match host_changes(&nix, &out_path, against, deadline, &cancel).await
+                {
+                    Ok(changes) => Some(changes),
+                    Err(err) => {
+                        tracing::warn!(%host, %err, "cannot tell what the build changes");
+                        None
+                    }
+                };
+                if let (Some(changes), true) = (&changes, default_ref) {
+                    monitor.closure_size(&repo, &host, changes.closure_size);
+                }
+                let mut finished = finished;
+                if let Event::HostFinished { changes: slot, .. } = &mut finished {
+                    slot.clone_from(&changes);
+                }
+                replies.send(&build_id, finished);
+                (host, changes)
+            }
+            .instrument(tracing::Span::current())
+        });
+        (summary, Some(task))
     }
 
     /// Builds an evaluated host from its derivation (no second evaluation),
@@ -627,9 +698,13 @@ impl Runner {
     ) -> Result<Built, HostFailure> {
         let deadline = Instant::now() + self.config.builder.host_timeout;
         let out_link = run.roots.as_ref().map(|roots| roots.out_link(host));
-        let built = self
+        let mut built = self
             .build_or_find(evaluated, out_link.as_deref(), watch, deadline, run.cancel)
             .await?;
+        built.against = self
+            .roots
+            .as_ref()
+            .and_then(|roots| roots.default_result(&run.job.repo, host));
         if let Some(roots) = &self.roots {
             roots
                 .record(
@@ -662,6 +737,7 @@ impl Runner {
             return Ok(Built {
                 out_path: evaluated.out_path.clone(),
                 cached: true,
+                against: None,
             });
         }
 
@@ -689,7 +765,11 @@ impl Runner {
                 ),
             )
         })?;
-        Ok(Built { out_path, cached })
+        Ok(Built {
+            out_path,
+            cached,
+            against: None,
+        })
     }
 
     /// Whether `path` is already valid in the store.

@@ -29,6 +29,9 @@ pub struct Args {
     /// Stream the build log of each host.
     #[arg(long)]
     logs: bool,
+    /// Under each host, list every changed package, not only the summary.
+    #[arg(long)]
+    changes: bool,
     /// Give up on a request after this long (e.g. 90m, 3h).
     #[arg(long, default_value = "3h", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -98,7 +101,7 @@ async fn follow(
 ) -> Exit {
     let stdout = std::io::stdout();
     let live = !args.json && stdout.is_terminal();
-    let mut view = View::new(stdout.lock(), live);
+    let mut view = View::new(stdout.lock(), live).with_all_changes(args.changes);
     let mut events = match client.request(&args.repo, target, request, timeouts).await {
         Ok(events) => events,
         Err(err) => return report_error(&mut view, &err),

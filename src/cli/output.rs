@@ -5,13 +5,16 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::nix::log::LOCALHOST;
-use crate::present::{human_duration, short_rev};
+use crate::present::{changes_lines, changes_summary, human_duration, short_rev};
 use crate::protocol::{BuildStatus, ErrorBody, Event, HostStatus, Reply};
 
 /// What the user has seen of the build so far, for the status line.
 #[derive(Debug, Default)]
 struct State {
     current: Option<(String, usize, usize)>,
+    /// Every started host's position: a host's `host_finished` may come
+    /// after the next host started.
+    positions: std::collections::HashMap<String, (usize, usize)>,
     host_started: Option<Instant>,
     counts: (u64, u64),
     building: Option<String>,
@@ -22,6 +25,7 @@ struct State {
 pub struct View<W: Write> {
     out: W,
     live: bool,
+    all_changes: bool,
     started: Instant,
     state: State,
     status_shown: bool,
@@ -33,10 +37,17 @@ impl<W: Write> View<W> {
         Self {
             out,
             live,
+            all_changes: false,
             started: Instant::now(),
             state: State::default(),
             status_shown: false,
         }
+    }
+
+    /// Lists every changed package under each host, not only the summary.
+    pub fn with_all_changes(mut self, all_changes: bool) -> Self {
+        self.all_changes = all_changes;
+        self
     }
 
     /// Shows one event.
@@ -105,6 +116,7 @@ impl<W: Write> View<W> {
             }
             Event::HostStarted { host, index, total } => {
                 self.state.current = Some((host.clone(), *index, *total));
+                self.state.positions.insert(host.clone(), (*index, *total));
                 self.state.host_started = Some(Instant::now());
                 self.state.counts = (0, 0);
                 self.state.building = None;
@@ -148,9 +160,20 @@ impl<W: Write> View<W> {
                 cached,
                 error,
                 machines,
+                changes,
             } => {
-                let position = self.position();
-                self.state.current = None;
+                let position = match self.state.positions.get(host) {
+                    Some((index, total)) => format!("[{index}/{total}]"),
+                    None => self.position(),
+                };
+                if self
+                    .state
+                    .current
+                    .as_ref()
+                    .is_none_or(|(current, _, _)| current == host)
+                {
+                    self.state.current = None;
+                }
                 let took = human_duration(Duration::from_millis(*duration_ms));
                 let mut lines = vec![match status {
                     HostStatus::Success => format!(
@@ -174,6 +197,12 @@ impl<W: Write> View<W> {
                     let built: Vec<String> =
                         machines.iter().map(|(m, n)| format!("{m}: {n}")).collect();
                     lines.push(format!("  derivations built on {}", built.join(", ")));
+                }
+                if let Some(changes) = changes {
+                    lines.push(format!("    {}", changes_summary(changes)));
+                    if self.all_changes {
+                        lines.extend(changes_lines(changes).iter().map(|l| format!("      {l}")));
+                    }
                 }
                 lines
             }
@@ -349,6 +378,7 @@ mod tests {
                     ("localhost".to_owned(), 1),
                     ("ssh-ng://root@b1?ssh-key=***".to_owned(), 3),
                 ]),
+                changes: None,
             },
             Event::HostStarted {
                 host: "b".into(),
@@ -366,6 +396,7 @@ mod tests {
                     "error: boom\n> last line",
                 )),
                 machines: BTreeMap::from([("localhost".to_owned(), 1)]),
+                changes: None,
             },
             Event::Finished {
                 omitted_hosts: 0,
@@ -383,6 +414,8 @@ mod tests {
                         duration_ms: 1500,
                         out_path: Some("/nix/store/x-a".into()),
                         cached: false,
+                        changed_packages: None,
+                        size_delta: None,
                     },
                     HostSummary {
                         host: "b".into(),
@@ -390,6 +423,8 @@ mod tests {
                         duration_ms: 200,
                         out_path: None,
                         cached: false,
+                        changed_packages: None,
+                        size_delta: None,
                     },
                 ],
                 skipped: vec![],

@@ -167,6 +167,27 @@ impl NixCli {
         }
     }
 
+    /// Prints every path of the closures of `store_paths` with its metadata
+    /// (`narSize` and `references` among it) as JSON: a list of objects
+    /// with `path` before Nix 2.19, an object keyed by path from then on
+    /// (the argv is the same; [`super::closure::parse_path_info`] reads
+    /// both). Never substitutes: a path that is not valid is an error, not
+    /// a download.
+    pub fn closure_info(&self, store_paths: &[&str]) -> Invocation {
+        let mut args = [
+            "path-info",
+            "--json",
+            "--recursive",
+            "--option",
+            "substitute",
+            "false",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(store_paths.iter().map(|p| (*p).to_owned()));
+        self.invocation(args)
+    }
+
     /// Roots an existing store path (not a `.drv`) at `link` (building a
     /// valid path does nothing but create the link and register it as a GC
     /// root).
@@ -497,6 +518,32 @@ mod tests {
         let inv = NixCli::new("/run/current-system/sw/bin/nix", NixVersion::new(2, 24, 0))
             .check_validity(&["/nix/store/a"]);
         assert_eq!(inv.program, "/run/current-system/sw/bin/nix-store");
+    }
+
+    #[test]
+    fn closures_are_read_with_path_info_without_substituting() {
+        // The same argv on 2.8 (JSON list) and 2.19+ (JSON object).
+        for version in [(2, 8), (2, 18), (2, 19), (2, 26)] {
+            let inv =
+                cli(version.0, version.1).closure_info(&["/nix/store/x-a2", "/nix/store/y-a2"]);
+            assert_eq!(inv.program, "nix");
+            assert_eq!(
+                args(&inv),
+                [
+                    "--extra-experimental-features",
+                    "nix-command flakes",
+                    "path-info",
+                    "--json",
+                    "--recursive",
+                    "--option",
+                    "substitute",
+                    "false",
+                    "/nix/store/x-a2",
+                    "/nix/store/y-a2"
+                ],
+                "{version:?}"
+            );
+        }
     }
 
     #[test]

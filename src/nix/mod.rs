@@ -1,8 +1,10 @@
 //! Everything that talks to Nix: which version it is, the exact argv for each
 //! call ([`argv`]), running it as a killable process group ([`process`]) and
-//! reading its `internal-json` log ([`log`]) and its JSON output ([`json`]).
+//! reading its `internal-json` log ([`log`]), its JSON output ([`json`]) and
+//! store closures with their sizes ([`closure`]).
 
 pub mod argv;
+pub mod closure;
 pub mod json;
 pub mod log;
 pub mod machines;

@@ -81,6 +81,8 @@ pub struct Limits {
     pub max_silence: Option<Duration>,
     /// Time between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// Most stdout kept; the rest is dropped.
+    pub max_stdout: usize,
 }
 
 impl Limits {
@@ -90,6 +92,7 @@ impl Limits {
             deadline: Some(deadline),
             max_silence: None,
             kill_grace: KILL_GRACE,
+            max_stdout: MAX_STDOUT_BYTES,
         }
     }
 }
@@ -137,6 +140,7 @@ pub async fn run_limited(
         deadline,
         max_silence,
         kill_grace,
+        max_stdout,
     } = limits;
     tracing::debug!(argv = %invocation, "running nix");
     let mut child = Command::new(&invocation.program)
@@ -165,7 +169,7 @@ pub async fn run_limited(
     if let Some(pid) = child.id() {
         watched.started(pid);
     }
-    let stdout_reader = read_bounded(child.stdout.take());
+    let stdout_reader = read_bounded(child.stdout.take(), max_stdout);
     let stderr_reader = read_lines(child.stderr.take(), &mut watched);
     tokio::pin!(stdout_reader, stderr_reader);
     let silent_since = || started + Duration::from_millis(last_output_ms.load(Ordering::Relaxed));
@@ -247,7 +251,7 @@ async fn stop_group(child: &mut Child, grace: Duration) {
     let _ = child.wait().await;
 }
 
-async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
+async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>, max: usize) -> Vec<u8> {
     let Some(mut pipe) = pipe else {
         return Vec::new();
     };
@@ -257,7 +261,7 @@ async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
         match pipe.read(&mut chunk).await {
             Ok(0) | Err(_) => return kept,
             Ok(n) => {
-                let room = MAX_STDOUT_BYTES.saturating_sub(kept.len());
+                let room = max.saturating_sub(kept.len());
                 kept.extend_from_slice(&chunk[..n.min(room)]);
             }
         }
@@ -368,6 +372,7 @@ mod tests {
             deadline: Some(soon(30)),
             max_silence: Some(Duration::from_millis(silence)),
             kill_grace: KILL_GRACE,
+            max_stdout: MAX_STDOUT_BYTES,
         };
         let cancel = CancellationToken::new();
         let outcome = run_limited(

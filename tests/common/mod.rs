@@ -296,6 +296,28 @@ pub fn nix_system() -> String {
     format!("{}-linux", std::env::consts::ARCH)
 }
 
+/// Builds `expression` (plain derivations, no flake) with `nix-build`,
+/// writing it to `<dir>/<name>.nix`; returns its out path (not rooted).
+pub fn nix_build_expression(dir: &Path, name: &str, expression: &str) -> String {
+    let file = dir.join(format!("{name}.nix"));
+    std::fs::write(&file, expression).unwrap();
+    let out = Command::new("nix-build")
+        .args(["--no-out-link", "--quiet"])
+        .arg(&file)
+        .env(
+            "NIX_CONFIG",
+            format!("{}build-users-group =\n", nix_config()),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// What a host of a fixture flake does.
 #[derive(Debug, Clone)]
 pub enum Host {
@@ -529,6 +551,68 @@ impl Flake {
             salt = self.salt,
             system = nix_system()
         )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A flake served over HTTP
+
+/// A bare copy of a fixture flake's repository (branches and tags) served
+/// over git's dumb HTTP protocol on 127.0.0.1; stopped on drop.
+pub struct GitOverHttp {
+    server: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl GitOverHttp {
+    /// Serves `flake`'s repository as `repo.git`.
+    pub fn serve(flake: &Flake) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("repo.git");
+        flake.git(&["clone", "-q", "--bare", ".", bare.to_str().unwrap()]);
+        flake.git(&["--git-dir", bare.to_str().unwrap(), "update-server-info"]);
+        let port = free_port();
+        let server = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--directory")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 is needed to serve a git repository over HTTP");
+        wait_for_blocking("the git HTTP server", WAIT, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Self { server, port, dir }
+    }
+
+    /// Adds `other`'s master as branch `branch` of the served repository.
+    pub fn push_branch(&self, other: &Flake, branch: &str) {
+        let bare = self.dir.path().join("repo.git");
+        let bare = bare.to_str().unwrap();
+        other.git(&["push", "-q", bare, &format!("master:{branch}")]);
+        other.git(&["--git-dir", bare, "update-server-info"]);
+    }
+
+    /// The repository's flake URL, with `userinfo@` when given.
+    pub fn url(&self, userinfo: Option<&str>) -> String {
+        let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        format!("git+http://{userinfo}127.0.0.1:{}/repo.git", self.port)
+    }
+}
+
+impl Drop for GitOverHttp {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
     }
 }
 
