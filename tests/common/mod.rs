@@ -301,13 +301,10 @@ pub fn nix_system() -> String {
 pub fn nix_build_expression(dir: &Path, name: &str, expression: &str) -> String {
     let file = dir.join(format!("{name}.nix"));
     std::fs::write(&file, expression).unwrap();
-    let out = Command::new("nix-build")
+    // The selected Nix's own nix-build, with the settings made for it.
+    let out = nix_command("nix-build")
         .args(["--no-out-link", "--quiet"])
         .arg(&file)
-        .env(
-            "NIX_CONFIG",
-            format!("{}build-users-group =\n", nix_config()),
-        )
         .output()
         .unwrap();
     assert!(
