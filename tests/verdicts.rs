@@ -28,6 +28,23 @@ fn signed_service(
     (nats, builder)
 }
 
+/// Waits until the builder has given `count` requests no answer for
+/// `reason` (`homelab_deploy_builder_requests_ignored_total`).
+async fn wait_for_ignored(builder: &mut Builder, reason: &str, count: f64) {
+    let series = format!("homelab_deploy_builder_requests_ignored_total{{reason=\"{reason}\"}}");
+    poll(
+        &format!("{count} requests ignored for {reason}"),
+        async || {
+            metric(
+                &http_get(&builder.metrics_addr(), "/metrics").await.1,
+                &series,
+            )
+        },
+        |counted| *counted == Some(count),
+    )
+    .await;
+}
+
 /// Starts `homelab-deploy <args>` against `nats`, without waiting.
 fn spawn_cli(nats_url: &str, args: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(BIN)
@@ -212,18 +229,7 @@ async fn borrowed_reply_subjects_change_nothing(file: &str) {
             .unwrap();
     }
     attacker.nats.flush().await.unwrap();
-    poll(
-        "both borrowing requests to be counted",
-        async || {
-            let text = http_get(&builder.metrics_addr(), "/metrics").await.1;
-            metric(
-                &text,
-                r#"homelab_deploy_builder_requests_ignored_total{reason="reply_subject_in_use"}"#,
-            ) == Some(2.0)
-        },
-        |counted| *counted,
-    )
-    .await;
+    wait_for_ignored(&mut builder, "reply_subject_in_use", 2.0).await;
 
     flake.open_gate();
     blocker.until_terminal().await;
@@ -294,18 +300,7 @@ async fn replies_never_go_outside_build_responses() {
             .unwrap();
     }
     attacker.nats.flush().await.unwrap();
-    poll(
-        "the four requests to be counted",
-        async || {
-            let text = http_get(&builder.metrics_addr(), "/metrics").await.1;
-            metric(
-                &text,
-                r#"homelab_deploy_builder_requests_ignored_total{reason="foreign_reply_subject"}"#,
-            ) == Some(4.0)
-        },
-        |counted| *counted,
-    )
-    .await;
+    wait_for_ignored(&mut builder, "foreign_reply_subject", 4.0).await;
     // One more request with a proper subject is answered; by then anything
     // sent to deploy.prod would have arrived.
     let replies = attacker.build("build.nope.x", "").await;
