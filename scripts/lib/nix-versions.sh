@@ -5,7 +5,8 @@
 #
 # How: a private apt configuration (its own sources.list, lists, cache and an
 # empty dpkg status) downloads nix-bin and the libraries it links against
-# from trixie; `dpkg -x` unpacks them into target/tools/nix-2.26/root; and
+# from trixie, through the Debian mirror the system's own apt sources name
+# (NIX_2_26_MIRROR overrides it) and with the system's proxy settings; `dpkg -x` unpacks them into target/tools/nix-2.26/root; and
 # bin/nix, bin/nix-store, bin/nix-instantiate are wrappers that start the
 # binary through that root's own dynamic loader with --library-path and
 # --argv0, so it uses trixie's glibc and libraries, not the system's.
@@ -41,6 +42,40 @@ _nix_2_26_packages() {
   apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
     --no-breaks --no-replaces --no-enhances $libs |
     grep -v '^[ <]' | sort -u
+}
+
+# The Debian archive this machine's apt already uses: the Repo-URI of its
+# main suite (as configured: "bookworm" or "stable", not "-security",
+# "-updates" or "-backports"). Nothing here names a mirror, so a machine
+# behind its own mirror or proxy fetches trixie from where it fetches
+# everything else.
+_debian_mirror() {
+  if [ -n "${NIX_2_26_MIRROR:-}" ]; then
+    echo "$NIX_2_26_MIRROR"
+    return 0
+  fi
+  local os
+  os=$(. /etc/os-release 2>/dev/null && echo "${ID:-}")
+  if [ "$os" != debian ]; then
+    echo "error: Nix $NIX_2_26_VERSION comes from Debian trixie, and this system ($os) has no Debian archive in its apt sources." >&2
+    echo "  set NIX_2_26_MIRROR to a Debian mirror's URL (the directory holding dists/trixie)." >&2
+    return 1
+  fi
+  local mirror
+  mirror=$(apt-get indextargets --format '$(TARGET_OF) $(RELEASE) $(REPO_URI)' 'Identifier: Packages' |
+    awk '$1 == "deb" && $2 !~ /-/ { print $3; exit }')
+  if [ -z "$mirror" ]; then
+    echo "error: no Debian archive in this machine's apt sources (apt-get indextargets lists none)." >&2
+    echo "  set NIX_2_26_MIRROR to a Debian mirror's URL (the directory holding dists/trixie)." >&2
+    return 1
+  fi
+  echo "$mirror"
+}
+
+# The system's network settings for apt (proxies, retries, TLS), which the
+# private configuration would otherwise not read.
+_apt_network_config() {
+  apt-config dump | grep -E '^Acquire::(http|https|ftp|socks|Retries|ForceIPv4|ForceIPv6)(::| )' || true
 }
 
 _nix_2_26_wrapper() {
@@ -81,7 +116,10 @@ ensure_nix_2_26() {
     "$apt/etc/preferences.d" "$apt/etc/apt.conf.d" "$apt/debs" \
     "$NIX_2_26_DIR/root" "$NIX_2_26_DIR/bin"
   : > "$apt/status"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+  local mirror
+  mirror=$(_debian_mirror) || return 1
+  echo "    from $mirror" >&2
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" \
     > "$apt/etc/sources.list"
   cat > "$apt/apt.conf" <<CONF
 Dir::State "$apt";
@@ -96,6 +134,7 @@ APT::Architecture "amd64";
 Acquire::Languages "none";
 APT::Sandbox::User "root";
 CONF
+  _apt_network_config >> "$apt/apt.conf"
   # The system's apt-get may lack the trixie key file; debian-archive-keyring
   # on bookworm ships it in debian-archive-keyring.gpg.
   (
