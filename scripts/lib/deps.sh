@@ -16,8 +16,16 @@ ensure_deps() {
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing ${missing[*]} (apt-get)" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    # apt's own progress only when it fails.
+    local log
+    log=$(mktemp)
+    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } > "$log" 2>&1; then
+      cat "$log" >&2
+      rm -f "$log"
+      echo "error: apt-get could not install ${missing[*]} (see above)." >&2
+      exit 1
+    fi
+    rm -f "$log"
   else
     echo "error: missing ${missing[*]}." >&2
     echo "  install them with: sudo apt-get install ${missing[*]}" >&2
