@@ -4,7 +4,8 @@
 //! ([`protocol`]), builds each host with Nix ([`nix`]) one after the other,
 //! and streams events back; the client ([`client`]) and the CLI ([`cli`])
 //! drive it; [`metrics`] exports what operators watch; [`redact`] keeps
-//! credentials out of everything sent and logged.
+//! credentials out of everything sent and logged; [`printable`] keeps
+//! terminal control sequences from the wire out of what people are shown.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub(crate) mod metrics;
 pub mod nats;
 pub mod nix;
 pub(crate) mod present;
+pub(crate) mod printable;
 pub mod protocol;
 pub(crate) mod redact;
 pub(crate) mod signing;

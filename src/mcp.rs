@@ -67,9 +67,11 @@ fn schema(value: serde_json::Value) -> Arc<JsonObject> {
 }
 
 /// A tool result; every one passes here, so its text is where credentials
-/// (say, in a NATS URL quoted by a connection error) are masked.
+/// (say, in a NATS URL quoted by a connection error) are masked and
+/// terminal control characters from the wire escaped.
 fn text_result(text: String, is_error: bool) -> CallToolResult {
-    let content = vec![ContentBlock::text(crate::redact::redact(&text))];
+    let redacted = crate::redact::redact(&text);
+    let content = vec![ContentBlock::text(crate::printable::printable(&redacted))];
     if is_error {
         CallToolResult::error(content)
     } else {
@@ -343,7 +345,10 @@ fn host_lines(hosts: &[HostSummary], outcomes: &HostOutcomes) -> String {
             text.push_str(&format!("- {}: {}", host.host, host.status));
             if let Some(error) = errors.get(&host.host) {
                 text.push_str(&format!(" ({})\n", error.code));
-                let tail = keep_tail(error.message.clone(), ERROR_TAIL_BYTES);
+                let tail = keep_tail(
+                    crate::redact::redact_owned(error.message.clone()),
+                    ERROR_TAIL_BYTES,
+                );
                 for line in tail.lines() {
                     text.push_str("    ");
                     text.push_str(line);

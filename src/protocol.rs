@@ -420,16 +420,21 @@ pub struct ErrorBody {
 
 impl ErrorBody {
     /// An error body, its message cut to the protocol's limit (keeping the end,
-    /// where Nix puts the interesting part).
+    /// where Nix puts the interesting part). Credentials are masked before
+    /// the cut: a cut inside one would leave a piece no mask recognises.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
-            message: keep_tail(message.into(), MAX_ERROR_MESSAGE_BYTES),
+            message: keep_tail(
+                crate::redact::redact_owned(message.into()),
+                MAX_ERROR_MESSAGE_BYTES,
+            ),
         }
     }
 }
 
-/// Cuts `text` to its last `max` bytes on a character boundary.
+/// Cuts `text` to its last `max` bytes on a character boundary. Text that
+/// may carry a credential is masked first ([`crate::redact::redact_owned`]).
 pub fn keep_tail(text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
@@ -483,7 +488,10 @@ impl Reply {
                 *short_error = error.as_ref().map(|error| {
                     ErrorBody::new(
                         error.code,
-                        keep_tail(error.message.clone(), SHORTENED_ERROR_BYTES),
+                        keep_tail(
+                            crate::redact::redact_owned(error.message.clone()),
+                            SHORTENED_ERROR_BYTES,
+                        ),
                     )
                 });
                 *omitted = omitted_hosts + hosts.len() - kept.len();
@@ -1401,6 +1409,18 @@ mod tests {
         assert_eq!(body.message.len(), MAX_ERROR_MESSAGE_BYTES);
         assert!(body.message.ends_with("END"));
         assert_eq!(keep_tail("ééé".into(), 3), "é");
+    }
+
+    #[test]
+    fn error_messages_are_masked_before_they_are_cut() {
+        // The cut falls inside the token: cut first, the piece left would
+        // no longer look like a URL's userinfo and would go out unmasked.
+        let url = "git+https://oauth2:ghp_SECRETSECRETSECRET@git.example/r.git";
+        let token_middle = url.find("SECRETSECRET").unwrap() + 6;
+        let filler = "x".repeat(MAX_ERROR_MESSAGE_BYTES - (url.len() - token_middle));
+        let body = ErrorBody::new(ErrorCode::FetchFailed, format!("{url}{filler}"));
+        assert!(!body.message.contains("SECRET"), "{}", body.message);
+        assert!(body.message.len() <= MAX_ERROR_MESSAGE_BYTES);
     }
 
     #[test]

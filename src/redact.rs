@@ -90,6 +90,14 @@ pub fn redact(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// [`redact`] for an owned string: `text` itself when it holds no secret.
+pub fn redact_owned(text: String) -> String {
+    match redact(&text) {
+        Cow::Borrowed(_) => text,
+        Cow::Owned(masked) => masked,
+    }
+}
+
 /// Characters of a URL's userinfo (RFC 3986: unreserved, pct-encoded,
 /// sub-delims and ':').
 fn is_userinfo_byte(byte: u8) -> bool {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, Reply};
+use homelab_deploy::protocol::{BuildStatus, ErrorBody, ErrorCode, Event, Reply};
 
 /// A nats-server with `file`'s permission table, and a builder signing
 /// with its key (plus `configure`).
@@ -685,4 +685,147 @@ async fn local_configuration_errors_exit_2_and_an_absent_server_3() {
     }
     let out = run_cli(&nowhere, &["status", "--nkey-file", seed.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+}
+
+// ---------------------------------------------------------------------------
+// Text safe to print
+
+/// Characters that act on a terminal instead of being shown: ESC, BEL and
+/// every C1 control (as the UTF-8 a terminal would read).
+fn terminal_controls(output: &[u8]) -> Vec<char> {
+    String::from_utf8_lossy(output)
+        .chars()
+        .filter(|&c| c == '\x1b' || c == '\x07' || ('\u{80}'..='\u{9f}').contains(&c))
+        .collect()
+}
+
+/// A window title, an OSC 52 clipboard write, cursor up, erase line, a
+/// carriage return and a C1 CSI.
+const HOSTILE: &str = "pwned\x1b]0;title\x07\x1b]52;c;ZWNobw==\x07\x1b[1A\x1b[2K\r\u{9b}2J";
+
+#[tokio::test]
+async fn forged_events_put_no_control_sequence_on_the_clients_terminal() {
+    let ids = Identities::new();
+    let flake = Flake::new(&[("slow", Host::Gated)]);
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
+    attacker.nats.flush().await.unwrap();
+    // No --builder-key: the victim believes whatever reaches its subject.
+    let victim = spawn_cli(
+        &nats.url(),
+        &[
+            "build",
+            "homelab",
+            "slow",
+            "--nkey-file",
+            ids.admin.0.to_str().unwrap(),
+        ],
+    );
+    let (subject, accepted) = watch_for(&mut everything, |r| {
+        matches!(r.event, Event::Accepted { .. })
+    })
+    .await;
+    let forged = |event: Event| {
+        serde_json::to_vec(&Reply {
+            build_id: accepted.build_id.clone(),
+            event,
+        })
+        .unwrap()
+    };
+    let hostile_error = ErrorBody::new(ErrorCode::BuildFailed, format!("boom {HOSTILE}"));
+    for event in [
+        Event::Log {
+            host: format!("slow{HOSTILE}"),
+            lines: vec![format!("line {HOSTILE}")],
+        },
+        Event::Finished {
+            repo: "homelab".into(),
+            target: "slow".into(),
+            rev: None,
+            status: BuildStatus::Failed,
+            duration_ms: 1,
+            succeeded: 0,
+            failed: 1,
+            hosts: vec![],
+            skipped: vec![],
+            omitted_hosts: 0,
+            error: Some(hostile_error),
+        },
+    ] {
+        attacker
+            .nats
+            .publish(subject.clone(), forged(event).into())
+            .await
+            .unwrap();
+    }
+    attacker.nats.flush().await.unwrap();
+    let out = finish(victim).await;
+    flake.open_gate();
+    // The forgery was believed and shown (the test would prove nothing
+    // otherwise), but as text.
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("line pwned\\x1b]0;title\\x07"), "{stdout}");
+    assert!(stdout.contains("boom pwned"), "{stdout}");
+    assert_eq!(
+        terminal_controls(&out.stdout),
+        Vec::<char>::new(),
+        "{stdout:?}"
+    );
+    assert_eq!(
+        terminal_controls(&out.stderr),
+        Vec::<char>::new(),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[tokio::test]
+async fn hostile_attribute_names_reach_the_client_quoted() {
+    // A flake author's attribute names are listed when a host is not
+    // found; one of them carries escape sequences.
+    let flake = Flake::with_source(|salt, system| {
+        format!(
+            r#"{{
+  outputs = {{ self }}:
+    let
+      mk = name: derivation {{
+        inherit name;
+        system = "{system}";
+        salt = "{salt}";
+        builder = "/bin/sh";
+        args = [ "-c" "echo built > $out" ];
+      }};
+      hostile = builtins.fromJSON ''"evil\u001b]0;title\u0007\u001b[2K\u009b2J"'';
+    in {{
+      nixosConfigurations = {{
+        ns1 = {{ config.system.build.toplevel = mk "ns1"; }};
+        ${{hostile}} = {{ config.system.build.toplevel = mk "evil"; }};
+      }};
+    }};
+}}
+"#
+        )
+    });
+    let (nats, _builder) = start_service(&flake, |o| o);
+    let out = finish(spawn_cli(&nats.url(), &["build", "homelab", "nope"])).await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(shown.contains("unknown_host"), "{shown}");
+    assert!(shown.contains("\"evil"), "{shown}");
+    assert_eq!(
+        terminal_controls(&out.stdout),
+        Vec::<char>::new(),
+        "{shown:?}"
+    );
+    assert_eq!(
+        terminal_controls(&out.stderr),
+        Vec::<char>::new(),
+        "{shown:?}"
+    );
 }

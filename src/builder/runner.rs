@@ -485,12 +485,18 @@ impl Runner {
                 if names.contains(host) {
                     Ok((vec![host.clone()], Vec::new()))
                 } else {
+                    // Attribute names are the flake author's text: quoted,
+                    // so no control character reaches a message raw.
+                    let known: Vec<String> = names
+                        .iter()
+                        .map(|name| crate::protocol::quote_for_error(name))
+                        .collect();
                     Err(HostFailure::failed(
                         ErrorCode::UnknownHost,
                         format!(
                             "host {host:?} is not in nixosConfigurations of {}; known hosts: {}",
                             job.repo,
-                            names.join(", ")
+                            known.join(", ")
                         ),
                     ))
                 }
@@ -508,7 +514,7 @@ impl Runner {
                     if is_valid_name(&name) {
                         hosts.push(name);
                     } else {
-                        tracing::warn!(host = %name, "skipping host whose name is not [A-Za-z0-9_-]+");
+                        tracing::warn!(host = ?name, "skipping host whose name is not [A-Za-z0-9_-]+");
                         skipped.push(SkippedHost {
                             reason: format!(
                                 "its name is not [A-Za-z0-9_-]+ (at most {} bytes, not starting with '-'); rename the attribute, or list it in the repo's exclude",

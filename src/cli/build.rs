@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::output::View;
 use super::{Exit, NatsArgs, client_exit, connect, print_raw};
 use crate::client::{BuildClient, ClientError, Timeouts, validate};
+use crate::printable::printable;
 use crate::protocol::{ALL_TARGET, BuildRequest, BuildStatus, Event};
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +141,6 @@ async fn follow(
 
 fn report_error<W: Write>(view: &mut View<W>, err: &ClientError) -> Exit {
     view.finish();
-    eprintln!("error: {err}");
+    eprintln!("error: {}", printable(&err.to_string()));
     client_exit(err)
 }

@@ -2,6 +2,7 @@
 
 use super::{Exit, QueryArgs, client_exit, connect, print_raw};
 use crate::present::cancel_outcome;
+use crate::printable::printable;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -28,7 +29,7 @@ pub async fn run(args: Args) -> Exit {
     let (outcome, raw) = match client.cancel(&args.build_id, query.timeout).await {
         Ok(reply) => reply,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", printable(&err.to_string()));
             return client_exit(&err);
         }
     };
@@ -36,8 +37,8 @@ pub async fn run(args: Args) -> Exit {
         print_raw(&raw);
     } else {
         match cancel_outcome(&outcome) {
-            (text, _) if outcome.error.is_some() => eprintln!("error: {text}"),
-            (text, _) => println!("{text}"),
+            (text, _) if outcome.error.is_some() => eprintln!("error: {}", printable(&text)),
+            (text, _) => println!("{}", printable(&text)),
         }
     }
     match (&outcome.error, outcome.found) {

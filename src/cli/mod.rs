@@ -183,7 +183,7 @@ pub fn client_exit(err: &crate::client::ClientError) -> Exit {
 pub fn print_raw(raw: &[u8]) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(raw);
+    let _ = out.write_all(&crate::printable::printable_json(raw));
     let _ = out.write_all(b"\n");
     let _ = out.flush();
 }
@@ -298,7 +298,11 @@ impl<W: std::io::Write> Drop for Redacting<W> {
 /// Prints `error: …` for a failed command, credentials masked (a config
 /// error may quote a repo URL).
 pub(crate) fn print_error(err: &dyn std::fmt::Display) {
-    eprintln!("error: {}", crate::redact::redact(&err.to_string()));
+    let text = err.to_string();
+    eprintln!(
+        "error: {}",
+        crate::printable::printable(&crate::redact::redact(&text))
+    );
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::nix::log::LOCALHOST;
 use crate::present::{changes_lines, changes_summary, human_duration, short_rev};
+use crate::printable::{printable, printable_line};
 use crate::protocol::{BuildStatus, ErrorBody, Event, HostStatus, Reply};
 
 /// What the user has seen of the build so far, for the status line.
@@ -55,7 +56,7 @@ impl<W: Write> View<W> {
         let lines = self.describe(reply);
         self.clear_status();
         for line in lines {
-            let _ = writeln!(self.out, "{line}");
+            let _ = writeln!(self.out, "{}", printable(&line));
         }
         if !reply.is_terminal() {
             self.draw_status();
@@ -300,7 +301,7 @@ impl<W: Write> View<W> {
             }
             None => format!("  waiting, {elapsed} in total"),
         };
-        let _ = write!(self.out, "{line}");
+        let _ = write!(self.out, "{}", printable_line(&line));
         self.status_shown = true;
     }
 

@@ -3,6 +3,7 @@
 
 use super::{Exit, QueryArgs, client_exit, connect, print_raw};
 use crate::present::status_report;
+use crate::printable::printable;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -18,9 +19,9 @@ pub async fn run(args: Args) -> Exit {
     };
     match client.status(query.timeout).await {
         Ok((_, raw)) if query.json => print_raw(&raw),
-        Ok((status, _)) => print!("{}", status_report(&status)),
+        Ok((status, _)) => print!("{}", printable(&status_report(&status))),
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", printable(&err.to_string()));
             return client_exit(&err);
         }
     }

@@ -239,7 +239,8 @@ pub fn strip_ansi(text: &str) -> String {
 
 /// A single log line, stripped and cut to [`MAX_LINE_BYTES`].
 pub fn clean_line(line: &str) -> String {
-    let mut text = strip_ansi(line);
+    // Masked before the cut, which could split a credential.
+    let mut text = crate::redact::redact_owned(strip_ansi(line));
     if text.len() > MAX_LINE_BYTES {
         let mut end = MAX_LINE_BYTES;
         while !text.is_char_boundary(end) {
@@ -282,19 +283,23 @@ impl ErrorTail {
     /// Takes note of one event.
     pub fn observe(&mut self, event: &LogEvent) {
         match event {
-            LogEvent::BuildLine(line) => {
-                push_bounded(&mut self.log_lines, line.clone(), self.max_log_lines)
-            }
+            LogEvent::BuildLine(line) => push_bounded(
+                &mut self.log_lines,
+                redact(line).into_owned(),
+                self.max_log_lines,
+            ),
             LogEvent::Message { level, text } if *level == LEVEL_ERROR => {
                 push_bounded(
                     &mut self.messages,
-                    keep_tail(text.clone(), MAX_ERROR_MESSAGE_BYTES),
+                    keep_tail(redact(text).into_owned(), MAX_ERROR_MESSAGE_BYTES),
                     Self::MAX_MESSAGES,
                 );
             }
-            LogEvent::Plain(line) if !line.trim().is_empty() => {
-                push_bounded(&mut self.messages, line.clone(), Self::MAX_MESSAGES)
-            }
+            LogEvent::Plain(line) if !line.trim().is_empty() => push_bounded(
+                &mut self.messages,
+                redact(line).into_owned(),
+                Self::MAX_MESSAGES,
+            ),
             _ => {}
         }
     }
@@ -351,6 +356,15 @@ fn push_bounded(queue: &mut VecDeque<String>, item: String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_log_lines_are_masked_before_they_are_cut() {
+        let url = "https://x-access-token:SECRETSECRET@git.example/r";
+        let cut_inside = url.find("SECRETSECRET").unwrap() + 6;
+        let line = format!("{}{url}", "y".repeat(MAX_LINE_BYTES - cut_inside));
+        let clean = clean_line(&line);
+        assert!(!clean.contains("SECRET"), "{clean}");
+    }
 
     /// A failing build as Nix 2.8 logs it (captured from Debian's nix-bin).
     const NIX_2_8_FAILED_BUILD: &str = r#"@nix {"action":"start","id":13537736916992,"level":0,"text":"","type":102}
