@@ -624,7 +624,7 @@ async fn gc_roots_keep_the_newest_generations_per_host() {
     let client = Requester::new(&nats).await;
     let dir = roots.path().join("homelab");
     let generations = || {
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(".gen"))
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -636,23 +636,23 @@ async fn gc_roots_keep_the_newest_generations_per_host() {
     let current = || std::fs::read_link(dir.join("ns1")).unwrap();
 
     let first = out_path(&client.build("build.homelab.ns1", "").await, "ns1");
-    assert_eq!(generations(), ["ns1", "ns1-1-link"]);
+    assert_eq!(generations(), ["ns1-1-link"]);
     assert_eq!(
         std::fs::canonicalize(dir.join("ns1")).unwrap().to_str(),
         Some(first.as_str())
     );
     // Building the same output again adds no generation.
     client.build("build.homelab.ns1", "").await;
-    assert_eq!(generations(), ["ns1", "ns1-1-link"]);
+    assert_eq!(generations(), ["ns1-1-link"]);
 
     flake.commit_change("second");
     client.build("build.homelab.ns1", "").await;
-    assert_eq!(current().to_str(), Some("ns1-2-link"));
+    assert_eq!(current().to_str(), Some(".gen/ns1-2-link"));
     flake.commit_change("third");
     let third = out_path(&client.build("build.homelab.ns1", "").await, "ns1");
     // keep_roots = 2: the first generation is gone.
-    assert_eq!(generations(), ["ns1", "ns1-2-link", "ns1-3-link"]);
-    assert_eq!(current().to_str(), Some("ns1-3-link"));
+    assert_eq!(generations(), ["ns1-2-link", "ns1-3-link"]);
+    assert_eq!(current().to_str(), Some(".gen/ns1-3-link"));
     assert_eq!(
         std::fs::canonicalize(dir.join("ns1")).unwrap().to_str(),
         Some(third.as_str())
@@ -664,13 +664,13 @@ async fn gc_roots_keep_the_newest_generations_per_host() {
         .output()
         .unwrap();
     let listed = String::from_utf8_lossy(&out.stdout);
-    let link = dir.join("ns1-3-link");
+    let link = dir.join(".gen/ns1-3-link");
     assert!(
         listed.contains(&*link.to_string_lossy()),
         "{} not in\n{listed}",
         link.display()
     );
-    assert!(!listed.contains(&*dir.join("ns1-1-link").to_string_lossy()));
+    assert!(!listed.contains(&*dir.join(".gen/ns1-1-link").to_string_lossy()));
 }
 
 #[tokio::test]

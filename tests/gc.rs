@@ -242,3 +242,83 @@ async fn side_roots_expire_after_their_ttl_and_crashed_requests_are_swept() {
         "the expired output is still rooted"
     );
 }
+
+#[tokio::test]
+async fn a_host_named_like_a_generation_takes_no_other_hosts_root() {
+    let _store = STORE.lock().await;
+    // `web-1-link` is a valid host name, and the name of `web`'s first
+    // generation in a layout that kept both side by side.
+    let flake = Flake::new(&[("web", Host::Ok), ("web-1-link", Host::Ok)]);
+    let roots = tempfile::tempdir().unwrap();
+    let (nats, _builder) = start_service(&flake, |o| o.builder(&roots_option(roots.path(), "")));
+    let client = Requester::new(&nats).await;
+    let replies = client.build("build.homelab.all", "").await;
+    assert_eq!(finished(&replies), BuildStatus::Success);
+    let built = out_paths(&replies);
+    assert_eq!(built.len(), 2);
+
+    collect_garbage();
+    for (host, out_path) in &built {
+        assert!(Path::new(out_path).exists(), "{host}: {out_path} collected");
+        let current = roots.path().join("homelab").join(host);
+        assert_eq!(
+            resolved(&current).as_deref(),
+            Some(Path::new(out_path)),
+            "{host}'s current link points elsewhere"
+        );
+    }
+}
+
+#[tokio::test]
+async fn roots_of_the_earlier_layout_move_into_gen_without_being_unrooted() {
+    let _store = STORE.lock().await;
+    let flake = Flake::new(&[("ns1", Host::Ok)]);
+    // A result, rooted only where an earlier builder put it: a generation
+    // beside the host's current link.
+    let first = tempfile::tempdir().unwrap();
+    let out_path = {
+        let (nats, _builder) =
+            start_service(&flake, |o| o.builder(&roots_option(first.path(), "")));
+        let client = Requester::new(&nats).await;
+        out_paths(&client.build("build.homelab.ns1", "").await)[0]
+            .1
+            .clone()
+    };
+    let roots = tempfile::tempdir().unwrap();
+    let repo = roots.path().join("homelab");
+    std::fs::create_dir_all(&repo).unwrap();
+    let old_generation = repo.join("ns1-1-link");
+    let out = nix_command("nix")
+        .args(["build", "--out-link"])
+        .arg(&old_generation)
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    std::os::unix::fs::symlink("ns1-1-link", repo.join("ns1")).unwrap();
+    drop(first);
+    collect_garbage();
+    assert!(
+        Path::new(&out_path).exists(),
+        "the earlier root does not hold"
+    );
+
+    let (_nats, _builder) = start_service(&flake, |o| o.builder(&roots_option(roots.path(), "")));
+    assert_eq!(
+        std::fs::read_link(repo.join("ns1")).unwrap(),
+        Path::new(".gen/ns1-1-link")
+    );
+    assert!(
+        std::fs::symlink_metadata(&old_generation).is_err(),
+        "the old link is left"
+    );
+    collect_garbage();
+    assert!(
+        Path::new(&out_path).exists(),
+        "the moved root does not hold"
+    );
+    assert_eq!(
+        resolved(&repo.join("ns1")).as_deref(),
+        Some(Path::new(&out_path))
+    );
+}

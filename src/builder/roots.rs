@@ -4,10 +4,10 @@
 //! The layout of `gc_roots_dir` (README "GC roots" describes it too):
 //!
 //! ```text
-//! <dir>/<repo>/<host>                 -> <host>-<n>-link (the newest)
-//! <dir>/<repo>/<host>-<n>-link        -> /nix/store/…   default ref, keep_roots generations
-//! <dir>/<repo>/.refs/<key>/<host>     -> <host>-<n>-link
-//! <dir>/<repo>/.refs/<key>/<host>-<n>-link -> /nix/store/…   other refs and revs: the latest
+//! <dir>/<repo>/<host>                 -> .gen/<host>-<n>-link (the newest)
+//! <dir>/<repo>/.gen/<host>-<n>-link   -> /nix/store/…   default ref, keep_roots generations
+//! <dir>/<repo>/.refs/<key>/<host>     -> .gen/<host>-<n>-link
+//! <dir>/<repo>/.refs/<key>/.gen/<host>-<n>-link -> /nix/store/…   other refs and revs: the latest
 //! <dir>/<repo>/.refs/<key>/.last-build                         its mtime: when it last built
 //! <dir>/.requests/<build_id>/<host>.drv  -> /nix/store/….drv  while the request runs
 //! <dir>/.requests/<build_id>/<host>      -> /nix/store/…      the output, from the moment it exists
@@ -16,8 +16,16 @@
 //!
 //! `<key>` is `ref-<ref>` (each `/` written `%2F`) or `rev-<commit>`. Repo
 //! and host names are `[A-Za-z0-9_-]+`, so no name collides with the dotted
-//! entries. Every link is an indirect root (`nix build --out-link`), so the
-//! builder needs no write access to `/nix/var/nix/gcroots`.
+//! entries, and generations live apart from the hosts' current links: a
+//! host may be called `web-1-link`, and its link is then no generation of
+//! `web`. Inside `.gen`, `<host>-<n>-link` names one host's generation only
+//! (the host is everything before the last `-<n>`). Every link is an
+//! indirect root (`nix build --out-link`), so the builder needs no write
+//! access to `/nix/var/nix/gcroots`.
+//!
+//! Earlier versions kept the generations beside the current links; the
+//! builder moves them into `.gen` when it starts ([`GcRoots::migrate`]),
+//! rooting each at its new place before the old link goes.
 //!
 //! The default ref's generations are like Nix profiles: each success that
 //! changes a host's output adds one and swaps `<host>` over atomically;
@@ -45,6 +53,8 @@ const SIDE_DIR: &str = ".refs";
 const REQUESTS_DIR: &str = ".requests";
 /// The file whose mtime says when a side ref last built.
 const LAST_BUILD: &str = ".last-build";
+/// Where a lineage's generations live, apart from the hosts' current links.
+const GENERATIONS_DIR: &str = ".gen";
 
 /// Where and how many roots are kept.
 #[derive(Debug, Clone)]
@@ -205,22 +215,18 @@ impl GcRoots {
             return Ok(()); // unchanged output: already rooted
         }
 
-        let mut generations = generations(&dir, host)?;
+        let generations_dir = dir.join(GENERATIONS_DIR);
+        std::fs::create_dir_all(&generations_dir)
+            .map_err(|err| failure("create the directory of", &generations_dir, err))?;
+        let mut generations = generations(&generations_dir, host)?;
         let next = generations.last().map_or(1, |(n, _)| n + 1);
-        let link = dir.join(format!("{host}-{next}-link"));
+        let name = format!("{host}-{next}-link");
+        let link = generations_dir.join(&name);
         let link_str = link.to_string_lossy().into_owned();
         // `nix build --out-link` on a valid path creates the link and
         // registers it with the daemon as an (indirect) root.
         add_root(&nix.add_root(out_path, &link_str), &link, deadline, cancel).await?;
-
-        // Swap `<host>` to the new generation atomically (rename over it).
-        let temporary = dir.join(format!(".{host}.{}", random_hex::<4>()));
-        std::os::unix::fs::symlink(format!("{host}-{next}-link"), &temporary)
-            .map_err(|err| failure("create", &temporary, err))?;
-        std::fs::rename(&temporary, &current).map_err(|err| {
-            let _ = std::fs::remove_file(&temporary);
-            failure("replace", &current, err)
-        })?;
+        point_current_at(&dir, host, &name)?;
 
         generations.push((next, link));
         let excess = generations.len().saturating_sub(keep);
@@ -231,6 +237,124 @@ impl GcRoots {
         }
         Ok(())
     }
+
+    /// Moves generations of the earlier layout (`<host>-<n>-link` beside
+    /// `<host>`) into `.gen`, in every repo and side ref. Each is rooted at
+    /// its new place (through Nix, so the daemon knows it) before the
+    /// current link is swapped and the old link removed: the output never
+    /// goes unrooted. A link whose output is gone, or a host whose current
+    /// generation cannot be moved, is left as it was, with a warning.
+    pub(crate) async fn migrate(&self, nix: &NixCli, deadline: Instant, cancel: &Cancellation) {
+        let Ok(repos) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut dirs = Vec::new();
+        for repo in repos.flatten() {
+            if repo.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let sides = std::fs::read_dir(repo.path().join(SIDE_DIR));
+            dirs.extend(
+                sides
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|side| side.path()),
+            );
+            dirs.push(repo.path());
+        }
+        for dir in dirs {
+            for (host, current) in earlier_current_links(&dir) {
+                if let Err(failure) =
+                    migrate_host(nix, &dir, &host, &current, deadline, cancel).await
+                {
+                    tracing::warn!(dir = %dir.display(), host = %host, error = %failure.error.message, "cannot move GC roots into .gen");
+                }
+            }
+        }
+    }
+}
+
+/// The hosts of `dir` whose current link still points at a generation
+/// beside it (the earlier layout), with that generation's name.
+fn earlier_current_links(dir: &Path) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let host = entry.file_name().to_str()?.to_owned();
+            let target = std::fs::read_link(entry.path()).ok()?;
+            let target = target.to_str()?.to_owned();
+            let beside = !host.starts_with('.') && !target.contains('/');
+            (beside && generation(&target, &host).is_some()).then_some((host, target))
+        })
+        .collect()
+}
+
+/// Moves `host`'s generations in `dir` into `.gen`, then its current link.
+async fn migrate_host(
+    nix: &NixCli,
+    dir: &Path,
+    host: &str,
+    current: &str,
+    deadline: Instant,
+    cancel: &Cancellation,
+) -> Result<(), HostFailure> {
+    let generations_dir = dir.join(GENERATIONS_DIR);
+    std::fs::create_dir_all(&generations_dir)
+        .map_err(|err| failure("create the directory of", &generations_dir, err))?;
+    let mut moved = Vec::new();
+    for (_, old) in generations(dir, host)? {
+        // Only a link to the store is a generation; anything else (another
+        // host's current link that happens to look like one) stays.
+        let Ok(out_path) = std::fs::read_link(&old) else {
+            continue;
+        };
+        if !out_path.is_absolute() {
+            continue;
+        }
+        let Some(name) = old.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        let link = generations_dir.join(&name);
+        let invocation = nix.add_root(&out_path.to_string_lossy(), &link.to_string_lossy());
+        match add_root(&invocation, &link, deadline, cancel).await {
+            Ok(()) => moved.push((name, old)),
+            Err(failure) => {
+                tracing::warn!(path = %old.display(), error = %failure.error.message, "cannot move a GC root; left as it is");
+            }
+        }
+    }
+    if !moved.iter().any(|(name, _)| name == current) {
+        return Err(failure(
+            "move the current",
+            &dir.join(host),
+            "its generation could not be moved",
+        ));
+    }
+    point_current_at(dir, host, current)?;
+    for (_, old) in moved {
+        if let Err(err) = std::fs::remove_file(&old) {
+            tracing::warn!(path = %old.display(), %err, "cannot remove a moved GC root");
+        }
+    }
+    tracing::info!(dir = %dir.display(), host = %host, "GC roots moved into .gen");
+    Ok(())
+}
+
+/// Swaps `<dir>/<host>` to `.gen/<generation>` atomically (a new link
+/// renamed over it).
+fn point_current_at(dir: &Path, host: &str, generation: &str) -> Result<(), HostFailure> {
+    let current = dir.join(host);
+    let temporary = dir.join(format!(".{host}.{}", random_hex::<4>()));
+    std::os::unix::fs::symlink(format!("{GENERATIONS_DIR}/{generation}"), &temporary)
+        .map_err(|err| failure("create", &temporary, err))?;
+    std::fs::rename(&temporary, &current).map_err(|err| {
+        let _ = std::fs::remove_file(&temporary);
+        failure("replace", &current, err)
+    })
 }
 
 /// Existing generations of `host` in `dir`, oldest first.
@@ -375,6 +499,23 @@ mod tests {
             [("homelab".to_owned(), "ref-old".to_owned())]
         );
         assert!(!old.exists() && fresh.exists());
+    }
+
+    #[test]
+    fn only_current_links_of_the_earlier_layout_are_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = |name: &str, target: &str| {
+            std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
+        };
+        link("ns1", "ns1-2-link"); // earlier layout
+        link("ns1-1-link", "/nix/store/a-ns1");
+        link("ns1-2-link", "/nix/store/b-ns1");
+        link("ns2", ".gen/ns2-1-link"); // moved already
+        link("web-1-link", "/nix/store/c-web-1-link"); // a host, not a generation
+        link(".web.abcd", "web-1-link");
+        let mut found = earlier_current_links(dir.path());
+        found.sort();
+        assert_eq!(found, [("ns1".to_owned(), "ns1-2-link".to_owned())]);
     }
 
     #[test]

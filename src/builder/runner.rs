@@ -123,10 +123,17 @@ impl Runner {
 
     /// Cleans up after a previous run of the builder: removes the
     /// temporary roots of requests a crash left behind and expired side
-    /// roots (with their results).
+    /// roots (with their results), and moves roots of an earlier layout.
     pub(crate) async fn start_up(&self) {
         if let Some(roots) = self.roots.clone() {
             let _ = tokio::task::spawn_blocking(move || roots.sweep_requests()).await;
+        }
+        if let Some(roots) = &self.roots {
+            // Each move is one short Nix call; nothing can cancel it yet,
+            // as no request runs before start-up ends.
+            let cancel = Cancellation::root(Default::default(), cancel::SHUTDOWN);
+            let deadline = Instant::now() + std::time::Duration::from_secs(600);
+            roots.migrate(&self.nix, deadline, &cancel).await;
         }
         self.expire_side_roots().await;
     }
