@@ -1,7 +1,6 @@
 //! The requesting side of the protocol, shared by the CLI and the MCP server:
 //! publish a build request and follow its events to the terminal one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -82,6 +81,10 @@ impl Default for Timeouts {
 
 /// How long to wait between attempts while no builder listens.
 const NO_RESPONDERS_RETRY: Duration = Duration::from_secs(1);
+/// How often a request that hears no `accepted` is sent again (same reply
+/// subject, same bytes) within the accept wait: the first answer may have
+/// been dropped by a builder under a flood, or by NATS.
+const ACCEPT_RESENDS: u32 = 3;
 
 /// A connection that sends build requests.
 pub struct BuildClient {
@@ -92,7 +95,6 @@ pub struct BuildClient {
     /// Replies count only when signed by this key (`--builder-key`).
     builder_key: Option<String>,
     client_id: String,
-    sequence: AtomicU64,
 }
 
 /// One reply as received: parsed, and the exact bytes (for `--json`).
@@ -122,7 +124,6 @@ impl BuildClient {
             signer,
             builder_key,
             client_id: protocol::random_hex::<8>(),
-            sequence: AtomicU64::new(0),
         })
     }
 
@@ -163,10 +164,15 @@ impl BuildClient {
             .is_ok_and(|seen| seen.is_ok())
     }
 
-    /// A fresh reply subject under `build.responses.`.
+    /// A fresh reply subject under `build.responses.`: this client's id
+    /// and 64 random bits per request, so nobody who saw an earlier one
+    /// can tell the next one and make it serve another request first.
     pub fn reply_subject(&self) -> String {
-        let n = self.sequence.fetch_add(1, Ordering::Relaxed);
-        format!("{RESPONSES_PREFIX}{}.{n}", self.client_id)
+        format!(
+            "{RESPONSES_PREFIX}{}.{}",
+            self.client_id,
+            protocol::random_hex::<8>()
+        )
     }
 
     /// Publishes `body` on `subject` with a fresh reply subject, subscribed
@@ -210,8 +216,9 @@ impl BuildClient {
 
     /// Asks the builder for its status; returns it and the exact reply.
     pub async fn status(&self, wait: Duration) -> Result<(BuilderStatus, Bytes), ClientError> {
-        let (StatusEvent::Status(status), raw) =
-            self.ask(STATUS_SUBJECT, Bytes::new(), wait).await?;
+        let (StatusEvent::Status(status), raw) = self
+            .ask(STATUS_SUBJECT, Bytes::new(), wait, |_| true)
+            .await?;
         Ok((status, raw))
     }
 
@@ -227,17 +234,25 @@ impl BuildClient {
         request.validate()?;
         let body =
             serde_json::to_vec(&request).map_err(|err| ClientError::Nats(err.to_string()))?;
-        let (CancelEvent::Cancel(outcome), raw) =
-            self.ask(CANCEL_SUBJECT, body.into(), wait).await?;
+        // An answer about another build is not an answer to this cancel.
+        let (CancelEvent::Cancel(outcome), raw) = self
+            .ask(
+                CANCEL_SUBJECT,
+                body.into(),
+                wait,
+                |CancelEvent::Cancel(outcome)| outcome.build_id == build_id,
+            )
+            .await?;
         Ok((outcome, raw))
     }
 
-    /// One request, one reply of type `T`.
+    /// One request, one reply of type `T` that `answers` it.
     async fn ask<T: serde::de::DeserializeOwned>(
         &self,
         subject: &str,
         body: Bytes,
         wait: Duration,
+        answers: impl Fn(&T) -> bool,
     ) -> Result<(T, Bytes), ClientError> {
         let (mut subscriber, _) = self.publish_request(subject, body).await?;
         let not_acknowledged = || ClientError::NotAcknowledged {
@@ -258,7 +273,8 @@ impl BuildClient {
                 continue;
             }
             match serde_json::from_slice::<T>(&message.payload) {
-                Ok(reply) => return Ok((reply, message.payload)),
+                Ok(reply) if answers(&reply) => return Ok((reply, message.payload)),
+                Ok(_) => tracing::warn!("ignoring an answer to another request"),
                 Err(err) => tracing::warn!(%err, "ignoring a malformed reply"),
             }
         }
@@ -284,12 +300,22 @@ impl BuildClient {
         };
         let (subscriber, reply_to) = self.publish_request(&subject, body.clone()).await?;
         let now = Instant::now();
+        let accept_wait = timeouts.accept.min(timeouts.total);
         Ok(BuildEvents {
             client: self,
             subscriber,
+            digest: protocol::request_digest(&subject, &reply_to, &body),
+            expected: Expected {
+                repo: repo.to_owned(),
+                target: target.to_owned(),
+                git_ref: request.git_ref.clone(),
+            },
             subject,
             reply_to,
             body,
+            resends_left: ACCEPT_RESENDS,
+            resend_at: Some(now + accept_wait / (ACCEPT_RESENDS + 1)),
+            last_seq: None,
             retry_until: timeouts.wait_for_builder.map(|wait| now + wait),
             retry_at: None,
             accept_wait: timeouts.accept.min(timeouts.total),
@@ -316,6 +342,14 @@ pub fn validate(repo: &str, target: &str, request: &BuildRequest) -> Result<(), 
     Ok(())
 }
 
+/// What an `accepted` for our request must say.
+struct Expected {
+    repo: String,
+    target: String,
+    /// The ref asked for; `None` leaves it to the builder.
+    git_ref: Option<String>,
+}
+
 /// The events of one request, ending with its terminal event.
 pub struct BuildEvents<'a> {
     client: &'a BuildClient,
@@ -323,6 +357,14 @@ pub struct BuildEvents<'a> {
     subject: String,
     reply_to: String,
     body: Bytes,
+    /// [`protocol::request_digest`] of what we sent.
+    digest: String,
+    expected: Expected,
+    /// Re-sends left while no `accepted` came, and when the next is due.
+    resends_left: u32,
+    resend_at: Option<Instant>,
+    /// The `seq` of the last event taken: a replay is never taken twice.
+    last_seq: Option<u64>,
     /// Until when "no responders" means "ask again" (`--wait-for-builder`).
     retry_until: Option<Instant>,
     /// When to ask again, after "no responders".
@@ -351,21 +393,38 @@ impl BuildEvents<'_> {
         // Cancellation safe (callers `select!` on it): every wait is a
         // deadline kept in `self`, never a sleep inside.
         while !self.finished {
-            if self.retry_at.is_some_and(|at| Instant::now() >= at) {
+            let now = Instant::now();
+            if self.retry_at.is_some_and(|at| now >= at) {
                 self.client
                     .publish(&self.subject, &self.reply_to, self.body.clone())
                     .await?;
                 self.retry_at = None;
                 continue;
             }
-            let wait_until = match self.retry_at {
-                Some(at) => at.min(self.wait_until()),
-                None => self.wait_until(),
-            };
+            if self.build_id.is_none() && self.resend_at.is_some_and(|at| now >= at) {
+                // The same bytes on the same reply subject: the builder
+                // answers `accepted` again if it has the request already.
+                tracing::info!("no answer yet; sending the request again");
+                self.client
+                    .publish(&self.subject, &self.reply_to, self.body.clone())
+                    .await?;
+                self.resends_left = self.resends_left.saturating_sub(1);
+                self.resend_at =
+                    (self.resends_left > 0).then(|| now + self.accept_wait / (ACCEPT_RESENDS + 1));
+                continue;
+            }
+            let mut wait_until = self.wait_until();
+            for wake in [
+                self.retry_at,
+                self.resend_at.filter(|_| self.build_id.is_none()),
+            ] {
+                wait_until = wake.map_or(wait_until, |at| at.min(wait_until));
+            }
             let message = match tokio::time::timeout_at(wait_until, self.subscriber.next()).await {
                 Ok(Some(message)) => message,
                 Ok(None) => return Err(ClientError::Closed),
-                Err(_) if self.retry_at.is_some() => continue,
+                // Woken to ask again, not out of time.
+                Err(_) if Instant::now() < self.wait_until() => continue,
                 Err(_) => return Err(self.gave_up()),
             };
             if message.status == Some(StatusCode::NO_RESPONDERS) {
@@ -390,10 +449,27 @@ impl BuildEvents<'_> {
                     continue;
                 }
             };
+            let bound_before = self.build_id.is_some();
             if !self.is_ours(&reply) {
                 continue;
             }
+            if let Some(seq) = reply.seq {
+                if self.last_seq.is_some_and(|last| seq <= last) {
+                    // A replay (or a stale copy) is no sign of life.
+                    tracing::warn!(
+                        seq,
+                        event = reply.event.name(),
+                        "ignoring an event seen before"
+                    );
+                    continue;
+                }
+                self.last_seq = Some(seq);
+            }
             self.heard_at = Instant::now();
+            if bound_before && matches!(reply.event, Event::Accepted { .. }) {
+                // The answer to a re-sent request: nothing new to show.
+                continue;
+            }
             match &reply.event {
                 Event::Accepted { heartbeat_ms, .. } | Event::Resumed { heartbeat_ms, .. } => {
                     self.interrupted = false;
@@ -413,9 +489,60 @@ impl BuildEvents<'_> {
         Ok(None)
     }
 
-    /// Binds to the first `accepted` or `rejected` (or `interrupted`,
-    /// `resumed`) and keeps only events of that build.
+    /// Whether an `accepted` or `rejected` answers our request: it names
+    /// the digest of what we sent (required with `--builder-key`; a
+    /// builder that names none is believed only without one), and an
+    /// `accepted` names our repo, target and ref.
+    fn answers_us(&self, event: &Event) -> bool {
+        let digest = match event {
+            Event::Accepted {
+                request_digest,
+                repo,
+                target,
+                git_ref,
+                ..
+            } => {
+                let ref_differs = self
+                    .expected
+                    .git_ref
+                    .as_ref()
+                    .is_some_and(|wanted| git_ref.as_ref() != Some(wanted));
+                if *repo != self.expected.repo || *target != self.expected.target || ref_differs {
+                    tracing::warn!(%repo, %target, "ignoring an accepted for another request");
+                    return false;
+                }
+                request_digest
+            }
+            Event::Rejected { request_digest, .. } => request_digest,
+            _ => return true,
+        };
+        match digest {
+            Some(digest) if *digest == self.digest => true,
+            Some(_) => {
+                tracing::warn!(
+                    event = event.name(),
+                    "ignoring an answer to another request (request_digest differs)"
+                );
+                false
+            }
+            None if self.client.builder_key.is_some() => {
+                tracing::warn!(
+                    event = event.name(),
+                    "ignoring an answer without request_digest (--builder-key wants one)"
+                );
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Binds to the first `accepted` or `rejected` that answers our
+    /// request (or `interrupted`, `resumed`) and keeps only events of
+    /// that build.
     fn is_ours(&mut self, reply: &Reply) -> bool {
+        if !self.answers_us(&reply.event) {
+            return false;
+        }
         match &self.build_id {
             Some(id) if *id == reply.build_id => true,
             Some(id) => {

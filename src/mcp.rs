@@ -276,7 +276,7 @@ struct HostOutcomes {
 fn summarize(reply: &Reply, repo: &str, target: &str, outcomes: &HostOutcomes) -> CallToolResult {
     let id = &reply.build_id;
     let (text, is_error) = match &reply.event {
-        Event::Rejected { error } => (
+        Event::Rejected { error, .. } => (
             format!(
                 "build of {repo}/{target} rejected ({}): {}",
                 error.code, error.message
@@ -493,6 +493,7 @@ mod tests {
         };
         let reply = Reply {
             build_id: "b1".into(),
+            seq: None,
             event: Event::Finished {
                 repo: "r".into(),
                 target: "all".into(),

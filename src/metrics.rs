@@ -303,7 +303,11 @@ pub const REJECTION_CODES: [ErrorCode; 6] = [
 
 /// Why a request is given no answer (the `reason` label of
 /// `requests_ignored_total`).
-pub const IGNORE_REASONS: [&str; 2] = ["foreign_reply_subject", "reply_subject_in_use"];
+pub const IGNORE_REASONS: [&str; 3] = [
+    "foreign_reply_subject",
+    "reply_subject_in_use",
+    "overloaded",
+];
 
 /// Whether the service is healthy, and why not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -57,6 +57,20 @@ pub fn signed_message(subject: &str, reply: &str, body: &[u8]) -> Vec<u8> {
     message
 }
 
+/// Which request a reply answers: lowercase hex SHA-256 of
+/// `<subject>\n<reply>\n<body>` of the request (the bytes a signature
+/// covers, [`signed_message`]). Carried in `accepted` and `rejected`.
+pub fn request_digest(subject: &str, reply: &str, body: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(signed_message(subject, reply, body));
+    let mut hex = String::with_capacity(64);
+    for byte in digest {
+        hex.push(char::from(b"0123456789abcdef"[usize::from(byte >> 4)]));
+        hex.push(char::from(b"0123456789abcdef"[usize::from(byte & 0xf)]));
+    }
+    hex
+}
+
 /// The subject a build request for `repo`/`target` is published on.
 pub fn request_subject(repo: &str, target: &str) -> String {
     format!("{SUBJECT_ROOT}.{repo}.{target}")
@@ -667,11 +681,28 @@ pub struct SkippedHost {
 pub struct Reply {
     /// Assigned by the builder to every request, rejected ones too.
     pub build_id: String,
+    /// The event's place among its build's events: rising by one with each
+    /// event the builder sends for the build (to any of its requesters),
+    /// from `accepted` on; a resumed build continues above every number
+    /// sent before the restart. A requester takes an event only if its
+    /// `seq` is above the last one it took, so a replayed event is never
+    /// taken twice. Absent from builders that do not number events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     #[serde(flatten)]
     pub event: Event,
 }
 
 impl Reply {
+    /// A reply without a sequence number.
+    pub fn new(build_id: impl Into<String>, event: Event) -> Self {
+        Self {
+            build_id: build_id.into(),
+            seq: None,
+            event,
+        }
+    }
+
     /// Whether this is the last event a requester will get for the request.
     pub fn is_terminal(&self) -> bool {
         self.event.is_terminal()
@@ -684,6 +715,11 @@ impl Reply {
 pub enum Event {
     /// Sent at once on receipt.
     Accepted {
+        /// Which request this answers: [`request_digest`] of the request
+        /// as the builder received it. A requester compares it with the
+        /// digest of what it sent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_digest: Option<String>,
         repo: String,
         target: String,
         /// The ref that will be fetched: the request's, else the repo's
@@ -784,7 +820,12 @@ pub enum Event {
         omitted_hosts: usize,
     },
     /// Terminal: the request was refused on receipt.
-    Rejected { error: ErrorBody },
+    Rejected {
+        /// As in `accepted`: which request this answers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_digest: Option<String>,
+        error: ErrorBody,
+    },
     /// The builder is stopping (a restart, a deploy of its own host). With
     /// `resume: true` it has the request on disk and picks it up again when
     /// it is back, sending `resumed`; nothing ends here.
@@ -1192,6 +1233,7 @@ mod tests {
         };
         let reply = Reply {
             build_id: "b".into(),
+            seq: None,
             event: Event::Finished {
                 repo: "r".into(),
                 target: "all".into(),
@@ -1228,6 +1270,7 @@ mod tests {
         // Other events are left alone.
         let log = Reply {
             build_id: "b".into(),
+            seq: None,
             event: Event::Log {
                 host: "h".into(),
                 lines: vec!["x".repeat(5000)],
@@ -1427,7 +1470,9 @@ mod tests {
     fn replies_serialize_flat_with_event_tag() {
         let reply = Reply {
             build_id: "abc".into(),
+            seq: None,
             event: Event::Accepted {
+                request_digest: None,
                 repo: "r".into(),
                 target: "all".into(),
                 git_ref: None,
@@ -1460,7 +1505,7 @@ mod tests {
         )
         .unwrap();
         assert!(reply.is_terminal());
-        let Event::Rejected { error } = reply.event else {
+        let Event::Rejected { error, .. } = reply.event else {
             panic!("not rejected");
         };
         assert_eq!(error.code, ErrorCode::Unknown);

@@ -19,7 +19,7 @@ fn rejected_code(replies: &[Reply]) -> ErrorCode {
         "a rejection is exactly one event: {replies:?}"
     );
     match &replies[0].event {
-        Event::Rejected { error } => error.code,
+        Event::Rejected { error, .. } => error.code,
         other => panic!("expected rejected, got {other:?}"),
     }
 }
@@ -71,14 +71,27 @@ async fn single_host_build_sends_the_documented_sequence() {
     let build_id = &replies[0].build_id;
     assert_eq!(build_id.len(), 16);
     assert!(replies.iter().all(|r| &r.build_id == build_id));
+    // Events are numbered from `accepted` on, one by one.
+    let seqs: Vec<Option<u64>> = replies.iter().map(|r| r.seq).collect();
+    let expected: Vec<Option<u64>> = (0..replies.len() as u64).map(Some).collect();
+    assert_eq!(seqs, expected);
     match &replies[0].event {
         Event::Accepted {
+            request_digest,
             repo,
             target,
             git_ref,
             queue_position,
             heartbeat_ms,
         } => {
+            let digest = request_digest.as_deref().expect("no request_digest");
+            assert!(
+                digest.len() == 64
+                    && digest
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                "{digest}"
+            );
             assert_eq!((repo.as_str(), target.as_str()), ("homelab", "ns1"));
             assert_eq!(git_ref, &None);
             assert_eq!(*queue_position, 0);

@@ -395,7 +395,7 @@ async fn a_flood_of_malformed_requests_is_rejected_without_nix_or_growth() {
         let message = message.unwrap();
         let reply: Reply = serde_json::from_slice(&message.payload).unwrap();
         match reply.event {
-            Event::Rejected { error } => assert_eq!(error.code, ErrorCode::InvalidRequest),
+            Event::Rejected { error, .. } => assert_eq!(error.code, ErrorCode::InvalidRequest),
             other => panic!("{other:?}"),
         }
         rejected += 1;
@@ -544,7 +544,7 @@ async fn sigterm_drains_in_time_refuses_new_work_and_leaves_no_nix() {
     // While the running build stops, new requests are refused.
     let refused = client.build("build.homelab.ns1", r#"{"logs":true}"#).await;
     match terminal(&refused) {
-        Event::Rejected { error } => assert_eq!(error.code, ErrorCode::ShuttingDown),
+        Event::Rejected { error, .. } => assert_eq!(error.code, ErrorCode::ShuttingDown),
         other => panic!("{other:?}"),
     }
     let status = builder.terminate();
@@ -685,7 +685,7 @@ async fn hostile_targets_and_refs_never_reach_nix() {
     for target in hostile {
         let replies = client.build(&format!("build.homelab.{target}"), "").await;
         match terminal(&replies) {
-            Event::Rejected { error } => {
+            Event::Rejected { error, .. } => {
                 assert_eq!(error.code, ErrorCode::InvalidRequest, "{target}")
             }
             other => panic!("{target}: {other:?}"),
@@ -707,7 +707,7 @@ async fn hostile_targets_and_refs_never_reach_nix() {
         let body = serde_json::json!({ "ref": git_ref }).to_string();
         let replies = client.build("build.homelab.ns1", &body).await;
         match terminal(&replies) {
-            Event::Rejected { error } => assert_eq!(error.code, ErrorCode::InvalidRequest),
+            Event::Rejected { error, .. } => assert_eq!(error.code, ErrorCode::InvalidRequest),
             other => panic!("ref {git_ref:?}: {other:?}"),
         }
     }

@@ -397,7 +397,7 @@ async fn unsigned_requests_are_refused_when_signatures_are_required() {
     let deployer = connect_as(&nats, &ids.test_deployer.0).await;
     let replies = deployer.build("build.homelab.ns1", "").await;
     match terminal(&replies) {
-        Event::Rejected { error } => assert_eq!(error.code, ErrorCode::Unauthorized),
+        Event::Rejected { error, .. } => assert_eq!(error.code, ErrorCode::Unauthorized),
         other => panic!("{other:?}"),
     }
     // The CLI with the same key signs, and builds.
@@ -729,6 +729,7 @@ async fn forged_events_put_no_control_sequence_on_the_clients_terminal() {
     let forged = |event: Event| {
         serde_json::to_vec(&Reply {
             build_id: accepted.build_id.clone(),
+            seq: None,
             event,
         })
         .unwrap()

@@ -11,10 +11,10 @@ use serde::Serialize;
 
 use super::cancel;
 use super::journal::{AcceptedRequest, Journaling, Record};
-use super::live::{AttachError, LiveRequests};
+use super::live::{Answered, AttachError, LiveRequests, Resent, SubjectUse};
 use super::monitor::{Monitor, RunningCancel};
 use super::queue::{PushError, Queue, Take};
-use super::replies::{Publisher, Replies};
+use super::replies::{Class, Publisher, Replies};
 use super::request::{Job, Report, may_cancel};
 use crate::config::Config;
 use crate::protocol::{
@@ -106,6 +106,8 @@ enum ReplyTo {
     Nobody,
     /// This subject, under `build.responses.` and serving no live request.
     Subject(Subject),
+    /// Nowhere more: the request was sent again and is answered already.
+    Answered,
     /// Nowhere: the subject is not one the builder answers on.
     Refused,
 }
@@ -167,17 +169,35 @@ impl Intake {
     /// Where the answer to `message` may go. The builder speaks only on
     /// subjects under `build.responses.`, and a subject already serving a
     /// live request gets nothing more: a requester's subject cannot be
-    /// borrowed to send it another build's events (or a rejection).
-    fn reply_to(&self, message: &Message) -> ReplyTo {
+    /// borrowed to send it another build's events (or a rejection). The
+    /// one exception is the very request that subject serves, sent again
+    /// (`digest`, for build requests): it is told `accepted` again.
+    fn reply_to(&self, message: &Message, digest: Option<&str>) -> ReplyTo {
         let Some(reply) = &message.reply else {
             return ReplyTo::Nobody;
         };
         let reason = if !reply.starts_with(RESPONSES_PREFIX) {
             "foreign_reply_subject"
-        } else if self.live.is_attached(reply) {
-            "reply_subject_in_use"
         } else {
-            return ReplyTo::Subject(reply.clone());
+            let subject_use = match digest {
+                Some(digest) => self.live.subject_use(reply, digest),
+                None if self.live.is_attached(reply) => SubjectUse::Taken,
+                None => SubjectUse::Free,
+            };
+            match subject_use {
+                SubjectUse::Free => return ReplyTo::Subject(reply.clone()),
+                SubjectUse::Resent(resent) => {
+                    let Resent {
+                        build_id,
+                        accepted,
+                        replies,
+                    } = *resent;
+                    tracing::info!(%build_id, "request sent again; answering accepted again");
+                    replies.send_to(reply, &build_id, accepted, Class::Answer);
+                    return ReplyTo::Answered;
+                }
+                SubjectUse::Taken => "reply_subject_in_use",
+            }
         };
         self.monitor.ignored(reason);
         if self.may_log() {
@@ -210,31 +230,36 @@ impl Intake {
             // Replies (ours included) and anything else are never requests.
             SubjectKind::Response | SubjectKind::Other => return,
         };
-        let reply = match self.reply_to(&message) {
-            ReplyTo::Refused => return,
+        let digest = protocol::request_digest(
+            &message.subject,
+            message.reply.as_deref().unwrap_or(""),
+            &message.payload,
+        );
+        let reply = match self.reply_to(&message, Some(&digest)) {
+            ReplyTo::Refused | ReplyTo::Answered => return,
             ReplyTo::Nobody => None,
             ReplyTo::Subject(subject) => Some(subject),
         };
-        let build_id = protocol::new_build_id();
-        let replies = Replies::new(Arc::clone(&self.publisher), reply.clone());
-        let span = tracing::info_span!("request", %build_id, %repo, %target);
 
-        let valid = self.signer(&message).and_then(|owner| {
-            let request = protocol::parse_build_request(
-                &message.subject,
-                &message.payload,
-                |repo| self.config.repos.contains_key(repo),
-                || {
-                    self.config
-                        .repos
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                },
-            )
-            .map_err(|err| err.to_error_body())?;
-            Ok(request.map(|request| (request, owner)))
+        // The cheap checks first, the signature last: a flood of malformed
+        // requests costs no signature checks, ids or spans.
+        let valid = protocol::parse_build_request(
+            &message.subject,
+            &message.payload,
+            |repo| self.config.repos.contains_key(repo),
+            || {
+                self.config
+                    .repos
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        )
+        .map_err(|err| err.to_error_body())
+        .and_then(|request| match request {
+            Some(request) => Ok(Some((request, self.signer(&message)?))),
+            None => Ok(None),
         });
         let (
             ValidRequest {
@@ -248,12 +273,21 @@ impl Intake {
             Ok(None) => return,
             Err(error) => {
                 if self.may_log() {
-                    tracing::warn!(parent: &span, code = %error.code, message = %error.message, "request rejected");
+                    tracing::warn!(%repo, target = %protocol::quote_for_error(&target), code = %error.code, message = %error.message, "request rejected");
                 }
-                self.reject(&replies, &build_id, error);
+                match reply {
+                    Some(reply) if self.publisher.room_for_answer() => {
+                        let replies = Replies::new(Arc::clone(&self.publisher), Some(reply));
+                        self.reject(&replies, &protocol::new_build_id(), &digest, error);
+                    }
+                    _ => self.monitor.rejected(error.code),
+                }
                 return;
             }
         };
+        let build_id = protocol::new_build_id();
+        let replies = Replies::new(Arc::clone(&self.publisher), reply.clone());
+        let span = tracing::info_span!("request", %build_id, %repo, %target);
         let git_ref = request
             .git_ref
             .clone()
@@ -272,13 +306,14 @@ impl Intake {
         };
 
         if let Some(reply) = &reply {
-            if self.coalesce(&job, reply, &span) {
+            if self.coalesce(&job, reply, &digest, &span) {
                 return;
             }
         }
 
         let heartbeat_ms = super::request::millis(self.config.builder.progress_interval);
         let accepted = |queue_position| Event::Accepted {
+            request_digest: Some(digest.clone()),
             repo: repo.clone(),
             target: target.to_string(),
             git_ref: git_ref.clone(),
@@ -297,8 +332,13 @@ impl Intake {
             // live, before the worker can take the job: `accepted` always
             // precedes `started`, and the request leaves `live` only after.
             self.queue.push_announced(job, |position| {
-                self.live.register(&build_id, &replies);
-                replies.send(&build_id, accepted(position));
+                let accepted = accepted(position);
+                let answered = Answered {
+                    digest: digest.clone(),
+                    accepted: accepted.clone(),
+                };
+                self.live.register(&build_id, &replies, Some(answered));
+                replies.send(&build_id, accepted);
             })
         });
         match pushed {
@@ -317,6 +357,7 @@ impl Intake {
                 self.reject(
                     &replies,
                     &build_id,
+                    &digest,
                     ErrorBody::new(ErrorCode::QueueFull, message),
                 );
             }
@@ -330,6 +371,7 @@ impl Intake {
                 self.reject(
                     &replies,
                     &build_id,
+                    &digest,
                     ErrorBody::new(ErrorCode::ShuttingDown, message),
                 );
             }
@@ -338,6 +380,7 @@ impl Intake {
                 self.reject(
                     &replies,
                     &build_id,
+                    &digest,
                     ErrorBody::new(ErrorCode::Internal, message),
                 );
             }
@@ -373,7 +416,7 @@ impl Intake {
     /// waiting: it gets `accepted` with that build's id, then every later
     /// event of it. A build with [`protocol::MAX_REQUESTERS_PER_BUILD`]
     /// requesters takes no more; the request then queues on its own.
-    fn coalesce(&self, job: &Job, reply: &Subject, span: &tracing::Span) -> bool {
+    fn coalesce(&self, job: &Job, reply: &Subject, digest: &str, span: &tracing::Span) -> bool {
         let identity = Identity::of(job);
         let heartbeat_ms = super::request::millis(self.config.builder.progress_interval);
         let mut joined = false;
@@ -382,7 +425,19 @@ impl Intake {
             |waiting, queue_position| {
                 // Attached and `accepted` sent under the queue's lock:
                 // `accepted` comes before anything the build sends later.
-                match self.live.attach(&waiting.build_id, reply) {
+                let accepted = Event::Accepted {
+                    request_digest: Some(digest.to_owned()),
+                    repo: waiting.repo.clone(),
+                    target: waiting.target.to_string(),
+                    git_ref: waiting.git_ref.clone(),
+                    queue_position,
+                    heartbeat_ms,
+                };
+                let answered = Answered {
+                    digest: digest.to_owned(),
+                    accepted: accepted.clone(),
+                };
+                match self.live.attach(&waiting.build_id, reply, answered) {
                     Ok(()) => {}
                     Err(AttachError::Full | AttachError::Taken) => return,
                 }
@@ -391,17 +446,9 @@ impl Intake {
                     build_id: waiting.build_id.clone(),
                     reply: reply.to_string(),
                 });
-                waiting.replies.send_to(
-                    reply,
-                    &waiting.build_id,
-                    Event::Accepted {
-                        repo: waiting.repo.clone(),
-                        target: waiting.target.to_string(),
-                        git_ref: waiting.git_ref.clone(),
-                        queue_position,
-                        heartbeat_ms,
-                    },
-                );
+                waiting
+                    .replies
+                    .send_to(reply, &waiting.build_id, accepted, Class::Event);
                 tracing::info!(
                     parent: span,
                     joined = %waiting.build_id,
@@ -413,15 +460,25 @@ impl Intake {
         joined
     }
 
-    fn reject(&self, replies: &Replies, build_id: &str, error: ErrorBody) {
+    fn reject(&self, replies: &Replies, build_id: &str, digest: &str, error: ErrorBody) {
         self.monitor.rejected(error.code);
-        replies.send(build_id, Event::Rejected { error });
+        replies.send(
+            build_id,
+            Event::Rejected {
+                request_digest: Some(digest.to_owned()),
+                error,
+            },
+        );
     }
 
     /// Answers a `build.status` request.
     pub(crate) fn status(&self, message: Message) {
-        if let ReplyTo::Subject(reply) = self.reply_to(&message) {
-            self.answer(reply, &StatusEvent::Status(self.monitor.status()));
+        // Under a flood of status requests, the status is not even made
+        // for answers that would be dropped.
+        if let ReplyTo::Subject(reply) = self.reply_to(&message, None) {
+            if self.publisher.room_for_answer() {
+                self.answer(reply, &StatusEvent::Status(self.monitor.status()));
+            }
         }
     }
 
@@ -431,8 +488,8 @@ impl Intake {
     /// `forbidden` and the build goes on.
     pub(crate) fn cancel(&self, message: Message) {
         // Like a build, a cancel may come without a reply subject.
-        let reply = match self.reply_to(&message) {
-            ReplyTo::Refused => return,
+        let reply = match self.reply_to(&message, None) {
+            ReplyTo::Refused | ReplyTo::Answered => return,
             ReplyTo::Nobody => None,
             ReplyTo::Subject(subject) => Some(subject),
         };
@@ -522,7 +579,9 @@ impl Intake {
 
     fn answer(&self, reply: Subject, body: &impl Serialize) {
         match serde_json::to_vec(body) {
-            Ok(payload) => self.publisher.enqueue(reply, Bytes::from(payload), false),
+            Ok(payload) => self
+                .publisher
+                .enqueue(reply, Bytes::from(payload), Class::Answer),
             Err(err) => tracing::error!(%err, "cannot encode a reply"),
         }
     }

@@ -174,7 +174,10 @@ impl Service {
             Arc::clone(&monitor) as Arc<dyn Exporter>,
             background.clone(),
         ));
-        let publisher = Publisher::new(&connection);
+        let publisher = Publisher::new(&connection, {
+            let monitor = Arc::clone(&monitor);
+            move || monitor.ignored("overloaded")
+        });
         let sender = tokio::spawn(Arc::clone(&publisher).run(background.clone()));
 
         let subscribe = |subject: &'static str| {
@@ -476,7 +479,7 @@ fn resume(
 ) {
     let request = &unfinished.request;
     let mut subjects = request.replies.iter().map(|s| Subject::from(s.as_str()));
-    let replies = Replies::new(Arc::clone(publisher), subjects.next());
+    let replies = Replies::new(Arc::clone(publisher), subjects.next()).resumed();
     for subject in subjects {
         replies.add(subject);
     }
@@ -513,7 +516,7 @@ fn resume(
     }
     let done: Vec<String> = unfinished.done.iter().map(|h| h.host.clone()).collect();
     tracing::info!(build_id = %job.build_id, repo = %job.repo, target = %job.target, done = done.len(), "resuming a journaled request");
-    live.register(&job.build_id, &replies);
+    live.register(&job.build_id, &replies, None);
     replies.send(
         &job.build_id,
         Event::Resumed {

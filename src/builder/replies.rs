@@ -1,11 +1,22 @@
 //! Getting events to requesters without ever holding up a build.
 //!
-//! Every reply goes through one [`Publisher`]: an ordered outbox drained by
-//! a single task. Enqueueing never waits, so a NATS outage cannot stall a
+//! Every reply goes through one [`Publisher`]: an outbox drained by a
+//! single task. Enqueueing never waits, so a NATS outage cannot stall a
 //! build (async-nats stops taking publishes once its own buffer is full
-//! while it reconnects). Progress and log events are expendable and their
-//! number in the outbox is capped; everything else — above all the terminal
-//! events — is kept until it is sent.
+//! while it reconnects). What is queued is bounded by [`Class`]:
+//!
+//! - events of accepted builds go out in order, ahead of everything else;
+//!   progress, log and heartbeat events among them are expendable and
+//!   their number is capped; the rest — above all the terminal events —
+//!   is kept until it is sent (there are at most `queue_limit` + 1 builds);
+//! - answers to requests that were not accepted (`build.status`,
+//!   `build.cancel`, `rejected`) wait behind them, at most
+//!   [`MAX_ANSWERS_QUEUED`]; beyond that they are dropped and counted, so a
+//!   flood of requests neither grows the builder's memory nor delays the
+//!   events of the builds it accepted.
+//!
+//! Every event of a build carries `seq`, counted per build here
+//! ([`Replies`]), so a requester can tell a replay from a new event.
 //!
 //! After a reconnection the outbox is held for a moment before it drains:
 //! requesters reconnect too, and an event published before their
@@ -15,6 +26,7 @@
 //! masked here, on the way out, whatever the reply.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +47,36 @@ pub(crate) const RECONNECT_HOLD: Duration = Duration::from_secs(3);
 /// Expendable events (progress, log) kept waiting at most; beyond it the
 /// newest are dropped.
 pub(crate) const MAX_EXPENDABLE_QUEUED: usize = 256;
+/// Answers to requests that were not accepted (status, cancel, rejected)
+/// kept waiting at most; beyond it the newest are dropped and counted.
+pub(crate) const MAX_ANSWERS_QUEUED: usize = 1024;
+/// A resumed build numbers its events from (seconds since the epoch at the
+/// builder's start) × this, above every number sent before the restart
+/// (a build sends far fewer events than this in one run of the builder).
+const RESUMED_SEQ_STEP: u64 = 1 << 20;
+
+/// How a reply is queued (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// An event of an accepted build that must arrive: kept until sent.
+    Event,
+    /// Progress, log, heartbeat: capped at [`MAX_EXPENDABLE_QUEUED`].
+    Expendable,
+    /// An answer to a request that was not accepted: sent after events,
+    /// capped at [`MAX_ANSWERS_QUEUED`].
+    Answer,
+}
+
+impl Class {
+    /// How an event of a build is queued.
+    fn of(event: &Event) -> Self {
+        match event {
+            Event::Progress { .. } | Event::Log { .. } | Event::Heartbeat => Self::Expendable,
+            Event::Rejected { .. } => Self::Answer,
+            _ => Self::Event,
+        }
+    }
+}
 /// Bytes of a message's `max_payload` left for its signature headers.
 const SIGNATURE_ROOM: usize = 512;
 
@@ -46,7 +88,10 @@ struct Outgoing {
 
 #[derive(Default)]
 struct Outbox {
-    items: VecDeque<Outgoing>,
+    /// Events of accepted builds, in order.
+    events: VecDeque<Outgoing>,
+    /// Answers to requests that were not accepted.
+    answers: VecDeque<Outgoing>,
     expendable: usize,
     dropped: u64,
     /// An item taken out and not yet handed to NATS.
@@ -54,8 +99,16 @@ struct Outbox {
 }
 
 impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.answers.is_empty()
+    }
+
     fn is_drained(&self) -> bool {
-        self.items.is_empty() && !self.sending
+        self.is_empty() && !self.sending
+    }
+
+    fn len(&self) -> usize {
+        self.events.len() + self.answers.len()
     }
 }
 
@@ -68,11 +121,17 @@ pub(crate) struct Publisher {
     outbox: Mutex<Outbox>,
     wake: Notify,
     drained: Notify,
+    /// Called for every answer dropped because [`MAX_ANSWERS_QUEUED`] wait.
+    on_overload: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Publisher {
     /// A publisher over `connection`; run [`Publisher::run`] to drain it.
-    pub(crate) fn new(connection: &Connection) -> Arc<Self> {
+    /// `on_overload` is called for each answer dropped for want of room.
+    pub(crate) fn new(
+        connection: &Connection,
+        on_overload: impl Fn() + Send + Sync + 'static,
+    ) -> Arc<Self> {
         Arc::new(Self {
             nats: connection.client.clone(),
             state: connection.state.clone(),
@@ -80,6 +139,7 @@ impl Publisher {
             outbox: Mutex::new(Outbox::default()),
             wake: Notify::new(),
             drained: Notify::new(),
+            on_overload: Box::new(on_overload),
         })
     }
 
@@ -87,23 +147,44 @@ impl Publisher {
         lock(&self.outbox)
     }
 
+    /// Whether an answer queued now would be sent rather than dropped, so
+    /// the intake can skip making one nobody will get; when not, that
+    /// answer counts as dropped.
+    pub(crate) fn room_for_answer(&self) -> bool {
+        let room = self.lock().answers.len() < MAX_ANSWERS_QUEUED;
+        if !room {
+            (self.on_overload)();
+        }
+        room
+    }
+
     /// Queues `payload` for `subject`; never waits. Every reply passes
     /// here, so this is where credentials are taken out (see [`crate::redact`]).
-    pub(crate) fn enqueue(&self, subject: Subject, payload: Bytes, expendable: bool) {
+    pub(crate) fn enqueue(&self, subject: Subject, payload: Bytes, class: Class) {
         let payload = redact_payload(payload);
         let mut outbox = self.lock();
-        if expendable {
-            if outbox.expendable >= MAX_EXPENDABLE_QUEUED {
+        match class {
+            Class::Expendable if outbox.expendable >= MAX_EXPENDABLE_QUEUED => {
                 outbox.dropped += 1;
                 return;
             }
-            outbox.expendable += 1;
+            Class::Answer if outbox.answers.len() >= MAX_ANSWERS_QUEUED => {
+                drop(outbox);
+                (self.on_overload)();
+                return;
+            }
+            Class::Expendable => outbox.expendable += 1,
+            Class::Event | Class::Answer => {}
         }
-        outbox.items.push_back(Outgoing {
+        let item = Outgoing {
             subject,
             payload,
-            expendable,
-        });
+            expendable: class == Class::Expendable,
+        };
+        match class {
+            Class::Answer => outbox.answers.push_back(item),
+            Class::Event | Class::Expendable => outbox.events.push_back(item),
+        }
         drop(outbox);
         self.wake.notify_one();
     }
@@ -117,7 +198,7 @@ impl Publisher {
     /// Messages waiting to be sent.
     pub(crate) fn backlog(&self) -> usize {
         let outbox = self.lock();
-        outbox.items.len() + usize::from(outbox.sending)
+        outbox.len() + usize::from(outbox.sending)
     }
 
     /// Waits until everything queued so far is handed to NATS, or `limit`.
@@ -140,14 +221,19 @@ impl Publisher {
             let wake = self.wake.notified();
             let next = {
                 let mut outbox = self.lock();
-                let next = outbox.items.pop_front();
+                // Events of accepted builds first: a flood of other
+                // requests never delays them.
+                let next = match outbox.events.pop_front() {
+                    Some(item) => Some(item),
+                    None => outbox.answers.pop_front(),
+                };
                 if let Some(item) = &next {
                     outbox.sending = true;
                     if item.expendable {
                         outbox.expendable -= 1;
                     }
                 }
-                if outbox.items.is_empty() && outbox.dropped > 0 {
+                if outbox.is_empty() && outbox.dropped > 0 {
                     tracing::warn!(
                         dropped = outbox.dropped,
                         "progress/log events dropped while NATS was slow or away"
@@ -180,7 +266,7 @@ impl Publisher {
             }
             let mut outbox = self.lock();
             outbox.sending = false;
-            if outbox.items.is_empty() {
+            if outbox.is_empty() {
                 self.drained.notify_waiters();
             }
         }
@@ -219,6 +305,8 @@ pub(crate) struct Replies {
     to: Arc<Mutex<Vec<Subject>>>,
     /// When an event was last sent to every requester.
     last_sent: Arc<Mutex<Instant>>,
+    /// The `seq` of the next event of the build.
+    next_seq: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Replies {
@@ -236,7 +324,25 @@ impl Replies {
             publisher,
             to: Arc::new(Mutex::new(to.into_iter().collect())),
             last_sent: Arc::new(Mutex::new(Instant::now())),
+            next_seq: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// For a build resumed after a restart: its events are numbered above
+    /// every number the previous run of the builder could have sent.
+    pub(crate) fn resumed(self) -> Self {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        self.next_seq.store(
+            since_epoch.saturating_mul(RESUMED_SEQ_STEP),
+            Ordering::Relaxed,
+        );
+        self
+    }
+
+    fn take_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The requesters' subjects.
@@ -261,17 +367,28 @@ impl Replies {
         if subjects.is_empty() {
             return;
         }
-        send_to(&self.publisher, &subjects, build_id, event);
+        let class = Class::of(&event);
+        let reply = Reply {
+            build_id: build_id.to_owned(),
+            seq: Some(self.take_seq()),
+            event,
+        };
+        send_to(&self.publisher, &subjects, &reply, class);
     }
 
     /// Sends one event to one subject only (e.g. `accepted` to a requester
-    /// joining a coalesced build).
-    pub(crate) fn send_to(&self, subject: &Subject, build_id: &str, event: Event) {
+    /// joining a coalesced build), queued as `class`.
+    pub(crate) fn send_to(&self, subject: &Subject, build_id: &str, event: Event, class: Class) {
+        let reply = Reply {
+            build_id: build_id.to_owned(),
+            seq: Some(self.take_seq()),
+            event,
+        };
         send_to(
             &self.publisher,
             std::slice::from_ref(subject),
-            build_id,
-            event,
+            &reply,
+            class,
         );
     }
 }
@@ -284,26 +401,17 @@ fn redact_payload(payload: Bytes) -> Bytes {
     }
 }
 
-fn send_to(publisher: &Publisher, subjects: &[Subject], build_id: &str, event: Event) {
-    let expendable = matches!(
-        event,
-        Event::Progress { .. } | Event::Log { .. } | Event::Heartbeat
-    );
-    let name = event.name();
-    let reply = Reply {
-        build_id: build_id.to_owned(),
-        event,
-    };
+fn send_to(publisher: &Publisher, subjects: &[Subject], reply: &Reply, class: Class) {
     // A terminal event too large for the server is shortened, never lost.
     let payload = match reply.to_json_within(publisher.max_reply_bytes()) {
         Ok(payload) => Bytes::from(payload),
         Err(err) => {
-            tracing::error!(%err, event = name, "cannot encode a reply");
+            tracing::error!(%err, event = reply.event.name(), "cannot encode a reply");
             return;
         }
     };
     for subject in subjects {
-        publisher.enqueue(subject.clone(), payload.clone(), expendable);
+        publisher.enqueue(subject.clone(), payload.clone(), class);
     }
 }
 
@@ -313,13 +421,13 @@ mod tests {
 
     #[test]
     fn payloads_leave_without_credentials() {
-        let reply = Reply {
-            build_id: "b".into(),
-            event: Event::Log {
+        let reply = Reply::new(
+            "b",
+            Event::Log {
                 host: "ns1".into(),
                 lines: vec!["fetching 'https://oauth2:glpat-SECRET@git.example/r.git'".into()],
             },
-        };
+        );
         let payload = Bytes::from(serde_json::to_vec(&reply).unwrap());
         let sent = redact_payload(payload);
         let text = std::str::from_utf8(&sent).unwrap();

@@ -248,7 +248,7 @@ impl<W: Write> View<W> {
                 lines.push(summary);
                 lines
             }
-            Event::Rejected { error } => {
+            Event::Rejected { error, .. } => {
                 let mut lines = vec![format!("build {id} rejected ({})", error.code)];
                 lines.extend(indent_error(error));
                 lines
@@ -331,6 +331,7 @@ mod tests {
     fn reply(event: Event) -> Reply {
         Reply {
             build_id: "b1".into(),
+            seq: None,
             event,
         }
     }
@@ -350,6 +351,7 @@ mod tests {
     fn plain_output_is_one_line_per_step() {
         let text = render(vec![
             Event::Accepted {
+                request_digest: None,
                 repo: "demo".into(),
                 target: "all".into(),
                 git_ref: Some("master".into()),
