@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::request::{Job, Resume};
+use crate::atomic_file;
 use crate::protocol::{HostSummary, SkippedHost};
 use crate::sync::lock;
 
@@ -210,9 +211,7 @@ impl Journal {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(failed)?;
-        }
+        std::fs::create_dir_all(atomic_file::directory_of(path)).map_err(failed)?;
         let (records, skipped) = match File::open(path) {
             Ok(file) => read_records(BufReader::new(file)),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
@@ -277,22 +276,15 @@ fn append_handle(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().append(true).create(true).open(path)
 }
 
-/// Replaces the file at `path` with `records`: write, fsync, rename, fsync
-/// the directory. Returns the new size.
+/// Replaces the file at `path` with `records` (see [`atomic_file::replace`]).
+/// Returns the new size.
 fn rewrite(path: &Path, records: &[Record]) -> std::io::Result<u64> {
     let mut bytes = Vec::new();
     for record in records {
         serde_json::to_writer(&mut bytes, record)?;
         bytes.push(b'\n');
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
+    atomic_file::replace(path, &bytes)?;
     Ok(bytes.len() as u64)
 }
 

@@ -25,6 +25,7 @@ use super::journal::Journaling;
 use super::queue::Queue;
 use super::request::Job;
 use super::roots::Lineage;
+use crate::atomic_file;
 use crate::config::Config;
 use crate::metrics::{Exporter, Health, Metrics};
 use crate::nats::ConnectionState;
@@ -594,26 +595,11 @@ impl StateWriter {
     }
 }
 
-/// Writes `state` to a temporary file beside `path`, syncs it, renames it
-/// over `path` and syncs the directory: after a crash the file is the old
-/// one or the new one, never a mix.
+/// Writes `state` over `path` whole (see [`atomic_file::replace`]): after
+/// a crash the file is the old one or the new one, never a mix.
 fn write_atomically(path: &Path, state: &StateFile) -> std::io::Result<()> {
-    use std::io::Write;
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = dir {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    atomic_file::replace(path, &bytes)
 }
 
 impl Exporter for Monitor {
@@ -721,7 +707,7 @@ mod tests {
         writer.flush();
         let stored: StateFile = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(stored.hosts[0].finished, 49.0);
-        assert!(!path.with_extension("tmp").exists());
+        assert!(!atomic_file::temporary_path(&path).exists());
         // An old state file (no side, no finished) still reads.
         let old = br#"{"version":1,"hosts":[{"last":{"repo":"r","host":"h","status":"success","rev":null,"out_path":null,"finished_at":"2026-11-28T00:00:00Z"},"last_success":1.0}]}"#;
         let stored: StateFile = serde_json::from_slice(old).unwrap();
