@@ -222,6 +222,31 @@ impl BuilderConfig {
         }
         Ok(())
     }
+
+    /// The journal and the state file each replace their file whole: one
+    /// path for both would make each overwrite the other.
+    fn check_files(&self) -> Result<(), ConfigError> {
+        let (Some(journal), Some(state)) = (&self.journal_file, &self.state_file) else {
+            return Ok(());
+        };
+        let same = journal == state
+            || matches!((canonical(journal), canonical(state)), (Some(a), Some(b)) if a == b);
+        if same {
+            return Err(ConfigError::SameFile {
+                path: journal.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `path` with links and `..` resolved as far as it exists: the file
+/// itself, or else its directory (the file is created at the first start).
+fn canonical(path: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(path).ok().or_else(|| {
+        let dir = std::fs::canonicalize(crate::atomic_file::directory_of(path)).ok()?;
+        Some(dir.join(path.file_name()?))
+    })
 }
 
 /// A size in bytes, written as a number of bytes or with a unit:
@@ -386,6 +411,10 @@ pub enum ConfigError {
         value: String,
         limit: &'static str,
     },
+    #[error(
+        "[builder] journal_file and state_file are the same file ({path}): give each a path of its own"
+    )]
+    SameFile { path: PathBuf },
     #[error("[auth] admins: {0}")]
     BadAdminKey(#[from] crate::signing::BadPublicKey),
 }
@@ -477,6 +506,7 @@ impl Config {
             });
         }
         self.builder.check_bounds()?;
+        self.builder.check_files()?;
         for admin in &self.auth.admins {
             crate::signing::parse_user_key(admin)?;
         }
@@ -800,6 +830,40 @@ url = "git+file:///srv/demo"
             "[builder]\nfetch_timeout = \"0s\"\n[repos.demo]",
         );
         assert!(matches!(parse(&text), Err(ConfigError::Zero { .. })));
+    }
+
+    #[test]
+    fn the_journal_and_the_state_file_must_differ() {
+        let files = |journal: &str, state: &str| {
+            MINIMAL.replace(
+                "[repos.demo]",
+                &format!(
+                    "[builder]\njournal_file = \"{journal}\"\nstate_file = \"{state}\"\n[repos.demo]"
+                ),
+            )
+        };
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().display();
+        for (journal, state) in [
+            (format!("{dir}/state.json"), format!("{dir}/state.json")),
+            ("state.json".to_owned(), "state.json".to_owned()),
+        ] {
+            let err = parse(&files(&journal, &state)).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::SameFile { .. }),
+                "{journal}: {err}"
+            );
+            assert!(err.to_string().contains("journal_file"), "{err}");
+        }
+        // The same file by another way, as far as the path exists.
+        std::fs::create_dir(format!("{dir}/sub")).unwrap();
+        let err = parse(&files(
+            &format!("{dir}/state.json"),
+            &format!("{dir}/sub/../state.json"),
+        ));
+        assert!(matches!(err, Err(ConfigError::SameFile { .. })));
+        let ok = files(&format!("{dir}/journal"), &format!("{dir}/state.json"));
+        assert!(parse(&ok).is_ok());
     }
 
     #[test]
