@@ -140,6 +140,11 @@ pub struct BuilderConfig {
     /// last build, e.g. `"7d"`.
     #[serde(default = "defaults::side_roots_ttl", with = "humantime_serde")]
     pub side_roots_ttl: Duration,
+    /// Side lineages (other refs and explicit revs) whose roots are kept
+    /// per repo at most; a new one past it evicts the oldest by last build,
+    /// before their `side_roots_ttl`.
+    #[serde(default = "defaults::side_roots_max")]
+    pub side_roots_max: usize,
     /// Nix evaluator processes that evaluate a request's hosts ahead of the
     /// builds, in parallel. Default: half the CPUs, at least 1.
     #[serde(default = "defaults::eval_workers")]
@@ -181,6 +186,7 @@ impl Default for BuilderConfig {
             gc_roots_dir: None,
             keep_roots: defaults::keep_roots(),
             side_roots_ttl: defaults::side_roots_ttl(),
+            side_roots_max: defaults::side_roots_max(),
             eval_workers: defaults::eval_workers(),
             eval_max_memory: defaults::eval_max_memory(),
             state_file: None,
@@ -349,6 +355,9 @@ mod defaults {
     pub fn side_roots_ttl() -> Duration {
         Duration::from_secs(7 * 24 * 60 * 60)
     }
+    pub fn side_roots_max() -> usize {
+        32
+    }
     pub fn progress_interval() -> Duration {
         Duration::from_secs(30)
     }
@@ -503,6 +512,11 @@ impl Config {
         if self.builder.side_roots_ttl.is_zero() {
             return Err(ConfigError::Zero {
                 key: "side_roots_ttl",
+            });
+        }
+        if self.builder.side_roots_max == 0 {
+            return Err(ConfigError::Zero {
+                key: "side_roots_max",
             });
         }
         self.builder.check_bounds()?;
@@ -825,6 +839,17 @@ url = "git+file:///srv/demo"
             config.builder.side_roots_ttl,
             Duration::from_secs(7 * 86400)
         );
+        assert_eq!(config.builder.side_roots_max, 32);
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "[builder]\nside_roots_max = 0\n[repos.demo]",
+        );
+        assert!(matches!(
+            parse(&text),
+            Err(ConfigError::Zero {
+                key: "side_roots_max"
+            })
+        ));
         let text = MINIMAL.replace(
             "[repos.demo]",
             "[builder]\nfetch_timeout = \"0s\"\n[repos.demo]",

@@ -7,9 +7,9 @@
 //!
 //! Results of the repo's default ref are kept per host for good and feed
 //! the per-host metrics; results of other refs and of explicit revs are
-//! kept per ref as well, expire with their roots (`side_roots_ttl`) and
-//! never become metric series, so no requester can grow either without
-//! bound.
+//! kept per ref as well, go with their roots (`side_roots_ttl`, or evicted
+//! past `side_roots_max`) and never become metric series, so no requester
+//! can grow either without bound.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -340,6 +340,26 @@ impl Monitor {
             state
                 .hosts
                 .retain(|_, record| record.side.is_none() || record.finished > horizon);
+            if state.hosts.len() == before {
+                return;
+            }
+            state.hosts.values().cloned().collect::<Vec<_>>()
+        };
+        self.save(snapshot);
+    }
+
+    /// Forgets the side results of `repo`'s lineages `keys`, whose roots
+    /// were evicted to keep `side_roots_max`.
+    pub(crate) fn forget_side_results(&self, repo: &str, keys: &[String]) {
+        if keys.is_empty() {
+            return;
+        }
+        let snapshot = {
+            let mut state = self.lock();
+            let before = state.hosts.len();
+            state
+                .hosts
+                .retain(|(r, _, side), _| r != repo || !keys.contains(side));
             if state.hosts.len() == before {
                 return;
             }
