@@ -140,6 +140,11 @@ pub struct BuilderConfig {
     /// last build, e.g. `"7d"`.
     #[serde(default = "defaults::side_roots_ttl", with = "humantime_serde")]
     pub side_roots_ttl: Duration,
+    /// Side lineages (other refs and explicit revs) whose roots are kept
+    /// per repo at most; a new one past it evicts the oldest by last build,
+    /// before their `side_roots_ttl`.
+    #[serde(default = "defaults::side_roots_max")]
+    pub side_roots_max: usize,
     /// Nix evaluator processes that evaluate a request's hosts ahead of the
     /// builds, in parallel. Default: half the CPUs, at least 1.
     #[serde(default = "defaults::eval_workers")]
@@ -181,6 +186,7 @@ impl Default for BuilderConfig {
             gc_roots_dir: None,
             keep_roots: defaults::keep_roots(),
             side_roots_ttl: defaults::side_roots_ttl(),
+            side_roots_max: defaults::side_roots_max(),
             eval_workers: defaults::eval_workers(),
             eval_max_memory: defaults::eval_max_memory(),
             state_file: None,
@@ -222,6 +228,31 @@ impl BuilderConfig {
         }
         Ok(())
     }
+
+    /// The journal and the state file each replace their file whole: one
+    /// path for both would make each overwrite the other.
+    fn check_files(&self) -> Result<(), ConfigError> {
+        let (Some(journal), Some(state)) = (&self.journal_file, &self.state_file) else {
+            return Ok(());
+        };
+        let same = journal == state
+            || matches!((canonical(journal), canonical(state)), (Some(a), Some(b)) if a == b);
+        if same {
+            return Err(ConfigError::SameFile {
+                path: journal.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `path` with links and `..` resolved as far as it exists: the file
+/// itself, or else its directory (the file is created at the first start).
+fn canonical(path: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(path).ok().or_else(|| {
+        let dir = std::fs::canonicalize(crate::atomic_file::directory_of(path)).ok()?;
+        Some(dir.join(path.file_name()?))
+    })
 }
 
 /// A size in bytes, written as a number of bytes or with a unit:
@@ -324,6 +355,9 @@ mod defaults {
     pub fn side_roots_ttl() -> Duration {
         Duration::from_secs(7 * 24 * 60 * 60)
     }
+    pub fn side_roots_max() -> usize {
+        32
+    }
     pub fn progress_interval() -> Duration {
         Duration::from_secs(30)
     }
@@ -386,6 +420,10 @@ pub enum ConfigError {
         value: String,
         limit: &'static str,
     },
+    #[error(
+        "[builder] journal_file and state_file are the same file ({path}): give each a path of its own"
+    )]
+    SameFile { path: PathBuf },
     #[error("[auth] admins: {0}")]
     BadAdminKey(#[from] crate::signing::BadPublicKey),
 }
@@ -476,7 +514,13 @@ impl Config {
                 key: "side_roots_ttl",
             });
         }
+        if self.builder.side_roots_max == 0 {
+            return Err(ConfigError::Zero {
+                key: "side_roots_max",
+            });
+        }
         self.builder.check_bounds()?;
+        self.builder.check_files()?;
         for admin in &self.auth.admins {
             crate::signing::parse_user_key(admin)?;
         }
@@ -795,11 +839,56 @@ url = "git+file:///srv/demo"
             config.builder.side_roots_ttl,
             Duration::from_secs(7 * 86400)
         );
+        assert_eq!(config.builder.side_roots_max, 32);
+        let text = MINIMAL.replace(
+            "[repos.demo]",
+            "[builder]\nside_roots_max = 0\n[repos.demo]",
+        );
+        assert!(matches!(
+            parse(&text),
+            Err(ConfigError::Zero {
+                key: "side_roots_max"
+            })
+        ));
         let text = MINIMAL.replace(
             "[repos.demo]",
             "[builder]\nfetch_timeout = \"0s\"\n[repos.demo]",
         );
         assert!(matches!(parse(&text), Err(ConfigError::Zero { .. })));
+    }
+
+    #[test]
+    fn the_journal_and_the_state_file_must_differ() {
+        let files = |journal: &str, state: &str| {
+            MINIMAL.replace(
+                "[repos.demo]",
+                &format!(
+                    "[builder]\njournal_file = \"{journal}\"\nstate_file = \"{state}\"\n[repos.demo]"
+                ),
+            )
+        };
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().display();
+        for (journal, state) in [
+            (format!("{dir}/state.json"), format!("{dir}/state.json")),
+            ("state.json".to_owned(), "state.json".to_owned()),
+        ] {
+            let err = parse(&files(&journal, &state)).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::SameFile { .. }),
+                "{journal}: {err}"
+            );
+            assert!(err.to_string().contains("journal_file"), "{err}");
+        }
+        // The same file by another way, as far as the path exists.
+        std::fs::create_dir(format!("{dir}/sub")).unwrap();
+        let err = parse(&files(
+            &format!("{dir}/state.json"),
+            &format!("{dir}/sub/../state.json"),
+        ));
+        assert!(matches!(err, Err(ConfigError::SameFile { .. })));
+        let ok = files(&format!("{dir}/journal"), &format!("{dir}/state.json"));
+        assert!(parse(&ok).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod atomic_file;
 pub(crate) mod builder;
 pub mod changes;
 pub mod cli;

@@ -1,6 +1,7 @@
 //! GC roots against the real garbage collector: nothing the builder
 //! evaluated or built is lost to a `nix-collect-garbage`, builds of other
-//! refs never unroot the default ref's results, and side roots expire.
+//! refs never unroot the default ref's results, and side roots expire or,
+//! past `side_roots_max`, are evicted.
 //!
 //! A real collection deletes every unrooted path of the one shared store,
 //! so these tests live in their own binary (cargo runs test binaries one
@@ -240,6 +241,49 @@ async fn side_roots_expire_after_their_ttl_and_crashed_requests_are_swept() {
     assert!(
         !Path::new(&side_out).exists(),
         "the expired output is still rooted"
+    );
+}
+
+#[tokio::test]
+async fn distinct_revs_past_side_roots_max_evict_the_oldest() {
+    let _store = STORE.lock().await;
+    let flake = Flake::new(&[("ns1", Host::Ok)]);
+    let roots = tempfile::tempdir().unwrap();
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.builder(&roots_option(roots.path(), "side_roots_max = 2"))
+    });
+    let client = Requester::new(&nats).await;
+    let mut built = Vec::new();
+    for i in 0..3 {
+        let rev = flake.commit_change(&format!("rev {i}"));
+        let body = format!(r#"{{"ref": "master", "rev": "{rev}"}}"#);
+        let replies = client.build("build.homelab.ns1", &body).await;
+        built.push((rev, out_paths(&replies)[0].1.clone()));
+    }
+
+    let side = |rev: &str| roots.path().join(format!("homelab/.refs/rev-{rev}"));
+    let (oldest, oldest_out) = &built[0];
+    assert!(!side(oldest).exists(), "the oldest rev is still rooted");
+    for (rev, out_path) in &built[1..] {
+        assert_eq!(
+            resolved(&side(rev).join("ns1")).as_deref(),
+            Some(Path::new(out_path)),
+            "{rev}"
+        );
+    }
+    let status = client.status().await;
+    let revs: Vec<Option<&str>> = status
+        .last_results
+        .iter()
+        .filter(|r| r.pinned)
+        .map(|r| r.rev.as_deref())
+        .collect();
+    assert_eq!(revs.len(), 2, "{revs:?}");
+    assert!(!revs.contains(&Some(oldest.as_str())), "{revs:?}");
+    collect_garbage();
+    assert!(
+        !Path::new(oldest_out).exists(),
+        "the evicted output is still rooted"
     );
 }
 

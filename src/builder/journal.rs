@@ -6,8 +6,10 @@
 //! stands for is sent (`accepted` is sent only once the request is on
 //! disk). When a request ends it is dropped by rewriting the file with the
 //! live requests only (write, fsync, rename), so the file stays as small as
-//! the queue. A line that does not parse — a torn last write after a crash,
-//! or damage — is reported and skipped; it never stops the builder.
+//! the queue. An append that fails part-way (a full disk) is cut back, so
+//! the next record starts on a line of its own. A line that does not parse
+//! — a torn last write after a crash, or damage — is reported and skipped;
+//! it never stops the builder.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::request::{Job, Resume};
+use crate::atomic_file;
 use crate::protocol::{HostSummary, SkippedHost};
 use crate::sync::lock;
 
@@ -210,9 +213,7 @@ impl Journal {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(failed)?;
-        }
+        std::fs::create_dir_all(atomic_file::directory_of(path)).map_err(failed)?;
         let (records, skipped) = match File::open(path) {
             Ok(file) => read_records(BufReader::new(file)),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
@@ -260,8 +261,8 @@ impl Journal {
         }
         let mut line = serde_json::to_vec(&record).map_err(|err| failed(err.into()))?;
         line.push(b'\n');
-        inner.file.write_all(&line).map_err(failed)?;
-        inner.file.sync_data().map_err(failed)?;
+        let bytes = inner.bytes;
+        append_line(&mut inner.file, bytes, &line).map_err(failed)?;
         inner.bytes += line.len() as u64;
         inner.live.push(record);
         Ok(())
@@ -277,22 +278,51 @@ fn append_handle(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().append(true).create(true).open(path)
 }
 
-/// Replaces the file at `path` with `records`: write, fsync, rename, fsync
-/// the directory. Returns the new size.
+/// What [`append_line`] needs of the journal file (a test puts faults in).
+trait AppendFile: Write {
+    fn len(&self) -> std::io::Result<u64>;
+    fn cut_to(&mut self, len: u64) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+}
+
+impl AppendFile for File {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn cut_to(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.sync_data()
+    }
+}
+
+/// Appends `line` to `file`, whose whole records end at `len`, and syncs
+/// it. A write that fails part-way (a full disk) is cut back to `len`, so
+/// the next record starts on a line of its own instead of being glued to
+/// half of this one; a cut that failed then is made before the next write.
+fn append_line(file: &mut impl AppendFile, len: u64, line: &[u8]) -> std::io::Result<()> {
+    if file.len()? > len {
+        file.cut_to(len)?;
+    }
+    let written = file.write_all(line).and_then(|()| file.sync());
+    if written.is_err() {
+        if let Err(err) = file.cut_to(len) {
+            tracing::warn!(%err, "cannot cut a failed journal write back; the next write tries again");
+        }
+    }
+    written
+}
+
+/// Replaces the file at `path` with `records` (see [`atomic_file::replace`]).
+/// Returns the new size.
 fn rewrite(path: &Path, records: &[Record]) -> std::io::Result<u64> {
     let mut bytes = Vec::new();
     for record in records {
         serde_json::to_writer(&mut bytes, record)?;
         bytes.push(b'\n');
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
+    atomic_file::replace(path, &bytes)?;
     Ok(bytes.len() as u64)
 }
 
@@ -464,6 +494,80 @@ mod tests {
             .unwrap();
         assert_eq!(journal.bytes(), 0);
         assert_eq!(std::fs::read(&path).unwrap(), b"");
+    }
+
+    /// A journal file whose writes stop after `room` more bytes, as on a
+    /// full disk.
+    struct FullDisk {
+        file: File,
+        room: usize,
+    }
+
+    impl Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            let n = self.file.write(&buf[..buf.len().min(self.room)])?;
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    impl AppendFile for FullDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn cut_to(&mut self, len: u64) -> std::io::Result<()> {
+            self.file.cut_to(len)
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            self.file.sync()
+        }
+    }
+
+    #[test]
+    fn a_write_cut_short_by_a_full_disk_leaves_no_half_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (journal, _) = Journal::open(&path).unwrap();
+        journal.append(accepted("a")).unwrap();
+        let before = std::fs::read(&path).unwrap();
+
+        let mut line = serde_json::to_vec(&accepted("b")).unwrap();
+        line.push(b'\n');
+        let mut full = FullDisk {
+            file: append_handle(&path).unwrap(),
+            room: line.len() / 2,
+        };
+        assert!(append_line(&mut full, before.len() as u64, &line).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+
+        // The next record starts on a line of its own.
+        journal.append(accepted("c")).unwrap();
+        let (_, recovered) = Journal::open(&path).unwrap();
+        assert_eq!(recovered.skipped, 0);
+        let ids: Vec<&str> = recovered
+            .requests
+            .iter()
+            .map(|r| r.request.build_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "c"]);
+    }
+
+    #[test]
+    fn a_half_line_left_by_a_failed_cut_goes_before_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mut line = serde_json::to_vec(&accepted("a")).unwrap();
+        line.push(b'\n');
+        std::fs::write(&path, &line[..line.len() / 2]).unwrap();
+        let mut file = append_handle(&path).unwrap();
+        append_line(&mut file, 0, &line).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), line);
     }
 
     #[test]

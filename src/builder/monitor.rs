@@ -7,9 +7,9 @@
 //!
 //! Results of the repo's default ref are kept per host for good and feed
 //! the per-host metrics; results of other refs and of explicit revs are
-//! kept per ref as well, expire with their roots (`side_roots_ttl`) and
-//! never become metric series, so no requester can grow either without
-//! bound.
+//! kept per ref as well, go with their roots (`side_roots_ttl`, or evicted
+//! past `side_roots_max`) and never become metric series, so no requester
+//! can grow either without bound.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -25,6 +25,7 @@ use super::journal::Journaling;
 use super::queue::Queue;
 use super::request::Job;
 use super::roots::Lineage;
+use crate::atomic_file;
 use crate::config::Config;
 use crate::metrics::{Exporter, Health, Metrics};
 use crate::nats::ConnectionState;
@@ -347,6 +348,26 @@ impl Monitor {
         self.save(snapshot);
     }
 
+    /// Forgets the side results of `repo`'s lineages `keys`, whose roots
+    /// were evicted to keep `side_roots_max`.
+    pub(crate) fn forget_side_results(&self, repo: &str, keys: &[String]) {
+        if keys.is_empty() {
+            return;
+        }
+        let snapshot = {
+            let mut state = self.lock();
+            let before = state.hosts.len();
+            state
+                .hosts
+                .retain(|(r, _, side), _| r != repo || !keys.contains(side));
+            if state.hosts.len() == before {
+                return;
+            }
+            state.hosts.values().cloned().collect::<Vec<_>>()
+        };
+        self.save(snapshot);
+    }
+
     /// Waits until the state file holds everything saved so far.
     pub(crate) fn flush_state(&self) {
         if let Some(writer) = &self.writer {
@@ -594,26 +615,11 @@ impl StateWriter {
     }
 }
 
-/// Writes `state` to a temporary file beside `path`, syncs it, renames it
-/// over `path` and syncs the directory: after a crash the file is the old
-/// one or the new one, never a mix.
+/// Writes `state` over `path` whole (see [`atomic_file::replace`]): after
+/// a crash the file is the old one or the new one, never a mix.
 fn write_atomically(path: &Path, state: &StateFile) -> std::io::Result<()> {
-    use std::io::Write;
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = dir {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    atomic_file::replace(path, &bytes)
 }
 
 impl Exporter for Monitor {
@@ -721,7 +727,7 @@ mod tests {
         writer.flush();
         let stored: StateFile = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(stored.hosts[0].finished, 49.0);
-        assert!(!path.with_extension("tmp").exists());
+        assert!(!atomic_file::temporary_path(&path).exists());
         // An old state file (no side, no finished) still reads.
         let old = br#"{"version":1,"hosts":[{"last":{"repo":"r","host":"h","status":"success","rev":null,"out_path":null,"finished_at":"2026-11-28T00:00:00Z"},"last_success":1.0}]}"#;
         let stored: StateFile = serde_json::from_slice(old).unwrap();

@@ -31,7 +31,10 @@
 //! changes a host's output adds one and swaps `<host>` over atomically;
 //! only the newest `keep_roots` are kept, and nothing else ever removes
 //! them. A side ref keeps one generation per host, and its whole directory
-//! goes `side_roots_ttl` after its last build. A request's own directory
+//! goes `side_roots_ttl` after its last build, or earlier when a repo would
+//! have more than `side_roots_max` of them: a new one then evicts the
+//! oldest (by last build), so distinct refs or revs cannot pin without
+//! bound what the collector may not take. A request's own directory
 //! holds its derivations and outputs until it ends; the builder removes it
 //! then, and removes any left over by a crash when it starts.
 
@@ -62,6 +65,8 @@ pub(crate) struct GcRoots {
     pub(crate) dir: PathBuf,
     pub(crate) keep: usize,
     pub(crate) side_ttl: Duration,
+    /// Side lineages kept per repo at most.
+    pub(crate) side_max: usize,
 }
 
 /// Which line of roots a request's results join.
@@ -163,11 +168,8 @@ impl GcRoots {
                 continue;
             };
             for side in sides.flatten() {
-                let stamp = side.path().join(LAST_BUILD);
-                let last = std::fs::metadata(&stamp)
-                    .and_then(|m| m.modified())
-                    .or_else(|_| side.metadata().and_then(|m| m.modified()));
-                let age = last.ok().and_then(|t| now.duration_since(t).ok());
+                let last = last_build(&side.path());
+                let age = last.and_then(|t| now.duration_since(t).ok());
                 if age.is_some_and(|age| age >= self.side_ttl) {
                     let key = side.file_name().to_string_lossy().into_owned();
                     tracing::info!(repo = %repo_name, %key, "side roots expired");
@@ -179,6 +181,39 @@ impl GcRoots {
         expired
     }
 
+    /// Makes room for side lineage `key` of `repo` under `side_max`: if it
+    /// is new and the repo has that many already, the oldest (by last
+    /// build) are removed. `key` itself never is. Returns the keys removed.
+    fn make_room_for_side(&self, repo: &str, key: &str) -> Vec<String> {
+        let sides_dir = self.dir.join(repo).join(SIDE_DIR);
+        if sides_dir.join(key).exists() {
+            return Vec::new();
+        }
+        let Ok(entries) = std::fs::read_dir(&sides_dir) else {
+            return Vec::new();
+        };
+        let mut sides: Vec<(SystemTime, String, PathBuf)> = entries
+            .flatten()
+            .filter(|side| side.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|side| {
+                let name = side.file_name().to_str()?.to_owned();
+                let last = last_build(&side.path()).unwrap_or(SystemTime::UNIX_EPOCH);
+                (name != key).then_some((last, name, side.path()))
+            })
+            .collect();
+        let excess = (sides.len() + 1).saturating_sub(self.side_max.max(1));
+        sides.sort();
+        sides
+            .into_iter()
+            .take(excess)
+            .map(|(_, evicted, path)| {
+                tracing::info!(repo = %repo, key = %evicted, "side roots evicted for a newer one (side_roots_max)");
+                remove_tree(&path);
+                evicted
+            })
+            .collect()
+    }
+
     /// The store path `repo`/`host` on the default ref points to now (its
     /// newest generation), if it has one.
     pub(crate) fn default_result(&self, repo: &str, host: &str) -> Option<String> {
@@ -188,7 +223,8 @@ impl GcRoots {
 
     /// Roots `out_path` as the newest generation of `repo`/`host` in
     /// `lineage`. The output is rooted already (by the request), so there
-    /// is no window in which the collector could take it.
+    /// is no window in which the collector could take it. A new side
+    /// lineage may evict older ones (`side_max`): their keys are returned.
     pub(crate) async fn record(
         &self,
         nix: &NixCli,
@@ -197,10 +233,14 @@ impl GcRoots {
         out_path: &str,
         deadline: Instant,
         cancel: &Cancellation,
-    ) -> Result<(), HostFailure> {
-        let (dir, keep) = match lineage {
-            Lineage::Default => (self.dir.join(repo), self.keep.max(1)),
-            Lineage::Side(key) => (self.dir.join(repo).join(SIDE_DIR).join(key), 1),
+    ) -> Result<Vec<String>, HostFailure> {
+        let (dir, keep, evicted) = match lineage {
+            Lineage::Default => (self.dir.join(repo), self.keep.max(1), Vec::new()),
+            Lineage::Side(key) => (
+                self.dir.join(repo).join(SIDE_DIR).join(key),
+                1,
+                self.make_room_for_side(repo, key),
+            ),
         };
         std::fs::create_dir_all(&dir)
             .map_err(|err| failure("create the directory of", &dir, err))?;
@@ -212,7 +252,7 @@ impl GcRoots {
         }
         let current = dir.join(host);
         if std::fs::canonicalize(&current).is_ok_and(|target| target == Path::new(out_path)) {
-            return Ok(()); // unchanged output: already rooted
+            return Ok(evicted); // unchanged output: already rooted
         }
 
         let generations_dir = dir.join(GENERATIONS_DIR);
@@ -235,7 +275,7 @@ impl GcRoots {
                 tracing::warn!(path = %old.display(), %err, "cannot remove an old GC root");
             }
         }
-        Ok(())
+        Ok(evicted)
     }
 
     /// Moves generations of the earlier layout (`<host>-<n>-link` beside
@@ -371,6 +411,15 @@ fn generations(dir: &Path, host: &str) -> Result<Vec<(u64, PathBuf)>, HostFailur
     Ok(generations)
 }
 
+/// When the side lineage in `side` last built: its stamp's mtime, else the
+/// directory's.
+fn last_build(side: &Path) -> Option<SystemTime> {
+    std::fs::metadata(side.join(LAST_BUILD))
+        .and_then(|m| m.modified())
+        .or_else(|_| std::fs::metadata(side).and_then(|m| m.modified()))
+        .ok()
+}
+
 fn remove_tree(path: &Path) {
     if let Err(err) = std::fs::remove_dir_all(path) {
         if err.kind() != std::io::ErrorKind::NotFound {
@@ -480,6 +529,7 @@ mod tests {
             dir: dir.path().to_owned(),
             keep: 3,
             side_ttl: Duration::from_secs(3600),
+            side_max: 32,
         };
         let old = dir.path().join("homelab/.refs/ref-old");
         let fresh = dir.path().join("homelab/.refs/ref-fresh");
@@ -499,6 +549,63 @@ mod tests {
             [("homelab".to_owned(), "ref-old".to_owned())]
         );
         assert!(!old.exists() && fresh.exists());
+    }
+
+    /// Side lineages `ref-0` (oldest) to `ref-<n-1>` of `homelab`.
+    fn side_lineages(dir: &Path, n: u64) -> Vec<PathBuf> {
+        let now = SystemTime::now();
+        (0..n)
+            .map(|i| {
+                let side = dir.join(format!("homelab/.refs/ref-{i}"));
+                std::fs::create_dir_all(side.join(GENERATIONS_DIR)).unwrap();
+                std::fs::File::create(side.join(LAST_BUILD))
+                    .unwrap()
+                    .set_modified(now - Duration::from_secs(3600 * (n - i)))
+                    .unwrap();
+                side
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_side_lineage_past_the_cap_evicts_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = GcRoots {
+            dir: dir.path().to_owned(),
+            keep: 3,
+            side_ttl: Duration::from_secs(30 * 24 * 3600),
+            side_max: 3,
+        };
+        let sides = side_lineages(dir.path(), 3);
+        assert_eq!(roots.make_room_for_side("homelab", "rev-abc"), ["ref-0"]);
+        assert!(!sides[0].exists() && sides[1].exists() && sides[2].exists());
+        // Another repo's lineages count apart.
+        assert!(roots.make_room_for_side("other", "rev-abc").is_empty());
+    }
+
+    #[test]
+    fn a_lineage_already_kept_evicts_nothing_and_is_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut roots = GcRoots {
+            dir: dir.path().to_owned(),
+            keep: 3,
+            side_ttl: Duration::from_secs(30 * 24 * 3600),
+            side_max: 3,
+        };
+        let sides = side_lineages(dir.path(), 4);
+        // Building the oldest again: it is kept, and so is everything else.
+        assert!(roots.make_room_for_side("homelab", "ref-0").is_empty());
+        assert!(sides.iter().all(|side| side.exists()));
+        // A lower cap is reached by the next new lineage, oldest first.
+        roots.side_max = 2;
+        assert_eq!(
+            roots.make_room_for_side("homelab", "ref-new"),
+            ["ref-0", "ref-1", "ref-2"]
+        );
+        assert!(sides[3].exists());
+        // A cap of one keeps only the lineage being recorded.
+        roots.side_max = 1;
+        assert_eq!(roots.make_room_for_side("homelab", "ref-newer"), ["ref-3"]);
     }
 
     #[test]
@@ -525,6 +632,7 @@ mod tests {
             dir: dir.path().to_owned(),
             keep: 3,
             side_ttl: Duration::from_secs(60),
+            side_max: 32,
         };
         let request = roots.request("0123456789abcdef").unwrap();
         std::os::unix::fs::symlink("/nix/store/x", request.out_link("ns1")).unwrap();

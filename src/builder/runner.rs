@@ -110,6 +110,7 @@ impl Runner {
             dir,
             keep: config.builder.keep_roots,
             side_ttl: config.builder.side_roots_ttl,
+            side_max: config.builder.side_roots_max,
         });
         Self {
             nix,
@@ -719,7 +720,7 @@ impl Runner {
             .as_ref()
             .and_then(|roots| roots.default_result(&run.job.repo, host));
         if let Some(roots) = &self.roots {
-            roots
+            let evicted = roots
                 .record(
                     &self.nix,
                     (&run.job.repo, &run.lineage),
@@ -729,6 +730,7 @@ impl Runner {
                     run.cancel,
                 )
                 .await?;
+            self.monitor.forget_side_results(&run.job.repo, &evicted);
         }
         Ok(built)
     }
