@@ -8,8 +8,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -24,10 +24,13 @@ use prometheus::{
 };
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{BuildStatus, ErrorCode, HostStatus};
+
+mod slots;
+
+use slots::{Refusal, Slot, Slots};
 
 const PREFIX: &str = "homelab_deploy_builder";
 
@@ -349,12 +352,17 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
 }
 
 /// Bounds on the HTTP server, so idle or slow clients cannot take the
-/// builder's file descriptors (which every `nix` it starts needs).
+/// builder's file descriptors (which every `nix` it starts needs) nor keep
+/// scrapes out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections served at once; one more is closed as soon as it is
-    /// accepted.
+    /// Connections served at once. One more takes the slot of the
+    /// connection that has waited longest without a complete request head;
+    /// if every one is being answered, it is closed as soon as accepted.
     pub connections: usize,
+    /// Connections served at once from one source (an IPv4 address, an
+    /// IPv6 /64); one more is closed as soon as accepted.
+    pub per_source: usize,
     /// Longest wait for a request's headers, the first or the next on a
     /// kept-alive connection; then the connection is closed.
     pub header_read: Duration,
@@ -370,7 +378,8 @@ pub struct Limits {
 /// The limits the builder serves with.
 pub const LIMITS: Limits = Limits {
     connections: 64,
-    header_read: Duration::from_secs(10),
+    per_source: 8,
+    header_read: Duration::from_secs(5),
     lifetime: Duration::from_secs(60),
     accept_pause: Duration::from_millis(100),
     max_accept_pause: Duration::from_secs(1),
@@ -392,10 +401,13 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.connections));
+    let slots: slots::Shared = Arc::new(Mutex::new(Slots::new(
+        limits.connections,
+        limits.per_source,
+    )));
     let mut connections = tokio::task::JoinSet::new();
     let mut pause = AcceptPause::new(&limits);
-    let mut refused: u64 = 0;
+    let mut pressure = Pressure::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -403,10 +415,10 @@ pub async fn serve_with(
         };
         // Reap finished connections as we go.
         while connections.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _)) => {
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
                 pause.reset();
-                stream
+                accepted
             }
             Err(err) => {
                 // Out of file descriptors the same error comes back at once:
@@ -423,42 +435,110 @@ pub async fn serve_with(
                 }
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            // Closed at once: a waiting connection would hold an fd too.
-            if refused == 0 {
-                tracing::warn!(
-                    limit = limits.connections,
-                    "metrics: too many connections; closing new ones until some end"
-                );
+        let admitted = slots::lock(&slots).admit(peer.ip(), Instant::now(), &shutdown);
+        let admitted = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                // Closed at once: a waiting connection would hold an fd too.
+                pressure.record(Pressed::Refused(refusal), &limits);
+                drop(stream);
+                continue;
             }
-            refused += 1;
-            drop(stream);
-            continue;
         };
-        if refused > 0 {
-            tracing::info!(refused, "metrics: taking connections again");
-            refused = 0;
+        if admitted.evicted {
+            pressure.record(Pressed::Evicted, &limits);
+        } else {
+            pressure.relieve();
         }
+        let slot = Slot::new(Arc::clone(&slots), admitted.id);
         let exporter = Arc::clone(&exporter);
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |request| {
-                let exporter = Arc::clone(&exporter);
-                async move { Ok::<_, Infallible>(respond(&request, exporter.as_ref())) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                () = tokio::time::sleep(limits.lifetime) => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
+        connections.spawn(serve_connection(
+            stream,
+            slot,
+            admitted.evict,
+            exporter,
+            limits,
+        ));
     }
     connections.shutdown().await;
+}
+
+/// Serves one connection in `slot` until it ends, outlives its lifetime or
+/// `evict` is cancelled.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    slot: Slot,
+    evict: CancellationToken,
+    exporter: Arc<dyn Exporter>,
+    limits: Limits,
+) {
+    let _held = slot.hold();
+    let io = TokioIo::new(slot.watch(stream));
+    let service = service_fn({
+        let slot = slot.clone();
+        move |request| {
+            slot.head_received();
+            let response = respond(&request, exporter.as_ref()).map(|body| slot.answer(body));
+            async move { Ok::<_, Infallible>(response) }
+        }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .serve_connection(io, service);
+    tokio::select! {
+        _ = connection => {}
+        () = tokio::time::sleep(limits.lifetime) => {}
+        () = evict.cancelled() => {}
+    }
+}
+
+/// What the server did to a connection because of the limits.
+#[derive(Debug, Clone, Copy)]
+enum Pressed {
+    Evicted,
+    Refused(Refusal),
+}
+
+/// Counts evictions and refusals while the server is under pressure, to log
+/// one line when it starts and one when it ends rather than one a
+/// connection.
+#[derive(Debug, Default)]
+struct Pressure {
+    evicted: u64,
+    refused_full: u64,
+    refused_source: u64,
+}
+
+impl Pressure {
+    fn record(&mut self, pressed: Pressed, limits: &Limits) {
+        if self.evicted + self.refused_full + self.refused_source == 0 {
+            tracing::warn!(
+                limit = limits.connections,
+                per_source = limits.per_source,
+                "metrics: too many connections; closing silent ones that waited longest, \
+                 or new ones, until some end"
+            );
+        }
+        match pressed {
+            Pressed::Evicted => self.evicted += 1,
+            Pressed::Refused(Refusal::Full) => self.refused_full += 1,
+            Pressed::Refused(Refusal::Source) => self.refused_source += 1,
+        }
+    }
+
+    /// A connection was given a free slot.
+    fn relieve(&mut self) {
+        if self.evicted + self.refused_full + self.refused_source > 0 {
+            tracing::info!(
+                evicted = self.evicted,
+                refused_full = self.refused_full,
+                refused_source = self.refused_source,
+                "metrics: taking connections again"
+            );
+            *self = Self::default();
+        }
+    }
 }
 
 /// The pause after failed `accept`s: doubling from the first to the
@@ -588,6 +668,7 @@ mod tests {
 
     const GENEROUS: Limits = Limits {
         connections: 64,
+        per_source: 64,
         header_read: Duration::from_secs(30),
         lifetime: Duration::from_secs(60),
         accept_pause: Duration::from_millis(100),
@@ -627,8 +708,15 @@ mod tests {
     }
 
     async fn get(addr: SocketAddr, close: bool) -> (tokio::net::TcpStream, String) {
+        exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), close).await
+    }
+
+    /// Sends `GET /metrics` on `stream`; with `close`, reads the response.
+    async fn exchange(
+        mut stream: tokio::net::TcpStream,
+        close: bool,
+    ) -> (tokio::net::TcpStream, String) {
         use tokio::io::AsyncWriteExt;
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let connection = if close { "close" } else { "keep-alive" };
         let request =
             format!("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n");
@@ -641,20 +729,89 @@ mod tests {
         (stream, response)
     }
 
+    /// A connection to `addr` from the loopback address `source`.
+    async fn connect_from(source: [u8; 4], addr: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// Whether the server has closed `stream`, without waiting.
+    fn closed(stream: &tokio::net::TcpStream) -> bool {
+        let mut byte = [0; 1];
+        match stream.try_read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+
     #[tokio::test]
-    async fn connections_over_the_limit_are_closed_at_once_and_slots_come_back() {
+    async fn a_full_server_closes_the_silent_connection_that_waited_longest_for_a_new_one() {
         let limits = Limits {
             connections: 2,
             ..GENEROUS
         };
         let (addr, _stop) = server(limits).await;
-        let idle_a = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let _idle_b = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
-        // Closed long before the 30 s header timeout: it was refused.
-        assert_eq!(until_closed(&mut third).await.as_deref(), Some(""));
+        let mut oldest = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let newer = tokio::net::TcpStream::connect(addr).await.unwrap();
 
-        drop(idle_a);
+        let (_, response) = get(addr, true).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        // Closed long before the 30 s header timeout: it was evicted.
+        assert_eq!(until_closed(&mut oldest).await.as_deref(), Some(""));
+        assert!(
+            !closed(&newer),
+            "the newer silent connection was closed too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_whose_response_went_out_can_be_evicted() {
+        use tokio::io::AsyncReadExt;
+        let limits = Limits {
+            connections: 1,
+            ..GENEROUS
+        };
+        let (addr, _stop) = server(limits).await;
+        let (mut kept, _) = get(addr, false).await;
+        let mut response = Vec::new();
+        let read_all = async {
+            let mut chunk = [0; 4096];
+            while !response.ends_with(b"up 1\n") {
+                let n = kept.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before the response was complete");
+                response.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read_all)
+            .await
+            .unwrap();
+
+        let (_, next) = get(addr, true).await;
+        assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+        assert_eq!(until_closed(&mut kept).await.as_deref(), Some(""));
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_per_source_limit_are_closed_at_once_and_slots_come_back() {
+        let limits = Limits {
+            per_source: 1,
+            ..GENEROUS
+        };
+        let (addr, _stop) = server(limits).await;
+        let held = connect_from([127, 0, 0, 1], addr).await;
+        let mut second = connect_from([127, 0, 0, 1], addr).await;
+        // Closed long before the 30 s header timeout: it was refused.
+        assert_eq!(until_closed(&mut second).await.as_deref(), Some(""));
+        assert!(!closed(&held), "the held connection was closed");
+
+        // Another source is served meanwhile.
+        let other = connect_from([127, 0, 0, 2], addr).await;
+        let (_, response) = exchange(other, true).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+        drop(held);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let (_, response) = get(addr, true).await;

@@ -1,12 +1,15 @@
-//! What an attacker with request rights cannot get at or break: credentials
-//! in repo URLs never leave the builder, and idle metrics connections cannot
-//! take the file descriptors builds need.
+//! What an attacker with request rights, or on the network, cannot get at or
+//! break: credentials in repo URLs never leave the builder, and idle metrics
+//! connections can neither take the file descriptors builds need nor keep
+//! scrapes out.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -165,12 +168,28 @@ fn accept_backlog(port: u16) -> Option<u64> {
     })
 }
 
+/// A connection to `addr` from the loopback address `source` (any of
+/// 127.0.0.0/8 binds on Linux), given up after 2 s.
+async fn connect_from(source: Ipv4Addr, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let addr: SocketAddr = addr.parse().expect("a socket address");
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    tokio::time::timeout(Duration::from_secs(2), socket.connect(addr))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
 /// `GET path` returning the status code, or `None` if the server closed
 /// the connection or did not answer within 2 s.
 async fn try_get(addr: &str, path: &str) -> Option<u16> {
+    try_get_from(Ipv4Addr::LOCALHOST, addr, path).await
+}
+
+/// [`try_get`] from the loopback address `source`.
+async fn try_get_from(source: Ipv4Addr, addr: &str, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut stream = connect_from(source, addr).await.ok()?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
@@ -231,17 +250,17 @@ async fn idle_metrics_connections_cannot_starve_builds_under_a_1024_fd_limit() {
     )
     .unwrap();
 
-    // Open them all at once, each attempt bounded.
-    let attempts = (0..IDLE_CONNECTIONS).map(|_| {
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(addr.clone()),
-        )
+    // Open them all at once, each attempt bounded, from 250 addresses (8
+    // each, what one source may hold): the bound on all connections is
+    // tested, not the one per source.
+    let attempts = (0..IDLE_CONNECTIONS).map(|i| {
+        let last = u8::try_from(i % 250).unwrap() + 1;
+        connect_from(Ipv4Addr::new(127, 0, 1, last), &addr)
     });
     let idle: Vec<_> = futures_util::future::join_all(attempts)
         .await
         .into_iter()
-        .filter_map(|attempt| attempt.ok()?.ok())
+        .filter_map(Result::ok)
         .collect();
     assert!(
         idle.len() as u64 > FD_LIMIT,
@@ -328,4 +347,107 @@ async fn failed_accepts_back_off_and_the_server_recovers() {
         |code| *code == Some(200),
     )
     .await;
+}
+
+/// Connections the attacker holds: every slot of the metrics server.
+const HELD: usize = 64;
+/// Scrapes at 1/s while they are held.
+const SCRAPES: usize = 20;
+
+/// Holds a connection to `addr` from `source` without sending anything and
+/// opens a new one as soon as the server closes it, until `stop`, the
+/// `until` deadline or 2000 connections; returns how many it opened.
+async fn hold_open(
+    source: Ipv4Addr,
+    addr: String,
+    open: Arc<AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+    until: tokio::time::Instant,
+) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut opened = 0;
+    while opened < 2000 && !stop.is_cancelled() && tokio::time::Instant::now() < until {
+        opened += 1;
+        let Ok(mut stream) = connect_from(source, &addr).await else {
+            continue;
+        };
+        open.fetch_add(1, Ordering::SeqCst);
+        let mut buffer = [0; 256];
+        let closed = async { while let Ok(1..) = stream.read(&mut buffer).await {} };
+        tokio::select! {
+            () = closed => {}
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep_until(until) => {}
+        }
+        open.fetch_sub(1, Ordering::SeqCst);
+    }
+    opened
+}
+
+/// An attacker holds all 64 metrics connections without sending anything,
+/// from 8 addresses (8 each, the most one source may hold), and reopens each
+/// as soon as the server closes it; a scraper on another address still gets
+/// its 1/s scrapes answered, because a new connection takes the slot of the
+/// one that has waited longest without a request head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_get_through_while_an_attacker_holds_and_reopens_every_metrics_connection() {
+    let flake = Flake::new(&[("ns1", Host::Ok)]);
+    let (_nats, mut builder) = start_service(&flake, |options| options);
+    let addr = builder.metrics_addr();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(40);
+    let open = Arc::new(AtomicUsize::new(0));
+    let attackers: Vec<_> = (0..HELD)
+        .map(|i| {
+            let source = Ipv4Addr::new(127, 0, 0, 10 + u8::try_from(i % 8).unwrap());
+            tokio::spawn(hold_open(
+                source,
+                addr.clone(),
+                Arc::clone(&open),
+                stop.clone(),
+                until,
+            ))
+        })
+        .collect();
+    wait_for(
+        "the attacker to hold every connection",
+        Duration::from_secs(10),
+        || open.load(Ordering::SeqCst) == HELD && accept_backlog(port) == Some(0),
+    )
+    .await;
+
+    let scraper = Ipv4Addr::new(127, 0, 0, 2);
+    let mut cadence = tokio::time::interval(Duration::from_secs(1));
+    let mut answered = 0;
+    for _ in 0..SCRAPES {
+        cadence.tick().await;
+        if try_get_from(scraper, &addr, "/metrics").await == Some(200) {
+            answered += 1;
+        }
+    }
+    cadence.tick().await;
+    let health = try_get_from(scraper, &addr, "/healthz").await;
+    let still_held = open.load(Ordering::SeqCst);
+
+    stop.cancel();
+    let mut opened = 0;
+    for attacker in attackers {
+        opened += attacker.await.unwrap();
+    }
+    eprintln!(
+        "{answered} of {SCRAPES} scrapes answered; the attacker opened {opened} connections, \
+         {still_held} open at the end"
+    );
+    assert!(
+        opened >= 2 * HELD,
+        "the attacker never had to reopen its connections ({opened} opened)"
+    );
+    assert!(
+        answered * 100 >= SCRAPES * 95,
+        "only {answered} of {SCRAPES} scrapes answered\n{}",
+        builder.log_text()
+    );
+    assert_eq!(health, Some(200), "/healthz under the attack");
 }
