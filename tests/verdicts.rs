@@ -830,3 +830,186 @@ async fn hostile_attribute_names_reach_the_client_quoted() {
         "{shown:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Pre-empted subjects and replays
+
+/// The first message on `subscriber` whose reply parses and `matches`,
+/// whole (headers included, for a replay).
+async fn capture(
+    subscriber: &mut async_nats::Subscriber,
+    matches: impl Fn(&Reply) -> bool,
+) -> async_nats::Message {
+    loop {
+        let message = tokio::time::timeout(WAIT, subscriber.next())
+            .await
+            .expect("no matching reply")
+            .unwrap();
+        if serde_json::from_slice::<Reply>(&message.payload).is_ok_and(|r| matches(&r)) {
+            return message;
+        }
+    }
+}
+
+/// Publishes `message` again on `subject`, with its own headers (its
+/// signature, valid for the subject it was first sent on).
+async fn replay(nats: &async_nats::Client, message: &async_nats::Message, subject: &str) {
+    let headers = message.headers.clone().unwrap_or_default();
+    nats.publish_with_headers(subject.to_owned(), headers, message.payload.clone())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_deployer_cannot_preempt_a_clients_next_subject_or_swap_its_verdict() {
+    // The victim builds two targets with --builder-key; the second always
+    // fails. The attacker (a test deployer under the plan's table) watches
+    // every reply, takes the subject it predicts the victim uses next with
+    // a cheap build of its own, and replays that build's genuine, signed
+    // events on every new subject of the victim.
+    let ids = Identities::new();
+    let flake = Flake::new(&[
+        ("slow", Host::Gated),
+        ("ns1", Host::Ok),
+        ("broken-build", Host::FailBuild),
+    ]);
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
+    attacker.nats.flush().await.unwrap();
+    let victim = spawn_cli(
+        &nats.url(),
+        &[
+            "build",
+            "homelab",
+            "slow",
+            "broken-build",
+            "--nkey-file",
+            ids.admin.0.to_str().unwrap(),
+            "--builder-key",
+            ids.builder.1.as_str(),
+        ],
+    );
+    let first = capture(&mut everything, |r| {
+        matches!(r.event, Event::Accepted { .. })
+    })
+    .await;
+    let first_subject = first.subject.to_string();
+    let (prefix, _) = first_subject.rsplit_once('.').unwrap();
+    let prefix = prefix.to_owned();
+    // What a counter would make the victim's next subjects.
+    let predicted: Vec<String> = (0..4).map(|n| format!("{prefix}.{n}")).collect();
+    for subject in &predicted {
+        if *subject != first_subject {
+            attacker
+                .nats
+                .publish_with_reply("build.homelab.ns1", subject.clone(), "".into())
+                .await
+                .unwrap();
+        }
+    }
+    attacker.nats.flush().await.unwrap();
+    flake.open_gate();
+
+    // Replays of the attacker's own build onto each new subject of the
+    // victim's, until the victim is done.
+    let mut own = Vec::new();
+    let mut victims_subjects = vec![first_subject.clone()];
+    let mut victim = Box::pin(finish(victim));
+    let out = loop {
+        tokio::select! {
+            out = &mut victim => break out,
+            message = everything.next() => {
+                let message = message.unwrap();
+                let subject = message.subject.to_string();
+                if predicted.contains(&subject) {
+                    for victim_subject in &victims_subjects[1..] {
+                        replay(&attacker.nats, &message, victim_subject).await;
+                    }
+                    own.push(message);
+                } else if subject.starts_with(&prefix) && !victims_subjects.contains(&subject) {
+                    for message in &own {
+                        replay(&attacker.nats, message, &subject).await;
+                    }
+                    victims_subjects.push(subject);
+                }
+            }
+        }
+    };
+    // The victim's own second request was built, and its failure shown.
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("broken-build: FAILED"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(victims_subjects.len(), 2, "{victims_subjects:?}");
+    assert!(
+        !predicted.contains(&victims_subjects[1]),
+        "the victim's next subject was predictable: {victims_subjects:?}"
+    );
+}
+
+#[tokio::test]
+async fn replayed_accepted_events_do_not_keep_a_client_waiting_on_a_killed_builder() {
+    let ids = Identities::new();
+    let flake = Flake::new(&[("slow", Host::Gated)]);
+    let (nats, mut builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| {
+        o.builder("progress_interval = \"1s\"")
+    });
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
+    attacker.nats.flush().await.unwrap();
+    let victim = spawn_cli(
+        &nats.url(),
+        &[
+            "build",
+            "homelab",
+            "slow",
+            "--nkey-file",
+            ids.admin.0.to_str().unwrap(),
+            "--builder-key",
+            ids.builder.1.as_str(),
+        ],
+    );
+    // The victim's own, genuinely signed `accepted`.
+    let accepted = capture(&mut everything, |r| {
+        matches!(r.event, Event::Accepted { .. })
+    })
+    .await;
+    builder.wait_for_log("host started");
+    let killed = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-KILL", &builder.pid().to_string()])
+        .status()
+        .unwrap();
+    // Re-published every second, bounded, until the victim gives up.
+    let mut victim = Box::pin(finish(victim));
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    let out = loop {
+        tokio::select! {
+            out = &mut victim => break out,
+            _ = every.tick() => {
+                assert!(killed.elapsed() < Duration::from_secs(60), "the victim never gave up");
+                replay(&attacker.nats, &accepted, &accepted.subject).await;
+            }
+        }
+    };
+    let waited = killed.elapsed();
+    flake.open_gate();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("went silent"), "{}", describe(&out));
+    assert!(
+        stderr.contains("ignoring an event seen before"),
+        "{}",
+        describe(&out)
+    );
+    // The same bound as without replays: three heartbeats of 1 s and 10 s
+    // of grace, with room for a busy machine.
+    assert!(waited < Duration::from_secs(20), "{waited:?}");
+    // And the replays printed nothing twice.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("accepted").count(), 1, "{stdout}");
+}
