@@ -63,6 +63,28 @@ pub struct AuthConfig {
     /// Reject build requests that are not signed (`unauthorized`).
     #[serde(default)]
     pub require_signed: bool,
+    /// NKey user public keys (`U…`) that may request builds at all; the
+    /// `admins` may too. Unset: anyone NATS lets publish on `build.>`. Set,
+    /// a request must be signed by one of them (others, and unsigned
+    /// requests, get `unauthorized`): NATS accounts can mint keys that its
+    /// permissions allow, this list cannot be widened from outside.
+    #[serde(default)]
+    pub requesters: Option<Vec<String>>,
+}
+
+impl AuthConfig {
+    /// Whether the key that signed a build request (`None`: unsigned) may
+    /// request builds.
+    pub fn may_request(&self, signer: Option<&str>) -> bool {
+        match (&self.requesters, signer) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(requesters), Some(key)) => requesters
+                .iter()
+                .chain(&self.admins)
+                .any(|allowed| allowed == key),
+        }
+    }
 }
 
 /// One server URL or several.
@@ -108,6 +130,12 @@ pub struct BuilderConfig {
     /// with `queue_full`.
     #[serde(default = "defaults::queue_limit")]
     pub queue_limit: usize,
+    /// Requests of one owner (the key that signed them; unsigned requests
+    /// count as one owner) that may wait at once; more are rejected with
+    /// `queue_full`. Waiting requests are served round robin between
+    /// owners.
+    #[serde(default = "defaults::queue_per_owner")]
+    pub queue_per_owner: usize,
     /// Wall-clock limit for a host's evaluation and, separately, its build,
     /// e.g. `"2h"`; listing a flake's hosts gets one too.
     #[serde(default = "defaults::host_timeout", with = "humantime_serde")]
@@ -179,6 +207,7 @@ impl Default for BuilderConfig {
     fn default() -> Self {
         Self {
             queue_limit: defaults::queue_limit(),
+            queue_per_owner: defaults::queue_per_owner(),
             host_timeout: defaults::host_timeout(),
             fetch_timeout: defaults::fetch_timeout(),
             progress_interval: defaults::progress_interval(),
@@ -343,6 +372,9 @@ mod defaults {
     pub fn queue_limit() -> usize {
         16
     }
+    pub fn queue_per_owner() -> usize {
+        4
+    }
     pub fn host_timeout() -> Duration {
         Duration::from_secs(2 * 60 * 60)
     }
@@ -426,6 +458,8 @@ pub enum ConfigError {
     SameFile { path: PathBuf },
     #[error("[auth] admins: {0}")]
     BadAdminKey(#[from] crate::signing::BadPublicKey),
+    #[error("[auth] requesters: {0}")]
+    BadRequesterKey(crate::signing::BadPublicKey),
 }
 
 impl Config {
@@ -470,6 +504,11 @@ impl Config {
         }
         if self.builder.queue_limit == 0 {
             return Err(ConfigError::Zero { key: "queue_limit" });
+        }
+        if self.builder.queue_per_owner == 0 {
+            return Err(ConfigError::Zero {
+                key: "queue_per_owner",
+            });
         }
         if self.builder.host_timeout.is_zero() {
             return Err(ConfigError::Zero {
@@ -523,6 +562,9 @@ impl Config {
         self.builder.check_files()?;
         for admin in &self.auth.admins {
             crate::signing::parse_user_key(admin)?;
+        }
+        for requester in self.auth.requesters.iter().flatten() {
+            crate::signing::parse_user_key(requester).map_err(ConfigError::BadRequesterKey)?;
         }
         if self.repos.is_empty() {
             return Err(ConfigError::NoRepos);
@@ -619,6 +661,21 @@ url = "nats://127.0.0.1:4222"
 [repos.demo]
 url = "git+file:///srv/demo"
 "#;
+
+    #[test]
+    fn listed_requesters_and_admins_may_request_and_nobody_else() {
+        let open = AuthConfig::default();
+        assert!(open.may_request(None) && open.may_request(Some("UANY")));
+        let listed = AuthConfig {
+            admins: vec!["UADMIN".into()],
+            requesters: Some(vec!["UCI".into()]),
+            ..AuthConfig::default()
+        };
+        assert!(listed.may_request(Some("UCI")));
+        assert!(listed.may_request(Some("UADMIN")));
+        assert!(!listed.may_request(Some("UMINTED")));
+        assert!(!listed.may_request(None), "unsigned requests name no key");
+    }
 
     #[test]
     fn the_example_config_is_valid() {

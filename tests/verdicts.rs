@@ -419,6 +419,34 @@ async fn unsigned_requests_are_refused_when_signatures_are_required() {
 // Cancels
 
 #[tokio::test]
+async fn only_listed_requesters_may_build_when_the_builder_lists_them() {
+    // Under the plan's table both deployers may publish on `build.>`; the
+    // builder lists only the admin deployer's key.
+    let ids = Identities::new();
+    let flake = Flake::homelab();
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| {
+        o.auth(&format!(
+            "require_signed = true\nrequesters = [\"{}\"]",
+            ids.admin.1
+        ))
+    });
+    let build_as = |seed: &std::path::Path| {
+        let seed = seed.to_str().unwrap().to_owned();
+        let url = nats.url();
+        async move { run_cli(&url, &["build", "homelab", "ns1", "--nkey-file", &seed]).await }
+    };
+    let refused = build_as(&ids.test_deployer.0).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stdout).contains("unauthorized"),
+        "{}",
+        describe(&refused)
+    );
+    let built = build_as(&ids.admin.0).await;
+    assert_eq!(built.status.code(), Some(0), "{}", describe(&built));
+}
+
+#[tokio::test]
 async fn builds_are_cancelled_only_by_their_owner_or_an_admin() {
     // A server without authorization: who signed is all that matters, and
     // every key may publish build.cancel (as under the plan's table).

@@ -322,7 +322,7 @@ impl Intake {
         };
         // On disk before `accepted` is sent: an accepted request survives a
         // restart. (A full queue is refused before anything is written.)
-        let pushed = self.queue.has_room().and_then(|()| {
+        let pushed = self.queue.has_room(&job).and_then(|()| {
             let record = Record::Accepted(AcceptedRequest::of(&job));
             if let Err(err) = self.journal.record(record) {
                 tracing::error!(parent: &span, %err, "request rejected: cannot journal it");
@@ -361,6 +361,19 @@ impl Intake {
                     ErrorBody::new(ErrorCode::QueueFull, message),
                 );
             }
+            Err(PushError::OwnerFull) => {
+                let limit = self.config.builder.queue_per_owner;
+                tracing::warn!(parent: &span, limit, owner = owner.as_deref().unwrap_or("-"), "request rejected: its owner's share of the queue is full");
+                let message = format!(
+                    "{limit} of your requests are already waiting (queue_per_owner; unsigned requests share one share); try again later"
+                );
+                self.reject(
+                    &replies,
+                    &build_id,
+                    &digest,
+                    ErrorBody::new(ErrorCode::QueueFull, message),
+                );
+            }
             Err(PushError::Closed) => {
                 tracing::warn!(parent: &span, "request rejected: shutting down");
                 // Closed between the check and the push: the record goes.
@@ -388,7 +401,8 @@ impl Intake {
     }
 
     /// Who signed a build request: its owner (`None`: unsigned). A bad
-    /// signature, or none where `[auth] require_signed` asks for one, is
+    /// signature, none where `[auth] require_signed` asks for one, or a key
+    /// missing from `[auth] requesters` where that is set, is
     /// `unauthorized`.
     fn signer(&self, message: &Message) -> Result<Option<String>, ErrorBody> {
         let reply = message.reply.as_deref().unwrap_or("");
@@ -399,7 +413,15 @@ impl Intake {
             &message.payload,
         );
         match signature {
-            Signature::Valid(key) => Ok(Some(key)),
+            Signature::Valid(key) if self.config.auth.may_request(Some(&key)) => Ok(Some(key)),
+            Signature::Valid(key) => Err(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                format!("{key} may not request builds here ([auth] requesters)"),
+            )),
+            Signature::Unsigned if !self.config.auth.may_request(None) => Err(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "this builder takes requests only from the keys it lists: sign with one of them (--nkey-file or --creds-file)",
+            )),
             Signature::Invalid(why) => Err(ErrorBody::new(
                 ErrorCode::Unauthorized,
                 format!("the request's signature is not valid: {why}"),

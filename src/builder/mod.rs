@@ -161,7 +161,11 @@ impl Service {
             None => (Journaling::default(), Vec::new()),
         };
 
-        let queue = Arc::new(Queue::new(config.builder.queue_limit));
+        let queue = Arc::new(Queue::shared(
+            config.builder.queue_limit,
+            config.builder.queue_per_owner,
+            |job: &Job| job.owner.clone(),
+        ));
         let monitor = Arc::new(Monitor::new(
             &config,
             Arc::clone(&queue),

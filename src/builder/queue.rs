@@ -1,7 +1,11 @@
-//! The build queue: one running request, at most `queue_limit` waiting, in
-//! arrival order across all repos (they share one store and machine).
+//! The build queue: one running request, at most `queue_limit` waiting,
+//! across all repos (they share one store and machine), shared fairly
+//! between owners: at most `queue_per_owner` of one owner wait at once, and
+//! the next job is the earliest one of the owner served longest ago (round
+//! robin), so one requester's many long builds cannot lock out the others.
+//! Unsigned requests count as one owner.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -22,36 +26,111 @@ pub(crate) enum Take<J> {
 pub(crate) enum PushError {
     /// `queue_limit` requests are already waiting.
     Full,
+    /// `queue_per_owner` requests of the same owner are already waiting.
+    OwnerFull,
     /// The builder is shutting down.
     Closed,
     /// The request could not be journaled (the intake's own refusal).
     Unrecorded,
 }
 
+/// Whose a job is; `None`: unsigned.
+type Owner = Option<String>;
+
 struct State<J> {
+    /// In arrival order.
     waiting: VecDeque<J>,
     running: bool,
     closed: bool,
+    /// When each owner with waiting jobs was last served (a count of jobs
+    /// taken); never served: absent, which comes first.
+    last_served: HashMap<Owner, u64>,
+    taken: u64,
 }
 
-/// A FIFO with a single consumer that knows whether it is busy.
+/// A fair queue with a single consumer that knows whether it is busy.
 pub(crate) struct Queue<J> {
     state: Mutex<State<J>>,
     wake: Notify,
     limit: usize,
+    per_owner: usize,
+    owner: fn(&J) -> Owner,
 }
 
 impl<J> Queue<J> {
-    /// A queue that lets `limit` jobs wait behind the running one.
+    /// A first-come first-served queue that lets `limit` jobs wait behind
+    /// the running one.
+    #[cfg(test)]
     pub(crate) fn new(limit: usize) -> Self {
+        Self::shared(limit, limit, |_| None)
+    }
+
+    /// A queue that lets `limit` jobs wait behind the running one, at most
+    /// `per_owner` of each `owner`, served round robin between owners.
+    pub(crate) fn shared(limit: usize, per_owner: usize, owner: fn(&J) -> Owner) -> Self {
         Self {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
                 running: false,
                 closed: false,
+                last_served: HashMap::new(),
+                taken: 0,
             }),
             wake: Notify::new(),
             limit,
+            per_owner,
+            owner,
+        }
+    }
+
+    /// The indices of the waiting jobs in the order they will be taken:
+    /// each time, the earliest job of the owner served longest ago.
+    fn service_order(&self, state: &State<J>) -> Vec<usize> {
+        let owners: Vec<Owner> = state.waiting.iter().map(self.owner).collect();
+        let mut last_served = state.last_served.clone();
+        let mut taken_count = state.taken;
+        let mut taken = vec![false; owners.len()];
+        let mut order = Vec::with_capacity(owners.len());
+        for _ in 0..owners.len() {
+            let mut seen = HashSet::new();
+            let next = (0..owners.len())
+                .filter(|&i| !taken[i] && seen.insert(&owners[i]))
+                .min_by_key(|&i| (last_served.get(&owners[i]).copied(), i));
+            let Some(next) = next else { break };
+            taken[next] = true;
+            taken_count += 1;
+            last_served.insert(owners[next].clone(), taken_count);
+            order.push(next);
+        }
+        order
+    }
+
+    /// Where the job at `index` of `waiting` stands (0: it starts now).
+    fn position(&self, state: &State<J>, index: usize) -> usize {
+        let place = self
+            .service_order(state)
+            .iter()
+            .position(|&i| i == index)
+            .unwrap_or(index);
+        place + usize::from(state.running)
+    }
+
+    fn check_room(&self, state: &State<J>, job: &J) -> Result<(), PushError> {
+        let owner = (self.owner)(job);
+        if state.closed {
+            Err(PushError::Closed)
+        } else if state.waiting.len() >= self.limit {
+            Err(PushError::Full)
+        } else if state
+            .waiting
+            .iter()
+            .filter(|waiting| (self.owner)(waiting) == owner)
+            .count()
+            >= self.per_owner
+        {
+            Err(PushError::OwnerFull)
+        } else {
+            Ok(())
         }
     }
 
@@ -73,31 +152,20 @@ impl<J> Queue<J> {
         announce: impl FnOnce(usize),
     ) -> Result<usize, PushError> {
         let mut state = self.lock();
-        if state.closed {
-            return Err(PushError::Closed);
-        }
-        if state.waiting.len() >= self.limit {
-            return Err(PushError::Full);
-        }
-        let position = state.waiting.len() + usize::from(state.running);
-        announce(position);
+        self.check_room(&state, &job)?;
+        // Under the lock: the consumer cannot take it before `announce`.
         state.waiting.push_back(job);
+        let position = self.position(&state, state.waiting.len() - 1);
+        announce(position);
         drop(state);
         self.wake.notify_one();
         Ok(position)
     }
 
-    /// Whether a push now would be taken (the intake, the only producer,
-    /// asks before it journals a request).
-    pub(crate) fn has_room(&self) -> Result<(), PushError> {
-        let state = self.lock();
-        if state.closed {
-            Err(PushError::Closed)
-        } else if state.waiting.len() >= self.limit {
-            Err(PushError::Full)
-        } else {
-            Ok(())
-        }
+    /// Whether a push of `job` now would be taken (the intake, the only
+    /// producer, asks before it journals a request).
+    pub(crate) fn has_room(&self, job: &J) -> Result<(), PushError> {
+        self.check_room(&self.lock(), job)
     }
 
     /// Appends a job picked up again after a restart: it was accepted
@@ -115,10 +183,9 @@ impl<J> Queue<J> {
         if state.closed {
             return false;
         }
-        let running = usize::from(state.running);
         match state.waiting.iter().position(matches) {
             Some(index) => {
-                join(&state.waiting[index], index + running);
+                join(&state.waiting[index], self.position(&state, index));
                 true
             }
             None => false,
@@ -162,8 +229,18 @@ impl<J> Queue<J> {
                 if state.closed {
                     return None;
                 }
-                if let Some(job) = state.waiting.pop_front() {
+                let next = self.service_order(&state).first().copied();
+                if let Some(job) = next.and_then(|index| state.waiting.remove(index)) {
                     state.running = true;
+                    state.taken += 1;
+                    let owner = (self.owner)(&job);
+                    let taken = state.taken;
+                    state.last_served.insert(owner.clone(), taken);
+                    // Only owners still waiting need remembering.
+                    let waiting: HashSet<Owner> = state.waiting.iter().map(self.owner).collect();
+                    state
+                        .last_served
+                        .retain(|served, _| *served == owner || waiting.contains(served));
                     on_take(&job);
                     return Some(job);
                 }
@@ -187,9 +264,13 @@ impl<J> Queue<J> {
         waiting
     }
 
-    /// A summary of every waiting job, in queue order.
+    /// A summary of every waiting job, in the order they will run.
     pub(crate) fn snapshot<T>(&self, summarize: impl Fn(&J) -> T) -> Vec<T> {
-        self.lock().waiting.iter().map(summarize).collect()
+        let state = self.lock();
+        self.service_order(&state)
+            .into_iter()
+            .map(|index| summarize(&state.waiting[index]))
+            .collect()
     }
 
     /// Number of jobs waiting (not counting the running one).
@@ -239,6 +320,46 @@ mod tests {
             .push_announced(5, |position| announced = Some(position))
             .unwrap();
         assert_eq!(announced, Some(2));
+    }
+
+    /// Jobs named `owner:n`.
+    fn fair(limit: usize, per_owner: usize) -> Queue<&'static str> {
+        Queue::shared(limit, per_owner, |job| {
+            job.split_once(':').map(|(owner, _)| owner.to_owned())
+        })
+    }
+
+    #[tokio::test]
+    async fn owners_take_turns_whatever_the_arrival_order() {
+        let queue = fair(16, 8);
+        for job in ["a:1", "a:2", "a:3", "a:4", "b:1", "c:1", "b:2"] {
+            queue.push(job).unwrap();
+        }
+        assert_eq!(
+            queue.snapshot(|j| *j),
+            ["a:1", "b:1", "c:1", "a:2", "b:2", "a:3", "a:4"]
+        );
+        let mut ran = Vec::new();
+        for _ in 0..3 {
+            ran.push(queue.next().await.unwrap());
+            queue.done();
+        }
+        assert_eq!(ran, ["a:1", "b:1", "c:1"]);
+        // A newcomer goes before the owners served already.
+        assert_eq!(queue.push("d:1"), Ok(0));
+        assert_eq!(queue.next().await, Some("d:1"));
+        queue.done();
+        assert_eq!(queue.push("b:3"), Ok(3), "after a:2, b:2 and a:3");
+    }
+
+    #[test]
+    fn one_owner_cannot_fill_the_queue() {
+        let queue = fair(16, 2);
+        assert_eq!(queue.push("a:1"), Ok(0));
+        assert_eq!(queue.push("a:2"), Ok(1));
+        assert_eq!(queue.push("a:3"), Err(PushError::OwnerFull));
+        assert_eq!(queue.has_room(&"a:4"), Err(PushError::OwnerFull));
+        assert_eq!(queue.push("b:1"), Ok(1), "b goes before a's second");
     }
 
     #[tokio::test]
