@@ -262,6 +262,12 @@ pub fn status_report(status: &BuilderStatus) -> String {
             ));
         }
     }
+    if status.omitted_results > 0 {
+        text.push_str(&format!(
+            "  ({} older results not listed: the status was too large for NATS)\n",
+            status.omitted_results
+        ));
+    }
     text
 }
 
@@ -354,6 +360,7 @@ mod tests {
                 pinned: false,
             }],
             machines: vec![],
+            omitted_results: 0,
         };
         let text = status_report(&status);
         assert!(

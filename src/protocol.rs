@@ -973,6 +973,51 @@ pub struct BuilderStatus {
     /// and their last check; empty without any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub machines: Vec<MachineStatus>,
+    /// Entries left out of `last_results` (the oldest) so the answer fits
+    /// the server's `max_payload`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted_results: usize,
+}
+
+impl StatusEvent {
+    /// This answer as JSON, at most `max` bytes where that is possible:
+    /// when the whole status is too large for the server's `max_payload`,
+    /// the oldest `last_results` are left out (counted in
+    /// `omitted_results`) rather than nobody getting a status at all.
+    pub fn to_json_within(&self, max: usize) -> serde_json::Result<Vec<u8>> {
+        let whole = serde_json::to_vec(self)?;
+        let Self::Status(status) = self;
+        if whole.len() <= max {
+            return Ok(whole);
+        }
+        let mut without = status.clone();
+        without.last_results.clear();
+        without.omitted_results = status.omitted_results + status.last_results.len();
+        let mut size = serde_json::to_vec(&Self::Status(without))?.len() + SHORTENED_SLACK;
+        // The newest first, as long as they fit; then back in their order.
+        let mut newest: Vec<usize> = (0..status.last_results.len()).collect();
+        newest.sort_by(|&a, &b| {
+            status.last_results[b]
+                .finished_at
+                .cmp(&status.last_results[a].finished_at)
+        });
+        let mut kept = Vec::new();
+        for index in newest {
+            size += serde_json::to_vec(&status.last_results[index])?.len() + 1;
+            if size > max {
+                break;
+            }
+            kept.push(index);
+        }
+        kept.sort_unstable();
+        let mut short = status.clone();
+        short.last_results = kept
+            .iter()
+            .map(|&index| status.last_results[index].clone())
+            .collect();
+        short.omitted_results = status.omitted_results + status.last_results.len() - kept.len();
+        serde_json::to_vec(&Self::Status(short))
+    }
 }
 
 /// A remote builder and how its last check went.
@@ -1630,12 +1675,53 @@ mod tests {
             queue: vec![],
             last_results: vec![],
             machines: vec![],
+            omitted_results: 0,
         });
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["event"], "status");
         assert_eq!(json["repos"][0]["ref"], serde_json::Value::Null);
         assert_eq!(serde_json::from_value::<StatusEvent>(json).unwrap(), status);
         assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn a_status_too_large_for_nats_keeps_its_newest_results() {
+        let result = |i: usize| LastResult {
+            repo: "nixos-servers".into(),
+            host: format!("host-{i:04}"),
+            status: HostStatus::Success,
+            rev: Some("609da7ab2bec60c568928f7e8d760a36e14805b0".into()),
+            out_path: Some(format!("/nix/store/{i:032}-nixos-system-host-{i:04}")),
+            finished_at: format!("2026-12-07T02:{:02}:{:02}Z", i / 60, i % 60),
+            git_ref: None,
+            pinned: false,
+        };
+        let status = StatusEvent::Status(BuilderStatus {
+            version: "1.0.0".into(),
+            repos: vec![],
+            running: None,
+            queue: vec![],
+            last_results: (0..2000).map(result).collect(),
+            machines: vec![],
+            omitted_results: 0,
+        });
+        let max = 64 * 1024;
+        assert!(serde_json::to_vec(&status).unwrap().len() > max);
+        let short = status.to_json_within(max).unwrap();
+        assert!(short.len() <= max, "{}", short.len());
+        let StatusEvent::Status(back) = serde_json::from_slice(&short).unwrap();
+        assert!(!back.last_results.is_empty());
+        assert_eq!(back.last_results.len() + back.omitted_results, 2000);
+        // The newest are kept, in their order.
+        assert_eq!(back.last_results.last().unwrap().host, "host-1999");
+        assert!(back.last_results.windows(2).all(|w| w[0].host < w[1].host));
+        // One that fits is left whole.
+        let small = StatusEvent::Status(BuilderStatus {
+            last_results: (0..3).map(result).collect(),
+            ..back
+        });
+        let whole = serde_json::to_vec(&small).unwrap();
+        assert_eq!(small.to_json_within(max).unwrap(), whole);
     }
 
     #[test]

@@ -499,7 +499,15 @@ impl Intake {
         // for answers that would be dropped.
         if let ReplyTo::Subject(reply) = self.reply_to(&message, None) {
             if self.publisher.room_for_answer() {
-                self.answer(reply, &StatusEvent::Status(self.monitor.status()));
+                let status = StatusEvent::Status(self.monitor.status());
+                // Shortened to fit NATS rather than not sent at all.
+                match status.to_json_within(self.publisher.max_reply_bytes()) {
+                    Ok(payload) => {
+                        self.publisher
+                            .enqueue(reply, Bytes::from(payload), Class::Answer);
+                    }
+                    Err(err) => tracing::error!(%err, "cannot encode the status"),
+                }
             }
         }
     }

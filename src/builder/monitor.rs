@@ -446,6 +446,7 @@ impl Monitor {
             queue,
             last_results: state.hosts.values().map(|r| r.last.clone()).collect(),
             machines: state.machines.clone(),
+            omitted_results: 0,
         }
     }
 

@@ -191,7 +191,7 @@ impl Publisher {
 
     /// The largest reply the server takes, less room for the signature
     /// headers.
-    fn max_reply_bytes(&self) -> usize {
+    pub(crate) fn max_reply_bytes(&self) -> usize {
         self.nats.max_payload().saturating_sub(SIGNATURE_ROOM)
     }
 
