@@ -273,7 +273,7 @@ impl Intake {
             Ok(None) => return,
             Err(error) => {
                 if self.may_log() {
-                    tracing::warn!(%repo, target = %protocol::quote_for_error(&target), code = %error.code, message = %error.message, "request rejected");
+                    tracing::warn!(repo = %protocol::quote_for_error(&repo), target = %protocol::quote_for_error(&target), code = %error.code, message = %error.message, "request rejected");
                 }
                 match reply {
                     Some(reply) if self.publisher.room_for_answer() => {
