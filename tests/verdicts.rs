@@ -888,6 +888,47 @@ async fn replay(nats: &async_nats::Client, message: &async_nats::Message, subjec
         .unwrap();
 }
 
+/// A builder under the plan's table, a test deployer watching every
+/// reply, and its victim: `homelab-deploy build homelab <targets>` signed
+/// with the admin key and trusting only replies signed by the builder.
+struct Watched {
+    _ids: Identities,
+    _nats: NatsServer,
+    builder: Builder,
+    attacker: Requester,
+    everything: async_nats::Subscriber,
+    victim: tokio::process::Child,
+}
+
+async fn watched_victim(
+    flake: &Flake,
+    targets: &[&str],
+    configure: impl FnOnce(BuilderOptions) -> BuilderOptions,
+) -> Watched {
+    let ids = Identities::new();
+    let (nats, builder) = signed_service(&ids, "nats-server.example.conf", flake, configure);
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
+    attacker.nats.flush().await.unwrap();
+    let mut args = vec!["build", "homelab"];
+    args.extend(targets);
+    args.extend([
+        "--nkey-file",
+        ids.admin.0.to_str().unwrap(),
+        "--builder-key",
+        ids.builder.1.as_str(),
+    ]);
+    let victim = spawn_cli(&nats.url(), &args);
+    Watched {
+        _ids: ids,
+        _nats: nats,
+        builder,
+        attacker,
+        everything,
+        victim,
+    }
+}
+
 #[tokio::test]
 async fn a_deployer_cannot_preempt_a_clients_next_subject_or_swap_its_verdict() {
     // The victim builds two targets with --builder-key; the second always
@@ -895,29 +936,20 @@ async fn a_deployer_cannot_preempt_a_clients_next_subject_or_swap_its_verdict() 
     // every reply, takes the subject it predicts the victim uses next with
     // a cheap build of its own, and replays that build's genuine, signed
     // events on every new subject of the victim.
-    let ids = Identities::new();
     let flake = Flake::new(&[
         ("slow", Host::Gated),
         ("ns1", Host::Ok),
         ("broken-build", Host::FailBuild),
     ]);
-    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
-    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
-    attacker.nats.flush().await.unwrap();
-    let victim = spawn_cli(
-        &nats.url(),
-        &[
-            "build",
-            "homelab",
-            "slow",
-            "broken-build",
-            "--nkey-file",
-            ids.admin.0.to_str().unwrap(),
-            "--builder-key",
-            ids.builder.1.as_str(),
-        ],
-    );
+    // Every part bound: one left to `..` would be dropped here.
+    let Watched {
+        _ids,
+        _nats,
+        builder: _builder,
+        attacker,
+        mut everything,
+        victim,
+    } = watched_victim(&flake, &["slow", "broken-build"], |o| o).await;
     let first = capture(&mut everything, |r| {
         matches!(r.event, Event::Accepted { .. })
     })
@@ -981,26 +1013,18 @@ async fn a_deployer_cannot_preempt_a_clients_next_subject_or_swap_its_verdict() 
 
 #[tokio::test]
 async fn replayed_accepted_events_do_not_keep_a_client_waiting_on_a_killed_builder() {
-    let ids = Identities::new();
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let (nats, mut builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| {
+    let Watched {
+        _ids,
+        _nats,
+        mut builder,
+        attacker,
+        mut everything,
+        victim,
+    } = watched_victim(&flake, &["slow"], |o| {
         o.builder("progress_interval = \"1s\"")
-    });
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
-    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
-    attacker.nats.flush().await.unwrap();
-    let victim = spawn_cli(
-        &nats.url(),
-        &[
-            "build",
-            "homelab",
-            "slow",
-            "--nkey-file",
-            ids.admin.0.to_str().unwrap(),
-            "--builder-key",
-            ids.builder.1.as_str(),
-        ],
-    );
+    })
+    .await;
     // The victim's own, genuinely signed `accepted`.
     let accepted = capture(&mut everything, |r| {
         matches!(r.event, Event::Accepted { .. })
