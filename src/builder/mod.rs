@@ -5,8 +5,9 @@
 //! [`intake`] answers requests at once and queues accepted ones
 //! ([`request`], [`queue`]); a single worker hands each to the [`runner`],
 //! which evaluates ahead ([`eval`]), builds while [`watch`] reports on it,
-//! and roots what it built ([`roots`]); every reply goes out through one
-//! non-blocking publisher ([`replies`]); [`monitor`] keeps what operators
+//! and roots what it built ([`roots`]); every reply goes out through a
+//! non-blocking publisher ([`replies`]), one per NATS connection (status
+//! and cancel requests have their own); [`monitor`] keeps what operators
 //! see; [`cancel`] carries why a request stopped.
 
 mod cancel;

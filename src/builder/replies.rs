@@ -1,7 +1,8 @@
 //! Getting events to requesters without ever holding up a build.
 //!
-//! Every reply goes through one [`Publisher`]: an outbox drained by a
-//! single task. Enqueueing never waits, so a NATS outage cannot stall a
+//! Every reply goes through a [`Publisher`] (one per connection: build
+//! events on the builder's, answers to status and cancel requests on the
+//! connection they came on): an outbox drained by a single task. Enqueueing never waits, so a NATS outage cannot stall a
 //! build (async-nats stops taking publishes once its own buffer is full
 //! while it reconnects). What is queued is bounded by [`Class`]:
 //!
