@@ -81,10 +81,18 @@ impl Default for Timeouts {
 
 /// How long to wait between attempts while no builder listens.
 const NO_RESPONDERS_RETRY: Duration = Duration::from_secs(1);
-/// How often a request that hears no `accepted` is sent again (same reply
-/// subject, same bytes) within the accept wait: the first answer may have
-/// been dropped by a builder under a flood, or by NATS.
-const ACCEPT_RESENDS: u32 = 3;
+/// How many times a request that hears no `accepted` (or `rejected`) is
+/// sent again (same reply subject, same bytes) within the accept wait: the
+/// first answer, or the request itself, may have been dropped by a builder
+/// under a flood (a flood passes in seconds), or by NATS.
+const ACCEPT_RESENDS: u32 = 8;
+
+/// When the `n`th re-send (from 0) is due after the one before: every half
+/// second for the first four, then twice as long each time (0.5 s ×4, then
+/// 1, 2, 4, 8 s: the last at 17 s into the default 30 s accept wait).
+fn resend_delay(n: u32) -> Duration {
+    Duration::from_millis(500 << n.saturating_sub(3).min(4))
+}
 
 /// A connection that sends build requests.
 pub struct BuildClient {
@@ -300,7 +308,6 @@ impl BuildClient {
         };
         let (subscriber, reply_to) = self.publish_request(&subject, body.clone()).await?;
         let now = Instant::now();
-        let accept_wait = timeouts.accept.min(timeouts.total);
         Ok(BuildEvents {
             client: self,
             subscriber,
@@ -313,8 +320,8 @@ impl BuildClient {
             subject,
             reply_to,
             body,
-            resends_left: ACCEPT_RESENDS,
-            resend_at: Some(now + accept_wait / (ACCEPT_RESENDS + 1)),
+            resends: 0,
+            resend_at: Some(now + resend_delay(0)),
             last_seq: None,
             retry_until: timeouts.wait_for_builder.map(|wait| now + wait),
             retry_at: None,
@@ -360,8 +367,8 @@ pub struct BuildEvents<'a> {
     /// [`protocol::request_digest`] of what we sent.
     digest: String,
     expected: Expected,
-    /// Re-sends left while no `accepted` came, and when the next is due.
-    resends_left: u32,
+    /// Re-sends so far while no `accepted` came, and when the next is due.
+    resends: u32,
     resend_at: Option<Instant>,
     /// The `seq` of the last event taken: a replay is never taken twice.
     last_seq: Option<u64>,
@@ -408,9 +415,9 @@ impl BuildEvents<'_> {
                 self.client
                     .publish(&self.subject, &self.reply_to, self.body.clone())
                     .await?;
-                self.resends_left = self.resends_left.saturating_sub(1);
+                self.resends += 1;
                 self.resend_at =
-                    (self.resends_left > 0).then(|| now + self.accept_wait / (ACCEPT_RESENDS + 1));
+                    (self.resends < ACCEPT_RESENDS).then(|| now + resend_delay(self.resends));
                 continue;
             }
             let mut wait_until = self.wait_until();
@@ -608,6 +615,15 @@ impl BuildEvents<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unanswered_requests_are_sent_again_soon_then_less_often() {
+        let delays: Vec<u128> = (0..ACCEPT_RESENDS)
+            .map(|n| resend_delay(n).as_millis())
+            .collect();
+        assert_eq!(delays, [500, 500, 500, 500, 1000, 2000, 4000, 8000]);
+        assert!(delays.iter().sum::<u128>() < Timeouts::default().accept.as_millis());
+    }
 
     #[test]
     fn client_side_validation_matches_the_builder() {

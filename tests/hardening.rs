@@ -422,6 +422,166 @@ async fn a_flood_of_malformed_requests_is_rejected_without_nix_or_growth() {
     );
 }
 
+/// Messages in each flood below: at least the million the bound is set for.
+const FLOOD_MESSAGES: usize = 1_000_000;
+
+/// The builder's `requests_ignored_total` and `requests_rejected_total`,
+/// summed over their labels.
+async fn turned_away(metrics_addr: &str) -> (f64, f64) {
+    let (_, text) = http_get(metrics_addr, "/metrics").await;
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        sum("homelab_deploy_builder_requests_ignored_total"),
+        sum("homelab_deploy_builder_requests_rejected_total"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_status_requests_leaves_memory_flat_and_builds_answered() {
+    let flake = Flake::homelab();
+    let (nats, mut builder) = start_service(&flake, |o| o);
+    let metrics_addr = builder.metrics_addr();
+    let client = Requester::new(&nats).await;
+    client.status().await;
+    let before = memory_kib(builder.pid(), "VmRSS:");
+
+    // The attacker reads the answers too: the server must deliver them.
+    let flood = Flood::start(
+        &nats,
+        FLOOD_MESSAGES,
+        "build.status",
+        "build.responses.flood",
+        &[b""],
+        true,
+    )
+    .await;
+    flood.wait_sent(FLOOD_MESSAGES * 3 / 10, WAIT).await;
+    let asked = Instant::now();
+    let mut pending = client.send("build.homelab.ns1", "").await;
+    let first = pending.next().await;
+    let latency = first.at - asked;
+    let (sent, flood_time) = flood.finish().await;
+    let rest = replies(pending.until_terminal().await);
+    let peak = memory_kib(builder.pid(), "VmHWM:");
+    let after = memory_kib(builder.pid(), "VmRSS:");
+    let (ignored, rejected) = turned_away(&metrics_addr).await;
+    eprintln!(
+        "{sent} status requests in {:.2} s; accepted after {:.0} ms; RSS {before} KiB before, \
+         peak {peak} KiB, {after} KiB after; ignored {ignored}, rejected {rejected}",
+        flood_time.as_secs_f64(),
+        latency.as_secs_f64() * 1000.0,
+    );
+
+    assert!(
+        matches!(first.reply.event, Event::Accepted { .. }),
+        "{first:?}"
+    );
+    assert!(
+        latency < Duration::from_secs(2),
+        "accepted only after {latency:?} during the flood"
+    );
+    assert_eq!(finished_status(&rest).0, BuildStatus::Success, "{rest:?}");
+    assert!(
+        peak < before + 64 * 1024,
+        "RSS grew from {before} KiB to a peak of {peak} KiB"
+    );
+    // The builder kept up: never cut off by the server as a slow consumer.
+    assert!(
+        !builder.log_text().contains("disconnected from NATS"),
+        "{}",
+        builder.log_text()
+    );
+}
+
+/// A flood on the very subject of a build outpaces the builder on 2 cores:
+/// what its subscription cannot hold is dropped in the NATS client, and a
+/// build request dropped there is accepted when the CLI sends it again
+/// (every half second at first). Memory stays bounded either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_flood_of_malformed_requests_a_build_is_accepted_within_5_s() {
+    let flake = Flake::homelab();
+    let (nats, mut builder) = start_service(&flake, |o| o);
+    let metrics_addr = builder.metrics_addr();
+    let before = memory_kib(builder.pid(), "VmRSS:");
+
+    let bodies: [&[u8]; 4] = [b"{", b"[]", br#"{"rev":"nope"}"#, br#"{"what":1}"#];
+    let flood = Flood::start(
+        &nats,
+        FLOOD_MESSAGES,
+        "build.homelab.ns1",
+        "build.responses.flood",
+        &bodies,
+        true,
+    )
+    .await;
+    flood.wait_sent(FLOOD_MESSAGES * 3 / 10, WAIT).await;
+
+    // The real CLI, as another user would run it.
+    let asked = Instant::now();
+    let mut cli = tokio::process::Command::new(BIN)
+        .args(["build", "homelab", "ns1"])
+        .env("HOMELAB_DEPLOY_NATS_URL", nats.url())
+        .env("PATH", test_path())
+        .env_remove("HOMELAB_DEPLOY_NKEY_FILE")
+        .env_remove("HOMELAB_DEPLOY_CREDS_FILE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = cli.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut printed = Vec::new();
+    let latency = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let accepted = line.contains(" accepted ");
+            printed.push(line);
+            if accepted {
+                return Some(asked.elapsed());
+            }
+        }
+        None
+    })
+    .await
+    .expect("the CLI printed nothing in time");
+    let (sent, flood_time) = flood.finish().await;
+    while let Some(line) = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("the CLI did not finish in time")
+        .unwrap()
+    {
+        printed.push(line);
+    }
+    let status = tokio::time::timeout(WAIT, cli.wait())
+        .await
+        .expect("the CLI did not exit in time")
+        .unwrap();
+    let peak = memory_kib(builder.pid(), "VmHWM:");
+    let (ignored, rejected) = turned_away(&metrics_addr).await;
+    eprintln!(
+        "{sent} malformed requests in {:.2} s; accepted after {latency:?}; RSS {before} KiB \
+         before, peak {peak} KiB; ignored {ignored}, rejected {rejected}",
+        flood_time.as_secs_f64(),
+    );
+
+    let latency = latency.unwrap_or_else(|| panic!("never accepted: {printed:?}"));
+    assert!(
+        latency < Duration::from_secs(5),
+        "accepted only after {latency:?}"
+    );
+    assert_eq!(status.code(), Some(0), "{printed:?}");
+    assert!(
+        peak < before + 64 * 1024,
+        "RSS grew from {before} KiB to a peak of {peak} KiB"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Cancellation, timeouts and shutdown
 

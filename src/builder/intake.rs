@@ -53,6 +53,8 @@ impl Identity {
 pub(crate) struct Intake {
     config: Arc<Config>,
     publisher: Arc<Publisher>,
+    /// Answers status and cancel requests, over the connection they came on.
+    answers: Arc<Publisher>,
     queue: Arc<Queue<Job>>,
     monitor: Arc<Monitor>,
     live: Arc<LiveRequests>,
@@ -61,7 +63,15 @@ pub(crate) struct Intake {
     /// often, so a flood of bad requests neither floods the journal nor
     /// slows the intake down.
     rejection_log: RateLimit,
+    /// The last status sent and when it was made: reused for
+    /// [`STATUS_REUSE`] while answers wait to be sent.
+    status_sent: std::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
 }
+
+/// How long one status is sent again, while answers wait to be sent (a
+/// flood of status requests): a status is a snapshot anyway, and making
+/// and encoding one for every request would slow the intake down.
+const STATUS_REUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Lets through a number of events per second and counts the rest.
 #[derive(Debug)]
@@ -100,6 +110,30 @@ impl RateLimit {
     }
 }
 
+/// Why a build request is turned away before it gets an id.
+enum Refusal {
+    Invalid(protocol::RequestError),
+    Unauthorized(ErrorBody),
+}
+
+impl Refusal {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid(err) => err.code(),
+            Self::Unauthorized(error) => error.code,
+        }
+    }
+
+    /// The message is made only here: most refusals under a flood are
+    /// neither answered nor logged.
+    fn error_body(&self) -> ErrorBody {
+        match self {
+            Self::Invalid(err) => err.to_error_body(),
+            Self::Unauthorized(error) => error.clone(),
+        }
+    }
+}
+
 /// Where a request's answer may go.
 enum ReplyTo {
     /// Nowhere: the request asked for none.
@@ -113,11 +147,13 @@ enum ReplyTo {
 }
 
 impl Intake {
-    /// An intake that queues onto `queue`, replies through `publisher` and
-    /// keeps `live` up to date.
+    /// An intake that queues onto `queue`, replies to build requests
+    /// through `publisher` and to status and cancel requests through
+    /// `answers`, and keeps `live` up to date.
     pub(crate) fn new(
         config: Arc<Config>,
         publisher: Arc<Publisher>,
+        answers: Arc<Publisher>,
         queue: Arc<Queue<Job>>,
         monitor: Arc<Monitor>,
         live: Arc<LiveRequests>,
@@ -126,11 +162,13 @@ impl Intake {
         Self {
             config,
             publisher,
+            answers,
             queue,
             monitor,
             live,
             journal,
             rejection_log: RateLimit::new(20),
+            status_sent: std::sync::Mutex::new(None),
         }
     }
 
@@ -171,8 +209,9 @@ impl Intake {
     /// live request gets nothing more: a requester's subject cannot be
     /// borrowed to send it another build's events (or a rejection). The
     /// one exception is the very request that subject serves, sent again
-    /// (`digest`, for build requests): it is told `accepted` again.
-    fn reply_to(&self, message: &Message, digest: Option<&str>) -> ReplyTo {
+    /// (`digest`, for build requests): it is told `accepted` again. The
+    /// digest is computed only for a subject in use, so a flood costs none.
+    fn reply_to(&self, message: &Message, digest: Option<&dyn Fn() -> String>) -> ReplyTo {
         let Some(reply) = &message.reply else {
             return ReplyTo::Nobody;
         };
@@ -180,9 +219,9 @@ impl Intake {
             "foreign_reply_subject"
         } else {
             let subject_use = match digest {
-                Some(digest) => self.live.subject_use(reply, digest),
-                None if self.live.is_attached(reply) => SubjectUse::Taken,
-                None => SubjectUse::Free,
+                _ if !self.live.is_attached(reply) => SubjectUse::Free,
+                Some(digest) => self.live.subject_use(reply, &digest()),
+                None => SubjectUse::Taken,
             };
             match subject_use {
                 SubjectUse::Free => return ReplyTo::Subject(reply.clone()),
@@ -225,16 +264,20 @@ impl Intake {
 
     /// Handles a message on `build.*.*`.
     pub(crate) fn build(&self, message: Message) {
-        let (repo, target) = match protocol::classify_subject(&message.subject) {
-            SubjectKind::Build { repo, target } => (repo.to_owned(), target.to_owned()),
+        if !matches!(
+            protocol::classify_subject(&message.subject),
+            SubjectKind::Build { .. }
+        ) {
             // Replies (ours included) and anything else are never requests.
-            SubjectKind::Response | SubjectKind::Other => return,
+            return;
+        }
+        let digest = || {
+            protocol::request_digest(
+                &message.subject,
+                message.reply.as_deref().unwrap_or(""),
+                &message.payload,
+            )
         };
-        let digest = protocol::request_digest(
-            &message.subject,
-            message.reply.as_deref().unwrap_or(""),
-            &message.payload,
-        );
         let reply = match self.reply_to(&message, Some(&digest)) {
             ReplyTo::Refused | ReplyTo::Answered => return,
             ReplyTo::Nobody => None,
@@ -242,7 +285,8 @@ impl Intake {
         };
 
         // The cheap checks first, the signature last: a flood of malformed
-        // requests costs no signature checks, ids or spans.
+        // requests costs no digest, signature check, id or span, and no
+        // error message unless it is answered or logged.
         let valid = protocol::parse_build_request(
             &message.subject,
             &message.payload,
@@ -256,35 +300,27 @@ impl Intake {
                     .join(", ")
             },
         )
-        .map_err(|err| err.to_error_body())
+        .map_err(Refusal::Invalid)
         .and_then(|request| match request {
-            Some(request) => Ok(Some((request, self.signer(&message)?))),
+            Some(request) => Ok(Some((
+                request,
+                self.signer(&message).map_err(Refusal::Unauthorized)?,
+            ))),
             None => Ok(None),
         });
         let (
             ValidRequest {
+                repo,
                 target,
                 body: request,
-                ..
             },
             owner,
         ) = match valid {
             Ok(Some(valid)) => valid,
             Ok(None) => return,
-            Err(error) => {
-                if self.may_log() {
-                    tracing::warn!(repo = %protocol::quote_for_error(&repo), target = %protocol::quote_for_error(&target), code = %error.code, message = %error.message, "request rejected");
-                }
-                match reply {
-                    Some(reply) if self.publisher.room_for_answer() => {
-                        let replies = Replies::new(Arc::clone(&self.publisher), Some(reply));
-                        self.reject(&replies, &protocol::new_build_id(), &digest, error);
-                    }
-                    _ => self.monitor.rejected(error.code),
-                }
-                return;
-            }
+            Err(refusal) => return self.reject_at_once(&message, reply, &digest, refusal),
         };
+        let digest = digest();
         let build_id = protocol::new_build_id();
         let replies = Replies::new(Arc::clone(&self.publisher), reply.clone());
         let span = tracing::info_span!("request", %build_id, %repo, %target);
@@ -482,6 +518,35 @@ impl Intake {
         joined
     }
 
+    /// Rejects a request that was never given an id: answered at `reply`
+    /// when there is room for the answer, counted either way. Under a
+    /// flood most are neither answered nor logged, and cost no message.
+    fn reject_at_once(
+        &self,
+        message: &Message,
+        reply: Option<Subject>,
+        digest: &dyn Fn() -> String,
+        refusal: Refusal,
+    ) {
+        let logged = self.may_log().then(|| refusal.error_body());
+        if let Some(error) = &logged {
+            tracing::warn!(
+                subject = %protocol::quote_for_error(&message.subject),
+                code = %error.code,
+                message = %error.message,
+                "request rejected"
+            );
+        }
+        match reply {
+            Some(reply) if self.publisher.room_for_answer() => {
+                let error = logged.unwrap_or_else(|| refusal.error_body());
+                let replies = Replies::new(Arc::clone(&self.publisher), Some(reply));
+                self.reject(&replies, &protocol::new_build_id(), &digest(), error);
+            }
+            _ => self.monitor.rejected(refusal.code()),
+        }
+    }
+
     fn reject(&self, replies: &Replies, build_id: &str, digest: &str, error: ErrorBody) {
         self.monitor.rejected(error.code);
         replies.send(
@@ -498,16 +563,34 @@ impl Intake {
         // Under a flood of status requests, the status is not even made
         // for answers that would be dropped.
         if let ReplyTo::Subject(reply) = self.reply_to(&message, None) {
-            if self.publisher.room_for_answer() {
-                let status = StatusEvent::Status(self.monitor.status());
-                // Shortened to fit NATS rather than not sent at all.
-                match status.to_json_within(self.publisher.max_reply_bytes()) {
-                    Ok(payload) => {
-                        self.publisher
-                            .enqueue(reply, Bytes::from(payload), Class::Answer);
-                    }
-                    Err(err) => tracing::error!(%err, "cannot encode the status"),
+            if self.answers.room_for_answer() {
+                if let Some(payload) = self.status_payload() {
+                    self.answers.enqueue(reply, payload, Class::Answer);
                 }
+            }
+        }
+    }
+
+    /// The encoded status: a fresh one, unless answers are waiting and
+    /// the last one is younger than [`STATUS_REUSE`].
+    fn status_payload(&self) -> Option<Bytes> {
+        let mut sent = crate::sync::lock(&self.status_sent);
+        if let Some((made, payload)) = &*sent {
+            if made.elapsed() < STATUS_REUSE && self.answers.answers_waiting() {
+                return Some(payload.clone());
+            }
+        }
+        // Shortened to fit NATS rather than not sent at all.
+        let status = StatusEvent::Status(self.monitor.status());
+        match status.to_json_within(self.answers.max_reply_bytes()) {
+            Ok(payload) => {
+                let payload = Bytes::from(payload);
+                *sent = Some((std::time::Instant::now(), payload.clone()));
+                Some(payload)
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot encode a reply");
+                None
             }
         }
     }
@@ -607,10 +690,11 @@ impl Intake {
         })
     }
 
+    /// Answers a cancel request, over the connection it came on.
     fn answer(&self, reply: Subject, body: &impl Serialize) {
         match serde_json::to_vec(body) {
             Ok(payload) => self
-                .publisher
+                .answers
                 .enqueue(reply, Bytes::from(payload), Class::Answer),
             Err(err) => tracing::error!(%err, "cannot encode a reply"),
         }

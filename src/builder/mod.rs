@@ -5,8 +5,9 @@
 //! [`intake`] answers requests at once and queues accepted ones
 //! ([`request`], [`queue`]); a single worker hands each to the [`runner`],
 //! which evaluates ahead ([`eval`]), builds while [`watch`] reports on it,
-//! and roots what it built ([`roots`]); every reply goes out through one
-//! non-blocking publisher ([`replies`]); [`monitor`] keeps what operators
+//! and roots what it built ([`roots`]); every reply goes out through a
+//! non-blocking publisher ([`replies`]), one per NATS connection (status
+//! and cancel requests have their own); [`monitor`] keeps what operators
 //! see; [`cancel`] carries why a request stopped.
 
 mod cancel;
@@ -26,7 +27,7 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::Subscriber;
+use async_nats::{Message, Subscriber};
 use futures_util::StreamExt;
 use thiserror::Error;
 use tokio::task::JoinHandle;
@@ -96,21 +97,89 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Buil
     Ok(())
 }
 
-/// The subscriptions requests arrive on.
-struct Subscriptions {
-    builds: Subscriber,
-    status: Subscriber,
-    cancels: Subscriber,
+/// The tasks taking requests, one per subscription, each handing its
+/// messages to the intake: a flood on one (of status requests, say) never
+/// holds up the others, and they run side by side.
+struct Readers {
+    builds: JoinHandle<Subscriber>,
+    status: JoinHandle<Subscriber>,
+    cancels: JoinHandle<Subscriber>,
+    /// Stops them, once the last request has its answer.
+    stop: CancellationToken,
+    /// Fires if NATS ends the build subscription.
+    builds_ended: CancellationToken,
+}
+
+impl Readers {
+    fn start(subscriptions: [Subscriber; 3], intake: &Arc<Intake>) -> Self {
+        let [builds, status, cancels] = subscriptions;
+        let stop = CancellationToken::new();
+        let builds_ended = CancellationToken::new();
+        let spawn = |subscription, ended, handle: fn(&Intake, Message)| {
+            let intake = Arc::clone(intake);
+            tokio::spawn(read(subscription, stop.clone(), ended, move |message| {
+                handle(&intake, message)
+            }))
+        };
+        Self {
+            builds: spawn(builds, Some(builds_ended.clone()), Intake::build),
+            status: spawn(status, None, Intake::status),
+            cancels: spawn(cancels, None, Intake::cancel),
+            stop,
+            builds_ended,
+        }
+    }
+
+    /// Stops taking requests and unsubscribes.
+    async fn stop(self) {
+        self.stop.cancel();
+        for reader in [self.builds, self.status, self.cancels] {
+            if let Ok(mut subscription) = reader.await {
+                let _ = subscription.unsubscribe().await;
+            }
+        }
+    }
+}
+
+/// Hands every message of `subscription` to `handle` until `stop`, or
+/// until the subscription ends (then `ended` fires); gives it back.
+async fn read(
+    mut subscription: Subscriber,
+    stop: CancellationToken,
+    ended: Option<CancellationToken>,
+    handle: impl Fn(Message),
+) -> Subscriber {
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            message = subscription.next() => match message {
+                Some(message) => handle(message),
+                None => {
+                    if let Some(ended) = &ended {
+                        ended.cancel();
+                    }
+                    break;
+                }
+            },
+        }
+    }
+    subscription
 }
 
 /// A started builder: every task running, requests taken once NATS is up.
 struct Service {
     config: Arc<Config>,
     connection: Connection,
+    /// Where status and cancel requests arrive and are answered.
+    queries: Connection,
+    /// Sends the answers to status and cancel requests.
+    answers: Arc<Publisher>,
+    answers_sender: JoinHandle<()>,
     publisher: Arc<Publisher>,
-    intake: Intake,
+    intake: Arc<Intake>,
     monitor: Arc<Monitor>,
-    subscriptions: Subscriptions,
+    readers: Readers,
     worker: JoinHandle<()>,
     /// Stops the metrics server and the publisher, after the last reply.
     background: CancellationToken,
@@ -184,7 +253,22 @@ impl Service {
         });
         let sender = tokio::spawn(Arc::clone(&publisher).run(background.clone()));
 
-        let subscribe = |subject: &'static str| {
+        // Status and cancel requests come over a connection of their own: a
+        // flood of them queues in the server and in that connection's
+        // buffers, never ahead of a build request.
+        // They are answered over it too: a server that lets the builder
+        // only answer what it received (allow_responses) requires that.
+        let queries = nats::connect(&nats::ConnectSettings {
+            name: "homelab-deploy-builder-queries".to_owned(),
+            ..settings.clone()
+        })
+        .await?;
+        let answers = Publisher::new(&queries, {
+            let monitor = Arc::clone(&monitor);
+            move || monitor.ignored("overloaded")
+        });
+        let answers_sender = tokio::spawn(Arc::clone(&answers).run(background.clone()));
+        let subscribe = |connection: &Connection, subject: &'static str| {
             let client = connection.client.clone();
             async move {
                 client
@@ -196,11 +280,11 @@ impl Service {
                     })
             }
         };
-        let subscriptions = Subscriptions {
-            builds: subscribe(REQUEST_SUBSCRIPTION).await?,
-            status: subscribe(STATUS_SUBJECT).await?,
-            cancels: subscribe(CANCEL_SUBJECT).await?,
-        };
+        let subscriptions = [
+            subscribe(&connection, REQUEST_SUBSCRIPTION).await?,
+            subscribe(&queries, STATUS_SUBJECT).await?,
+            subscribe(&queries, CANCEL_SUBJECT).await?,
+        ];
 
         let machines = tokio::spawn(machines::check_machines(
             NixCli::new("nix", version),
@@ -244,21 +328,26 @@ impl Service {
             journaling.clone(),
             shutdown.clone(),
         ));
-        let intake = Intake::new(
+        let intake = Arc::new(Intake::new(
             Arc::clone(&config),
             Arc::clone(&publisher),
+            Arc::clone(&answers),
             queue,
             Arc::clone(&monitor),
             live,
             journaling,
-        );
+        ));
+        let readers = Readers::start(subscriptions, &intake);
         Ok(Self {
             config,
             connection,
+            queries,
+            answers,
+            answers_sender,
             publisher,
             intake,
             monitor,
-            subscriptions,
+            readers,
             worker,
             background,
             http,
@@ -275,9 +364,10 @@ impl Service {
         // NATS_READY_WAIT without NATS (see there).
         let nats_up = {
             let client = self.connection.client.clone();
+            let queries = self.queries.client.clone();
             let mut state = self.connection.state.clone();
             async move {
-                let flushed = client.flush().await;
+                let flushed = client.flush().await.and(queries.flush().await);
                 let _ = state.wait_for(|state| state.connected).await;
                 flushed
             }
@@ -291,7 +381,6 @@ impl Service {
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         let mut closing = false;
-        let subscriptions = &mut self.subscriptions;
         loop {
             tokio::select! {
                 flushed = &mut nats_up, if !subscribed => {
@@ -323,16 +412,11 @@ impl Service {
                     systemd::ready();
                     systemd::status("waiting for NATS");
                 }
-                message = subscriptions.builds.next() => match message {
-                    Some(message) => self.intake.build(message),
-                    None => {
-                        tracing::error!("request subscription ended; shutting down");
-                        shutdown.cancel(cancel::SHUTDOWN);
-                        break;
-                    }
-                },
-                Some(message) = subscriptions.status.next() => self.intake.status(message),
-                Some(message) = subscriptions.cancels.next() => self.intake.cancel(message),
+                () = self.readers.builds_ended.cancelled() => {
+                    tracing::error!("request subscription ended; shutting down");
+                    shutdown.cancel(cancel::SHUTDOWN);
+                    break;
+                }
                 // systemd's watchdog runs from READY=1 on.
                 _ = watchdog.tick(), if told_ready && watchdog_every.is_some() => systemd::watchdog(),
                 () = shutdown.cancelled(), if !closing => {
@@ -353,10 +437,13 @@ impl Service {
     async fn stop(self, shutdown: &Cancellation) {
         let Self {
             connection,
+            queries,
             publisher,
+            answers,
+            answers_sender,
             intake,
             monitor,
-            mut subscriptions,
+            readers,
             worker,
             background,
             http,
@@ -369,25 +456,24 @@ impl Service {
             intake.close(shutdown.reason());
             let _ = worker.await;
         }
-        for subscription in [
-            &mut subscriptions.builds,
-            &mut subscriptions.status,
-            &mut subscriptions.cancels,
-        ] {
-            let _ = subscription.unsubscribe().await;
-        }
-        let delivered = publisher.drain(FINAL_FLUSH).await
-            && tokio::time::timeout(FINAL_FLUSH, connection.client.flush())
+        readers.stop().await;
+        let flushed = |connection: Connection| async move {
+            tokio::time::timeout(FINAL_FLUSH, connection.client.flush())
                 .await
-                .is_ok_and(|flushed| flushed.is_ok());
-        if !delivered {
+                .is_ok_and(|flushed| flushed.is_ok())
+        };
+        let (events, answered) = tokio::join!(
+            async { publisher.drain(FINAL_FLUSH).await && flushed(connection).await },
+            async { answers.drain(FINAL_FLUSH).await && flushed(queries).await },
+        );
+        if !(events && answered) {
             tracing::warn!(
-                backlog = publisher.backlog(),
+                backlog = publisher.backlog() + answers.backlog(),
                 "could not deliver the last replies before exiting"
             );
         }
         background.cancel();
-        let _ = tokio::join!(http, sender, heartbeats, machines);
+        let _ = tokio::join!(http, sender, answers_sender, heartbeats, machines);
         let _ = tokio::task::spawn_blocking(move || monitor.flush_state()).await;
         tracing::info!("builder stopped");
     }

@@ -1,7 +1,8 @@
 //! Getting events to requesters without ever holding up a build.
 //!
-//! Every reply goes through one [`Publisher`]: an outbox drained by a
-//! single task. Enqueueing never waits, so a NATS outage cannot stall a
+//! Every reply goes through a [`Publisher`] (one per connection: build
+//! events on the builder's, answers to status and cancel requests on the
+//! connection they came on): an outbox drained by a single task. Enqueueing never waits, so a NATS outage cannot stall a
 //! build (async-nats stops taking publishes once its own buffer is full
 //! while it reconnects). What is queued is bounded by [`Class`]:
 //!
@@ -11,9 +12,11 @@
 //!   is kept until it is sent (there are at most `queue_limit` + 1 builds);
 //! - answers to requests that were not accepted (`build.status`,
 //!   `build.cancel`, `rejected`) wait behind them, at most
-//!   [`MAX_ANSWERS_QUEUED`]; beyond that they are dropped and counted, so a
-//!   flood of requests neither grows the builder's memory nor delays the
-//!   events of the builds it accepted.
+//!   [`MAX_ANSWERS_QUEUED`], and at most [`MAX_ANSWERS_PER_SECOND`] go out;
+//!   beyond that they are dropped and counted, so a flood of requests
+//!   neither grows the builder's memory nor fills the way out (the client's
+//!   buffer, the socket, the server) ahead of the events of the builds it
+//!   accepted, nor costs the time it takes to make and send an answer.
 //!
 //! Every event of a build carries `seq`, counted per build here
 //! ([`Replies`]), so a requester can tell a replay from a new event.
@@ -50,6 +53,10 @@ pub(crate) const MAX_EXPENDABLE_QUEUED: usize = 256;
 /// Answers to requests that were not accepted (status, cancel, rejected)
 /// kept waiting at most; beyond it the newest are dropped and counted.
 pub(crate) const MAX_ANSWERS_QUEUED: usize = 1024;
+/// Answers to requests that were not accepted sent per second at most
+/// (and in a burst): far more than people and scripts ask, far less than
+/// a flood.
+pub(crate) const MAX_ANSWERS_PER_SECOND: u32 = 10_000;
 /// A resumed build numbers its events from (seconds since the epoch at the
 /// builder's start) × this, above every number sent before the restart
 /// (a build sends far fewer events than this in one run of the builder).
@@ -94,6 +101,10 @@ struct Outbox {
     answers: VecDeque<Outgoing>,
     expendable: usize,
     dropped: u64,
+    /// Answers that may still be sent (see [`MAX_ANSWERS_PER_SECOND`]),
+    /// as of `answers_counted`.
+    answer_budget: f64,
+    answers_counted: Option<Instant>,
     /// An item taken out and not yet handed to NATS.
     sending: bool,
 }
@@ -110,6 +121,18 @@ impl Outbox {
     fn len(&self) -> usize {
         self.events.len() + self.answers.len()
     }
+
+    /// Whether one more answer may be queued now: under
+    /// [`MAX_ANSWERS_QUEUED`] and within [`MAX_ANSWERS_PER_SECOND`].
+    fn room_for_answer(&mut self, now: Instant) -> bool {
+        let rate = f64::from(MAX_ANSWERS_PER_SECOND);
+        self.answer_budget = match self.answers_counted {
+            Some(then) => (self.answer_budget + (now - then).as_secs_f64() * rate).min(rate),
+            None => rate,
+        };
+        self.answers_counted = Some(now);
+        self.answers.len() < MAX_ANSWERS_QUEUED && self.answer_budget >= 1.0
+    }
 }
 
 /// The single sender of replies.
@@ -121,7 +144,8 @@ pub(crate) struct Publisher {
     outbox: Mutex<Outbox>,
     wake: Notify,
     drained: Notify,
-    /// Called for every answer dropped because [`MAX_ANSWERS_QUEUED`] wait.
+    /// Called for every answer dropped for want of room (see
+    /// [`Outbox::room_for_answer`]).
     on_overload: Box<dyn Fn() + Send + Sync>,
 }
 
@@ -151,11 +175,16 @@ impl Publisher {
     /// the intake can skip making one nobody will get; when not, that
     /// answer counts as dropped.
     pub(crate) fn room_for_answer(&self) -> bool {
-        let room = self.lock().answers.len() < MAX_ANSWERS_QUEUED;
+        let room = self.lock().room_for_answer(Instant::now());
         if !room {
             (self.on_overload)();
         }
         room
+    }
+
+    /// Whether answers wait to be sent: the publisher is behind.
+    pub(crate) fn answers_waiting(&self) -> bool {
+        !self.lock().answers.is_empty()
     }
 
     /// Queues `payload` for `subject`; never waits. Every reply passes
@@ -168,13 +197,14 @@ impl Publisher {
                 outbox.dropped += 1;
                 return;
             }
-            Class::Answer if outbox.answers.len() >= MAX_ANSWERS_QUEUED => {
+            Class::Answer if !outbox.room_for_answer(Instant::now()) => {
                 drop(outbox);
                 (self.on_overload)();
                 return;
             }
+            Class::Answer => outbox.answer_budget -= 1.0,
             Class::Expendable => outbox.expendable += 1,
-            Class::Event | Class::Answer => {}
+            Class::Event => {}
         }
         let item = Outgoing {
             subject,
@@ -418,6 +448,27 @@ fn send_to(publisher: &Publisher, subjects: &[Subject], reply: &Reply, class: Cl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_beyond_the_rate_wait_for_the_budget() {
+        let mut outbox = Outbox::default();
+        let start = Instant::now();
+        for _ in 0..MAX_ANSWERS_PER_SECOND {
+            assert!(outbox.room_for_answer(start));
+            outbox.answer_budget -= 1.0;
+        }
+        assert!(!outbox.room_for_answer(start));
+        let later = start + Duration::from_millis(10);
+        let refilled = MAX_ANSWERS_PER_SECOND / 100;
+        for _ in 0..refilled {
+            assert!(outbox.room_for_answer(later));
+            outbox.answer_budget -= 1.0;
+        }
+        assert!(!outbox.room_for_answer(later));
+        // Never more than a second's worth, however long it was idle.
+        assert!(outbox.room_for_answer(later + Duration::from_secs(60)));
+        assert!(outbox.answer_budget <= f64::from(MAX_ANSWERS_PER_SECOND));
+    }
 
     #[test]
     fn payloads_leave_without_credentials() {
