@@ -523,18 +523,7 @@ async fn during_a_flood_of_malformed_requests_a_build_is_accepted_within_5_s() {
 
     // The real CLI, as another user would run it.
     let asked = Instant::now();
-    let mut cli = tokio::process::Command::new(BIN)
-        .args(["build", "homelab", "ns1"])
-        .env("HOMELAB_DEPLOY_NATS_URL", nats.url())
-        .env("PATH", test_path())
-        .env_remove("HOMELAB_DEPLOY_NKEY_FILE")
-        .env_remove("HOMELAB_DEPLOY_CREDS_FILE")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut cli = spawn_cli(&nats.url(), &["build", "homelab", "ns1"]);
     let stdout = cli.stdout.take().unwrap();
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
     let mut printed = Vec::new();

@@ -39,28 +39,7 @@ fn out_path(replies: &[Reply]) -> String {
 
 /// A flake with a host whose attribute name has a dot, beside a plain one.
 fn dotted_flake() -> Flake {
-    Flake::with_source(|salt, system| {
-        format!(
-            r#"{{
-  outputs = {{ self }}:
-    let
-      mk = name: derivation {{
-        inherit name;
-        system = "{system}";
-        salt = "{salt}";
-        builder = "/bin/sh";
-        args = [ "-c" "echo built > $out" ];
-      }};
-    in {{
-      nixosConfigurations = {{
-        ns1 = {{ config.system.build.toplevel = mk "ns1"; }};
-        "nix-cache02.home" = {{ config.system.build.toplevel = mk "cache"; }};
-      }};
-    }};
-}}
-"#
-        )
-    })
+    Flake::with_attribute_names(&["ns1", r#""nix-cache02.home""#])
 }
 
 #[tokio::test]

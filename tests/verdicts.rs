@@ -45,22 +45,6 @@ async fn wait_for_ignored(builder: &mut Builder, reason: &str, count: f64) {
     .await;
 }
 
-/// Starts `homelab-deploy <args>` against `nats`, without waiting.
-fn spawn_cli(nats_url: &str, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(BIN)
-        .args(args)
-        .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
-        .env_remove("HOMELAB_DEPLOY_NKEY_FILE")
-        .env_remove("HOMELAB_DEPLOY_CREDS_FILE")
-        .env_remove("HOMELAB_DEPLOY_BUILDER_KEY")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
 async fn finish(child: tokio::process::Child) -> std::process::Output {
     tokio::time::timeout(WAIT, child.wait_with_output())
         .await
@@ -97,6 +81,47 @@ fn forged_finished(build_id: &str, status: BuildStatus) -> Vec<u8> {
     .unwrap()
 }
 
+/// A builder under the plan's table, a test deployer watching every
+/// reply, and its victim: `homelab-deploy build homelab <targets>` signed
+/// with the admin key, trusting only replies signed by the builder when
+/// `builder_key`.
+struct Watched {
+    _ids: Identities,
+    _nats: NatsServer,
+    builder: Builder,
+    attacker: Requester,
+    everything: async_nats::Subscriber,
+    victim: tokio::process::Child,
+}
+
+async fn watched_victim(
+    flake: &Flake,
+    targets: &[&str],
+    builder_key: bool,
+    configure: impl FnOnce(BuilderOptions) -> BuilderOptions,
+) -> Watched {
+    let ids = Identities::new();
+    let (nats, builder) = signed_service(&ids, "nats-server.example.conf", flake, configure);
+    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
+    attacker.nats.flush().await.unwrap();
+    let mut args = vec!["build", "homelab"];
+    args.extend(targets);
+    args.extend(["--nkey-file", ids.admin.0.to_str().unwrap()]);
+    if builder_key {
+        args.extend(["--builder-key", ids.builder.1.as_str()]);
+    }
+    let victim = spawn_cli(&nats.url(), &args);
+    Watched {
+        _ids: ids,
+        _nats: nats,
+        builder,
+        attacker,
+        everything,
+        victim,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Forged results
 
@@ -105,24 +130,15 @@ fn forged_finished(build_id: &str, status: BuildStatus) -> Vec<u8> {
 /// from the builder's own `accepted` and publishes a `finished` of its own.
 /// With `--builder-key` the victim ignores it; without, it is fooled.
 async fn forged_finished_against_a_client(builder_key: bool) -> std::process::Output {
-    let ids = Identities::new();
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
-    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
-    attacker.nats.flush().await.unwrap();
-
-    let mut args = vec![
-        "build",
-        "homelab",
-        "slow",
-        "--nkey-file",
-        ids.admin.0.to_str().unwrap(),
-    ];
-    if builder_key {
-        args.extend(["--builder-key", ids.builder.1.as_str()]);
-    }
-    let victim = spawn_cli(&nats.url(), &args);
+    let Watched {
+        _ids,
+        _nats,
+        builder: _builder,
+        attacker,
+        mut everything,
+        victim,
+    } = watched_victim(&flake, &["slow"], builder_key, |o| o).await;
     let (subject, accepted) = watch_for(&mut everything, |r| {
         matches!(r.event, Event::Accepted { .. })
     })
@@ -733,23 +749,16 @@ const HOSTILE: &str = "pwned\x1b]0;title\x07\x1b]52;c;ZWNobw==\x07\x1b[1A\x1b[2K
 
 #[tokio::test]
 async fn forged_events_put_no_control_sequence_on_the_clients_terminal() {
-    let ids = Identities::new();
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
-    let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
-    attacker.nats.flush().await.unwrap();
     // No --builder-key: the victim believes whatever reaches its subject.
-    let victim = spawn_cli(
-        &nats.url(),
-        &[
-            "build",
-            "homelab",
-            "slow",
-            "--nkey-file",
-            ids.admin.0.to_str().unwrap(),
-        ],
-    );
+    let Watched {
+        _ids,
+        _nats,
+        builder: _builder,
+        attacker,
+        mut everything,
+        victim,
+    } = watched_victim(&flake, &["slow"], false, |o| o).await;
     let (subject, accepted) = watch_for(&mut everything, |r| {
         matches!(r.event, Event::Accepted { .. })
     })
@@ -814,29 +823,10 @@ async fn forged_events_put_no_control_sequence_on_the_clients_terminal() {
 async fn hostile_attribute_names_reach_the_client_quoted() {
     // A flake author's attribute names are listed when a host is not
     // found; one of them carries escape sequences.
-    let flake = Flake::with_source(|salt, system| {
-        format!(
-            r#"{{
-  outputs = {{ self }}:
-    let
-      mk = name: derivation {{
-        inherit name;
-        system = "{system}";
-        salt = "{salt}";
-        builder = "/bin/sh";
-        args = [ "-c" "echo built > $out" ];
-      }};
-      hostile = builtins.fromJSON ''"evil\u001b]0;title\u0007\u001b[2K\u009b2J"'';
-    in {{
-      nixosConfigurations = {{
-        ns1 = {{ config.system.build.toplevel = mk "ns1"; }};
-        ${{hostile}} = {{ config.system.build.toplevel = mk "evil"; }};
-      }};
-    }};
-}}
-"#
-        )
-    });
+    let flake = Flake::with_attribute_names(&[
+        "ns1",
+        r#"${builtins.fromJSON ''"evil\u001b]0;title\u0007\u001b[2K\u009b2J"''}"#,
+    ]);
     let (nats, _builder) = start_service(&flake, |o| o);
     let out = finish(spawn_cli(&nats.url(), &["build", "homelab", "nope"])).await;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
@@ -888,47 +878,6 @@ async fn replay(nats: &async_nats::Client, message: &async_nats::Message, subjec
         .unwrap();
 }
 
-/// A builder under the plan's table, a test deployer watching every
-/// reply, and its victim: `homelab-deploy build homelab <targets>` signed
-/// with the admin key and trusting only replies signed by the builder.
-struct Watched {
-    _ids: Identities,
-    _nats: NatsServer,
-    builder: Builder,
-    attacker: Requester,
-    everything: async_nats::Subscriber,
-    victim: tokio::process::Child,
-}
-
-async fn watched_victim(
-    flake: &Flake,
-    targets: &[&str],
-    configure: impl FnOnce(BuilderOptions) -> BuilderOptions,
-) -> Watched {
-    let ids = Identities::new();
-    let (nats, builder) = signed_service(&ids, "nats-server.example.conf", flake, configure);
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
-    let everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
-    attacker.nats.flush().await.unwrap();
-    let mut args = vec!["build", "homelab"];
-    args.extend(targets);
-    args.extend([
-        "--nkey-file",
-        ids.admin.0.to_str().unwrap(),
-        "--builder-key",
-        ids.builder.1.as_str(),
-    ]);
-    let victim = spawn_cli(&nats.url(), &args);
-    Watched {
-        _ids: ids,
-        _nats: nats,
-        builder,
-        attacker,
-        everything,
-        victim,
-    }
-}
-
 #[tokio::test]
 async fn a_deployer_cannot_preempt_a_clients_next_subject_or_swap_its_verdict() {
     // The victim builds two targets with --builder-key; the second always
@@ -949,7 +898,7 @@ async fn a_deployer_cannot_preempt_a_clients_next_subject_or_swap_its_verdict() 
         attacker,
         mut everything,
         victim,
-    } = watched_victim(&flake, &["slow", "broken-build"], |o| o).await;
+    } = watched_victim(&flake, &["slow", "broken-build"], true, |o| o).await;
     let first = capture(&mut everything, |r| {
         matches!(r.event, Event::Accepted { .. })
     })
@@ -1021,7 +970,7 @@ async fn replayed_accepted_events_do_not_keep_a_client_waiting_on_a_killed_build
         attacker,
         mut everything,
         victim,
-    } = watched_victim(&flake, &["slow"], |o| {
+    } = watched_victim(&flake, &["slow"], true, |o| {
         o.builder("progress_interval = \"1s\"")
     })
     .await;

@@ -381,6 +381,41 @@ impl Flake {
         flake
     }
 
+    /// A flake whose `nixosConfigurations` has one quick host under each
+    /// attribute name as written in Nix (`ns1`, `"a.b"`, `${expr}`), for
+    /// names [`Host`] fixtures cannot have.
+    pub fn with_attribute_names(attributes: &[&str]) -> Self {
+        let hosts: String = attributes
+            .iter()
+            .enumerate()
+            .map(|(i, attribute)| {
+                format!(
+                    "        {attribute} = {{ config.system.build.toplevel = mk \"host-{i}\"; }};\n"
+                )
+            })
+            .collect();
+        Self::with_source(|salt, system| {
+            format!(
+                r#"{{
+  outputs = {{ self }}:
+    let
+      mk = name: derivation {{
+        inherit name;
+        system = "{system}";
+        salt = "{salt}";
+        builder = "/bin/sh";
+        args = [ "-c" "echo built > $out" ];
+      }};
+    in {{
+      nixosConfigurations = {{
+{hosts}      }};
+    }};
+}}
+"#
+            )
+        })
+    }
+
     fn init(&self) {
         let flake = self;
         flake.git(&["init", "-q", "-b", "master"]);
@@ -1328,17 +1363,35 @@ pub fn terminal(replies: &[Reply]) -> &Event {
     &replies.last().expect("no replies").event
 }
 
-/// Runs the CLI with the test's NATS URL; bounded by [`WAIT`].
-pub async fn run_cli(nats_url: &str, args: &[&str]) -> Output {
-    let output = tokio::process::Command::new(BIN)
+/// `homelab-deploy <args>` against the test's NATS URL, with no key or
+/// builder key from the environment.
+fn cli_command(nats_url: &str, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(BIN);
+    command
         .args(args)
         .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
         .env("PATH", test_path())
         .env_remove("HOMELAB_DEPLOY_NKEY_FILE")
         .env_remove("HOMELAB_DEPLOY_CREDS_FILE")
+        .env_remove("HOMELAB_DEPLOY_BUILDER_KEY")
         .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
+        .kill_on_drop(true);
+    command
+}
+
+/// Starts the CLI with the test's NATS URL, its output piped, without
+/// waiting.
+pub fn spawn_cli(nats_url: &str, args: &[&str]) -> tokio::process::Child {
+    cli_command(nats_url, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs the CLI with the test's NATS URL; bounded by [`WAIT`].
+pub async fn run_cli(nats_url: &str, args: &[&str]) -> Output {
+    let output = cli_command(nats_url, args).output();
     tokio::time::timeout(WAIT, output)
         .await
         .unwrap_or_else(|_| panic!("CLI {args:?} did not exit in time"))
