@@ -399,6 +399,15 @@ fn unfinished(records: &[Record]) -> Vec<Unfinished> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The build ids of the requests read back, in order.
+    fn build_ids(recovered: &Recovered) -> Vec<&str> {
+        recovered
+            .requests
+            .iter()
+            .map(|r| r.request.build_id.as_str())
+            .collect()
+    }
     use crate::protocol::HostStatus;
 
     fn accepted(id: &str) -> Record {
@@ -461,11 +470,7 @@ mod tests {
         }
         let (journal, recovered) = Journal::open(&path).unwrap();
         assert_eq!(recovered.skipped, 0);
-        let ids: Vec<&str> = recovered
-            .requests
-            .iter()
-            .map(|r| r.request.build_id.as_str())
-            .collect();
+        let ids = build_ids(&recovered);
         assert_eq!(ids, ["a", "b"]);
         let a = &recovered.requests[0];
         assert_eq!(
@@ -550,11 +555,7 @@ mod tests {
         journal.append(accepted("c")).unwrap();
         let (_, recovered) = Journal::open(&path).unwrap();
         assert_eq!(recovered.skipped, 0);
-        let ids: Vec<&str> = recovered
-            .requests
-            .iter()
-            .map(|r| r.request.build_id.as_str())
-            .collect();
+        let ids = build_ids(&recovered);
         assert_eq!(ids, ["a", "c"]);
     }
 
@@ -589,11 +590,7 @@ mod tests {
 
         let (journal, recovered) = Journal::open(&path).unwrap();
         assert_eq!(recovered.skipped, 2);
-        let ids: Vec<&str> = recovered
-            .requests
-            .iter()
-            .map(|r| r.request.build_id.as_str())
-            .collect();
+        let ids = build_ids(&recovered);
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(recovered.requests[0].done.len(), 1);
         // The damage is gone from the file; appends go on cleanly.
