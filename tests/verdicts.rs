@@ -836,7 +836,9 @@ async fn hostile_attribute_names_reach_the_client_quoted() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(shown.contains("unknown_host"), "{shown}");
-    assert!(shown.contains("\"evil"), "{shown}");
+    // Quoted by the builder (Rust's escapes), not only escaped by the CLI
+    // (which would show `\x1b`).
+    assert!(shown.contains(r#""evil\u{1b}]0;title\u{7}"#), "{shown}");
     assert_eq!(
         terminal_controls(&out.stdout),
         Vec::<char>::new(),
