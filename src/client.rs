@@ -85,13 +85,17 @@ const NO_RESPONDERS_RETRY: Duration = Duration::from_secs(1);
 /// sent again (same reply subject, same bytes) within the accept wait: the
 /// first answer, or the request itself, may have been dropped by a builder
 /// under a flood (a flood passes in seconds), or by NATS.
-const ACCEPT_RESENDS: u32 = 8;
+const ACCEPT_RESENDS: u32 = 12;
 
 /// When the `n`th re-send (from 0) is due after the one before: every half
-/// second for the first four, then twice as long each time (0.5 s ×4, then
-/// 1, 2, 4, 8 s: the last at 17 s into the default 30 s accept wait).
+/// second for the first eight (the builder may take seconds to work off
+/// what a flood left queued), then 1, 2, 4, 8 s: the last at 19 s into the
+/// default 30 s accept wait.
 fn resend_delay(n: u32) -> Duration {
-    Duration::from_millis(500 << n.saturating_sub(3).min(4))
+    match n.checked_sub(8) {
+        None => Duration::from_millis(500),
+        Some(later) => Duration::from_secs(1 << later.min(3)),
+    }
 }
 
 /// A connection that sends build requests.
@@ -621,7 +625,12 @@ mod tests {
         let delays: Vec<u128> = (0..ACCEPT_RESENDS)
             .map(|n| resend_delay(n).as_millis())
             .collect();
-        assert_eq!(delays, [500, 500, 500, 500, 1000, 2000, 4000, 8000]);
+        assert_eq!(
+            delays,
+            [
+                500, 500, 500, 500, 500, 500, 500, 500, 1000, 2000, 4000, 8000
+            ]
+        );
         assert!(delays.iter().sum::<u128>() < Timeouts::default().accept.as_millis());
     }
 

@@ -93,6 +93,10 @@ async fn builds_work_under(config_file: &str) {
     assert!(!log.contains("target=ns2"), "{config_file}:\n{log}");
 }
 
+/// The flood tests take turns: each measures how the builder keeps up,
+/// and two at once on 2 cores would measure each other.
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn builds_work_with_exactly_the_plans_permissions() {
     builds_work_under("nats-server.example.conf").await;
@@ -274,6 +278,7 @@ async fn tls_servers_are_reached_with_a_private_ca() {
 
 #[tokio::test]
 async fn a_200_mb_log_flood_keeps_the_builder_under_64_mb() {
+    let _alone = FLOODS.lock().await;
     let flake = Flake::new(&[("flood", Host::Flood { lines: 200_000 })]);
     let (nats, builder) = start_service(&flake, |o| o);
     let client = Requester::new(&nats).await;
@@ -345,6 +350,7 @@ async fn identical_waiting_requests_are_coalesced() {
 
 #[tokio::test]
 async fn a_flood_of_malformed_requests_is_rejected_without_nix_or_growth() {
+    let _alone = FLOODS.lock().await;
     const FLOOD: usize = 10_000;
     let flake = Flake::homelab();
     let recorder = NixRecorder::new();
@@ -443,6 +449,7 @@ async fn turned_away(metrics_addr: &str) -> (f64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_status_requests_leaves_memory_flat_and_builds_answered() {
+    let _alone = FLOODS.lock().await;
     let flake = Flake::homelab();
     let (nats, mut builder) = start_service(&flake, |o| o);
     let metrics_addr = builder.metrics_addr();
@@ -501,9 +508,10 @@ async fn a_flood_of_status_requests_leaves_memory_flat_and_builds_answered() {
 /// A flood on the very subject of a build outpaces the builder on 2 cores:
 /// what its subscription cannot hold is dropped in the NATS client, and a
 /// build request dropped there is accepted when the CLI sends it again
-/// (every half second at first). Memory stays bounded either way.
+/// (every half second for 4 s). Memory stays bounded either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_a_flood_of_malformed_requests_a_build_is_accepted_within_5_s() {
+    let _alone = FLOODS.lock().await;
     let flake = Flake::homelab();
     let (nats, mut builder) = start_service(&flake, |o| o);
     let metrics_addr = builder.metrics_addr();
