@@ -9,8 +9,9 @@ use async_nats::{Message, Subject};
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::cancel;
-use super::journal::{AcceptedRequest, Journaling, Record};
+use super::cancel::StopReason;
+use super::finisher::{Finisher, Stage};
+use super::journal::{AcceptedRequest, Journaling, Record, Unfinished};
 use super::live::{Answered, AttachError, LiveRequests, Resent, SubjectUse};
 use super::monitor::{Monitor, RunningCancel};
 use super::queue::{PushError, Queue, Take};
@@ -59,6 +60,7 @@ pub(crate) struct Intake {
     monitor: Arc<Monitor>,
     live: Arc<LiveRequests>,
     journal: Journaling,
+    finisher: Arc<Finisher>,
     /// Rejections (and requests given no answer) are logged at most this
     /// often, so a flood of bad requests neither floods the journal nor
     /// slows the intake down.
@@ -77,7 +79,7 @@ const STATUS_REUSE: std::time::Duration = std::time::Duration::from_millis(100);
 #[derive(Debug)]
 struct RateLimit {
     per_second: u32,
-    state: std::sync::Mutex<(std::time::Instant, u32, u64)>,
+    state: std::sync::Mutex<(tokio::time::Instant, u32, u64)>,
 }
 
 impl RateLimit {
@@ -85,18 +87,19 @@ impl RateLimit {
     fn new(per_second: u32) -> Self {
         Self {
             per_second,
-            state: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
+            state: std::sync::Mutex::new((tokio::time::Instant::now(), 0, 0)),
         }
     }
 
     /// Whether this event may be logged; when a new second starts, also how
     /// many were held back in the last one.
     fn allow(&self) -> (bool, u64) {
+        let now = tokio::time::Instant::now();
         let mut state = crate::sync::lock(&self.state);
         let (since, count, held_back) = &mut *state;
         let mut report = 0;
-        if since.elapsed() >= std::time::Duration::from_secs(1) {
-            *since = std::time::Instant::now();
+        if now.duration_since(*since) >= std::time::Duration::from_secs(1) {
+            *since = now;
             *count = 0;
             report = std::mem::take(held_back);
         }
@@ -149,7 +152,9 @@ enum ReplyTo {
 impl Intake {
     /// An intake that queues onto `queue`, replies to build requests
     /// through `publisher` and to status and cancel requests through
-    /// `answers`, and keeps `live` up to date.
+    /// `answers`, keeps `live` up to date and ends requests through
+    /// `finisher`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: Arc<Config>,
         publisher: Arc<Publisher>,
@@ -158,6 +163,7 @@ impl Intake {
         monitor: Arc<Monitor>,
         live: Arc<LiveRequests>,
         journal: Journaling,
+        finisher: Arc<Finisher>,
     ) -> Self {
         Self {
             config,
@@ -167,21 +173,21 @@ impl Intake {
             monitor,
             live,
             journal,
+            finisher,
             rejection_log: RateLimit::new(20),
             status_sent: std::sync::Mutex::new(None),
         }
     }
 
     /// Refuses new requests from now on (`shutting_down`). Every waiting
-    /// one is told `interrupted` when the builder stops to resume them
-    /// (`reason` is [`cancel::INTERRUPTED`]; they stay in the journal), or
-    /// ended with `finished`/`cancelled`, saying `reason`.
-    pub(crate) fn close(&self, reason: &str) {
+    /// one is told `interrupted` when the stop pauses requests (they stay
+    /// in the journal and resume at the next start), or ended with
+    /// `finished`/`cancelled` for `reason`.
+    pub(crate) fn close(&self, reason: StopReason) {
         for job in self.queue.close() {
-            if reason == cancel::INTERRUPTED {
+            if reason.pauses() {
                 tracing::info!(build_id = %job.build_id, "waiting build interrupted; it resumes at the next start");
-                job.replies
-                    .send(&job.build_id, Event::Interrupted { resume: true });
+                self.finisher.interrupt(&job, Stage::Waiting);
             } else {
                 self.cancel_waiting(&job, reason);
             }
@@ -189,19 +195,62 @@ impl Intake {
     }
 
     /// Ends a request that never started: cancelled while it waited.
-    fn cancel_waiting(&self, job: &Job, reason: &str) {
-        tracing::info!(build_id = %job.build_id, reason, "cancelling queued build");
+    fn cancel_waiting(&self, job: &Job, reason: StopReason) {
+        tracing::info!(build_id = %job.build_id, reason = reason.message(), "cancelling queued build");
         let report = Report::ended_early(
             BuildStatus::Cancelled,
-            ErrorBody::new(ErrorCode::Cancelled, reason),
+            ErrorBody::new(ErrorCode::Cancelled, reason.message()),
         );
-        self.monitor
-            .build_finished(&job.build_id, &job.repo, report.status, report.duration);
-        job.finish(report);
-        self.journal.note(Record::Ended {
-            build_id: job.build_id.clone(),
-        });
-        self.live.remove(&job.build_id);
+        self.finisher.finish(job, report, Stage::Waiting);
+    }
+
+    /// Queues a request from the journal again, under its build id and
+    /// with its requesters, and tells them it goes on (`resumed`). One
+    /// whose repo or target the config no longer allows ends `failed` at
+    /// once. Requests from before a stop or a crash are resumed before any
+    /// new one is taken, so they run first, in their order.
+    pub(crate) fn resume(&self, unfinished: Unfinished) {
+        let request = &unfinished.request;
+        let mut subjects = request.replies.iter().map(|s| Subject::from(s.as_str()));
+        let replies = Replies::new(Arc::clone(&self.publisher), subjects.next()).resumed();
+        for subject in subjects {
+            replies.add(subject);
+        }
+        let target = Target::parse(&request.target);
+        let job = Job {
+            build_id: request.build_id.clone(),
+            repo: request.repo.clone(),
+            target: target.clone().unwrap_or(Target::All),
+            git_ref: request.git_ref.clone(),
+            rev: request.rev.clone(),
+            logs: request.logs,
+            owner: request.owner.clone(),
+            replies: replies.clone(),
+            received_at: request.received_at(),
+            resume: Some(unfinished.resume()),
+        };
+        if !self.config.repos.contains_key(&job.repo) || target.is_err() {
+            tracing::warn!(build_id = %job.build_id, repo = %job.repo, "journaled request no longer fits the config; ending it");
+            let error = ErrorBody::new(
+                ErrorCode::UnknownRepo,
+                format!("repo {} is no longer configured on the builder", job.repo),
+            );
+            let report = Report::ended_early(BuildStatus::Failed, error);
+            self.finisher.finish(&job, report, Stage::Waiting);
+            return;
+        }
+        let done: Vec<String> = unfinished.done.iter().map(|h| h.host.clone()).collect();
+        tracing::info!(build_id = %job.build_id, repo = %job.repo, target = %job.target, done = done.len(), "resuming a journaled request");
+        self.live.register(&job.build_id, &replies, None);
+        replies.send(
+            &job.build_id,
+            Event::Resumed {
+                done,
+                heartbeat_ms: super::request::millis(self.config.builder.progress_interval),
+            },
+        );
+        self.monitor.resumed();
+        self.queue.restore(job);
     }
 
     /// Where the answer to `message` may go. The builder speaks only on
@@ -646,7 +695,7 @@ impl Intake {
             |job| allow(job.owner.as_deref()),
         ) {
             Take::Taken(job) => {
-                self.cancel_waiting(&job, cancel::BY_REQUEST);
+                self.cancel_waiting(&job, StopReason::ByRequest);
                 Take::Taken(CancelledState::Queued)
             }
             Take::Refused => Take::Refused,
@@ -698,5 +747,304 @@ impl Intake {
                 .enqueue(reply, Bytes::from(payload), Class::Answer),
             Err(err) => tracing::error!(%err, "cannot encode a reply"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use async_nats::HeaderMap;
+    use serde_json::{Value, json};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::builder::cancel::Cancellation;
+    use crate::nats::ConnectionState;
+    use crate::protocol::CANCEL_SUBJECT;
+    use crate::signing::Signer;
+
+    const CONFIG: &str = r#"
+[nats]
+url = "nats://127.0.0.1:4222"
+[repos.demo]
+url = "git+file:///srv/demo"
+[repos.other]
+url = "git+file:///srv/other"
+"#;
+
+    /// An intake with everything behind it but NATS: replies stay queued
+    /// in offline publishers for the test to read.
+    struct Fixture {
+        intake: Intake,
+        events: Arc<Publisher>,
+        answers: Arc<Publisher>,
+        queue: Arc<Queue<Job>>,
+        monitor: Arc<Monitor>,
+    }
+
+    /// `extra` is more of the config file (an `[auth]` table, say).
+    fn fixture(extra: &str) -> Fixture {
+        let text = format!("{CONFIG}{extra}");
+        let config = Arc::new(Config::parse(&text, Path::new("test.toml")).unwrap());
+        let queue = Arc::new(Queue::shared(
+            config.builder.queue_limit,
+            config.builder.queue_per_owner,
+            |job: &Job| job.owner.clone(),
+        ));
+        let (_, nats) = watch::channel(ConnectionState {
+            connected: true,
+            connects: 1,
+            since: std::time::Instant::now(),
+        });
+        let journal = Journaling::default();
+        let monitor =
+            Arc::new(Monitor::new(&config, Arc::clone(&queue), nats, journal.clone()).unwrap());
+        let live = Arc::new(LiveRequests::default());
+        let finisher = Arc::new(Finisher::new(
+            Arc::clone(&monitor),
+            Arc::clone(&queue),
+            journal.clone(),
+            Arc::clone(&live),
+        ));
+        let (events, answers) = (Publisher::offline(), Publisher::offline());
+        let intake = Intake::new(
+            config,
+            Arc::clone(&events),
+            Arc::clone(&answers),
+            Arc::clone(&queue),
+            Arc::clone(&monitor),
+            live,
+            journal,
+            finisher,
+        );
+        Fixture {
+            intake,
+            events,
+            answers,
+            queue,
+            monitor,
+        }
+    }
+
+    fn message(subject: &str, reply: &str, body: &str, signer: Option<&Signer>) -> Message {
+        let headers: Option<HeaderMap> =
+            signer.map(|signer| signer.headers(subject, reply, body.as_bytes()));
+        Message {
+            subject: subject.into(),
+            reply: (!reply.is_empty()).then(|| reply.into()),
+            payload: Bytes::from(body.to_owned()),
+            headers,
+            status: None,
+            description: None,
+            length: body.len(),
+        }
+    }
+
+    fn signer() -> Signer {
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        Signer::from_seed(&seed).unwrap()
+    }
+
+    /// The events queued for `subject`, in order.
+    fn events_to(sent: &[(String, Value)], subject: &str) -> Vec<Value> {
+        sent.iter()
+            .filter(|(to, _)| to == subject)
+            .map(|(_, reply)| reply.clone())
+            .collect()
+    }
+
+    fn build_id_of(accepted: &Value) -> String {
+        assert_eq!(accepted["event"], "accepted", "{accepted}");
+        accepted["build_id"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn identical_requests_share_one_build_and_others_queue_their_own() {
+        let f = fixture("");
+        let alice = signer();
+        let request = |reply: &str, body: &str, signer: Option<&Signer>| {
+            f.intake
+                .build(message("build.demo.all", reply, body, signer));
+        };
+        request("build.responses.a.1", "", None);
+        request("build.responses.a.2", "", None);
+        // Each differs from the first in one part of what it builds, or
+        // in who may cancel it.
+        request("build.responses.a.3", r#"{"logs":true}"#, None);
+        request("build.responses.a.4", r#"{"ref":"staging"}"#, None);
+        request("build.responses.a.5", "", Some(&alice));
+        f.intake
+            .build(message("build.other.all", "build.responses.a.6", "", None));
+
+        let sent = f.events.take_queued();
+        let ids: Vec<String> = (1..=6)
+            .map(|n| build_id_of(&events_to(&sent, &format!("build.responses.a.{n}"))[0]))
+            .collect();
+        assert_eq!(ids[0], ids[1], "the same request joins the waiting build");
+        for (n, id) in ids.iter().enumerate().skip(2) {
+            assert_ne!(*id, ids[0], "request {} must not join", n + 1);
+        }
+        assert_eq!(f.queue.waiting(), 5);
+    }
+
+    #[test]
+    fn a_cancel_ends_a_waiting_build_for_its_owner_only() {
+        let f = fixture("");
+        let (owner, stranger) = (signer(), signer());
+        f.intake.build(message(
+            "build.demo.all",
+            "build.responses.o.1",
+            "",
+            Some(&owner),
+        ));
+        let build_id = build_id_of(&f.events.take_queued()[0].1);
+        let cancel = |by: &Signer, reply: &str| {
+            let body = json!({ "build_id": build_id }).to_string();
+            f.intake
+                .cancel(message(CANCEL_SUBJECT, reply, &body, Some(by)));
+            f.answers.take_queued().remove(0).1
+        };
+
+        let refused = cancel(&stranger, "build.responses.s.1");
+        assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+        assert_eq!(f.queue.waiting(), 1, "a refused cancel leaves the build");
+        assert!(f.events.take_queued().is_empty());
+
+        let done = cancel(&owner, "build.responses.o.2");
+        assert_eq!(done["found"], true, "{done}");
+        assert_eq!(done["state"], "queued", "{done}");
+        assert_eq!(f.queue.waiting(), 0);
+        let finished = &f.events.take_queued()[0].1;
+        assert_eq!(finished["event"], "finished", "{finished}");
+        assert_eq!(finished["status"], "cancelled");
+        assert_eq!(
+            finished["error"]["message"],
+            StopReason::ByRequest.message()
+        );
+
+        let gone = cancel(&owner, "build.responses.o.3");
+        assert_eq!(gone["found"], false, "{gone}");
+    }
+
+    #[test]
+    fn a_cancel_stops_the_running_build_and_is_too_late_once_it_settled() {
+        let admin = signer();
+        let f = fixture(&format!("[auth]\nadmins = [{:?}]\n", admin.public_key()));
+        f.intake
+            .build(message("build.demo.all", "build.responses.r.1", "", None));
+        let build_id = build_id_of(&f.events.take_queued()[0].1);
+        let Take::Taken(job) = f.queue.take_if(|_| true, |_| true) else {
+            panic!("the job is waiting");
+        };
+        let shutdown = Cancellation::root(Default::default(), StopReason::Shutdown);
+        let running = shutdown.child();
+        f.monitor.build_started(&job, running.clone());
+
+        let body = json!({ "build_id": build_id }).to_string();
+        let cancel = |by: &Signer, reply: &str| {
+            f.intake
+                .cancel(message(CANCEL_SUBJECT, reply, &body, Some(by)));
+            f.answers.take_queued().remove(0).1
+        };
+        // An unsigned build: only an admin may cancel it.
+        let refused = cancel(&signer(), "build.responses.x.1");
+        assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+        assert!(!running.is_cancelled());
+
+        let stopped = cancel(&admin, "build.responses.x.2");
+        assert_eq!(stopped["state"], "running", "{stopped}");
+        assert!(running.is_cancelled());
+        assert_eq!(running.reason(), StopReason::ByRequest);
+        assert!(!running.pauses());
+
+        // Every host done: a cancel now changes nothing.
+        assert!(f.monitor.settle(&build_id, &running));
+        let late = cancel(&admin, "build.responses.x.3");
+        assert_eq!(late["state"], "finishing", "{late}");
+        assert_eq!(late["found"], false);
+    }
+
+    #[test]
+    fn closing_pauses_or_ends_the_waiting_requests_by_the_stop_reason() {
+        for reason in [StopReason::Interrupted, StopReason::Shutdown] {
+            let f = fixture("");
+            f.intake
+                .build(message("build.demo.all", "build.responses.c.1", "", None));
+            f.events.take_queued();
+            f.intake.close(reason);
+            let sent = f.events.take_queued();
+            let event = &sent[0].1;
+            if reason.pauses() {
+                assert_eq!(event["event"], "interrupted", "{event}");
+            } else {
+                assert_eq!(event["event"], "finished", "{event}");
+                assert_eq!(event["status"], "cancelled");
+                assert_eq!(event["error"]["message"], reason.message());
+            }
+            // Closed: the next request is refused.
+            f.intake
+                .build(message("build.demo.all", "build.responses.c.2", "", None));
+            let refused = &f.events.take_queued()[0].1;
+            assert_eq!(refused["error"]["code"], "shutting_down", "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_journaled_request_for_a_repo_now_gone_ends_failed_at_once() {
+        let f = fixture("");
+        let request = AcceptedRequest {
+            build_id: "b-gone".into(),
+            repo: "retired".into(),
+            target: "all".into(),
+            git_ref: None,
+            rev: None,
+            logs: false,
+            owner: None,
+            replies: vec!["build.responses.j.1".into()],
+            received_at: 0,
+        };
+        f.intake.resume(Unfinished {
+            request: request.clone(),
+            started: None,
+            done: Vec::new(),
+        });
+        let sent = f.events.take_queued();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].0, "build.responses.j.1");
+        assert_eq!(sent[0].1["event"], "finished");
+        assert_eq!(sent[0].1["status"], "failed");
+        assert_eq!(sent[0].1["error"]["code"], "unknown_repo");
+        assert_eq!(f.queue.waiting(), 0);
+
+        // One that still fits is queued again and told it goes on.
+        f.intake.resume(Unfinished {
+            request: AcceptedRequest {
+                repo: "demo".into(),
+                ..request
+            },
+            started: None,
+            done: Vec::new(),
+        });
+        let sent = f.events.take_queued();
+        assert_eq!(sent[0].1["event"], "resumed", "{sent:?}");
+        assert_eq!(f.queue.waiting(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejections_are_logged_twenty_a_second_and_the_rest_counted() {
+        let limit = RateLimit::new(20);
+        let allowed = (0..25).filter(|_| limit.allow().0).count();
+        assert_eq!(allowed, 20);
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(limit.allow(), (false, 0), "still the same second");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            limit.allow(),
+            (true, 6),
+            "the next second reports the held back"
+        );
+        assert_eq!(limit.allow(), (true, 0));
     }
 }

@@ -12,6 +12,7 @@
 
 mod cancel;
 mod eval;
+mod finisher;
 mod intake;
 mod journal;
 mod live;
@@ -39,19 +40,17 @@ use crate::nats::{self, Connection, NatsError};
 use crate::nix::NixCli;
 use crate::nix::version::{NixVersion, VersionError};
 use crate::protocol::{
-    BuildStatus, CANCEL_SUBJECT, ErrorBody, ErrorCode, Event, REQUEST_SUBSCRIPTION, STATUS_SUBJECT,
-    Target,
+    BuildStatus, CANCEL_SUBJECT, ErrorBody, ErrorCode, REQUEST_SUBSCRIPTION, STATUS_SUBJECT,
 };
 use crate::systemd;
-use async_nats::Subject;
-use cancel::Cancellation;
+use cancel::{Cancellation, StopReason};
+use finisher::{Finisher, Stage};
 use intake::Intake;
-use journal::{Journal, Journaling, Record, Unfinished};
+use journal::{Journal, Journaling};
 use live::LiveRequests;
 use monitor::Monitor;
 use queue::Queue;
 use replies::Publisher;
-use replies::Replies;
 use request::{Job, Report};
 use runner::Runner;
 
@@ -84,17 +83,21 @@ pub enum BuilderError {
 /// Runs the builder until `shutdown` fires and every request has its
 /// terminal event.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BuilderError> {
-    // With a journal, stopping is a pause: requests resume at the next start.
-    let reason = if config.builder.journal_file.is_some() && config.builder.resume {
-        cancel::INTERRUPTED
-    } else {
-        cancel::SHUTDOWN
-    };
-    let shutdown = Cancellation::root(shutdown, reason);
+    let shutdown = Cancellation::root(shutdown, stop_reason(&config));
     let mut service = Service::start(config, &shutdown).await?;
     service.serve(&shutdown).await;
     service.stop(&shutdown).await;
     Ok(())
+}
+
+/// What stopping the builder does to its requests: with a journal to
+/// resume from, it pauses them until the next start; without, it ends them.
+fn stop_reason(config: &Config) -> StopReason {
+    if config.builder.journal_file.is_some() && config.builder.resume {
+        StopReason::Interrupted
+    } else {
+        StopReason::Shutdown
+    }
 }
 
 /// The tasks taking requests, one per subscription, each handing its
@@ -300,17 +303,25 @@ impl Service {
         // Roots left by a crash go before any request runs.
         runner.start_up().await;
         let live = Arc::new(LiveRequests::default());
+        let finisher = Arc::new(Finisher::new(
+            Arc::clone(&monitor),
+            Arc::clone(&queue),
+            journaling.clone(),
+            Arc::clone(&live),
+        ));
+        let intake = Arc::new(Intake::new(
+            Arc::clone(&config),
+            Arc::clone(&publisher),
+            Arc::clone(&answers),
+            Arc::clone(&queue),
+            Arc::clone(&monitor),
+            Arc::clone(&live),
+            journaling,
+            Arc::clone(&finisher),
+        ));
         // Requests from before a stop or a crash run first, in their order.
         for unfinished in recovered {
-            resume(
-                unfinished,
-                &config,
-                &publisher,
-                &queue,
-                &live,
-                &monitor,
-                &journaling,
-            );
+            intake.resume(unfinished);
         }
         let heartbeats = tokio::spawn(send_heartbeats(
             Arc::clone(&live),
@@ -321,21 +332,11 @@ impl Service {
         // `/healthz` says ok.
         monitor.worker_running(true);
         let worker = tokio::spawn(work(
-            Arc::clone(&queue),
+            queue,
             runner,
             Arc::clone(&monitor),
-            Arc::clone(&live),
-            journaling.clone(),
+            finisher,
             shutdown.clone(),
-        ));
-        let intake = Arc::new(Intake::new(
-            Arc::clone(&config),
-            Arc::clone(&publisher),
-            Arc::clone(&answers),
-            queue,
-            Arc::clone(&monitor),
-            live,
-            journaling,
         ));
         let readers = Readers::start(subscriptions, &intake);
         Ok(Self {
@@ -414,7 +415,7 @@ impl Service {
                 }
                 () = self.readers.builds_ended.cancelled() => {
                     tracing::error!("request subscription ended; shutting down");
-                    shutdown.cancel(cancel::SHUTDOWN);
+                    shutdown.cancel(StopReason::Shutdown);
                     break;
                 }
                 // systemd's watchdog runs from READY=1 on.
@@ -485,8 +486,7 @@ async fn work(
     queue: Arc<Queue<Job>>,
     runner: Arc<Runner>,
     monitor: Arc<Monitor>,
-    live: Arc<LiveRequests>,
-    journal: Journaling,
+    finisher: Arc<Finisher>,
     shutdown: Cancellation,
 ) {
     loop {
@@ -516,24 +516,12 @@ async fn work(
                 )
             }
         };
-        if report.status == BuildStatus::Cancelled && cancel.reason() == cancel::INTERRUPTED {
-            // Paused, not ended: it stays in the journal for the next start.
+        if report.status == BuildStatus::Cancelled && cancel.pauses() {
             tracing::info!(build_id = %job.build_id, "build interrupted; it resumes at the next start");
-            monitor.build_interrupted(&job.build_id);
-            queue.done();
-            job.replies
-                .send(&job.build_id, Event::Interrupted { resume: true });
-            continue;
+            finisher.interrupt(&job, Stage::Running);
+        } else {
+            finisher.finish(&job, report, Stage::Running);
         }
-        // Everything that answers status and queue questions is settled
-        // before the requester hears `finished`.
-        monitor.build_finished(&job.build_id, &job.repo, report.status, report.duration);
-        queue.done();
-        job.finish(report);
-        journal.note(Record::Ended {
-            build_id: job.build_id.clone(),
-        });
-        live.remove(&job.build_id);
     }
     monitor.worker_running(false);
 }
@@ -555,65 +543,65 @@ async fn send_heartbeats(live: Arc<LiveRequests>, every: Duration, stop: Cancell
     }
 }
 
-/// Queues a request from the journal again, under its build id and with
-/// its requesters, and tells them it goes on (`resumed`). One whose repo or
-/// target the config no longer allows ends `failed` at once.
-fn resume(
-    unfinished: Unfinished,
-    config: &Config,
-    publisher: &Arc<Publisher>,
-    queue: &Queue<Job>,
-    live: &LiveRequests,
-    monitor: &Monitor,
-    journal: &Journaling,
-) {
-    let request = &unfinished.request;
-    let mut subjects = request.replies.iter().map(|s| Subject::from(s.as_str()));
-    let replies = Replies::new(Arc::clone(publisher), subjects.next()).resumed();
-    for subject in subjects {
-        replies.add(subject);
-    }
-    let target = Target::parse(&request.target);
-    let job = Job {
-        build_id: request.build_id.clone(),
-        repo: request.repo.clone(),
-        target: target.clone().unwrap_or(Target::All),
-        git_ref: request.git_ref.clone(),
-        rev: request.rev.clone(),
-        logs: request.logs,
-        owner: request.owner.clone(),
-        replies: replies.clone(),
-        received_at: request.received_at(),
-        resume: Some(unfinished.resume()),
-    };
-    if !config.repos.contains_key(&job.repo) || target.is_err() {
-        tracing::warn!(build_id = %job.build_id, repo = %job.repo, "journaled request no longer fits the config; ending it");
-        let error = ErrorBody::new(
-            ErrorCode::UnknownRepo,
-            format!("repo {} is no longer configured on the builder", job.repo),
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::protocol::Event;
+    use replies::Replies;
+
+    fn config(builder: &str) -> Config {
+        let text = format!(
+            "[nats]\nurl = \"nats://127.0.0.1:4222\"\n[repos.demo]\nurl = \"git+file:///srv/demo\"\n[builder]\n{builder}"
         );
-        monitor.build_finished(
-            &job.build_id,
-            &job.repo,
-            BuildStatus::Failed,
-            Duration::ZERO,
-        );
-        job.finish(Report::ended_early(BuildStatus::Failed, error));
-        journal.note(Record::Ended {
-            build_id: job.build_id.clone(),
-        });
-        return;
+        Config::parse(&text, Path::new("test.toml")).unwrap()
     }
-    let done: Vec<String> = unfinished.done.iter().map(|h| h.host.clone()).collect();
-    tracing::info!(build_id = %job.build_id, repo = %job.repo, target = %job.target, done = done.len(), "resuming a journaled request");
-    live.register(&job.build_id, &replies, None);
-    replies.send(
-        &job.build_id,
-        Event::Resumed {
-            done,
-            heartbeat_ms: request::millis(config.builder.progress_interval),
-        },
-    );
-    monitor.resumed();
-    queue.restore(job);
+
+    #[test]
+    fn stopping_pauses_requests_only_with_a_journal_to_resume_from() {
+        let journal = "journal_file = \"/var/lib/homelab-deploy/journal\"\n";
+        assert_eq!(stop_reason(&config(journal)), StopReason::Interrupted);
+        let no_resume = format!("{journal}resume = false\n");
+        assert_eq!(stop_reason(&config(&no_resume)), StopReason::Shutdown);
+        assert_eq!(stop_reason(&config("")), StopReason::Shutdown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_request_hears_a_heartbeat_within_one_and_a_half_intervals_and_a_second() {
+        let every = Duration::from_secs(10);
+        let publisher = replies::Publisher::offline();
+        let live = Arc::new(LiveRequests::default());
+        let replies = Replies::new(Arc::clone(&publisher), Some("build.responses.h.1".into()));
+        live.register("b-quiet", &replies, None);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(send_heartbeats(Arc::clone(&live), every, stop.clone()));
+
+        let heartbeats = |publisher: &replies::Publisher| {
+            publisher
+                .take_queued()
+                .iter()
+                .filter(|(_, reply)| reply["event"] == "heartbeat")
+                .count()
+        };
+        // Quiet for `every` + 1 s is not yet due...
+        tokio::time::advance(every).await;
+        tokio::task::yield_now().await;
+        assert_eq!(heartbeats(&publisher), 0);
+        // ...and is heard by the next tick, at most 1.5 intervals + 1 s in.
+        tokio::time::advance(every / 2 + Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(heartbeats(&publisher), 1);
+
+        // A request that hears events meanwhile needs no heartbeat.
+        for _ in 0..6 {
+            replies.send("b-quiet", Event::Heartbeat);
+            publisher.take_queued();
+            tokio::time::advance(every / 2).await;
+            tokio::task::yield_now().await;
+            assert_eq!(heartbeats(&publisher), 0);
+        }
+        stop.cancel();
+        task.await.unwrap();
+    }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::cancel::{self, Cancellation};
+use super::cancel::{Cancellation, StopReason};
 use super::journal::Journaling;
 use super::queue::Queue;
 use super::request::Job;
@@ -212,7 +212,7 @@ impl Monitor {
                 } else if running.settled {
                     RunningCancel::TooLate
                 } else {
-                    running.cancel.cancel(cancel::BY_REQUEST);
+                    running.cancel.cancel(StopReason::ByRequest);
                     RunningCancel::Cancelled
                 }
             }

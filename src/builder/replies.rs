@@ -137,7 +137,9 @@ impl Outbox {
 
 /// The single sender of replies.
 pub(crate) struct Publisher {
-    nats: async_nats::Client,
+    /// Where replies go; `None` only for a publisher in unit tests, which
+    /// keeps everything queued for the test to read.
+    nats: Option<async_nats::Client>,
     state: watch::Receiver<ConnectionState>,
     /// Signs every reply, when the builder has an NKey.
     signer: Option<Arc<Signer>>,
@@ -157,7 +159,7 @@ impl Publisher {
         on_overload: impl Fn() + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
-            nats: connection.client.clone(),
+            nats: Some(connection.client.clone()),
             state: connection.state.clone(),
             signer: connection.signer.clone(),
             outbox: Mutex::new(Outbox::default()),
@@ -169,6 +171,44 @@ impl Publisher {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
         lock(&self.outbox)
+    }
+
+    /// A publisher with no NATS behind it, for unit tests: replies stay
+    /// queued until [`Publisher::take_queued`].
+    #[cfg(test)]
+    pub(crate) fn offline() -> Arc<Self> {
+        let (_, state) = watch::channel(ConnectionState {
+            connected: false,
+            connects: 0,
+            since: std::time::Instant::now(),
+        });
+        Arc::new(Self {
+            nats: None,
+            state,
+            signer: None,
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
+            drained: Notify::new(),
+            on_overload: Box::new(|| {}),
+        })
+    }
+
+    /// Everything queued so far, in the order it would be sent (events of
+    /// accepted builds first), as subject and decoded JSON.
+    #[cfg(test)]
+    pub(crate) fn take_queued(&self) -> Vec<(String, serde_json::Value)> {
+        let mut outbox = self.lock();
+        let events = std::mem::take(&mut outbox.events);
+        let answers = std::mem::take(&mut outbox.answers);
+        outbox.expendable = 0;
+        events
+            .into_iter()
+            .chain(answers)
+            .map(|item| {
+                let json = serde_json::from_slice(&item.payload).expect("replies are JSON");
+                (item.subject.to_string(), json)
+            })
+            .collect()
     }
 
     /// Whether an answer queued now would be sent rather than dropped, so
@@ -222,7 +262,13 @@ impl Publisher {
     /// The largest reply the server takes, less room for the signature
     /// headers.
     pub(crate) fn max_reply_bytes(&self) -> usize {
-        self.nats.max_payload().saturating_sub(SIGNATURE_ROOM)
+        // NATS's default limit where there is no server to ask.
+        const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+        let max_payload = self
+            .nats
+            .as_ref()
+            .map_or(DEFAULT_MAX_PAYLOAD, async_nats::Client::max_payload);
+        max_payload.saturating_sub(SIGNATURE_ROOM)
     }
 
     /// Messages waiting to be sent.
@@ -247,6 +293,9 @@ impl Publisher {
 
     /// Sends queued messages in order until `stop`.
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let Some(nats) = self.nats.clone() else {
+            return stop.cancelled().await;
+        };
         loop {
             let wake = self.wake.notified();
             let next = {
@@ -285,11 +334,10 @@ impl Publisher {
             let published = match &self.signer {
                 Some(signer) => {
                     let headers = signer.headers(&item.subject, "", &item.payload);
-                    self.nats
-                        .publish_with_headers(item.subject.clone(), headers, item.payload)
+                    nats.publish_with_headers(item.subject.clone(), headers, item.payload)
                         .await
                 }
-                None => self.nats.publish(item.subject.clone(), item.payload).await,
+                None => nats.publish(item.subject.clone(), item.payload).await,
             };
             if let Err(err) = published {
                 tracing::warn!(%err, subject = %item.subject, "cannot publish a reply");

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use super::cancel::StopReason;
 use super::replies::Replies;
 use crate::protocol::{
     BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary, SkippedHost, Target,
@@ -129,10 +130,10 @@ impl HostFailure {
     }
 
     /// The build was cancelled, for `reason`.
-    pub(crate) fn cancelled(reason: &str) -> Self {
+    pub(crate) fn cancelled(reason: StopReason) -> Self {
         Self {
             status: HostStatus::Cancelled,
-            error: ErrorBody::new(ErrorCode::Cancelled, reason),
+            error: ErrorBody::new(ErrorCode::Cancelled, reason.message()),
         }
     }
 

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::cancel::{self, Cancellation};
+use super::cancel::{Cancellation, StopReason};
 use super::eval::{EvalSettings, Evaluated, Evaluations};
 use super::journal::{Journaling, Record};
 use super::monitor::Monitor;
@@ -132,7 +132,7 @@ impl Runner {
         if let Some(roots) = &self.roots {
             // Each move is one short Nix call; nothing can cancel it yet,
             // as no request runs before start-up ends.
-            let cancel = Cancellation::root(Default::default(), cancel::SHUTDOWN);
+            let cancel = Cancellation::root(Default::default(), StopReason::Shutdown);
             let deadline = Instant::now() + std::time::Duration::from_secs(600);
             roots.migrate(&self.nix, deadline, &cancel).await;
         }
@@ -372,7 +372,10 @@ impl Runner {
             BuildStatus::Failed
         };
         let error = match status {
-            BuildStatus::Cancelled => Some(ErrorBody::new(ErrorCode::Cancelled, cancel.reason())),
+            BuildStatus::Cancelled => Some(ErrorBody::new(
+                ErrorCode::Cancelled,
+                cancel.reason().message(),
+            )),
             _ if !skipped.is_empty() => Some(skipped_error(&skipped)),
             _ => None,
         };
@@ -620,7 +623,7 @@ impl Runner {
             changed_packages: None,
             size_delta: None,
         };
-        if status == HostStatus::Cancelled && cancel.reason() == cancel::INTERRUPTED {
+        if status == HostStatus::Cancelled && cancel.pauses() {
             // Paused: the host builds again after the restart, so it gets
             // no result now (nor in the journal).
             tracing::info!(%host, "host interrupted");
