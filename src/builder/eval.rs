@@ -26,10 +26,11 @@ use tracing::Instrument;
 use super::cancel::Cancellation;
 use super::request::HostFailure;
 use super::roots::RequestRoots;
+use super::step::{self, StepFailure};
 use crate::nix::NixCli;
 use crate::nix::argv::{EVAL_MARKER, is_drv_path};
 use crate::nix::log::{ErrorTail, LogEvent, LogParser};
-use crate::nix::process::{self, Observer, Outcome};
+use crate::nix::process::{self, Observer};
 use crate::protocol::ErrorCode;
 use crate::sync::lock;
 
@@ -48,12 +49,12 @@ pub(crate) struct EvalSettings {
     pub(crate) host_timeout: Duration,
 }
 
-type HostResult = Result<Evaluated, HostFailure>;
+type EvalResult = Result<Evaluated, HostFailure>;
 
 /// The evaluations of one request's hosts, consumed in host order.
 pub(crate) struct Evaluations {
-    results: Vec<Option<HostResult>>,
-    incoming: mpsc::Receiver<(usize, HostResult)>,
+    results: Vec<Option<EvalResult>>,
+    incoming: mpsc::Receiver<(usize, EvalResult)>,
     lanes: JoinSet<()>,
     stop: CancellationToken,
 }
@@ -136,7 +137,7 @@ impl Evaluations {
     }
 
     /// Waits for host `index`'s evaluation.
-    pub(crate) async fn get(&mut self, index: usize, cancel: &Cancellation) -> HostResult {
+    pub(crate) async fn get(&mut self, index: usize, cancel: &Cancellation) -> EvalResult {
         loop {
             if let Some(result) = self.results.get_mut(index).and_then(Option::take) {
                 return result;
@@ -180,8 +181,8 @@ async fn root_each(
     roots: Option<RequestRoots>,
     timeout: Duration,
     cancel: Cancellation,
-    mut evaluated: mpsc::Receiver<(usize, HostResult)>,
-    rooted: mpsc::Sender<(usize, HostResult)>,
+    mut evaluated: mpsc::Receiver<(usize, EvalResult)>,
+    rooted: mpsc::Sender<(usize, EvalResult)>,
 ) {
     while let Some((index, result)) = evaluated.recv().await {
         if let (Some(roots), Ok(done), Some(host)) = (&roots, &result, hosts.get(index)) {
@@ -241,7 +242,7 @@ struct ProcessObserver<'a> {
     stop: &'a CancellationToken,
     /// The lane's remaining hosts, with their index in the request.
     hosts: &'a VecDeque<(usize, String)>,
-    results: &'a mpsc::Sender<(usize, HostResult)>,
+    results: &'a mpsc::Sender<(usize, EvalResult)>,
 }
 
 impl Observer for ProcessObserver<'_> {
@@ -305,9 +306,9 @@ async fn run_lane(
     mut hosts: VecDeque<(usize, String)>,
     settings: EvalSettings,
     cancel: CancellationToken,
-    results: mpsc::Sender<(usize, HostResult)>,
+    results: mpsc::Sender<(usize, EvalResult)>,
 ) {
-    let send = |index: usize, result: HostResult| {
+    let send = |index: usize, result: EvalResult| {
         // The channel holds one slot per host, so this never blocks; a
         // closed channel means the request is over.
         let _ = results.try_send((index, result));
@@ -376,22 +377,29 @@ async fn run_lane(
             .as_ref()
             .and_then(|host| hosts.iter().position(|(_, h)| h == host))
             .unwrap_or(0);
-        match outcome {
-            Ok(Outcome::Exited { status, .. }) => {
+        let failure = match step::explain(outcome, &state.tail) {
+            Err(failure) => failure,
+            // Nix exited fine without reporting every host: that host is
+            // settled as failed too, so the lane still makes progress.
+            Ok(_) => StepFailure::Exited {
+                status: std::process::ExitStatus::default(),
+                error: state.tail.summary(),
+            },
+        };
+        match failure {
+            StepFailure::Exited { status, error } => {
                 let Some((index, host)) = hosts.remove(culprit) else {
                     return;
                 };
-                let mut message = state.tail.summary();
-                if message.is_empty() {
-                    message = format!("nix exited with {status} while evaluating {host}");
-                }
+                let doing = format!(" while evaluating {host}");
+                let message = StepFailure::exit_message(status, &error, &doing);
                 tracing::warn!(%host, "evaluation failed");
                 send(
                     index,
                     Err(HostFailure::failed(ErrorCode::EvalFailed, message)),
                 );
             }
-            Ok(Outcome::Cancelled) if timed_out => {
+            StepFailure::Cancelled if timed_out => {
                 let Some((index, host)) = hosts.remove(culprit) else {
                     return;
                 };
@@ -404,19 +412,21 @@ async fn run_lane(
                     ))),
                 );
             }
-            Ok(Outcome::Cancelled) if state.over_memory => {
+            StepFailure::Cancelled if state.over_memory => {
                 tracing::info!(
                     limit = settings.max_memory,
                     remaining = hosts.len(),
                     "evaluator passed eval_max_memory; continuing in a fresh process"
                 );
             }
-            Ok(Outcome::Cancelled | Outcome::TimedOut | Outcome::Silent) => return,
-            Err(err) => {
+            StepFailure::Cancelled | StepFailure::TimedOut { .. } | StepFailure::Silent { .. } => {
+                return;
+            }
+            StepFailure::Spawn(why) => {
                 for (index, _) in hosts.drain(..) {
                     send(
                         index,
-                        Err(HostFailure::failed(ErrorCode::Internal, err.to_string())),
+                        Err(HostFailure::failed(ErrorCode::Internal, why.clone())),
                     );
                 }
                 return;

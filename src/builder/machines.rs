@@ -9,10 +9,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::monitor::Monitor;
+use super::step::{self, StepFailure};
 use crate::nix::NixCli;
-use crate::nix::log::{ErrorTail, LogParser};
 use crate::nix::machines::{Machine, builders_setting, machine_uris, read_machines_file};
-use crate::nix::process::{self, Outcome};
+use crate::nix::process::Limits;
 use crate::redact::redact;
 
 /// How often the machines are checked (`machine_up`, `build.status`).
@@ -49,11 +49,8 @@ pub(crate) async fn check_machines(nix: NixCli, monitor: Arc<Monitor>, stop: Can
 /// The machines Nix would build on now.
 async fn configured(nix: &NixCli, stop: &CancellationToken) -> Vec<Machine> {
     let deadline = Instant::now() + CHECK_TIMEOUT;
-    let outcome = process::run(&nix.show_config(), deadline, stop, &mut |_: &str| {}).await;
-    let builders = match outcome {
-        Ok(Outcome::Exited { status, stdout }) if status.success() => builders_setting(&stdout),
-        _ => None,
-    };
+    let shown = step::run_quiet(&nix.show_config(), Limits::deadline(deadline), stop).await;
+    let builders = shown.ok().and_then(|stdout| builders_setting(&stdout));
     let Some(builders) = builders else {
         tracing::warn!("cannot read Nix's `builders` setting; remote builders are not checked");
         return Vec::new();
@@ -67,23 +64,17 @@ async fn configured(nix: &NixCli, stop: &CancellationToken) -> Vec<Machine> {
 /// `None` when the machine answered, else why not.
 async fn ping(nix: &NixCli, uri: &str, stop: &CancellationToken) -> Option<String> {
     let deadline = Instant::now() + CHECK_TIMEOUT;
-    let mut parser = LogParser::new();
-    let mut tail = ErrorTail::default();
-    let outcome = process::run(&nix.ping_store(uri), deadline, stop, &mut |line: &str| {
-        tail.observe(&parser.parse(line));
-    })
-    .await;
-    match outcome {
-        Ok(Outcome::Exited { status, .. }) if status.success() => None,
-        Ok(Outcome::Exited { status, .. }) => Some(match tail.summary() {
-            summary if summary.is_empty() => format!("nix store ping exited with {status}"),
-            summary => redact(&summary).into_owned(),
-        }),
-        Ok(Outcome::TimedOut | Outcome::Silent) => Some(format!(
+    let pinged = step::run_quiet(&nix.ping_store(uri), Limits::deadline(deadline), stop).await;
+    match pinged.err()? {
+        StepFailure::Exited { status, error } if error.is_empty() => {
+            Some(format!("nix store ping exited with {status}"))
+        }
+        StepFailure::Exited { error, .. } => Some(redact(&error).into_owned()),
+        StepFailure::TimedOut { .. } | StepFailure::Silent { .. } => Some(format!(
             "no answer within {}",
             humantime::format_duration(CHECK_TIMEOUT)
         )),
-        Ok(Outcome::Cancelled) => Some("check cancelled".to_owned()),
-        Err(err) => Some(err.to_string()),
+        StepFailure::Cancelled => Some("check cancelled".to_owned()),
+        StepFailure::Spawn(why) => Some(why),
     }
 }

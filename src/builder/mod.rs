@@ -23,6 +23,7 @@ mod replies;
 mod request;
 mod roots;
 mod runner;
+mod step;
 mod watch;
 
 use std::sync::Arc;

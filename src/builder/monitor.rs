@@ -74,6 +74,24 @@ struct Running {
     settled: bool,
 }
 
+/// One host's result, as the monitor keeps it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostResult<'a> {
+    pub(crate) repo: &'a str,
+    pub(crate) host: &'a str,
+    /// The ref the request built (kept for side results only).
+    pub(crate) git_ref: Option<&'a str>,
+    /// Whether the request named an exact rev.
+    pub(crate) pinned: bool,
+    /// Which roots the result joins: the default ref's or a side lineage.
+    pub(crate) lineage: &'a Lineage,
+    pub(crate) status: HostStatus,
+    pub(crate) duration: Duration,
+    /// The commit the request was pinned at.
+    pub(crate) rev: Option<&'a str>,
+    pub(crate) out_path: Option<&'a str>,
+}
+
 /// What a `build.cancel` for the running build did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RunningCancel {
@@ -266,19 +284,20 @@ impl Monitor {
         }
     }
 
-    /// A host finished; `(git_ref, pinned, lineage)` say what it was built
-    /// from. Only the default ref's results become metric series.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn host_finished(
-        &self,
-        repo: &str,
-        host: &str,
-        (git_ref, pinned, lineage): (Option<&str>, bool, &Lineage),
-        status: HostStatus,
-        duration: Duration,
-        rev: Option<&str>,
-        out_path: Option<&str>,
-    ) {
+    /// A host finished. Only the default ref's results become metric
+    /// series.
+    pub(crate) fn host_finished(&self, result: &HostResult<'_>) {
+        let HostResult {
+            repo,
+            host,
+            git_ref,
+            pinned,
+            lineage,
+            status,
+            duration,
+            rev,
+            out_path,
+        } = *result;
         let now = SystemTime::now();
         let unix = unix_time(now);
         let side = match lineage {

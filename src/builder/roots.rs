@@ -45,9 +45,10 @@ use tokio::time::Instant;
 
 use super::cancel::Cancellation;
 use super::request::HostFailure;
+use super::step::{self, StepFailure};
 use crate::nix::NixCli;
 use crate::nix::argv::Invocation;
-use crate::nix::process::{self, Outcome};
+use crate::nix::process::Limits;
 use crate::protocol::{ErrorCode, random_hex};
 
 /// Where side roots live inside a repo's directory.
@@ -114,12 +115,10 @@ async fn add_root(
     deadline: Instant,
     cancel: &Cancellation,
 ) -> Result<(), HostFailure> {
-    let outcome = process::run(invocation, deadline, cancel.token(), &mut |_: &str| {}).await;
-    match outcome {
-        Ok(Outcome::Exited { status, .. }) if status.success() => Ok(()),
-        Ok(Outcome::Cancelled) => Err(HostFailure::cancelled(cancel.reason())),
-        Ok(other) => Err(failure("add", link, format!("nix ended with {other:?}"))),
-        Err(err) => Err(failure("add", link, err)),
+    match step::run_quiet(invocation, Limits::deadline(deadline), cancel.token()).await {
+        Ok(_) => Ok(()),
+        Err(StepFailure::Cancelled) => Err(HostFailure::cancelled(cancel.reason())),
+        Err(other) => Err(failure("add", link, other)),
     }
 }
 
