@@ -26,3 +26,4 @@ pub(crate) mod redact;
 pub(crate) mod signing;
 mod sync;
 pub(crate) mod systemd;
+pub(crate) mod text;

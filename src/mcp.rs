@@ -26,8 +26,9 @@ use crate::present::{
     cancel_outcome, changes_lines, changes_summary, human_duration, short_rev, status_report,
 };
 use crate::protocol::{
-    BuildRequest, BuildStatus, Changes, ErrorBody, Event, HostStatus, HostSummary, Reply, keep_tail,
+    BuildRequest, BuildStatus, Changes, ErrorBody, Event, HostStatus, HostSummary, Reply,
 };
+use crate::text::keep_tail;
 
 /// How long a tool call waits for a NATS connection that is not up yet.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);

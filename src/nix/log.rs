@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::Deserialize;
 
-use crate::protocol::{MAX_ERROR_MESSAGE_BYTES, keep_tail};
+use crate::protocol::MAX_ERROR_MESSAGE_BYTES;
 use crate::redact::redact;
+use crate::text::keep_tail;
 
 /// Activity type of the "building N derivations" umbrella activity.
 const ACT_BUILDS: u64 = 104;
