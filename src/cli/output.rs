@@ -234,6 +234,42 @@ mod tests {
     }
 
     #[test]
+    fn live_output_redraws_a_line_per_building_host() {
+        let mut out = Vec::new();
+        {
+            let mut view = View::new(&mut out, true);
+            for event in [
+                Event::HostStarted {
+                    host: "a".into(),
+                    index: 1,
+                    total: 2,
+                },
+                Event::HostStarted {
+                    host: "b".into(),
+                    index: 2,
+                    total: 2,
+                },
+            ] {
+                view.event(&reply(event));
+            }
+            view.tick();
+        }
+        let text = String::from_utf8(out).unwrap();
+        // The second draw erases both lines of the first, then draws both.
+        let (_, last) = text.rsplit_once("\r\x1b[2K\x1b[1A\x1b[2K").unwrap();
+        let lines: Vec<&str> = last.split('\n').collect();
+        assert_eq!(lines.len(), 2, "{text:?}");
+        assert!(
+            lines[0].starts_with("  building host 1 of 2: a ("),
+            "{text:?}"
+        );
+        assert!(
+            lines[1].starts_with("  building host 2 of 2: b ("),
+            "{text:?}"
+        );
+    }
+
+    #[test]
     fn request_errors_are_shown_before_the_summary() {
         let text = render(vec![Event::Finished {
             omitted_hosts: 0,
