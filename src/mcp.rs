@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
@@ -22,9 +22,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::client::{BuildClient, ClientError, Timeouts};
-use crate::present::{
-    cancel_outcome, changes_lines, changes_summary, human_duration, short_rev, status_report,
-};
+use crate::present::events::{BuildState, Style, describe};
+use crate::present::{cancel_outcome, changes_lines, changes_summary, status_report};
 use crate::protocol::{
     BuildRequest, BuildStatus, Changes, ErrorBody, Event, HostStatus, HostSummary, Reply,
 };
@@ -176,8 +175,11 @@ impl BuildTools {
             Ok(events) => events,
             Err(err) => return client_error(&err),
         };
-        let mut finished_hosts = 0usize;
-        let mut total = None;
+        let mut state = BuildState::default();
+        let style = Style {
+            request: Some(format!("{}/{}", args.repo, args.target)),
+            ..Style::default()
+        };
         // Failing hosts' errors and built hosts' changes, from their
         // host_finished events.
         let mut outcomes = HostOutcomes::default();
@@ -194,53 +196,32 @@ impl BuildTools {
                 Ok(None) => return text_result("the builder sent no result".into(), true),
                 Err(err) => return client_error(&err),
             };
-            let message = match &reply.event {
-                Event::Accepted { queue_position, .. } if *queue_position > 0 => {
-                    Some(format!("queued behind {queue_position} request(s)"))
-                }
-                Event::Started { hosts, .. } => {
-                    total = Some(hosts.len());
-                    Some(format!("building {} host(s)", hosts.len()))
-                }
-                Event::HostStarted {
-                    host, index, total, ..
-                } => Some(format!("host {index} of {total}: {host}")),
-                Event::Interrupted { resume: true } => {
-                    Some("the builder is restarting; waiting for it to resume".to_owned())
-                }
-                Event::Resumed { .. } => Some("the builder resumed the build".to_owned()),
-                Event::Progress {
-                    host,
-                    done,
-                    expected,
-                    ..
-                } if *expected > 0 => Some(format!("{host}: {done}/{expected} derivations")),
+            let shown = describe(&reply, &state, &style);
+            state.apply(&reply.event, Instant::now());
+            match &reply.event {
                 Event::HostFinished {
                     host,
-                    status,
                     error,
                     changes,
                     ..
                 } => {
-                    finished_hosts += 1;
                     if let Some(error) = error {
                         outcomes.errors.insert(host.clone(), error.clone());
                     }
                     if let Some(changes) = changes {
                         outcomes.changes.insert(host.clone(), changes.clone());
                     }
-                    Some(format!("{host}: {status}"))
                 }
                 Event::Finished { .. } | Event::Rejected { .. } => {
-                    return summarize(&reply, &args.repo, &args.target, &outcomes);
+                    return summarize(&reply, &shown.lines, &outcomes);
                 }
-                _ => None,
-            };
-            if let (Some(token), Some(message)) = (&progress_token, message) {
+                _ => {}
+            }
+            if let (Some(token), Some(note)) = (&progress_token, shown.note) {
                 let mut param =
-                    ProgressNotificationParam::new(token.clone(), finished_hosts as f64)
-                        .with_message(message);
-                if let Some(total) = total {
+                    ProgressNotificationParam::new(token.clone(), state.finished() as f64)
+                        .with_message(note);
+                if let Some(total) = state.total() {
                     param = param.with_total(total as f64);
                 }
                 if let Err(err) = context.peer.notify_progress(param).await {
@@ -272,48 +253,21 @@ struct HostOutcomes {
     changes: BTreeMap<String, Changes>,
 }
 
-/// The concise result of a build: the outcome, failing hosts with their
-/// error tails, and the hosts that built with what they change.
-fn summarize(reply: &Reply, repo: &str, target: &str, outcomes: &HostOutcomes) -> CallToolResult {
-    let id = &reply.build_id;
-    let (text, is_error) = match &reply.event {
-        Event::Rejected { error, .. } => (
-            format!(
-                "build of {repo}/{target} rejected ({}): {}",
-                error.code, error.message
-            ),
-            true,
-        ),
-        Event::Finished {
-            status,
-            rev,
-            duration_ms,
-            succeeded,
-            failed,
-            hosts,
-            error,
-            omitted_hosts,
-            ..
-        } => {
-            let rev = short_rev(rev.as_deref());
-            let mut text = format!(
-                "build {id} of {repo}/{target} at rev {rev}: {status}: {succeeded} succeeded, {failed} failed in {}\n",
-                human_duration(Duration::from_millis(*duration_ms))
-            );
-            if let Some(error) = error {
-                text.push_str(&format!("error ({}): {}\n", error.code, error.message));
-            }
-            if *omitted_hosts > 0 {
-                text.push_str(&format!(
-                    "{omitted_hosts} hosts are not listed: the result was too large for NATS\n"
-                ));
-            }
-            (
-                text + &host_lines(hosts, outcomes),
-                *status != BuildStatus::Success,
-            )
+/// The concise result of a build: the outcome as [`describe`] shows it
+/// (`lines`), failing hosts with their error tails, and the hosts that
+/// built with what they change.
+fn summarize(reply: &Reply, lines: &[String], outcomes: &HostOutcomes) -> CallToolResult {
+    let mut text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    let is_error = match &reply.event {
+        Event::Rejected { .. } => true,
+        Event::Finished { status, hosts, .. } => {
+            text.push_str(&host_lines(hosts, outcomes));
+            *status != BuildStatus::Success
         }
-        _ => ("unexpected reply from the builder".to_owned(), true),
+        _ => {
+            text = "unexpected reply from the builder".to_owned();
+            true
+        }
     };
     let mut result = text_result(text, is_error);
     result.structured_content = serde_json::to_value(reply).ok().map(|mut value| {
@@ -511,7 +465,12 @@ mod tests {
         };
         let mut outcomes = HostOutcomes::default();
         outcomes.changes.insert("ns1".into(), changes.clone());
-        let result = summarize(&reply, "r", "all", &outcomes);
+        let style = Style {
+            request: Some("r/all".to_owned()),
+            ..Style::default()
+        };
+        let shown = describe(&reply, &BuildState::default(), &style);
+        let result = summarize(&reply, &shown.lines, &outcomes);
         let text = serde_json::to_value(&result.content).unwrap().to_string();
         assert!(
             text.contains(

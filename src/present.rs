@@ -1,8 +1,11 @@
 //! How builds and the builder read for people, the same in the CLI and in
 //! the MCP server's tool results: durations, revisions, sizes, what a
-//! result changes, the status report and the outcome of a cancel.
+//! result changes, the status report and the outcome of a cancel; a
+//! build's events in [`events`].
 
 use std::time::Duration;
+
+pub mod events;
 
 use crate::protocol::{BuilderStatus, CancelOutcome, CancelledState, ChangedPackage, Changes};
 

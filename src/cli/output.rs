@@ -1,62 +1,52 @@
-//! How the client shows a build: plain lines for logs and CI, plus a live
-//! status line (host i of n, current host, elapsed) on a terminal.
+//! How the client shows a build: plain lines for logs and CI, plus on a
+//! terminal a live status redrawn in place, a line per host building
+//! (host i of n, its time and derivation counts).
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::nix::log::LOCALHOST;
-use crate::present::{changes_lines, changes_summary, human_duration, short_rev};
-use crate::printable::{printable, printable_line};
-use crate::protocol::{BuildStatus, ErrorBody, Event, HostStatus, Reply};
-
-/// What the user has seen of the build so far, for the status line.
-#[derive(Debug, Default)]
-struct State {
-    current: Option<(String, usize, usize)>,
-    /// Every started host's position: a host's `host_finished` may come
-    /// after the next host started.
-    positions: std::collections::HashMap<String, (usize, usize)>,
-    host_started: Option<Instant>,
-    counts: (u64, u64),
-    building: Option<String>,
-    last_printed_counts: Option<(String, u64, u64)>,
-}
+use crate::present::events::{BuildState, Style, describe, status_lines};
+use crate::protocol::Reply;
 
 /// Renders one request's events.
 pub struct View<W: Write> {
     out: W,
-    live: bool,
-    all_changes: bool,
+    style: Style,
     started: Instant,
-    state: State,
-    status_shown: bool,
+    state: BuildState,
+    /// Lines of the status drawn below the output (0: none).
+    status_drawn: usize,
 }
 
 impl<W: Write> View<W> {
-    /// `live` draws a status line that is redrawn in place (terminals only).
+    /// `live` draws a status that is redrawn in place (terminals only).
     pub fn new(out: W, live: bool) -> Self {
         Self {
             out,
-            live,
-            all_changes: false,
+            style: Style {
+                live,
+                ..Style::default()
+            },
             started: Instant::now(),
-            state: State::default(),
-            status_shown: false,
+            state: BuildState::default(),
+            status_drawn: 0,
         }
     }
 
     /// Lists every changed package under each host, not only the summary.
     pub fn with_all_changes(mut self, all_changes: bool) -> Self {
-        self.all_changes = all_changes;
+        self.style.all_changes = all_changes;
         self
     }
 
     /// Shows one event.
     pub fn event(&mut self, reply: &Reply) {
-        let lines = self.describe(reply);
+        let shown = describe(reply, &self.state, &self.style);
+        self.state.apply(&reply.event, Instant::now());
         self.clear_status();
-        for line in lines {
-            let _ = writeln!(self.out, "{}", printable(&line));
+        // Escaped by `describe`.
+        for line in shown.lines {
+            let _ = writeln!(self.out, "{line}");
         }
         if !reply.is_terminal() {
             self.draw_status();
@@ -64,261 +54,41 @@ impl<W: Write> View<W> {
         let _ = self.out.flush();
     }
 
-    /// Redraws the status line (call about once a second).
+    /// Redraws the status (call about once a second).
     pub fn tick(&mut self) {
-        if self.live && self.status_shown {
+        if self.style.live && self.status_drawn > 0 {
             self.clear_status();
             self.draw_status();
             let _ = self.out.flush();
         }
     }
 
-    /// Removes the status line, before the program prints something else.
+    /// Removes the status, before the program prints something else.
     pub fn finish(&mut self) {
         self.clear_status();
         let _ = self.out.flush();
     }
 
-    fn describe(&mut self, reply: &Reply) -> Vec<String> {
-        let id = &reply.build_id;
-        match &reply.event {
-            Event::Accepted {
-                repo,
-                target,
-                git_ref,
-                queue_position,
-                ..
-            } => {
-                let ahead = match queue_position {
-                    0 => "starting now".to_owned(),
-                    n => format!("{n} ahead in the queue"),
-                };
-                vec![format!(
-                    "build {id}: {repo}/{target} accepted (ref {}, {ahead})",
-                    git_ref.as_deref().unwrap_or("default")
-                )]
-            }
-            Event::Started { rev, hosts, .. } => {
-                let mut names = hosts
-                    .iter()
-                    .take(20)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                if hosts.len() > 20 {
-                    names.push_str(&format!(", ... ({} more)", hosts.len() - 20));
-                }
-                vec![format!(
-                    "build {id}: rev {}, {} host{}: {names}",
-                    short_rev(rev.as_deref()),
-                    hosts.len(),
-                    if hosts.len() == 1 { "" } else { "s" }
-                )]
-            }
-            Event::HostStarted { host, index, total } => {
-                self.state.current = Some((host.clone(), *index, *total));
-                self.state.positions.insert(host.clone(), (*index, *total));
-                self.state.host_started = Some(Instant::now());
-                self.state.counts = (0, 0);
-                self.state.building = None;
-                if self.live {
-                    Vec::new()
-                } else {
-                    vec![format!("[{index}/{total}] {host}: building")]
-                }
-            }
-            Event::Progress {
-                host,
-                done,
-                expected,
-                building,
-                ..
-            } => {
-                self.state.counts = (*done, *expected);
-                self.state.building = building.clone();
-                let key = (host.clone(), *done, *expected);
-                if self.live
-                    || *expected == 0
-                    || self.state.last_printed_counts.as_ref() == Some(&key)
-                {
-                    return Vec::new();
-                }
-                self.state.last_printed_counts = Some(key);
-                vec![format!(
-                    "{} {host}: {done}/{expected} derivations built",
-                    self.position()
-                )]
-            }
-            Event::Log { host, lines } => lines
-                .iter()
-                .map(|line| format!("  {host} | {line}"))
-                .collect(),
-            Event::HostFinished {
-                host,
-                status,
-                duration_ms,
-                out_path,
-                cached,
-                error,
-                machines,
-                changes,
-            } => {
-                let position = match self.state.positions.get(host) {
-                    Some((index, total)) => format!("[{index}/{total}]"),
-                    None => self.position(),
-                };
-                if self
-                    .state
-                    .current
-                    .as_ref()
-                    .is_none_or(|(current, _, _)| current == host)
-                {
-                    self.state.current = None;
-                }
-                let took = human_duration(Duration::from_millis(*duration_ms));
-                let mut lines = vec![match status {
-                    HostStatus::Success => format!(
-                        "{position} {host}: {} in {took} -> {}",
-                        if *cached { "already built" } else { "success" },
-                        out_path.as_deref().unwrap_or("?")
-                    ),
-                    other => format!(
-                        "{position} {host}: {} in {took}{}",
-                        other.as_str().to_uppercase(),
-                        error
-                            .as_ref()
-                            .map(|e| format!(" ({})", e.code))
-                            .unwrap_or_default()
-                    ),
-                }];
-                if let Some(error) = error {
-                    lines.extend(indent_error(error));
-                }
-                if machines.keys().any(|m| m != LOCALHOST) {
-                    let built: Vec<String> =
-                        machines.iter().map(|(m, n)| format!("{m}: {n}")).collect();
-                    lines.push(format!("  derivations built on {}", built.join(", ")));
-                }
-                if let Some(changes) = changes {
-                    lines.push(format!("    {}", changes_summary(changes)));
-                    if self.all_changes {
-                        lines.extend(changes_lines(changes).iter().map(|l| format!("      {l}")));
-                    }
-                }
-                lines
-            }
-            Event::Finished {
-                status,
-                duration_ms,
-                succeeded,
-                failed,
-                hosts,
-                rev,
-                error,
-                omitted_hosts,
-                skipped,
-                ..
-            } => {
-                let took = human_duration(Duration::from_millis(*duration_ms));
-                let mut lines = Vec::new();
-                if let Some(error) = error {
-                    if hosts.is_empty() || *status == BuildStatus::Cancelled || !skipped.is_empty()
-                    {
-                        lines.push(format!("build {id}: {}", error.code));
-                        lines.extend(indent_error(error));
-                    }
-                }
-                let mut summary = format!(
-                    "build {id} {status}: {succeeded} succeeded, {failed} failed in {took} (rev {})",
-                    short_rev(rev.as_deref())
-                );
-                let failing: Vec<&str> = hosts
-                    .iter()
-                    .filter(|h| h.status != HostStatus::Success)
-                    .map(|h| h.host.as_str())
-                    .collect();
-                if !failing.is_empty() {
-                    summary.push_str(&format!("; not built: {}", failing.join(", ")));
-                }
-                if *omitted_hosts > 0 {
-                    summary.push_str(&format!(
-                        " ({omitted_hosts} more hosts not listed: the result was too large for NATS)"
-                    ));
-                }
-                lines.push(summary);
-                lines
-            }
-            Event::Rejected { error, .. } => {
-                let mut lines = vec![format!("build {id} rejected ({})", error.code)];
-                lines.extend(indent_error(error));
-                lines
-            }
-            Event::Interrupted { resume: true } => vec![format!(
-                "build {id}: the builder is restarting; waiting for it to resume the build"
-            )],
-            Event::Interrupted { resume: false } => {
-                vec![format!("build {id}: the builder is stopping")]
-            }
-            Event::Resumed { done, .. } => vec![match done.len() {
-                0 => format!("build {id}: resumed"),
-                n => format!("build {id}: resumed ({n} hosts already done)"),
-            }],
-            Event::Heartbeat | Event::Unknown => Vec::new(),
-        }
-    }
-
-    fn position(&self) -> String {
-        match &self.state.current {
-            Some((_, index, total)) => format!("[{index}/{total}]"),
-            None => "[-]".to_owned(),
-        }
-    }
-
     fn draw_status(&mut self) {
-        if !self.live {
+        if !self.style.live {
             return;
         }
-        let elapsed = human_duration(self.started.elapsed());
-        let line = match &self.state.current {
-            Some((host, index, total)) => {
-                let host_elapsed = self
-                    .state
-                    .host_started
-                    .map(|t| human_duration(t.elapsed()))
-                    .unwrap_or_default();
-                let (done, expected) = self.state.counts;
-                let mut counts = if expected > 0 {
-                    format!(", {done}/{expected} drvs")
-                } else {
-                    String::new()
-                };
-                if let Some(building) = &self.state.building {
-                    counts.push_str(&format!(", building {building}"));
-                }
-                format!(
-                    "  building host {index} of {total}: {host} ({host_elapsed}{counts}), {elapsed} in total"
-                )
-            }
-            None => format!("  waiting, {elapsed} in total"),
-        };
-        let _ = write!(self.out, "{}", printable_line(&line));
-        self.status_shown = true;
+        // Escaped by `status_lines`.
+        let lines = status_lines(&self.state, Instant::now(), self.started.elapsed());
+        let _ = write!(self.out, "{}", lines.join("\n"));
+        self.status_drawn = lines.len();
     }
 
+    /// Erases the status: its last line, then each line above it.
     fn clear_status(&mut self) {
-        if self.status_shown {
+        if self.status_drawn > 0 {
             let _ = write!(self.out, "\r\x1b[2K");
-            self.status_shown = false;
+            for _ in 1..self.status_drawn {
+                let _ = write!(self.out, "\x1b[1A\x1b[2K");
+            }
+            self.status_drawn = 0;
         }
     }
-}
-
-fn indent_error(error: &ErrorBody) -> Vec<String> {
-    error
-        .message
-        .lines()
-        .map(|line| format!("    {line}"))
-        .collect()
 }
 
 #[cfg(test)]
@@ -326,7 +96,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    use crate::protocol::{ErrorCode, HostSummary};
+    use crate::protocol::{BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary};
 
     fn reply(event: Event) -> Reply {
         Reply {
@@ -461,6 +231,42 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("building host 2 of 5: ns1"), "{text}");
         assert!(text.contains("\r\x1b[2K"), "{text}");
+    }
+
+    #[test]
+    fn live_output_redraws_a_line_per_building_host() {
+        let mut out = Vec::new();
+        {
+            let mut view = View::new(&mut out, true);
+            for event in [
+                Event::HostStarted {
+                    host: "a".into(),
+                    index: 1,
+                    total: 2,
+                },
+                Event::HostStarted {
+                    host: "b".into(),
+                    index: 2,
+                    total: 2,
+                },
+            ] {
+                view.event(&reply(event));
+            }
+            view.tick();
+        }
+        let text = String::from_utf8(out).unwrap();
+        // The second draw erases both lines of the first, then draws both.
+        let (_, last) = text.rsplit_once("\r\x1b[2K\x1b[1A\x1b[2K").unwrap();
+        let lines: Vec<&str> = last.split('\n').collect();
+        assert_eq!(lines.len(), 2, "{text:?}");
+        assert!(
+            lines[0].starts_with("  building host 1 of 2: a ("),
+            "{text:?}"
+        );
+        assert!(
+            lines[1].starts_with("  building host 2 of 2: b ("),
+            "{text:?}"
+        );
     }
 
     #[test]
