@@ -1,8 +1,9 @@
 //! homelab-deploy: a NATS-driven build service for a homelab's NixOS flakes.
 //!
 //! The builder daemon ([`builder`]) takes requests on `build.<repo>.<target>`
-//! ([`protocol`]), builds each host with Nix ([`nix`]) one after the other,
-//! and streams events back; the client ([`client`]) and the CLI ([`cli`])
+//! ([`protocol`]), builds a request's hosts with Nix ([`nix`]) in order
+//! (up to `parallel_hosts` at once, one by default), and streams events
+//! back; the client ([`client`]) and the CLI ([`cli`])
 //! drive it; [`metrics`] exports what operators watch; [`redact`] keeps
 //! credentials out of everything sent and logged; [`printable`] keeps
 //! terminal control sequences from the wire out of what people are shown.

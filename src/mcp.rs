@@ -109,7 +109,7 @@ impl BuildTools {
             tools.push(Tool::new(
                 "build",
                 "Build NixOS hosts of a repo on the homelab build host and wait for the result. \
-                 Builds run one at a time; an `all` build takes minutes. Returns each host's \
+                 Requests run one at a time; an `all` build takes minutes. Returns each host's \
                  result, with the error output of hosts that failed and, for hosts that built, \
                  the packages (name, versions before and after, size change) and closure size \
                  that changed against the host's current result on the repo's default ref.",

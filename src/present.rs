@@ -7,7 +7,9 @@ use std::time::Duration;
 
 pub mod events;
 
-use crate::protocol::{BuilderStatus, CancelOutcome, CancelledState, ChangedPackage, Changes};
+use crate::protocol::{
+    BuilderStatus, CancelOutcome, CancelledState, ChangedPackage, Changes, RunningBuild,
+};
 
 /// Formats a duration the way people read build times: `850ms`, `12.3s`,
 /// `4m05s`, `1h02m`.
@@ -158,6 +160,32 @@ pub fn changes_lines(changes: &Changes) -> Vec<String> {
     lines
 }
 
+/// Where the running build is: fetching, between hosts, or the hosts
+/// building now (several with `parallel_hosts`), each with its progress.
+fn building_hosts(running: &RunningBuild) -> String {
+    let Some(total) = running.total else {
+        return ", fetching".to_owned();
+    };
+    if running.hosts.is_empty() {
+        return format!(", {} of {total} hosts done", running.finished);
+    }
+    let indices: Vec<String> = running.hosts.iter().map(|h| h.index.to_string()).collect();
+    let hosts: Vec<String> = running
+        .hosts
+        .iter()
+        .map(|h| match h.expected {
+            0 => h.host.clone(),
+            expected => format!("{} ({}/{expected} drvs)", h.host, h.done),
+        })
+        .collect();
+    let noun = if hosts.len() == 1 { "host" } else { "hosts" };
+    format!(
+        ", {noun} {} of {total}: {}",
+        indices.join(", "),
+        hosts.join(", ")
+    )
+}
+
 /// The status as people read it.
 pub fn status_report(status: &BuilderStatus) -> String {
     let mut text = format!("homelab-deploy builder {}\n", status.version);
@@ -172,12 +200,7 @@ pub fn status_report(status: &BuilderStatus) -> String {
     text.push_str(&format!("repos: {}\n", repos.join(", ")));
     match &status.running {
         Some(running) => {
-            let host = match (&running.host, running.index, running.total) {
-                (Some(host), Some(index), Some(total)) => {
-                    format!(", host {index} of {total}: {host}")
-                }
-                _ => ", fetching".to_owned(),
-            };
+            let host = building_hosts(running);
             text.push_str(&format!(
                 "running: {} {}/{}{host}, since {}{}\n",
                 running.build_id,
@@ -315,7 +338,7 @@ pub fn cancel_outcome(outcome: &CancelOutcome) -> (String, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{HostStatus, LastResult, QueuedBuild, RepoInfo, RunningBuild};
+    use crate::protocol::{HostStatus, LastResult, QueuedBuild, RepoInfo, RunningHost};
 
     #[test]
     fn status_reads_as_a_summary() {
@@ -338,8 +361,13 @@ mod tests {
                 repo: "nixos-servers".into(),
                 target: "all".into(),
                 git_ref: Some("master".into()),
-                host: Some("ns1".into()),
-                index: Some(3),
+                hosts: vec![RunningHost {
+                    host: "ns1".into(),
+                    index: 3,
+                    done: 0,
+                    expected: 0,
+                }],
+                finished: 2,
                 total: Some(16),
                 started_at: "2026-11-28T01:00:00Z".into(),
             }),

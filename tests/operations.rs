@@ -292,8 +292,13 @@ async fn status_reports_the_running_build_the_queue_and_last_results() {
         (now.repo.as_str(), now.target.as_str()),
         ("homelab", "slow")
     );
-    assert_eq!(now.host.as_deref(), Some("slow"));
-    assert_eq!((now.index, now.total), (Some(1), Some(1)));
+    let building: Vec<(&str, usize)> = now
+        .hosts
+        .iter()
+        .map(|h| (h.host.as_str(), h.index))
+        .collect();
+    assert_eq!(building, [("slow", 1)]);
+    assert_eq!(now.total, Some(1));
     assert_eq!(status.queue.len(), 1);
     assert_eq!(status.queue[0].build_id, accepted.build_id);
     let last: Vec<(&str, HostStatus)> = status

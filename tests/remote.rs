@@ -318,3 +318,45 @@ async fn parallel_hosts_uses_a_remote_builders_capacity() {
     ];
     parallel_hosts_is_faster_than_one_at_a_time(&env, "remote").await;
 }
+
+#[tokio::test]
+async fn with_parallel_hosts_the_status_shows_every_host_building() {
+    let hosts = [
+        ("h1", Host::Slow { millis: 5000 }),
+        ("h2", Host::Slow { millis: 5000 }),
+    ];
+    let flake = Flake::new(&hosts);
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.builder("parallel_hosts = 2\neval_workers = 2").env(
+            "NIX_CONFIG",
+            &format!("{}build-poll-interval = 1\n", nix_config()),
+        )
+    });
+    let client = Requester::new(&nats).await;
+    let mut request = client.send("build.homelab.all", "").await;
+    let mut started = 0;
+    while started < 2 {
+        if let Event::HostStarted { .. } = request.next().await.reply.event {
+            started += 1;
+        }
+    }
+    // Both hosts build for seconds after both `host_started`.
+    let status = client.status().await;
+    let running = status.running.expect("a build is running");
+    let building: Vec<(&str, usize)> = running
+        .hosts
+        .iter()
+        .map(|h| (h.host.as_str(), h.index))
+        .collect();
+    assert_eq!(building, [("h1", 1), ("h2", 2)], "{running:?}");
+    assert_eq!((running.finished, running.total), (0, Some(2)));
+
+    let replies: Vec<_> = request
+        .until_terminal()
+        .await
+        .into_iter()
+        .map(|t| t.reply)
+        .collect();
+    assert_eq!(finished_status(&replies), BuildStatus::Success);
+    assert!(client.status().await.running.is_none());
+}

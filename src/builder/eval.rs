@@ -1,7 +1,8 @@
 //! Evaluating a request's hosts ahead of their builds.
 //!
-//! Builds stay one host at a time (hosts share most of their closure), but
-//! evaluation need not wait: `eval_workers` lanes each run one Nix evaluator
+//! Builds start in the hosts' order, `parallel_hosts` at a time (one by
+//! default: hosts share most of their closure), and evaluation need not
+//! wait for them: `eval_workers` lanes each run one Nix evaluator
 //! process over a share of the hosts, so the evaluation of what hosts share
 //! (nixpkgs, common modules) happens once per process instead of once per
 //! host. Each host's result is streamed back as soon as it is known, so host

@@ -1,11 +1,13 @@
 //! The build service: take requests from NATS, validate and queue them, and
-//! run them one at a time.
+//! run them one request at a time (a request's hosts build up to
+//! `parallel_hosts` at once).
 //!
 //! The layers, from the wire inwards (docs/architecture.md draws them):
 //! [`intake`] answers requests at once and queues accepted ones
 //! ([`request`], [`queue`]); a single worker hands each to the [`runner`],
 //! which evaluates ahead ([`eval`]), builds while [`watch`] reports on it,
-//! and roots what it built ([`roots`]); every reply goes out through a
+//! and roots what it built ([`roots`]), running Nix through [`step`];
+//! [`finisher`] ends or pauses every request; every reply goes out through a
 //! non-blocking publisher ([`replies`]), one per NATS connection (status
 //! and cancel requests have their own); [`monitor`] keeps what operators
 //! see; [`cancel`] carries why a request stopped.

@@ -32,7 +32,7 @@ use crate::nats::ConnectionState;
 use crate::nix::log::LOCALHOST;
 use crate::protocol::{
     BuildStatus, BuilderStatus, ErrorCode, HostStatus, LastResult, MachineStatus, QueuedBuild,
-    RepoInfo, RunningBuild, rfc3339,
+    RepoInfo, RunningBuild, RunningHost, rfc3339,
 };
 
 /// The hub the intake, the worker and the jobs report to.
@@ -205,8 +205,8 @@ impl Monitor {
                 git_ref: job.git_ref.clone(),
                 owner: job.owner.clone(),
                 resumed: job.resume.is_some(),
-                host: None,
-                index: None,
+                hosts: Vec::new(),
+                finished: 0,
                 total: None,
                 started_at: rfc3339(SystemTime::now()),
             },
@@ -253,12 +253,42 @@ impl Monitor {
         cancel.is_cancelled()
     }
 
-    /// The running request moved on to `host`.
+    /// The running request started `host`, its `index`-th (from 1) of
+    /// `total`; it stays among the hosts building until it finishes.
     pub(crate) fn host_started(&self, host: &str, index: usize, total: usize) {
         if let Some(running) = self.lock().running.as_mut() {
-            running.status.host = Some(host.to_owned());
-            running.status.index = Some(index);
+            let hosts = &mut running.status.hosts;
+            hosts.retain(|h| h.host != host);
+            let at = hosts.partition_point(|h| h.index < index);
+            hosts.insert(
+                at,
+                RunningHost {
+                    host: host.to_owned(),
+                    index,
+                    done: 0,
+                    expected: 0,
+                },
+            );
             running.status.total = Some(total);
+        }
+    }
+
+    /// A building host's progress, as its last `progress` event said.
+    pub(crate) fn host_progress(&self, host: &str, done: u64, expected: u64) {
+        if let Some(running) = self.lock().running.as_mut() {
+            if let Some(building) = running.status.hosts.iter_mut().find(|h| h.host == host) {
+                building.done = done;
+                building.expected = expected;
+            }
+        }
+    }
+
+    /// `host` of the running request is no longer building.
+    fn host_done(&self, host: &str) {
+        if let Some(running) = self.lock().running.as_mut() {
+            let before = running.status.hosts.len();
+            running.status.hosts.retain(|h| h.host != host);
+            running.status.finished += before - running.status.hosts.len();
         }
     }
 
@@ -298,6 +328,7 @@ impl Monitor {
             rev,
             out_path,
         } = *result;
+        self.host_done(host);
         let now = SystemTime::now();
         let unix = unix_time(now);
         let side = match lineage {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::monitor::Monitor;
 use super::request::Job;
 use crate::nix::log::{LOCALHOST, LogEvent, LogParser, clean_line};
 use crate::protocol::{Event, MAX_LOG_EVENT_BYTES};
@@ -27,6 +28,8 @@ const PROGRESS_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 /// every `progress_interval`, and batches `log` lines when asked for.
 pub(crate) struct HostWatch<'a> {
     job: &'a Job,
+    /// Keeps the host's progress for `build.status`.
+    monitor: &'a Monitor,
     host: &'a str,
     interval: Duration,
     state: Mutex<WatchState>,
@@ -75,10 +78,17 @@ struct WatchState {
 }
 
 impl<'a> HostWatch<'a> {
-    /// A watch for `host` of `job`, reporting at least every `interval`.
-    pub(crate) fn new(job: &'a Job, host: &'a str, interval: Duration) -> Self {
+    /// A watch for `host` of `job`, reporting at least every `interval`
+    /// to its requesters and to `monitor`.
+    pub(crate) fn new(
+        job: &'a Job,
+        monitor: &'a Monitor,
+        host: &'a str,
+        interval: Duration,
+    ) -> Self {
         Self {
             job,
+            monitor,
             host,
             interval,
             state: Mutex::new(WatchState::default()),
@@ -161,6 +171,8 @@ impl<'a> HostWatch<'a> {
     }
 
     fn send_progress(&self, progress: Progress) {
+        self.monitor
+            .host_progress(self.host, progress.done, progress.expected);
         self.job.replies.send(
             &self.job.build_id,
             Event::Progress {

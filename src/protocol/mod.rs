@@ -27,8 +27,8 @@ pub use request::{
 };
 pub use signatures::{KEY_HEADER, SIGNATURE_HEADER, request_digest, signed_message};
 pub use status::{
-    BuilderStatus, LastResult, MachineStatus, QueuedBuild, RepoInfo, RunningBuild, StatusEvent,
-    rfc3339,
+    BuilderStatus, LastResult, MachineStatus, QueuedBuild, RepoInfo, RunningBuild, RunningHost,
+    StatusEvent, rfc3339,
 };
 pub use subjects::{
     CANCEL_SUBJECT, REQUEST_SUBSCRIPTION, RESPONSES_PREFIX, RESPONSES_TOKEN, STATUS_SUBJECT,

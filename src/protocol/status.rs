@@ -115,13 +115,33 @@ pub struct RunningBuild {
     /// Picked up again from the journal after the builder restarted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resumed: bool,
-    /// The host building now (`null` while the flake is fetched).
-    pub host: Option<String>,
-    /// Its position, counting from 1, and the number of hosts.
-    pub index: Option<usize>,
+    /// Every host building now (up to the builder's `parallel_hosts`), in
+    /// the request's order, each with its progress; empty while the flake
+    /// is fetched and between hosts.
+    #[serde(default)]
+    pub hosts: Vec<RunningHost>,
+    /// Hosts of the request finished so far.
+    #[serde(default)]
+    pub finished: usize,
+    /// The number of hosts the request builds (`null` until they are
+    /// resolved).
     pub total: Option<usize>,
     /// When the build started (RFC 3339, UTC).
     pub started_at: String,
+}
+
+/// A host of the running build that is building now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningHost {
+    pub host: String,
+    /// Its position among the request's hosts, counting from 1.
+    pub index: usize,
+    /// Derivations built so far, and expected (0 until known), as in its
+    /// last `progress` event.
+    #[serde(default)]
+    pub done: u64,
+    #[serde(default)]
+    pub expected: u64,
 }
 
 /// A request waiting for its turn.

@@ -78,7 +78,12 @@ impl Runner {
         );
         tracing::info!(%host, index = index + 1, total, "host started");
 
-        let watch = HostWatch::new(job, host, self.config.builder.progress_interval);
+        let watch = HostWatch::new(
+            job,
+            &self.monitor,
+            host,
+            self.config.builder.progress_interval,
+        );
         let result = watch
             .drive(async {
                 let evaluated = evaluations.lock().await.get(evaluation, cancel).await?;
