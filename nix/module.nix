@@ -53,6 +53,39 @@
 
   option = type: default: description: lib.mkOption {inherit type default description;};
 
+  # The sandbox of the builder's unit and of every scheduled build's, the
+  # same for both: builds happen in the Nix daemon, so the builder only
+  # talks to it over its socket, to NATS and to the forge when fetching,
+  # and a scheduled build only to NATS. What differs is outside this set:
+  # who they run as (the builder's user, a DynamicUser) and what the
+  # builder may write (its state and cache directories, ReadWritePaths).
+  hardening = {
+    UMask = "0077";
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    NoNewPrivileges = true;
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
+    SystemCallFilter = ["@system-service" "~@privileged"];
+    SystemCallErrorNumber = "EPERM";
+    SystemCallArchitectures = "native";
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    RemoveIPC = true;
+  };
+
   scheduledServices = lib.listToAttrs (lib.imap0 (i: entry:
     lib.nameValuePair (scheduleUnit i entry) {
       description = "homelab-deploy build of ${entry.repo}/${entry.target}";
@@ -69,36 +102,23 @@
         HOMELAB_DEPLOY_TLS_CA_FILE = credential "tls-ca";
         HOMELAB_DEPLOY_BUILDER_KEY = lib.mkIf (cfg.builderPublicKey != null) cfg.builderPublicKey;
       };
-      serviceConfig = {
-        Type = "oneshot";
-        # A failed build fails the unit (exit 1; 3 when no builder answers).
-        ExecStart = utils.escapeSystemdExecArgs ([(lib.getExe cfg.package) "build" entry.repo]
-          ++ (
-            if entry.target == "all"
-            then ["--all"]
-            else [entry.target]
-          )
-          ++ lib.optionals (entry.ref != null) ["--ref" entry.ref]
-          # A timer that fires while the builder restarts waits for it.
-          ++ ["--wait-for-builder" cfg.scheduleWaitForBuilder]);
-        DynamicUser = true;
-        LoadCredential = lib.mapAttrsToList (name: file: "${name}:${file}") scheduleCredentials;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        NoNewPrivileges = true;
-        CapabilityBoundingSet = "";
-        RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
-        SystemCallFilter = ["@system-service" "~@privileged"];
-        SystemCallErrorNumber = "EPERM";
-        SystemCallArchitectures = "native";
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        RestrictNamespaces = true;
-        LockPersonality = true;
-      };
+      serviceConfig =
+        {
+          Type = "oneshot";
+          # A failed build fails the unit (exit 1; 3 when no builder answers).
+          ExecStart = utils.escapeSystemdExecArgs ([(lib.getExe cfg.package) "build" entry.repo]
+            ++ (
+              if entry.target == "all"
+              then ["--all"]
+              else [entry.target]
+            )
+            ++ lib.optionals (entry.ref != null) ["--ref" entry.ref]
+            # A timer that fires while the builder restarts waits for it.
+            ++ ["--wait-for-builder" cfg.scheduleWaitForBuilder]);
+          DynamicUser = true;
+          LoadCredential = lib.mapAttrsToList (name: file: "${name}:${file}") scheduleCredentials;
+        }
+        // hardening;
     })
   cfg.schedule);
 in {
@@ -434,62 +454,37 @@ in {
             XDG_CACHE_HOME = "/var/cache/${user}";
             HOME = stateDir;
           };
-          serviceConfig = {
-            # READY=1 once subscribed, or after 5 s of serving without NATS
-            # (metrics up, worker started): /healthz and the nats_connected
-            # metric say whether NATS is there. No Requires= on NATS either,
-            # so a NATS outage never stops or restarts the builder.
-            Type = "notify";
-            ExecStart = "${lib.getExe cfg.package} builder --config ${configFile}";
-            WatchdogSec = "60s";
-            Restart = "on-failure";
-            RestartSec = "5s";
-            # SIGTERM to the builder alone: it stops its Nix process group
-            # itself and reports the build's end; whatever is left gets
-            # SIGKILL when TimeoutStopSec runs out. The builder stops within
-            # 15 s of SIGTERM.
-            KillMode = "mixed";
-            TimeoutStopSec = "30s";
-            User = user;
-            Group = user;
-            StateDirectory = user;
-            StateDirectoryMode = "0750";
-            CacheDirectory = user;
-            # ProtectSystem=strict leaves only the state and cache directories
-            # writable: GC roots or a state file elsewhere need their directory
-            # (which must exist) opened.
-            ReadWritePaths = writablePaths;
-            LoadCredential =
-              lib.optional (cfg.nkeyFile != null) "nkey:${cfg.nkeyFile}"
-              ++ lib.optional (cfg.credentialsFile != null) "creds:${cfg.credentialsFile}";
-            UMask = "0077";
-
-            # Hardening. Builds happen in the daemon; this process only talks to
-            # it over its socket, to NATS, and to the forge when fetching.
-            ProtectSystem = "strict";
-            ProtectHome = true;
-            PrivateTmp = true;
-            PrivateDevices = true;
-            NoNewPrivileges = true;
-            CapabilityBoundingSet = "";
-            AmbientCapabilities = "";
-            RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
-            SystemCallFilter = ["@system-service" "~@privileged"];
-            SystemCallErrorNumber = "EPERM";
-            SystemCallArchitectures = "native";
-            ProtectKernelTunables = true;
-            ProtectKernelModules = true;
-            ProtectKernelLogs = true;
-            ProtectControlGroups = true;
-            ProtectClock = true;
-            ProtectHostname = true;
-            ProtectProc = "invisible";
-            RestrictNamespaces = true;
-            RestrictRealtime = true;
-            RestrictSUIDSGID = true;
-            LockPersonality = true;
-            RemoveIPC = true;
-          };
+          serviceConfig =
+            {
+              # READY=1 once subscribed, or after 5 s of serving without NATS
+              # (metrics up, worker started): /healthz and the nats_connected
+              # metric say whether NATS is there. No Requires= on NATS either,
+              # so a NATS outage never stops or restarts the builder.
+              Type = "notify";
+              ExecStart = "${lib.getExe cfg.package} builder --config ${configFile}";
+              WatchdogSec = "60s";
+              Restart = "on-failure";
+              RestartSec = "5s";
+              # SIGTERM to the builder alone: it stops its Nix process group
+              # itself and reports the build's end; whatever is left gets
+              # SIGKILL when TimeoutStopSec runs out. The builder stops within
+              # 15 s of SIGTERM.
+              KillMode = "mixed";
+              TimeoutStopSec = "30s";
+              User = user;
+              Group = user;
+              StateDirectory = user;
+              StateDirectoryMode = "0750";
+              CacheDirectory = user;
+              # ProtectSystem=strict leaves only the state and cache directories
+              # writable: GC roots or a state file elsewhere need their directory
+              # (which must exist) opened.
+              ReadWritePaths = writablePaths;
+              LoadCredential =
+                lib.optional (cfg.nkeyFile != null) "nkey:${cfg.nkeyFile}"
+                ++ lib.optional (cfg.credentialsFile != null) "creds:${cfg.credentialsFile}";
+            }
+            // hardening;
         };
       };
 

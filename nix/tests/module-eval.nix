@@ -331,10 +331,18 @@
           SystemCallFilter
           SystemCallErrorNumber
           SystemCallArchitectures
+          ProtectKernelTunables
+          ProtectKernelModules
+          ProtectKernelLogs
+          ProtectControlGroups
+          ProtectClock
+          ProtectHostname
           ProtectProc
           RestrictNamespaces
+          RestrictRealtime
           RestrictSUIDSGID
           LockPersonality
+          RemoveIPC
           ;
       };
       expected = {
@@ -349,10 +357,18 @@
         SystemCallFilter = ["@system-service" "~@privileged"];
         SystemCallErrorNumber = "EPERM";
         SystemCallArchitectures = "native";
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
         ProtectProc = "invisible";
         RestrictNamespaces = true;
+        RestrictRealtime = true;
         RestrictSUIDSGID = true;
         LockPersonality = true;
+        RemoveIPC = true;
       };
     };
     "test ${name}: may use the Nix daemon, whatever allowed-users says" = {
@@ -388,6 +404,38 @@
         restartIfChanged = false;
         after = true;
       };
+    };
+    # One sandbox for both (module.nix: hardening): every setting of the
+    # builder's unit but the few saying what each unit is, and what the
+    # builder may write, is on the scheduled build's with the same value,
+    # and the scheduled build has nothing else.
+    "test ${name}: ${unit} is sandboxed as the builder is" = let
+      builder = removeAttrs s.service.serviceConfig [
+        "Type"
+        "ExecStart"
+        "WatchdogSec"
+        "Restart"
+        "RestartSec"
+        "KillMode"
+        "TimeoutStopSec"
+        "User"
+        "Group"
+        "StateDirectory"
+        "StateDirectoryMode"
+        "CacheDirectory"
+        "ReadWritePaths"
+        "LoadCredential"
+      ];
+      scheduled = removeAttrs sc ["Type" "ExecStart" "DynamicUser" "LoadCredential"];
+      same = key: builder ? ${key} && scheduled ? ${key} && builder.${key} == scheduled.${key};
+      unset = "(unset)";
+    in {
+      expr = map (key: {
+        inherit key;
+        builder = builder.${key} or unset;
+        scheduled = scheduled.${key} or unset;
+      }) (lib.filter (key: !same key) (lib.unique (lib.attrNames builder ++ lib.attrNames scheduled)));
+      expected = [];
     };
     "test ${name}: ${unit} has a persistent timer" = {
       expr = {
