@@ -219,7 +219,7 @@ in {
             default = {};
             type = lib.types.submodule {
               freeformType = toml.type;
-              options.listen = option lib.types.str defaults.metrics.listen "Address of the Prometheus endpoint.";
+              options.listen = option lib.types.str defaults.settings.metrics.listen "Address of the Prometheus endpoint.";
             };
           };
           builder = lib.mkOption {
@@ -227,13 +227,13 @@ in {
             type = lib.types.submodule {
               freeformType = toml.type;
               options = {
-                queue_limit = option lib.types.ints.positive defaults.builder.queue_limit "Requests that may wait behind the running one.";
-                host_timeout = option lib.types.str defaults.builder.host_timeout "Limit for a host's evaluation and for its build.";
-                progress_interval = option lib.types.str defaults.builder.progress_interval "Progress events at least this often.";
-                gc_roots_dir = option (lib.types.nullOr lib.types.str) defaults.builder.gc_roots_dir "Where built hosts are rooted (kept from the garbage collector); `null` builds with `--no-link`.";
-                keep_roots = option lib.types.ints.positive defaults.builder.keep_roots "Root generations kept per host.";
-                state_file = option (lib.types.nullOr lib.types.str) defaults.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
-                journal_file = option (lib.types.nullOr lib.types.str) defaults.builder.journal_file "Journal of accepted requests, resumed after a restart or a crash; `null`: a stop cancels them.";
+                queue_limit = option lib.types.ints.positive defaults.settings.builder.queue_limit "Requests that may wait behind the running one.";
+                host_timeout = option lib.types.str defaults.settings.builder.host_timeout "Limit for a host's evaluation and for its build.";
+                progress_interval = option lib.types.str defaults.settings.builder.progress_interval "Progress events at least this often.";
+                gc_roots_dir = option (lib.types.nullOr lib.types.str) defaults.settings.builder.gc_roots_dir "Where built hosts are rooted (kept from the garbage collector); `null` builds with `--no-link`.";
+                keep_roots = option lib.types.ints.positive defaults.settings.builder.keep_roots "Root generations kept per host.";
+                state_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
+                journal_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.journal_file "Journal of accepted requests, resumed after a restart or a crash; `null`: a stop cancels them.";
               };
             };
           };
@@ -467,10 +467,10 @@ in {
               RestartSec = "5s";
               # SIGTERM to the builder alone: it stops its Nix process group
               # itself and reports the build's end; whatever is left gets
-              # SIGKILL when TimeoutStopSec runs out. The builder stops within
-              # 15 s of SIGTERM.
+              # SIGKILL when TimeoutStopSec runs out: twice the builder's
+              # shutdown budget (SHUTDOWN_BUDGET, 15 s), room for a loaded host.
               KillMode = "mixed";
-              TimeoutStopSec = "30s";
+              TimeoutStopSec = "${toString (2 * defaults.shutdown_budget_secs)}s";
               User = user;
               Group = user;
               StateDirectory = user;
