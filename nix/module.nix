@@ -53,6 +53,39 @@
 
   option = type: default: description: lib.mkOption {inherit type default description;};
 
+  # The sandbox of the builder's unit and of every scheduled build's, the
+  # same for both: builds happen in the Nix daemon, so the builder only
+  # talks to it over its socket, to NATS and to the forge when fetching,
+  # and a scheduled build only to NATS. What differs is outside this set:
+  # who they run as (the builder's user, a DynamicUser) and what the
+  # builder may write (its state and cache directories, ReadWritePaths).
+  hardening = {
+    UMask = "0077";
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    NoNewPrivileges = true;
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
+    SystemCallFilter = ["@system-service" "~@privileged"];
+    SystemCallErrorNumber = "EPERM";
+    SystemCallArchitectures = "native";
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    RemoveIPC = true;
+  };
+
   scheduledServices = lib.listToAttrs (lib.imap0 (i: entry:
     lib.nameValuePair (scheduleUnit i entry) {
       description = "homelab-deploy build of ${entry.repo}/${entry.target}";
@@ -69,36 +102,23 @@
         HOMELAB_DEPLOY_TLS_CA_FILE = credential "tls-ca";
         HOMELAB_DEPLOY_BUILDER_KEY = lib.mkIf (cfg.builderPublicKey != null) cfg.builderPublicKey;
       };
-      serviceConfig = {
-        Type = "oneshot";
-        # A failed build fails the unit (exit 1; 3 when no builder answers).
-        ExecStart = utils.escapeSystemdExecArgs ([(lib.getExe cfg.package) "build" entry.repo]
-          ++ (
-            if entry.target == "all"
-            then ["--all"]
-            else [entry.target]
-          )
-          ++ lib.optionals (entry.ref != null) ["--ref" entry.ref]
-          # A timer that fires while the builder restarts waits for it.
-          ++ ["--wait-for-builder" cfg.scheduleWaitForBuilder]);
-        DynamicUser = true;
-        LoadCredential = lib.mapAttrsToList (name: file: "${name}:${file}") scheduleCredentials;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        NoNewPrivileges = true;
-        CapabilityBoundingSet = "";
-        RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
-        SystemCallFilter = ["@system-service" "~@privileged"];
-        SystemCallErrorNumber = "EPERM";
-        SystemCallArchitectures = "native";
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        RestrictNamespaces = true;
-        LockPersonality = true;
-      };
+      serviceConfig =
+        {
+          Type = "oneshot";
+          # A failed build fails the unit (exit 1; 3 when no builder answers).
+          ExecStart = utils.escapeSystemdExecArgs ([(lib.getExe cfg.package) "build" entry.repo]
+            ++ (
+              if entry.target == "all"
+              then ["--all"]
+              else [entry.target]
+            )
+            ++ lib.optionals (entry.ref != null) ["--ref" entry.ref]
+            # A timer that fires while the builder restarts waits for it.
+            ++ ["--wait-for-builder" cfg.scheduleWaitForBuilder]);
+          DynamicUser = true;
+          LoadCredential = lib.mapAttrsToList (name: file: "${name}:${file}") scheduleCredentials;
+        }
+        // hardening;
     })
   cfg.schedule);
 in {
@@ -199,7 +219,7 @@ in {
             default = {};
             type = lib.types.submodule {
               freeformType = toml.type;
-              options.listen = option lib.types.str defaults.metrics.listen "Address of the Prometheus endpoint.";
+              options.listen = option lib.types.str defaults.settings.metrics.listen "Address of the Prometheus endpoint.";
             };
           };
           builder = lib.mkOption {
@@ -207,13 +227,13 @@ in {
             type = lib.types.submodule {
               freeformType = toml.type;
               options = {
-                queue_limit = option lib.types.ints.positive defaults.builder.queue_limit "Requests that may wait behind the running one.";
-                host_timeout = option lib.types.str defaults.builder.host_timeout "Limit for a host's evaluation and for its build.";
-                progress_interval = option lib.types.str defaults.builder.progress_interval "Progress events at least this often.";
-                gc_roots_dir = option (lib.types.nullOr lib.types.str) defaults.builder.gc_roots_dir "Where built hosts are rooted (kept from the garbage collector); `null` builds with `--no-link`.";
-                keep_roots = option lib.types.ints.positive defaults.builder.keep_roots "Root generations kept per host.";
-                state_file = option (lib.types.nullOr lib.types.str) defaults.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
-                journal_file = option (lib.types.nullOr lib.types.str) defaults.builder.journal_file "Journal of accepted requests, resumed after a restart or a crash; `null`: a stop cancels them.";
+                queue_limit = option lib.types.ints.positive defaults.settings.builder.queue_limit "Requests that may wait behind the running one.";
+                host_timeout = option lib.types.str defaults.settings.builder.host_timeout "Limit for a host's evaluation and for its build.";
+                progress_interval = option lib.types.str defaults.settings.builder.progress_interval "Progress events at least this often.";
+                gc_roots_dir = option (lib.types.nullOr lib.types.str) defaults.settings.builder.gc_roots_dir "Where built hosts are rooted (kept from the garbage collector); `null` builds with `--no-link`.";
+                keep_roots = option lib.types.ints.positive defaults.settings.builder.keep_roots "Root generations kept per host.";
+                state_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
+                journal_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.journal_file "Journal of accepted requests, resumed after a restart or a crash; `null`: a stop cancels them.";
               };
             };
           };
@@ -434,62 +454,37 @@ in {
             XDG_CACHE_HOME = "/var/cache/${user}";
             HOME = stateDir;
           };
-          serviceConfig = {
-            # READY=1 once subscribed, or after 5 s of serving without NATS
-            # (metrics up, worker started): /healthz and the nats_connected
-            # metric say whether NATS is there. No Requires= on NATS either,
-            # so a NATS outage never stops or restarts the builder.
-            Type = "notify";
-            ExecStart = "${lib.getExe cfg.package} builder --config ${configFile}";
-            WatchdogSec = "60s";
-            Restart = "on-failure";
-            RestartSec = "5s";
-            # SIGTERM to the builder alone: it stops its Nix process group
-            # itself and reports the build's end; whatever is left gets
-            # SIGKILL when TimeoutStopSec runs out. The builder stops within
-            # 15 s of SIGTERM.
-            KillMode = "mixed";
-            TimeoutStopSec = "30s";
-            User = user;
-            Group = user;
-            StateDirectory = user;
-            StateDirectoryMode = "0750";
-            CacheDirectory = user;
-            # ProtectSystem=strict leaves only the state and cache directories
-            # writable: GC roots or a state file elsewhere need their directory
-            # (which must exist) opened.
-            ReadWritePaths = writablePaths;
-            LoadCredential =
-              lib.optional (cfg.nkeyFile != null) "nkey:${cfg.nkeyFile}"
-              ++ lib.optional (cfg.credentialsFile != null) "creds:${cfg.credentialsFile}";
-            UMask = "0077";
-
-            # Hardening. Builds happen in the daemon; this process only talks to
-            # it over its socket, to NATS, and to the forge when fetching.
-            ProtectSystem = "strict";
-            ProtectHome = true;
-            PrivateTmp = true;
-            PrivateDevices = true;
-            NoNewPrivileges = true;
-            CapabilityBoundingSet = "";
-            AmbientCapabilities = "";
-            RestrictAddressFamilies = ["AF_UNIX" "AF_INET" "AF_INET6"];
-            SystemCallFilter = ["@system-service" "~@privileged"];
-            SystemCallErrorNumber = "EPERM";
-            SystemCallArchitectures = "native";
-            ProtectKernelTunables = true;
-            ProtectKernelModules = true;
-            ProtectKernelLogs = true;
-            ProtectControlGroups = true;
-            ProtectClock = true;
-            ProtectHostname = true;
-            ProtectProc = "invisible";
-            RestrictNamespaces = true;
-            RestrictRealtime = true;
-            RestrictSUIDSGID = true;
-            LockPersonality = true;
-            RemoveIPC = true;
-          };
+          serviceConfig =
+            {
+              # READY=1 once subscribed, or after 5 s of serving without NATS
+              # (metrics up, worker started): /healthz and the nats_connected
+              # metric say whether NATS is there. No Requires= on NATS either,
+              # so a NATS outage never stops or restarts the builder.
+              Type = "notify";
+              ExecStart = "${lib.getExe cfg.package} builder --config ${configFile}";
+              WatchdogSec = "60s";
+              Restart = "on-failure";
+              RestartSec = "5s";
+              # SIGTERM to the builder alone: it stops its Nix process group
+              # itself and reports the build's end; whatever is left gets
+              # SIGKILL when TimeoutStopSec runs out: twice the builder's
+              # shutdown budget (SHUTDOWN_BUDGET, 15 s), room for a loaded host.
+              KillMode = "mixed";
+              TimeoutStopSec = "${toString (2 * defaults.shutdown_budget_secs)}s";
+              User = user;
+              Group = user;
+              StateDirectory = user;
+              StateDirectoryMode = "0750";
+              CacheDirectory = user;
+              # ProtectSystem=strict leaves only the state and cache directories
+              # writable: GC roots or a state file elsewhere need their directory
+              # (which must exist) opened.
+              ReadWritePaths = writablePaths;
+              LoadCredential =
+                lib.optional (cfg.nkeyFile != null) "nkey:${cfg.nkeyFile}"
+                ++ lib.optional (cfg.credentialsFile != null) "creds:${cfg.credentialsFile}";
+            }
+            // hardening;
         };
       };
 

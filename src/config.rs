@@ -4,11 +4,11 @@
 //! the NixOS module and existing deployments, so keys are added, never renamed.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::protocol::{RESPONSES_TOKEN, is_valid_name};
@@ -53,22 +53,20 @@ pub struct NatsConfig {
 }
 
 /// `[auth]`: requests signed with a requester's NKey (see docs/security.md).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Unset keys take their values from `Default`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// NKey user public keys (`U…`) that may cancel any build, unsigned
     /// ones included. Everyone else may cancel only the builds they signed.
-    #[serde(default)]
     pub admins: Vec<String>,
     /// Reject build requests that are not signed (`unauthorized`).
-    #[serde(default)]
     pub require_signed: bool,
     /// NKey user public keys (`U…`) that may request builds at all; the
     /// `admins` may too. Unset: anyone NATS lets publish on `build.>`. Set,
     /// a request must be signed by one of them (others, and unsigned
     /// requests, get `unauthorized`): NATS accounts can mint keys that its
     /// permissions allow, this list cannot be widened from outside.
-    #[serde(default)]
     pub requesters: Option<Vec<String>>,
 }
 
@@ -105,52 +103,50 @@ impl ServerUrls {
     }
 }
 
-/// `[metrics]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[metrics]`. Unset keys take their values from `Default`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Address the Prometheus endpoint listens on.
-    #[serde(default = "defaults::metrics_listen")]
     pub listen: SocketAddr,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
-            listen: defaults::metrics_listen(),
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9973)),
         }
     }
 }
 
-/// `[builder]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[builder]`. Unset keys take their values from `Default`, the one
+/// place the defaults are written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct BuilderConfig {
     /// Requests that may wait behind the running one; more are rejected
     /// with `queue_full`.
-    #[serde(default = "defaults::queue_limit")]
     pub queue_limit: usize,
     /// Requests of one owner (the key that signed them; unsigned requests
     /// count as one owner) that may wait at once; more are rejected with
     /// `queue_full`. Waiting requests are served round robin between
     /// owners.
-    #[serde(default = "defaults::queue_per_owner")]
     pub queue_per_owner: usize,
     /// Wall-clock limit for a host's evaluation and, separately, its build,
     /// e.g. `"2h"`; listing a flake's hosts gets one too.
-    #[serde(default = "defaults::host_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub host_timeout: Duration,
     /// Wall-clock limit for fetching and pinning a flake (`nix flake
     /// metadata`), e.g. `"10m"`: a hung fetch does not hold the queue for
     /// a whole `host_timeout`.
-    #[serde(default = "defaults::fetch_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub fetch_timeout: Duration,
     /// How often a building host reports progress when Nix itself is quiet.
-    #[serde(default = "defaults::progress_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
     /// A host build that prints nothing for this long is killed and
     /// reported as `timeout`, e.g. `"1h"`. Unset: no limit.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub max_silent_time: Option<Duration>,
     /// Where derivations and outputs are rooted so the garbage collector
     /// keeps them: the default ref's results as `<dir>/<repo>/<host>`, other
@@ -161,26 +157,22 @@ pub struct BuilderConfig {
     /// Generations of each host's root kept for the repo's default ref (the
     /// newest included); older ones are removed so the collector can
     /// reclaim them. Builds of other refs never remove these.
-    #[serde(default = "defaults::keep_roots")]
     pub keep_roots: usize,
     /// How long the roots (and the results in `build.status`) of a ref
     /// other than the default, or of an explicit `rev`, are kept after its
     /// last build, e.g. `"7d"`.
-    #[serde(default = "defaults::side_roots_ttl", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub side_roots_ttl: Duration,
     /// Side lineages (other refs and explicit revs) whose roots are kept
     /// per repo at most; a new one past it evicts the oldest by last build,
     /// before their `side_roots_ttl`.
-    #[serde(default = "defaults::side_roots_max")]
     pub side_roots_max: usize,
     /// Nix evaluator processes that evaluate a request's hosts ahead of the
     /// builds, in parallel. Default: half the CPUs, at least 1.
-    #[serde(default = "defaults::eval_workers")]
     pub eval_workers: usize,
     /// Resident memory after which an evaluator process is replaced by a
     /// fresh one (checked after each host), e.g. `"2GiB"`. Lower means less
     /// memory and more re-evaluation of what hosts share; see docs/performance.md.
-    #[serde(default = "defaults::eval_max_memory")]
     pub eval_max_memory: ByteSize,
     /// File that keeps every host's last result across restarts (so the
     /// last-success metric and `build.status` survive them). Optional.
@@ -193,35 +185,35 @@ pub struct BuilderConfig {
     /// With a journal, stopping pauses requests (`interrupted`) for the next
     /// start to resume; `false` cancels them as without one (also
     /// `builder --no-resume`).
-    #[serde(default = "defaults::resume")]
     pub resume: bool,
     /// Hosts of a request built at once. 1 (the default) builds them one
     /// after the other; more pays off only when Nix has remote builders
     /// (its `builders` setting) to take the derivations. Evaluation stays
     /// on this machine either way (see `eval_workers`).
-    #[serde(default = "defaults::parallel_hosts")]
     pub parallel_hosts: usize,
 }
 
 impl Default for BuilderConfig {
     fn default() -> Self {
+        const MINUTE: u64 = 60;
+        const HOUR: u64 = 60 * MINUTE;
         Self {
-            queue_limit: defaults::queue_limit(),
-            queue_per_owner: defaults::queue_per_owner(),
-            host_timeout: defaults::host_timeout(),
-            fetch_timeout: defaults::fetch_timeout(),
-            progress_interval: defaults::progress_interval(),
+            queue_limit: 16,
+            queue_per_owner: 4,
+            host_timeout: Duration::from_secs(2 * HOUR),
+            fetch_timeout: Duration::from_secs(10 * MINUTE),
+            progress_interval: Duration::from_secs(30),
             max_silent_time: None,
             gc_roots_dir: None,
-            keep_roots: defaults::keep_roots(),
-            side_roots_ttl: defaults::side_roots_ttl(),
-            side_roots_max: defaults::side_roots_max(),
-            eval_workers: defaults::eval_workers(),
-            eval_max_memory: defaults::eval_max_memory(),
+            keep_roots: 3,
+            side_roots_ttl: Duration::from_secs(7 * 24 * HOUR),
+            side_roots_max: 32,
+            eval_workers: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            eval_max_memory: ByteSize(2 << 30),
             state_file: None,
             journal_file: None,
-            resume: defaults::resume(),
-            parallel_hosts: defaults::parallel_hosts(),
+            resume: true,
+            parallel_hosts: 1,
         }
     }
 }
@@ -333,6 +325,12 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for ByteSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let bytes = self.0;
@@ -359,52 +357,6 @@ pub struct RepoConfig {
     /// Hosts that target `all` skips (they can still be built by name).
     #[serde(default)]
     pub exclude: Vec<String>,
-}
-
-/// The defaults, in one place.
-mod defaults {
-    use std::net::{Ipv4Addr, SocketAddr};
-    use std::time::Duration;
-
-    pub fn metrics_listen() -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9973))
-    }
-    pub fn queue_limit() -> usize {
-        16
-    }
-    pub fn queue_per_owner() -> usize {
-        4
-    }
-    pub fn host_timeout() -> Duration {
-        Duration::from_secs(2 * 60 * 60)
-    }
-    pub fn fetch_timeout() -> Duration {
-        Duration::from_secs(10 * 60)
-    }
-    pub fn resume() -> bool {
-        true
-    }
-    pub fn side_roots_ttl() -> Duration {
-        Duration::from_secs(7 * 24 * 60 * 60)
-    }
-    pub fn side_roots_max() -> usize {
-        32
-    }
-    pub fn progress_interval() -> Duration {
-        Duration::from_secs(30)
-    }
-    pub fn keep_roots() -> usize {
-        3
-    }
-    pub fn eval_workers() -> usize {
-        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
-    }
-    pub fn parallel_hosts() -> usize {
-        1
-    }
-    pub fn eval_max_memory() -> super::ByteSize {
-        super::ByteSize(2 << 30)
-    }
 }
 
 /// Everything that can be wrong with a configuration file.
@@ -702,6 +654,22 @@ url = "git+file:///srv/demo"
         assert_eq!(config.metrics.listen.to_string(), "0.0.0.0:9973");
         assert!(config.builder.gc_roots_dir.is_none());
         assert!(config.repos["demo"].git_ref.is_none());
+    }
+
+    #[test]
+    fn left_out_keys_take_the_default_values() {
+        fn json(value: &impl Serialize) -> serde_json::Value {
+            serde_json::to_value(value).unwrap()
+        }
+        for text in [
+            MINIMAL.to_owned(),
+            MINIMAL.replace("[repos.demo]", "[metrics]\n[builder]\n[auth]\n[repos.demo]"),
+        ] {
+            let config = parse(&text).unwrap();
+            assert_eq!(json(&config.metrics), json(&MetricsConfig::default()));
+            assert_eq!(json(&config.builder), json(&BuilderConfig::default()));
+            assert_eq!(json(&config.auth), json(&AuthConfig::default()));
+        }
     }
 
     #[test]

@@ -28,3 +28,10 @@ pub(crate) mod signing;
 mod sync;
 pub(crate) mod systemd;
 pub(crate) mod text;
+
+/// How long the builder takes at most to stop after SIGTERM: it cancels the
+/// running build, answers the waiting requests and delivers every event
+/// within it. The NixOS module gives its unit twice as long before SIGKILL
+/// (nix/defaults.nix holds the same number, `check-config --print-defaults`
+/// prints it).
+pub const SHUTDOWN_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);

@@ -710,7 +710,7 @@ async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
         took.as_secs_f64()
     );
     assert!(status.success(), "{status:?}");
-    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
+    assert!(took < homelab_deploy::SHUTDOWN_BUDGET, "{took:?}");
 
     let rest: Vec<Reply> = running
         .until_terminal()

@@ -15,7 +15,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// `pkgs.formats.toml` does.
 fn module_config(extra: &str) -> String {
     let expression =
-        format!("let defaults = import {ROOT}/nix/defaults.nix; in defaults // {extra}");
+        format!("let defaults = (import {ROOT}/nix/defaults.nix).settings; in defaults // {extra}");
     let out = nix_command("nix-instantiate")
         .args(["--eval", "--strict", "--json", "--expr", &expression])
         .output()

@@ -61,7 +61,7 @@ async fn a_stopped_builder_resumes(crash: bool) {
     } else {
         let stopping = Instant::now();
         assert!(builder.terminate().success());
-        assert!(stopping.elapsed() < Duration::from_secs(15));
+        assert!(stopping.elapsed() < homelab_deploy::SHUTDOWN_BUDGET);
         for pending in [&mut all, &mut waiting] {
             let event = pending
                 .until(|e| matches!(e, Event::Interrupted { .. }))

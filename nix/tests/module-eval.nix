@@ -32,6 +32,7 @@
     }
     // {outPath = ../..;};
 
+  defaults = import ../defaults.nix;
   user = "homelab-deploy-builder";
   builderUnit = "homelab-deploy-builder";
 
@@ -278,10 +279,17 @@
       };
     };
     "test ${name}: stops the builder first, the rest after TimeoutStopSec" = {
-      expr = {inherit (sc) KillMode TimeoutStopSec;};
+      expr = {
+        inherit (sc) KillMode;
+        # Past the builder's own shutdown budget.
+        TimeoutStopSec = let
+          seconds = builtins.match "([0-9]+)s" sc.TimeoutStopSec;
+        in
+          seconds != null && lib.toInt (lib.head seconds) > defaults.shutdown_budget_secs;
+      };
       expected = {
         KillMode = "mixed";
-        TimeoutStopSec = "30s";
+        TimeoutStopSec = true;
       };
     };
     "test ${name}: needs the Nix daemon's socket" = {
@@ -331,10 +339,18 @@
           SystemCallFilter
           SystemCallErrorNumber
           SystemCallArchitectures
+          ProtectKernelTunables
+          ProtectKernelModules
+          ProtectKernelLogs
+          ProtectControlGroups
+          ProtectClock
+          ProtectHostname
           ProtectProc
           RestrictNamespaces
+          RestrictRealtime
           RestrictSUIDSGID
           LockPersonality
+          RemoveIPC
           ;
       };
       expected = {
@@ -349,10 +365,18 @@
         SystemCallFilter = ["@system-service" "~@privileged"];
         SystemCallErrorNumber = "EPERM";
         SystemCallArchitectures = "native";
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
         ProtectProc = "invisible";
         RestrictNamespaces = true;
+        RestrictRealtime = true;
         RestrictSUIDSGID = true;
         LockPersonality = true;
+        RemoveIPC = true;
       };
     };
     "test ${name}: may use the Nix daemon, whatever allowed-users says" = {
@@ -388,6 +412,38 @@
         restartIfChanged = false;
         after = true;
       };
+    };
+    # One sandbox for both (module.nix: hardening): every setting of the
+    # builder's unit but the few saying what each unit is, and what the
+    # builder may write, is on the scheduled build's with the same value,
+    # and the scheduled build has nothing else.
+    "test ${name}: ${unit} is sandboxed as the builder is" = let
+      builder = removeAttrs s.service.serviceConfig [
+        "Type"
+        "ExecStart"
+        "WatchdogSec"
+        "Restart"
+        "RestartSec"
+        "KillMode"
+        "TimeoutStopSec"
+        "User"
+        "Group"
+        "StateDirectory"
+        "StateDirectoryMode"
+        "CacheDirectory"
+        "ReadWritePaths"
+        "LoadCredential"
+      ];
+      scheduled = removeAttrs sc ["Type" "ExecStart" "DynamicUser" "LoadCredential"];
+      same = key: builder ? ${key} && scheduled ? ${key} && builder.${key} == scheduled.${key};
+      unset = "(unset)";
+    in {
+      expr = map (key: {
+        inherit key;
+        builder = builder.${key} or unset;
+        scheduled = scheduled.${key} or unset;
+      }) (lib.filter (key: !same key) (lib.unique (lib.attrNames builder ++ lib.attrNames scheduled)));
+      expected = [];
     };
     "test ${name}: ${unit} has a persistent timer" = {
       expr = {
@@ -427,17 +483,10 @@
           inherit (readme.settings) metrics builder;
           inherit (readme.settings.repos) nixos-servers;
         };
+        # nix/defaults.nix, which tests/module_defaults.rs holds equal to
+        # the binary's defaults.
         expected = {
-          metrics.listen = "0.0.0.0:9973";
-          builder = {
-            queue_limit = 16;
-            host_timeout = "2h";
-            progress_interval = "30s";
-            gc_roots_dir = "/var/lib/homelab-deploy-builder/gcroots";
-            keep_roots = 3;
-            state_file = "/var/lib/homelab-deploy-builder/state.json";
-            journal_file = "/var/lib/homelab-deploy-builder/journal";
-          };
+          inherit (defaults.settings) metrics builder;
           nixos-servers = {
             url = "git+https://git.t-juice.club/torjus/nixos-servers.git";
             ref = "master";
@@ -551,12 +600,7 @@
       };
       testTlsOptionalPathsCanBeTurnedOff = {
         expr = tls.settings.builder;
-        expected = {
-          queue_limit = 16;
-          host_timeout = "2h";
-          progress_interval = "30s";
-          keep_roots = 3;
-        };
+        expected = removeAttrs defaults.settings.builder ["gc_roots_dir" "state_file" "journal_file"];
       };
       testWritablePathsOutsideTheStateDirectory = {
         expr = {

@@ -59,6 +59,12 @@ use runner::Runner;
 
 /// How long shutdown waits for the last replies to reach the server.
 const FINAL_FLUSH: Duration = Duration::from_secs(3);
+// Stopping the running Nix (SIGTERM, then SIGKILL after the grace) and
+// delivering the last replies fit in the promised budget.
+const _: () = assert!(
+    crate::nix::process::KILL_GRACE.as_secs() + FINAL_FLUSH.as_secs()
+        < crate::SHUTDOWN_BUDGET.as_secs()
+);
 /// Messages a subscription may hold before NATS drops them (as a slow
 /// consumer): a flood of requests cannot grow the builder's memory.
 const SUBSCRIPTION_CAPACITY: usize = 16_384;
