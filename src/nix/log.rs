@@ -368,73 +368,14 @@ mod tests {
     }
 
     /// A failing build as Nix 2.8 logs it (captured from Debian's nix-bin).
-    const NIX_2_8_FAILED_BUILD: &str = r#"@nix {"action":"start","id":13537736916992,"level":0,"text":"","type":102}
-@nix {"action":"start","id":13537736916993,"level":0,"text":"","type":104}
-@nix {"action":"start","id":13537736916994,"level":0,"text":"","type":103}
-@nix {"action":"result","fields":[0,1,0,0],"id":13537736916993,"type":105}
-@nix {"action":"result","fields":[0,0,0,0],"id":13537736916994,"type":105}
-@nix {"action":"result","fields":[101,0],"id":13537736916992,"type":106}
-@nix {"action":"start","id":13537736916995,"level":6,"text":"querying info about missing paths","type":0}
-@nix {"action":"stop","id":13537736916995}
-@nix {"action":"start","fields":["/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv","",1,1],"id":13537736916996,"level":3,"text":"building '/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv'","type":105}
-@nix {"action":"result","fields":[0,1,1,0],"id":13537736916993,"type":105}
-@nix {"action":"result","fields":["about to fail"],"id":13537736916996,"type":101}
-@nix {"action":"result","fields":["\u001b[31mred\u001b[0m"],"id":13537736916996,"type":101}
-@nix {"action":"result","fields":[0,0,0,1],"id":13537736916993,"type":105}
-@nix {"action":"stop","id":13537736916996}
-@nix {"action":"stop","id":13537736916993}
-@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m \u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3\u001b[0m","raw_msg":"\u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv\u001b[0m' failed with exit code 3\u001b[0m"}"#;
+    const NIX_2_8_FAILED_BUILD: &str = include_str!("testdata/nix-2.8-failed-build.log");
 
     /// A failing build with a dependency that builds first, as Nix 2.26
     /// logs it (captured from Debian trixie's nix-bin 2.26.3 running
     /// `nix build --json --log-format internal-json --no-link <drv>^*`):
     /// activities carry a `parent`, informational messages come without
     /// `raw_msg`, and the counts shrink when a build fails (`[1,1,0,1]`).
-    const NIX_2_26_FAILED_BUILD: &str = r#"@nix {"action":"start","id":92973157056512,"level":6,"parent":0,"text":"querying info about missing paths","type":0}
-@nix {"action":"stop","id":92973157056512}
-@nix {"action":"msg","level":3,"msg":"these 2 derivations will be built:"}
-@nix {"action":"msg","level":3,"msg":"  /nix/store/va746k7xj4x1xj0aj2jd3v82anlwak3f-dep.drv"}
-@nix {"action":"msg","level":3,"msg":"  /nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv"}
-@nix {"action":"start","id":92973157056513,"level":0,"parent":0,"text":"","type":102}
-@nix {"action":"start","id":92973157056514,"level":0,"parent":0,"text":"","type":104}
-@nix {"action":"start","id":92973157056515,"level":0,"parent":0,"text":"","type":103}
-@nix {"action":"result","fields":[0,1,0,0],"id":92973157056514,"type":105}
-@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
-@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
-@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
-@nix {"action":"start","id":92973157056516,"level":6,"parent":0,"text":"querying info about missing paths","type":0}
-@nix {"action":"stop","id":92973157056516}
-@nix {"action":"result","fields":[0,2,0,0],"id":92973157056514,"type":105}
-@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
-@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
-@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
-@nix {"action":"start","fields":["/nix/store/va746k7xj4x1xj0aj2jd3v82anlwak3f-dep.drv","",1,1],"id":92973157056517,"level":3,"parent":0,"text":"building '/nix/store/va746k7xj4x1xj0aj2jd3v82anlwak3f-dep.drv'","type":105}
-@nix {"action":"result","fields":[0,2,1,0],"id":92973157056514,"type":105}
-@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
-@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
-@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
-@nix {"action":"result","fields":["dep"],"id":92973157056517,"type":101}
-@nix {"action":"result","fields":[1,2,0,0],"id":92973157056514,"type":105}
-@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
-@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
-@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
-@nix {"action":"stop","id":92973157056517}
-@nix {"action":"start","fields":["/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv","",1,1],"id":92973157056518,"level":3,"parent":0,"text":"building '/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv'","type":105}
-@nix {"action":"result","fields":[1,2,1,0],"id":92973157056514,"type":105}
-@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
-@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
-@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
-@nix {"action":"result","fields":["about to fail"],"id":92973157056518,"type":101}
-@nix {"action":"result","fields":["\u001b[31mred\u001b[0m"],"id":92973157056518,"type":101}
-@nix {"action":"result","fields":[1,1,0,1],"id":92973157056514,"type":105}
-@nix {"action":"result","fields":[0,0,0,0],"id":92973157056515,"type":105}
-@nix {"action":"result","fields":[101,0],"id":92973157056513,"type":106}
-@nix {"action":"result","fields":[100,0],"id":92973157056513,"type":106}
-@nix {"action":"stop","id":92973157056518}
-@nix {"action":"stop","id":92973157056515}
-@nix {"action":"stop","id":92973157056514}
-@nix {"action":"stop","id":92973157056513}
-@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m \u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv\u001b[0m' failed with exit code 3\u001b[0m","raw_msg":"\u001b[35;1m\u001b[0mbuilder for '\u001b[35;1m/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv\u001b[0m' failed with exit code 3\u001b[0m"}"#;
+    const NIX_2_26_FAILED_BUILD: &str = include_str!("testdata/nix-2.26-failed-build.log");
 
     /// Two derivations sent to a remote machine by Nix 2.8's build hook
     /// (captured from Debian's nix-bin with `builders = ssh-ng://…` and
@@ -442,68 +383,11 @@ mod tests {
     /// other activities left out): each build activity names the machine,
     /// and the remote Nix's own activities for the same derivation (an
     /// umbrella activity, a "local" build) are relayed in between.
-    const NIX_2_8_REMOTE_BUILD: &str = r#"@nix {"action":"start","id":6979321856000,"level":0,"text":"","type":102}
-@nix {"action":"start","id":6979321856001,"level":0,"text":"","type":104}
-@nix {"action":"start","id":6979321856002,"level":0,"text":"","type":103}
-@nix {"action":"result","fields":[0,1,0,0],"id":6979321856001,"type":105}
-@nix {"action":"stop","id":6979321856003}
-@nix {"action":"result","fields":[0,2,0,0],"id":6979321856001,"type":105}
-@nix {"action":"start","id":6979321856004,"level":4,"text":"connecting to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
-@nix {"action":"stop","id":6979321856004}
-@nix {"action":"start","fields":["/nix/store/gr9xihcqd71s80ihm1xbm6gj8linm4lb-dep.drv","ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519",1,1],"id":6979321856005,"level":3,"text":"building '/nix/store/gr9xihcqd71s80ihm1xbm6gj8linm4lb-dep.drv' on 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":105}
-@nix {"action":"result","fields":[0,2,1,0],"id":6979321856001,"type":105}
-@nix {"action":"start","id":6979321856006,"level":4,"text":"waiting for the upload lock to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
-@nix {"action":"stop","id":6979321856006}
-@nix {"action":"start","id":6979321856007,"level":4,"text":"copying dependencies to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
-@nix {"action":"stop","id":6979321856008}
-@nix {"action":"start","id":6979321856009,"level":3,"text":"copying 0 paths","type":103}
-@nix {"action":"stop","id":6979321856009}
-@nix {"action":"stop","id":6979321856007}
-@nix {"action":"start","id":6979321856010,"level":0,"text":"","type":102}
-@nix {"action":"start","id":6979321856011,"level":0,"text":"","type":104}
-@nix {"action":"start","id":6979321856012,"level":0,"text":"","type":103}
-@nix {"action":"result","fields":[0,1,0,0],"id":6979321856011,"type":105}
-@nix {"action":"stop","id":6979321856013}
-@nix {"action":"start","fields":["/nix/store/gr9xihcqd71s80ihm1xbm6gj8linm4lb-dep.drv","",1,1],"id":6979321856014,"level":3,"text":"building '/nix/store/gr9xihcqd71s80ihm1xbm6gj8linm4lb-dep.drv'","type":105}
-@nix {"action":"result","fields":[0,1,1,0],"id":6979321856011,"type":105}
-@nix {"action":"result","fields":["dep"],"id":6979321856014,"type":101}
-@nix {"action":"result","fields":[1,1,0,0],"id":6979321856011,"type":105}
-@nix {"action":"stop","id":6979321856014}
-@nix {"action":"stop","id":6979321856012}
-@nix {"action":"stop","id":6979321856011}
-@nix {"action":"stop","id":6979321856010}
-@nix {"action":"start","id":6979321856015,"level":4,"text":"copying outputs from 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
-@nix {"action":"start","id":6979321856016,"level":3,"text":"copying 1 paths","type":103}
-@nix {"action":"start","fields":["/nix/store/49q4rfk9c6af5p0i4ypjsv218dv3vz78-dep","ssh-ng://root@127.0.0.1","local"],"id":6979321856017,"level":3,"text":"copying path '/nix/store/49q4rfk9c6af5p0i4ypjsv218dv3vz78-dep' from 'ssh-ng://root@127.0.0.1'","type":100}
-@nix {"action":"stop","id":6979321856017}
-@nix {"action":"stop","id":6979321856016}
-@nix {"action":"stop","id":6979321856015}
-@nix {"action":"result","fields":[1,2,0,0],"id":6979321856001,"type":105}
-@nix {"action":"stop","id":6979321856005}
-@nix {"action":"start","id":6979321856018,"level":4,"text":"connecting to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
-@nix {"action":"stop","id":6979321856018}
-@nix {"action":"start","fields":["/nix/store/j4h90hgbry3hys0mcv4gx67qdyn11v7c-top.drv","ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519",1,1],"id":6979321856019,"level":3,"text":"building '/nix/store/j4h90hgbry3hys0mcv4gx67qdyn11v7c-top.drv' on 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":105}
-@nix {"action":"result","fields":[1,2,1,0],"id":6979321856001,"type":105}
-@nix {"action":"start","id":6979321856020,"level":4,"text":"waiting for the upload lock to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
-@nix {"action":"stop","id":6979321856020}
-@nix {"action":"start","id":6979321856021,"level":4,"text":"copying dependencies to 'ssh-ng://root@127.0.0.1?ssh-key=/etc/nix/builder_ed25519'","type":0}
-@nix {"action":"stop","id":6979321856022}
-@nix {"action":"start","id":6979321856023,"level":3,"text":"copying 0 paths","type":103}
-@nix {"action":"stop","id":6979321856023}
-@nix {"action":"stop","id":6979321856021}
-@nix {"action":"start","id":6979321856024,"level":0,"text":"","type":102}
-@nix {"action":"start","id":6979321856025,"level":0,"text":"","type":104}
-@nix {"action":"start","id":6979321856026,"level":0,"text":"","type":103}
-@nix {"action":"result","fields":[0,1,0,0],"id":6979321856025,"type":105}
-@nix {"action":"stop","id":6979321856027}
-@nix {"action":"start","fields":["/nix/store/j4h90hgbry3hys0mcv4gx67qdyn11v7c-top.drv","",1,1],"id":6979321856028,"level":3,"text":"building '/nix/store/j4h90hgbry3hys0mcv4gx67qdyn11v7c-top.drv'","type":105}
-@nix {"action":"result","fields":[0,1,1,0],"id":6979321856025,"type":105}
-@nix {"action":"result","fields":["top"],"id":6979321856028,"type":101}
-@nix {"action":"result","fields":["sh: 1: cat: not found"],"id":6979321856028,"type":101}"#;
+    const NIX_2_8_REMOTE_BUILD: &str = include_str!("testdata/nix-2.8-remote-build.log");
 
     /// An evaluation error as Nix 2.26.3 logs it (`nix eval --json
     /// --log-format internal-json`): one message with the whole trace.
-    const NIX_2_26_EVAL_ERROR: &str = r#"@nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m\n       … while evaluating the attribute '\u001b[35;1mevalfail.config.system.build.toplevel.drvPath\u001b[0m'\n         \u001b[34;1mat \u001b[35;1m/nix/store/y2z9z026vl7jgd4xiwcsi305vmbw47r2-source/flake.nix:10:5\u001b[0m:\n            9|     nixosConfigurations.good.config.system.build.toplevel = good;\n           10|     nixosConfigurations.evalfail.config.system.build.toplevel = throw \"evaluation of this host fails on purpose\";\n             |     \u001b[31;1m^\u001b[0m\n           11|   };\n\n       … while calling the '\u001b[35;1mthrow\u001b[0m' builtin\n         \u001b[34;1mat \u001b[35;1m/nix/store/y2z9z026vl7jgd4xiwcsi305vmbw47r2-source/flake.nix:10:65\u001b[0m:\n            9|     nixosConfigurations.good.config.system.build.toplevel = good;\n           10|     nixosConfigurations.evalfail.config.system.build.toplevel = throw \"evaluation of this host fails on purpose\";\n             |                                                                 \u001b[31;1m^\u001b[0m\n           11|   };\n\n       \u001b[31;1merror:\u001b[0m evaluation of this host fails on purpose","raw_msg":"evaluation of this host fails on purpose"}"#;
+    const NIX_2_26_EVAL_ERROR: &str = include_str!("testdata/nix-2.26-eval-error.log");
 
     fn parse_all(text: &str) -> Vec<LogEvent> {
         let mut parser = LogParser::new();
