@@ -508,9 +508,11 @@ async fn a_flood_of_status_requests_leaves_memory_flat_and_builds_answered() {
 /// A flood on the very subject of a build outpaces the builder on 2 cores:
 /// what its subscription cannot hold is dropped in the NATS client, and a
 /// build request dropped there is accepted when the CLI sends it again
-/// (every half second for 4 s). Memory stays bounded either way.
+/// (the schedule, every half second for 4 s then less often, is a unit
+/// test in src/client.rs; here: accepted while the CLI still re-sends).
+/// Memory stays bounded either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn during_a_flood_of_malformed_requests_a_build_is_accepted_within_5_s() {
+async fn during_a_flood_of_malformed_requests_a_build_is_accepted_while_the_client_resends() {
     let _alone = FLOODS.lock().await;
     let flake = Flake::homelab();
     let (nats, mut builder) = start_service(&flake, |o| o).await;
@@ -568,8 +570,9 @@ async fn during_a_flood_of_malformed_requests_a_build_is_accepted_within_5_s() {
     );
 
     let latency = latency.unwrap_or_else(|| panic!("never accepted: {printed:?}"));
+    // The last re-send goes out 19 s after the request.
     assert!(
-        latency < Duration::from_secs(5),
+        latency < Duration::from_secs(20),
         "accepted only after {latency:?}"
     );
     assert_eq!(status.code(), Some(0), "{printed:?}");
