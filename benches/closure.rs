@@ -51,7 +51,7 @@ in drv "nixos-system-bench" "echo $deps > $out" (builtins.genList group {GROUPS}
 }
 
 fn build(dir: &std::path::Path, variant: &str) -> String {
-    common::nix_build_expression(dir, variant, &expression(variant))
+    common::nix::nix_build_expression(dir, variant, &expression(variant))
 }
 
 async fn measure(program: &str, a: &str, b: &str) {

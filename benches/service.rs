@@ -13,7 +13,14 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::builder::{Builder, BuilderOptions};
+use common::flake::{Flake, Host};
+use common::nats::NatsServer;
+use common::net::http_get;
+use common::nix::{nix_command, nix_config, test_path};
+use common::process::memory_kib;
+use common::requester::Requester;
+use common::wait::WAIT;
 use homelab_deploy::protocol::{BuildStatus, Event, HostStatus, Reply};
 
 const HOSTS: usize = 16;
@@ -170,7 +177,7 @@ async fn main() {
     let flake_c = Flake::with_source(bench_flake_source);
     let gate = Flake::new(&[("gated", Host::Gated), ("noop", Host::Ok)]);
 
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let mut options = BuilderOptions::new(&flake_a)
         .host_timeout("10m")
         .builder(&format!("queue_limit = {}", LATENCY_REQUESTS + 10));
@@ -178,7 +185,7 @@ async fn main() {
         ("bench".into(), flake_a.url(), None),
         ("gate".into(), gate.url(), None),
     ];
-    let mut builder = Builder::start(&nats, &options);
+    let mut builder = Builder::start(&nats, &options).await;
     let pid = builder.pid();
     let client = Requester::new(&nats).await;
 
@@ -284,7 +291,7 @@ async fn main() {
     );
 
     // Cancels the gated build and the queued ones.
-    let status = builder.terminate();
+    let status = builder.terminate().await;
     assert!(status.success());
     gate.open_gate();
 
@@ -307,7 +314,7 @@ async fn metrics_with_many_series(nats: &NatsServer) {
     options.repos = (1..=METRIC_REPOS)
         .map(|i| (format!("repo{i:02}"), flake.url(), None))
         .collect();
-    let mut builder = Builder::start(nats, &options);
+    let mut builder = Builder::start(nats, &options).await;
     let client = Requester::new(nats).await;
     for i in 1..=METRIC_REPOS {
         let replies = client.build(&format!("build.repo{i:02}.all"), "").await;
@@ -319,7 +326,7 @@ async fn metrics_with_many_series(nats: &NatsServer) {
             }
         ));
     }
-    let addr = builder.metrics_addr();
+    let addr = builder.metrics_addr().await;
     let mut times = Vec::with_capacity(SCRAPES);
     let mut size = 0;
     for _ in 0..SCRAPES {
@@ -350,5 +357,5 @@ async fn metrics_with_many_series(nats: &NatsServer) {
         memory_kib(pid, "VmRSS:") as f64 / 1024.0,
         memory_kib(pid, "VmHWM:") as f64 / 1024.0
     );
-    assert!(builder.terminate().success());
+    assert!(builder.terminate().await.success());
 }

@@ -14,7 +14,7 @@
   stateDir = "/var/lib/${user}";
   credentials = unit: "/run/credentials/${unit}.service";
 
-  # The names the protocol accepts (protocol.rs: is_valid_name,
+  # The names the protocol accepts (src/protocol/request.rs: is_valid_name,
   # validate_ref), so a scheduled build is never rejected for its name and
   # its unit name is a valid one.
   nameType = lib.types.strMatching "[A-Za-z0-9_][A-Za-z0-9_-]{0,127}";

@@ -98,6 +98,49 @@ fn resend_delay(n: u32) -> Duration {
     }
 }
 
+/// When an unanswered request is sent again: [`resend_delay`] after the
+/// sending before, at most [`ACCEPT_RESENDS`] times.
+#[derive(Debug)]
+struct Resends {
+    /// Re-sends so far.
+    sent: u32,
+    /// When the next is due; `None` once all are sent.
+    next_at: Option<Instant>,
+}
+
+impl Resends {
+    /// The schedule of a request first published at `published`.
+    fn new(published: Instant) -> Self {
+        Self {
+            sent: 0,
+            next_at: Some(published + resend_delay(0)),
+        }
+    }
+
+    /// Whether a re-send is due at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.next_at.is_some_and(|at| now >= at)
+    }
+
+    fn next_at(&self) -> Option<Instant> {
+        self.next_at
+    }
+
+    /// The request went out again at `now`.
+    fn sent_again(&mut self, now: Instant) {
+        self.sent += 1;
+        self.next_at = (self.sent < ACCEPT_RESENDS).then(|| now + resend_delay(self.sent));
+    }
+}
+
+/// How long a builder that sends a heartbeat every `heartbeat_ms` may
+/// stay silent before the client gives up on it: three heartbeats missed,
+/// plus [`SILENCE_GRACE`]; `None` for a builder that sends none (0).
+fn silence_limit(heartbeat_ms: u64) -> Option<Duration> {
+    (heartbeat_ms > 0)
+        .then(|| Duration::from_millis(heartbeat_ms.saturating_mul(3)) + SILENCE_GRACE)
+}
+
 /// A connection that sends build requests.
 pub struct BuildClient {
     nats: async_nats::Client,
@@ -324,8 +367,7 @@ impl BuildClient {
             subject,
             reply_to,
             body,
-            resends: 0,
-            resend_at: Some(now + resend_delay(0)),
+            resends: Resends::new(now),
             last_seq: None,
             retry_until: timeouts.wait_for_builder.map(|wait| now + wait),
             retry_at: None,
@@ -371,9 +413,8 @@ pub struct BuildEvents<'a> {
     /// [`protocol::request_digest`] of what we sent.
     digest: String,
     expected: Expected,
-    /// Re-sends so far while no `accepted` came, and when the next is due.
-    resends: u32,
-    resend_at: Option<Instant>,
+    /// Re-sends while no `accepted` came.
+    resends: Resends,
     /// The `seq` of the last event taken: a replay is never taken twice.
     last_seq: Option<u64>,
     /// Until when "no responders" means "ask again" (`--wait-for-builder`).
@@ -412,22 +453,20 @@ impl BuildEvents<'_> {
                 self.retry_at = None;
                 continue;
             }
-            if self.build_id.is_none() && self.resend_at.is_some_and(|at| now >= at) {
+            if self.build_id.is_none() && self.resends.due(now) {
                 // The same bytes on the same reply subject: the builder
                 // answers `accepted` again if it has the request already.
                 tracing::info!("no answer yet; sending the request again");
                 self.client
                     .publish(&self.subject, &self.reply_to, self.body.clone())
                     .await?;
-                self.resends += 1;
-                self.resend_at =
-                    (self.resends < ACCEPT_RESENDS).then(|| now + resend_delay(self.resends));
+                self.resends.sent_again(now);
                 continue;
             }
             let mut wait_until = self.wait_until();
             for wake in [
                 self.retry_at,
-                self.resend_at.filter(|_| self.build_id.is_none()),
+                self.resends.next_at().filter(|_| self.build_id.is_none()),
             ] {
                 wait_until = wake.map_or(wait_until, |at| at.min(wait_until));
             }
@@ -484,9 +523,7 @@ impl BuildEvents<'_> {
             match &reply.event {
                 Event::Accepted { heartbeat_ms, .. } | Event::Resumed { heartbeat_ms, .. } => {
                     self.interrupted = false;
-                    self.silence_limit = (*heartbeat_ms > 0).then(|| {
-                        Duration::from_millis(heartbeat_ms.saturating_mul(3)) + SILENCE_GRACE
-                    });
+                    self.silence_limit = silence_limit(*heartbeat_ms);
                 }
                 Event::Interrupted { resume: true } => self.interrupted = true,
                 _ => {}
@@ -632,6 +669,73 @@ mod tests {
             ]
         );
         assert!(delays.iter().sum::<u128>() < Timeouts::default().accept.as_millis());
+    }
+
+    /// Re-sends as `next` makes them: when one is due, then at once the next.
+    async fn resend_times() -> Vec<Duration> {
+        let published = Instant::now();
+        let mut resends = Resends::new(published);
+        let mut times = Vec::new();
+        while let Some(at) = resends.next_at() {
+            tokio::time::sleep_until(at).await;
+            let now = Instant::now();
+            assert!(resends.due(now));
+            resends.sent_again(now);
+            times.push(now - published);
+        }
+        times
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_request_goes_out_every_half_second_for_4_s_then_after_1_2_4_8_s() {
+        let millis: Vec<u128> = resend_times()
+            .await
+            .iter()
+            .map(Duration::as_millis)
+            .collect();
+        assert_eq!(
+            millis,
+            [
+                500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 7000, 11000, 19000
+            ]
+        );
+        assert_eq!(millis.len(), usize::try_from(ACCEPT_RESENDS).unwrap());
+        // The last one still leaves the builder time to answer.
+        assert!(Duration::from_millis(19_000) < Timeouts::default().accept);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_resend_is_due_before_its_time() {
+        let published = Instant::now();
+        let mut resends = Resends::new(published);
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(!resends.due(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(resends.due(Instant::now()));
+        // Counted from when it went out, not from when it was due.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        resends.sent_again(Instant::now());
+        assert_eq!(
+            resends.next_at(),
+            Some(published + Duration::from_millis(1300))
+        );
+    }
+
+    #[test]
+    fn the_silence_limit_is_three_heartbeats_and_the_grace() {
+        assert_eq!(
+            silence_limit(5_000),
+            Some(Duration::from_secs(15) + SILENCE_GRACE)
+        );
+        assert_eq!(
+            silence_limit(1),
+            Some(Duration::from_millis(3) + SILENCE_GRACE)
+        );
+        assert_eq!(silence_limit(0), None, "no heartbeats: no limit");
+        assert_eq!(
+            silence_limit(u64::MAX),
+            Some(Duration::from_millis(u64::MAX) + SILENCE_GRACE)
+        );
     }
 
     #[test]

@@ -5,7 +5,13 @@
 
 mod common;
 
-use common::*;
+use common::builder::start_service;
+use common::flake::{Flake, Host};
+use common::nix::nix_command;
+use common::process::{child_pids, processes_matching};
+use common::replies::{event_names, host_outcomes, terminal};
+use common::requester::Requester;
+use common::wait::{WAIT, wait_for};
 use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, HostStatus, Reply};
 
 fn store_file(path: &str) -> String {
@@ -49,7 +55,7 @@ fn out_path(replies: &[Reply], host: &str) -> String {
 #[tokio::test]
 async fn single_host_build_sends_the_documented_sequence() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.ns1", "").await;
@@ -134,7 +140,7 @@ async fn single_host_build_sends_the_documented_sequence() {
 #[tokio::test]
 async fn all_builds_every_host_in_order_and_isolates_failures() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.all", "").await;
@@ -220,7 +226,8 @@ async fn exclude_skips_hosts_for_all_but_not_by_name() {
     let flake = Flake::homelab();
     let (nats, _builder) = start_service(&flake, |o| {
         o.repo("exclude = [\"broken-build\", \"broken-eval\"]")
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.all", "").await;
@@ -243,7 +250,7 @@ async fn exclude_skips_hosts_for_all_but_not_by_name() {
 #[tokio::test]
 async fn invalid_requests_get_exactly_one_rejection() {
     let flake = Flake::homelab();
-    let (nats, builder) = start_service(&flake, |o| o);
+    let (nats, builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let cases: &[(&str, &str, ErrorCode)] = &[
@@ -310,7 +317,7 @@ async fn invalid_requests_get_exactly_one_rejection() {
 #[tokio::test]
 async fn a_reply_subject_outside_build_responses_gets_nothing_and_nothing_is_built() {
     let flake = Flake::homelab();
-    let (nats, builder) = start_service(&flake, |o| o);
+    let (nats, builder) = start_service(&flake, |o| o).await;
     let client = nats.connect().await;
     let mut inbox = client.subscribe("_INBOX.elsewhere").await.unwrap();
     client
@@ -333,7 +340,8 @@ async fn unknown_host_and_unfetchable_flake_fail_before_started() {
     let flake = Flake::homelab();
     let (nats, _builder) = start_service(&flake, |o| {
         o.add_repo("gone", "git+file:///nonexistent/homelab-deploy-test")
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.nope", "").await;
@@ -366,7 +374,7 @@ async fn unknown_host_and_unfetchable_flake_fail_before_started() {
 #[tokio::test]
 async fn queued_request_waits_for_the_running_one_and_the_queue_is_bounded() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| o.builder("queue_limit = 1"));
+    let (nats, _builder) = start_service(&flake, |o| o.builder("queue_limit = 1")).await;
     let client = Requester::new(&nats).await;
 
     let (mut first, first_events) = client.send_until_started("build.homelab.slow").await;
@@ -425,7 +433,7 @@ async fn ref_builds_the_named_branch() {
     flake.branch("flake-update");
     let branch = flake.commit_change("updated");
     flake.checkout("master");
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let replies = client
@@ -448,7 +456,7 @@ async fn repo_default_ref_is_used_when_the_request_names_none() {
     flake.branch("stable");
     let stable = flake.commit_change("stable");
     flake.checkout("master");
-    let (nats, _builder) = start_service(&flake, |o| o.repo("ref = \"stable\""));
+    let (nats, _builder) = start_service(&flake, |o| o.repo("ref = \"stable\"")).await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.ns1", "").await;
@@ -462,7 +470,7 @@ async fn repo_default_ref_is_used_when_the_request_names_none() {
 #[tokio::test]
 async fn a_branch_that_moved_is_fetched_fresh() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let before = client.build("build.homelab.ns1", "").await;
@@ -479,7 +487,7 @@ async fn rev_pins_an_exact_commit() {
     let flake = Flake::homelab();
     let old = flake.head();
     flake.commit_change("newer");
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let replies = client
@@ -496,7 +504,7 @@ async fn rev_pins_an_exact_commit() {
 async fn host_timeout_kills_the_build_and_leaves_no_process_behind() {
     let flake = Flake::new(&[("stuck", Host::Gated)]);
     // Fetching and listing the hosts count against it too: leave them room.
-    let (nats, builder) = start_service(&flake, |o| o.host_timeout("10s"));
+    let (nats, builder) = start_service(&flake, |o| o.host_timeout("10s")).await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.stuck", "").await;
@@ -538,7 +546,7 @@ async fn host_timeout_kills_the_build_and_leaves_no_process_behind() {
 #[tokio::test]
 async fn progress_names_the_building_derivation_and_keeps_coming_while_quiet() {
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let (nats, _builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\""));
+    let (nats, _builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\"")).await;
     let client = Requester::new(&nats).await;
 
     let mut pending = client.send("build.homelab.slow", "").await;
@@ -587,7 +595,7 @@ async fn progress_names_the_building_derivation_and_keeps_coming_while_quiet() {
 #[tokio::test]
 async fn messages_under_build_responses_are_never_builds() {
     let flake = Flake::homelab();
-    let (nats, builder) = start_service(&flake, |o| o);
+    let (nats, builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     // Three tokens, as if "responses" were a repo.
@@ -609,7 +617,8 @@ async fn a_request_without_reply_subject_is_still_built() {
     let roots = tempfile::tempdir().unwrap();
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder(&format!("gc_roots_dir = \"{}\"", roots.path().display()))
-    });
+    })
+    .await;
     let client = nats.connect().await;
     client
         .publish("build.homelab.ns1", "".into())
@@ -633,7 +642,8 @@ async fn gc_roots_keep_the_newest_generations_per_host() {
             "gc_roots_dir = \"{}\"\nkeep_roots = 2",
             roots.path().display()
         ))
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let dir = roots.path().join("homelab");
     let generations = || {
@@ -689,7 +699,7 @@ async fn gc_roots_keep_the_newest_generations_per_host() {
 #[tokio::test]
 async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
-    let (nats, mut builder) = start_service(&flake, |o| o);
+    let (nats, mut builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let (mut running, _) = client.send_until_started("build.homelab.slow").await;
@@ -703,7 +713,7 @@ async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
     ));
 
     let started = std::time::Instant::now();
-    let status = builder.terminate();
+    let status = builder.terminate().await;
     let took = started.elapsed();
     eprintln!(
         "shutdown with a running build took {:.2} s",
@@ -751,7 +761,7 @@ async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
 #[tokio::test]
 async fn the_event_stream_ends_with_the_terminal_event() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let mut first = client.send("build.homelab.all", "").await;

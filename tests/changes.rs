@@ -9,7 +9,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use common::builder::start_service;
+use common::flake::Flake;
+use common::nix::{nix_build_expression, nix_config};
+use common::replies::terminal;
+use common::requester::Requester;
 use homelab_deploy::changes::compare;
 use homelab_deploy::protocol::{Against, ChangedPackage, Changes};
 
@@ -262,7 +266,8 @@ async fn every_result_says_what_it_changes_against_the_default_ref() {
     let roots = tempfile::tempdir().unwrap();
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder(&format!("gc_roots_dir = \"{}\"", roots.path().display()))
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
 
     // The first build has nothing to compare with.

@@ -5,7 +5,11 @@
 
 mod common;
 
-use common::*;
+use common::builder::start_service;
+use common::cli::{describe, run_cli};
+use common::flake::{Flake, Host};
+use common::nats::NatsServer;
+use common::replies::{event_names, terminal};
 use homelab_deploy::protocol::{Event, Reply};
 
 fn stdout(output: &std::process::Output) -> String {
@@ -19,7 +23,7 @@ fn stderr(output: &std::process::Output) -> String {
 #[tokio::test]
 async fn exit_0_when_every_host_succeeds() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let out = run_cli(&nats.url(), &["build", "homelab", "ns1", "ns2"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let text = stdout(&out);
@@ -37,7 +41,7 @@ async fn exit_0_when_every_host_succeeds() {
 #[tokio::test]
 async fn exit_1_when_a_host_fails_with_its_error_shown() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let out = run_cli(&nats.url(), &["build", "homelab", "--all"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let text = stdout(&out);
@@ -57,7 +61,7 @@ async fn exit_1_when_a_host_fails_with_its_error_shown() {
 #[tokio::test]
 async fn exit_1_when_the_request_fails_before_building() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let out = run_cli(&nats.url(), &["build", "homelab", "nope"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(stdout(&out).contains("unknown_host"), "{}", describe(&out));
@@ -66,7 +70,7 @@ async fn exit_1_when_the_request_fails_before_building() {
 #[tokio::test]
 async fn exit_2_when_rejected_or_given_bad_arguments() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
 
     let out = run_cli(&nats.url(), &["build", "nope", "ns1"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
@@ -92,7 +96,7 @@ async fn exit_2_when_rejected_or_given_bad_arguments() {
 
 #[tokio::test]
 async fn exit_3_when_no_builder_answers() {
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let out = run_cli(&nats.url(), &["build", "homelab", "ns1"]).await;
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     let err = stderr(&out);
@@ -123,7 +127,7 @@ async fn exit_3_when_no_builder_answers() {
 #[tokio::test]
 async fn exit_3_when_the_client_timeout_passes() {
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let out = run_cli(
         &nats.url(),
         &["build", "homelab", "slow", "--timeout", "5s"],
@@ -137,7 +141,7 @@ async fn exit_3_when_the_client_timeout_passes() {
 #[tokio::test]
 async fn json_prints_every_event_exactly_as_received() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let out = run_cli(&nats.url(), &["build", "homelab", "ns1", "--json"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let replies: Vec<Reply> = stdout(&out)
@@ -167,7 +171,7 @@ async fn ref_flag_builds_the_branch() {
     flake.branch("flake-update");
     let rev = flake.commit_change("updated");
     flake.checkout("master");
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let out = run_cli(
         &nats.url(),
         &["build", "homelab", "ns1", "--ref", "flake-update", "--json"],
@@ -233,7 +237,7 @@ async fn builder_refuses_to_start_with_a_bad_config() {
 #[tokio::test]
 async fn logs_flag_prints_the_build_output() {
     let flake = Flake::new(&[("noisy", Host::Noisy { lines: 5 })]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let out = run_cli(&nats.url(), &["build", "homelab", "noisy", "--logs"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let text = stdout(&out);

@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::*;
+use common::cli::{describe, run_cli};
+use common::nix::nix_command;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 

@@ -14,7 +14,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use common::builder::start_service;
+use common::cli::describe;
+use common::flake::{Flake, Host};
+use common::nix::{nix_command, nix_config};
+use common::process::processes_matching;
+use common::replies::{host_outcomes, terminal};
+use common::requester::Requester;
+use common::wait::{WAIT, wait_for};
 use homelab_deploy::protocol::{BuildStatus, Event, HostStatus, Reply};
 
 /// One collection at a time, and no build of another test meanwhile.
@@ -72,7 +79,8 @@ async fn a_collection_during_an_all_build_loses_no_host() {
     let roots = tempfile::tempdir().unwrap();
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder(&roots_option(roots.path(), "eval_workers = 2"))
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let (mut pending, events) = client.send_until_started("build.homelab.all").await;
     let build_id = events[0].reply.build_id.clone();
@@ -129,7 +137,8 @@ async fn other_refs_never_unroot_the_default_refs_result() {
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder(&roots_option(roots.path(), "keep_roots = 2"))
             .repo("ref = \"master\"")
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let deployed = out_paths(&client.build("build.homelab.ns1", "").await)[0]
         .1
@@ -198,7 +207,8 @@ async fn side_roots_expire_after_their_ttl_and_crashed_requests_are_swept() {
 
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder(&roots_option(roots.path(), "side_roots_ttl = \"2s\""))
-    });
+    })
+    .await;
     assert!(
         !stale.exists(),
         "the crashed request's roots were not swept"
@@ -251,7 +261,8 @@ async fn distinct_revs_past_side_roots_max_evict_the_oldest() {
     let roots = tempfile::tempdir().unwrap();
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder(&roots_option(roots.path(), "side_roots_max = 2"))
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let mut built = Vec::new();
     for i in 0..3 {
@@ -294,7 +305,8 @@ async fn a_host_named_like_a_generation_takes_no_other_hosts_root() {
     // generation in a layout that kept both side by side.
     let flake = Flake::new(&[("web", Host::Ok), ("web-1-link", Host::Ok)]);
     let roots = tempfile::tempdir().unwrap();
-    let (nats, _builder) = start_service(&flake, |o| o.builder(&roots_option(roots.path(), "")));
+    let (nats, _builder) =
+        start_service(&flake, |o| o.builder(&roots_option(roots.path(), ""))).await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     assert_eq!(finished(&replies), BuildStatus::Success);
@@ -322,7 +334,7 @@ async fn roots_of_the_earlier_layout_move_into_gen_without_being_unrooted() {
     let first = tempfile::tempdir().unwrap();
     let out_path = {
         let (nats, _builder) =
-            start_service(&flake, |o| o.builder(&roots_option(first.path(), "")));
+            start_service(&flake, |o| o.builder(&roots_option(first.path(), ""))).await;
         let client = Requester::new(&nats).await;
         out_paths(&client.build("build.homelab.ns1", "").await)[0]
             .1
@@ -347,7 +359,8 @@ async fn roots_of_the_earlier_layout_move_into_gen_without_being_unrooted() {
         "the earlier root does not hold"
     );
 
-    let (_nats, _builder) = start_service(&flake, |o| o.builder(&roots_option(roots.path(), "")));
+    let (_nats, _builder) =
+        start_service(&flake, |o| o.builder(&roots_option(roots.path(), ""))).await;
     assert_eq!(
         std::fs::read_link(repo.join("ns1")).unwrap(),
         Path::new(".gen/ns1-1-link")

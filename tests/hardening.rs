@@ -10,43 +10,41 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::builder::{Builder, BuilderOptions, start_service};
+use common::cli::{describe, run_cli, spawn_cli};
+use common::flake::{Flake, Host};
+use common::flood::Flood;
+use common::identity::{Identities, nkey_user};
+use common::nats::NatsServer;
+use common::net::{free_port, http_get, metric};
+use common::nix::{NixRecorder, which};
+use common::process::{child_pids, memory_kib, processes_matching};
+use common::replies::{event_names, finished, host_outcomes, log_lines, terminal, untimed};
+use common::requester::{Requester, connect_as};
+use common::wait::{WAIT, wait_for};
 use futures_util::StreamExt;
 use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, HostStatus, Reply};
-
-fn replies(timed: Vec<Timed>) -> Vec<Reply> {
-    timed.into_iter().map(|t| t.reply).collect()
-}
-
-fn finished_status(replies: &[Reply]) -> (BuildStatus, Option<String>) {
-    match terminal(replies) {
-        Event::Finished { status, error, .. } => {
-            (*status, error.as_ref().map(|e| e.message.clone()))
-        }
-        other => panic!("not finished: {other:?}"),
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Permissions
 
 async fn builds_work_under(config_file: &str) {
     let ids = Identities::new();
-    let nats = NatsServer::start_with_config(&ids.server_config(config_file));
+    let nats = NatsServer::start_with_config(&ids.server_config(config_file)).await;
     let flake = Flake::homelab();
     let options = BuilderOptions::new(&flake);
     let config = options.config_text(&nats.url()).replace(
         "[metrics]",
         &format!(
             "nkey_seed_file = \"{}\"\n\n[metrics]",
-            ids.builder.0.display()
+            ids.builder.seed_file.display()
         ),
     );
     let mut builder = Builder::spawn_with(&config, &options);
-    builder.wait_for_log("builder ready");
+    builder.wait_serving().await;
 
     // The CLI as the test deployer, end to end.
-    let seed = ids.test_deployer.0.to_str().unwrap();
+    let seed = ids.test_deployer.seed_arg();
     let out = run_cli(
         &nats.url(),
         &["build", "homelab", "ns1", "--nkey-file", seed],
@@ -58,7 +56,7 @@ async fn builds_work_under(config_file: &str) {
         "{config_file}: {}",
         describe(&out)
     );
-    let admin = ids.admin.0.to_str().unwrap();
+    let admin = ids.admin.seed_arg();
     let out = run_cli(&nats.url(), &["status", "--nkey-file", admin]).await;
     assert_eq!(
         out.status.code(),
@@ -70,9 +68,9 @@ async fn builds_work_under(config_file: &str) {
 
     // A user without build.> publish rights cannot start a build, and a
     // three-token build.responses.x is never a build.
-    let outsider = connect_as(&nats, &ids.outsider.0).await;
+    let outsider = connect_as(&nats, &ids.outsider).await;
     let mut refused = outsider.send("build.homelab.ns2", "").await;
-    let deployer = connect_as(&nats, &ids.test_deployer.0).await;
+    let deployer = connect_as(&nats, &ids.test_deployer).await;
     let mut not_a_build = deployer.send("build.responses.ns2", "").await;
     let answered = deployer.build("build.homelab.broken-build", "").await;
     assert!(matches!(terminal(&answered), Event::Finished { .. }));
@@ -110,8 +108,9 @@ async fn builds_work_with_the_strict_permissions() {
 #[tokio::test]
 async fn under_strict_permissions_deployers_cannot_forge_replies() {
     let ids = Identities::new();
-    let nats = NatsServer::start_with_config(&ids.server_config("nats-server.strict.example.conf"));
-    let admin = connect_as(&nats, &ids.admin.0).await;
+    let nats =
+        NatsServer::start_with_config(&ids.server_config("nats-server.strict.example.conf")).await;
+    let admin = connect_as(&nats, &ids.admin).await;
     let mut victim = admin
         .nats
         .subscribe("build.responses.victim.1")
@@ -120,7 +119,7 @@ async fn under_strict_permissions_deployers_cannot_forge_replies() {
     let mut marker = admin.nats.subscribe("deploy.test.marker").await.unwrap();
     admin.nats.flush().await.unwrap();
 
-    let forger = connect_as(&nats, &ids.test_deployer.0).await;
+    let forger = connect_as(&nats, &ids.test_deployer).await;
     forger
         .nats
         .publish("build.responses.victim.1", r#"{"event":"finished"}"#.into())
@@ -148,7 +147,7 @@ async fn under_strict_permissions_deployers_cannot_forge_replies() {
 async fn seed_files_must_exist_and_be_private() {
     let dir = tempfile::tempdir().unwrap();
     let flake = Flake::homelab();
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let config_with = |seed: &Path| {
         BuilderOptions::new(&flake)
             .config_text(&nats.url())
@@ -176,7 +175,7 @@ async fn seed_files_must_exist_and_be_private() {
         "{err}"
     );
 
-    let (seed, _) = nkey_user(dir.path(), "open");
+    let seed = nkey_user(dir.path(), "open").seed_file;
     std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = run_builder(config_with(&seed)).await;
     assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
@@ -251,7 +250,8 @@ async fn tls_servers_are_reached_with_a_private_ca() {
         "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
         path("server.pem"),
         path("server.key")
-    ));
+    ))
+    .await;
     let url = format!("tls://127.0.0.1:{}", nats.port);
 
     let flake = Flake::homelab();
@@ -261,7 +261,7 @@ async fn tls_servers_are_reached_with_a_private_ca() {
         &format!("tls_ca_file = \"{}\"\n\n[metrics]", path("ca.pem")),
     );
     let mut builder = Builder::spawn_with(&config, &options);
-    builder.wait_for_log("builder ready");
+    builder.wait_serving().await;
     let out = run_cli(
         &url,
         &["build", "homelab", "ns1", "--tls-ca-file", &path("ca.pem")],
@@ -280,12 +280,12 @@ async fn tls_servers_are_reached_with_a_private_ca() {
 async fn a_200_mb_log_flood_keeps_the_builder_under_64_mb() {
     let _alone = FLOODS.lock().await;
     let flake = Flake::new(&[("flood", Host::Flood { lines: 200_000 })]);
-    let (nats, builder) = start_service(&flake, |o| o);
+    let (nats, builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let replies = client
         .build("build.homelab.flood", r#"{"logs":true}"#)
         .await;
-    assert_eq!(finished_status(&replies).0, BuildStatus::Success);
+    assert_eq!(finished(&replies).status, BuildStatus::Success);
     let lines = log_lines(&replies);
     assert!(!lines.is_empty());
     assert!(
@@ -300,7 +300,7 @@ async fn a_200_mb_log_flood_keeps_the_builder_under_64_mb() {
 #[tokio::test]
 async fn identical_waiting_requests_are_coalesced() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
-    let (nats, builder) = start_service(&flake, |o| o);
+    let (nats, builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let (mut running, _) = client.send_until_started("build.homelab.slow").await;
 
@@ -323,8 +323,8 @@ async fn identical_waiting_requests_are_coalesced() {
 
     flake.open_gate();
     running.until_terminal().await;
-    let a = replies(first.until_terminal().await);
-    let b = replies(second.until_terminal().await);
+    let a = untimed(first.until_terminal().await);
+    let b = untimed(second.until_terminal().await);
     let names = |r: &[Reply]| {
         event_names(r)
             .into_iter()
@@ -337,7 +337,7 @@ async fn identical_waiting_requests_are_coalesced() {
     );
     assert_eq!(names(&a), names(&b));
     assert!(b.iter().all(|r| r.build_id == first_accepted.build_id));
-    assert_eq!(finished_status(&b).0, BuildStatus::Success);
+    assert_eq!(finished(&b).status, BuildStatus::Success);
     other.until_terminal().await;
     assert_eq!(
         builder
@@ -354,7 +354,7 @@ async fn a_flood_of_malformed_requests_is_rejected_without_nix_or_growth() {
     const FLOOD: usize = 10_000;
     let flake = Flake::homelab();
     let recorder = NixRecorder::new();
-    let (nats, builder) = start_service(&flake, |o| o.path_prefix(recorder.path()));
+    let (nats, builder) = start_service(&flake, |o| o.path_prefix(recorder.path())).await;
     let client = Requester::new(&nats).await;
     let mut replies = client
         .nats
@@ -451,8 +451,8 @@ async fn turned_away(metrics_addr: &str) -> (f64, f64) {
 async fn a_flood_of_status_requests_leaves_memory_flat_and_builds_answered() {
     let _alone = FLOODS.lock().await;
     let flake = Flake::homelab();
-    let (nats, mut builder) = start_service(&flake, |o| o);
-    let metrics_addr = builder.metrics_addr();
+    let (nats, mut builder) = start_service(&flake, |o| o).await;
+    let metrics_addr = builder.metrics_addr().await;
     let client = Requester::new(&nats).await;
     client.status().await;
     let before = memory_kib(builder.pid(), "VmRSS:");
@@ -473,7 +473,7 @@ async fn a_flood_of_status_requests_leaves_memory_flat_and_builds_answered() {
     let first = pending.next().await;
     let latency = first.at - asked;
     let (sent, flood_time) = flood.finish().await;
-    let rest = replies(pending.until_terminal().await);
+    let rest = untimed(pending.until_terminal().await);
     let peak = memory_kib(builder.pid(), "VmHWM:");
     let after = memory_kib(builder.pid(), "VmRSS:");
     let (ignored, rejected) = turned_away(&metrics_addr).await;
@@ -492,7 +492,7 @@ async fn a_flood_of_status_requests_leaves_memory_flat_and_builds_answered() {
         latency < Duration::from_secs(2),
         "accepted only after {latency:?} during the flood"
     );
-    assert_eq!(finished_status(&rest).0, BuildStatus::Success, "{rest:?}");
+    assert_eq!(finished(&rest).status, BuildStatus::Success, "{rest:?}");
     assert!(
         peak < before + 64 * 1024,
         "RSS grew from {before} KiB to a peak of {peak} KiB"
@@ -508,13 +508,15 @@ async fn a_flood_of_status_requests_leaves_memory_flat_and_builds_answered() {
 /// A flood on the very subject of a build outpaces the builder on 2 cores:
 /// what its subscription cannot hold is dropped in the NATS client, and a
 /// build request dropped there is accepted when the CLI sends it again
-/// (every half second for 4 s). Memory stays bounded either way.
+/// (the schedule, every half second for 4 s then less often, is a unit
+/// test in src/client.rs; here: accepted while the CLI still re-sends).
+/// Memory stays bounded either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn during_a_flood_of_malformed_requests_a_build_is_accepted_within_5_s() {
+async fn during_a_flood_of_malformed_requests_a_build_is_accepted_while_the_client_resends() {
     let _alone = FLOODS.lock().await;
     let flake = Flake::homelab();
-    let (nats, mut builder) = start_service(&flake, |o| o);
-    let metrics_addr = builder.metrics_addr();
+    let (nats, mut builder) = start_service(&flake, |o| o).await;
+    let metrics_addr = builder.metrics_addr().await;
     let before = memory_kib(builder.pid(), "VmRSS:");
 
     let bodies: [&[u8]; 4] = [b"{", b"[]", br#"{"rev":"nope"}"#, br#"{"what":1}"#];
@@ -568,8 +570,9 @@ async fn during_a_flood_of_malformed_requests_a_build_is_accepted_within_5_s() {
     );
 
     let latency = latency.unwrap_or_else(|| panic!("never accepted: {printed:?}"));
+    // The last re-send goes out 19 s after the request.
     assert!(
-        latency < Duration::from_secs(5),
+        latency < Duration::from_secs(20),
         "accepted only after {latency:?}"
     );
     assert_eq!(status.code(), Some(0), "{printed:?}");
@@ -589,9 +592,10 @@ async fn cancel_stops_a_waiting_and_a_running_build() {
     // who else may cancel what).
     let ids = Identities::new();
     let (nats, _builder) = start_service(&flake, |o| {
-        o.auth(&format!("admins = [\"{}\"]", ids.admin.1))
-    });
-    let admin = ids.admin.0.to_str().unwrap();
+        o.auth(&format!("admins = [\"{}\"]", ids.admin.public_key))
+    })
+    .await;
+    let admin = ids.admin.seed_arg();
     let client = Requester::new(&nats).await;
     let (mut running, events) = client.send_until_started("build.homelab.slow").await;
     let running_id = events[0].reply.build_id.clone();
@@ -601,10 +605,10 @@ async fn cancel_stops_a_waiting_and_a_running_build() {
     let out = run_cli(&nats.url(), &["cancel", &waiting_id, "--nkey-file", admin]).await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled while queued"));
-    let rest = replies(waiting.until_terminal().await);
+    let rest = untimed(waiting.until_terminal().await);
     assert_eq!(event_names(&rest), ["finished"]);
     assert_eq!(
-        finished_status(&rest),
+        finished(&rest).status_and_message(),
         (BuildStatus::Cancelled, Some("cancelled by request".into()))
     );
 
@@ -618,11 +622,11 @@ async fn cancel_stops_a_waiting_and_a_running_build() {
     assert_eq!(reply["event"], "cancel");
     assert_eq!(reply["found"], true);
     assert_eq!(reply["state"], "running");
-    let rest = replies(running.until_terminal().await);
+    let rest = untimed(running.until_terminal().await);
     assert_eq!(host_outcomes(&rest)[0].status, HostStatus::Cancelled);
     assert_eq!(host_outcomes(&rest)[0].code, Some(ErrorCode::Cancelled));
     assert_eq!(
-        finished_status(&rest),
+        finished(&rest).status_and_message(),
         (BuildStatus::Cancelled, Some("cancelled by request".into()))
     );
     let gate = flake.gate().display().to_string();
@@ -644,13 +648,13 @@ async fn cancel_stops_a_waiting_and_a_running_build() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     // The builder carries on.
     let after = client.build("build.homelab.ns1", "").await;
-    assert_eq!(finished_status(&after).0, BuildStatus::Success);
+    assert_eq!(finished(&after).status, BuildStatus::Success);
 }
 
 #[tokio::test]
 async fn max_silent_time_stops_a_silent_build() {
     let flake = Flake::new(&[("quiet", Host::Gated)]);
-    let (nats, _builder) = start_service(&flake, |o| o.builder("max_silent_time = \"2s\""));
+    let (nats, _builder) = start_service(&flake, |o| o.builder("max_silent_time = \"2s\"")).await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.quiet", "").await;
     let host = &host_outcomes(&replies)[0];
@@ -678,7 +682,8 @@ fn slow_to_stop_nix() -> tempfile::TempDir {
 async fn sigterm_drains_in_time_refuses_new_work_and_leaves_no_nix() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
     let slow = slow_to_stop_nix();
-    let (nats, mut builder) = start_service(&flake, |o| o.path_prefix(slow.path().to_owned()));
+    let (nats, mut builder) =
+        start_service(&flake, |o| o.path_prefix(slow.path().to_owned())).await;
     let client = Requester::new(&nats).await;
     let (mut running, _) = client.send_until_started("build.homelab.slow").await;
     let mut waiting = client.send("build.homelab.ns1", "").await;
@@ -697,14 +702,14 @@ async fn sigterm_drains_in_time_refuses_new_work_and_leaves_no_nix() {
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    builder.wait_for_log("shutting down");
+    builder.wait_stopping().await;
     // While the running build stops, new requests are refused.
     let refused = client.build("build.homelab.ns1", r#"{"logs":true}"#).await;
     match terminal(&refused) {
         Event::Rejected { error, .. } => assert_eq!(error.code, ErrorCode::ShuttingDown),
         other => panic!("{other:?}"),
     }
-    let status = builder.terminate();
+    let status = builder.terminate().await;
     let took = started.elapsed();
     eprintln!("shutdown took {:.2} s", took.as_secs_f64());
     assert!(status.success(), "{status:?}");
@@ -713,11 +718,11 @@ async fn sigterm_drains_in_time_refuses_new_work_and_leaves_no_nix() {
         "shutdown took {took:?}"
     );
 
-    let rest = replies(running.until_terminal().await);
-    assert_eq!(finished_status(&rest).0, BuildStatus::Cancelled);
-    let rest = replies(waiting.until_terminal().await);
+    let rest = untimed(running.until_terminal().await);
+    assert_eq!(finished(&rest).status, BuildStatus::Cancelled);
+    let rest = untimed(waiting.until_terminal().await);
     assert_eq!(
-        finished_status(&rest),
+        finished(&rest).status_and_message(),
         (
             BuildStatus::Cancelled,
             Some("the builder is shutting down".into())
@@ -739,19 +744,19 @@ async fn sigterm_drains_in_time_refuses_new_work_and_leaves_no_nix() {
 #[tokio::test]
 async fn a_nats_outage_mid_build_loses_no_events() {
     let flake = Flake::new(&[("slow", Host::Gated), ("after", Host::Ok)]);
-    let (mut nats, mut builder) = start_service(&flake, |o| o);
+    let (mut nats, mut builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let (mut pending, _) = client.send_until_started("build.homelab.all").await;
 
     nats.stop();
-    builder.wait_for_log("disconnected from NATS");
-    nats.restart();
+    builder.wait_nats_disconnected().await;
+    nats.restart().await;
     wait_for("the requester to reconnect", WAIT, || {
         client.nats.connection_state() == async_nats::connection::State::Connected
     })
     .await;
     flake.open_gate();
-    let rest = replies(pending.until_terminal().await);
+    let rest = untimed(pending.until_terminal().await);
     let hosts: Vec<(String, HostStatus)> = host_outcomes(&rest)
         .into_iter()
         .map(|h| (h.host, h.status))
@@ -763,25 +768,25 @@ async fn a_nats_outage_mid_build_loses_no_events() {
             ("slow".into(), HostStatus::Success)
         ]
     );
-    assert_eq!(finished_status(&rest).0, BuildStatus::Success);
+    assert_eq!(finished(&rest).status, BuildStatus::Success);
 }
 
 #[tokio::test]
 async fn a_terminal_event_outlives_an_outage_longer_than_the_build() {
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let (mut nats, mut builder) = start_service(&flake, |o| o);
+    let (mut nats, mut builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let (mut pending, _) = client.send_until_started("build.homelab.slow").await;
 
     nats.stop();
-    builder.wait_for_log("disconnected from NATS");
+    builder.wait_nats_disconnected().await;
     flake.open_gate();
-    builder.wait_for_log("build finished");
-    nats.restart();
-    let rest = replies(pending.until_terminal().await);
+    builder.wait_builds_finished(1.0).await;
+    nats.restart().await;
+    let rest = untimed(pending.until_terminal().await);
     assert_eq!(host_outcomes(&rest)[0].status, HostStatus::Success);
-    assert_eq!(finished_status(&rest).0, BuildStatus::Success);
-    let addr = builder.metrics_addr();
+    assert_eq!(finished(&rest).status, BuildStatus::Success);
+    let addr = builder.metrics_addr().await;
     let (_, text) = http_get(&addr, "/metrics").await;
     assert!(metric(&text, "homelab_deploy_builder_nats_reconnects_total").unwrap() >= 1.0);
 }
@@ -793,18 +798,18 @@ async fn the_builder_starts_before_nats_is_reachable() {
     let url = format!("nats://127.0.0.1:{port}");
     let options = BuilderOptions::new(&flake);
     let mut builder = Builder::spawn_with(&options.config_text(&url), &options);
-    let addr = builder.metrics_addr();
+    let addr = builder.metrics_addr().await;
     let (status, body) = http_get(&addr, "/healthz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("disconnected"), "{body}");
 
-    let nats = NatsServer::start_on(port, None);
-    builder.wait_for_log("builder ready");
+    let nats = NatsServer::start_on(port, None).await;
+    builder.wait_serving().await;
     let (status, body) = http_get(&addr, "/healthz").await;
     assert_eq!(status, 200, "{body}");
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.ns1", "").await;
-    assert_eq!(finished_status(&replies).0, BuildStatus::Success);
+    assert_eq!(finished(&replies).status, BuildStatus::Success);
 }
 
 #[tokio::test]
@@ -813,9 +818,9 @@ async fn a_builder_waiting_for_nats_still_stops_on_sigterm() {
     let url = format!("nats://127.0.0.1:{}", free_port());
     let options = BuilderOptions::new(&flake);
     let mut builder = Builder::spawn_with(&options.config_text(&url), &options);
-    builder.metrics_addr();
+    builder.metrics_addr().await;
     let started = Instant::now();
-    assert!(builder.terminate().success());
+    assert!(builder.terminate().await.success());
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -826,7 +831,7 @@ async fn a_builder_waiting_for_nats_still_stops_on_sigterm() {
 async fn hostile_targets_and_refs_never_reach_nix() {
     let flake = Flake::homelab();
     let recorder = NixRecorder::new();
-    let (nats, _builder) = start_service(&flake, |o| o.path_prefix(recorder.path()));
+    let (nats, _builder) = start_service(&flake, |o| o.path_prefix(recorder.path())).await;
     let client = Requester::new(&nats).await;
 
     let hostile = [
@@ -960,7 +965,7 @@ async fn creds_files_authenticate_builder_and_client() {
     let nats = NatsServer::start_with_config(&format!(
         "operator: \"{operator_jwt}\"\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{account_jwt}\"\n}}\n",
         account.public_key()
-    ));
+    )).await;
     let builder_creds = creds_file(dir.path(), "builder", &account);
     let deployer_creds = creds_file(dir.path(), "deployer", &account);
 
@@ -983,7 +988,7 @@ async fn creds_files_authenticate_builder_and_client() {
         ),
     );
     let mut builder = Builder::spawn_with(&config, &options);
-    builder.wait_for_log("builder ready");
+    builder.wait_serving().await;
     let creds = deployer_creds.to_str().unwrap();
     let out = run_cli(
         &nats.url(),

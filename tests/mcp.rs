@@ -5,7 +5,13 @@
 
 mod common;
 
-use common::*;
+use common::builder::start_service;
+use common::cli::{BIN, describe};
+use common::flake::Flake;
+use common::nats::NatsServer;
+use common::net::free_port;
+use common::nix::test_path;
+use common::wait::WAIT;
 use serde_json::{Value, json};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -53,7 +59,7 @@ async fn drive(nats_url: &str, args: &[&str], steps: Value) -> Vec<Value> {
 #[tokio::test]
 async fn without_enable_builds_only_build_status_is_offered() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let results = drive(
         &nats.url(),
         &[],
@@ -68,7 +74,7 @@ async fn without_enable_builds_only_build_status_is_offered() {
 #[tokio::test]
 async fn builds_run_and_report_through_the_tools() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let results = drive(
         &nats.url(),
         &["--enable-builds"],
@@ -136,7 +142,7 @@ async fn builds_run_and_report_through_the_tools() {
 #[tokio::test]
 async fn bad_arguments_and_rejections_are_tool_errors_with_the_reason() {
     let flake = Flake::homelab();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let results = drive(
         &nats.url(),
         &["--enable-builds"],
@@ -170,7 +176,7 @@ async fn bad_arguments_and_rejections_are_tool_errors_with_the_reason() {
 
 #[tokio::test]
 async fn build_status_says_when_no_builder_answers() {
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let results = drive(&nats.url(), &[], json!([{"call": "build_status"}])).await;
     assert_eq!(results[1]["is_error"], true, "{}", results[1]);
     assert!(

@@ -9,7 +9,7 @@ mod common;
 
 use std::process::Command;
 
-use common::nix_command;
+use common::nix::nix_command;
 use homelab_deploy::SHUTDOWN_BUDGET;
 use serde_json::Value;
 

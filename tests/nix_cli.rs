@@ -8,7 +8,8 @@ mod common;
 
 use std::process::Output;
 
-use common::*;
+use common::flake::{Flake, Host};
+use common::nix::{nix_command, which};
 use homelab_deploy::nix::argv::{EVAL_MARKER, Invocation};
 use homelab_deploy::nix::{NixCli, NixVersion};
 use serde_json::Value;

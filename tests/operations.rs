@@ -9,7 +9,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use common::builder::{Builder, BuilderOptions, start_service};
+use common::cli::{describe, run_cli};
+use common::flake::{Flake, Host};
+use common::nats::NatsServer;
+use common::net::{free_port, http_get, metric};
+use common::replies::{event_names, terminal};
+use common::requester::Requester;
+use common::wait::{WAIT, poll};
 use homelab_deploy::protocol::{BuildStatus, Event, HostStatus, StatusEvent};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -19,7 +26,7 @@ fn series(name: &str, labels: &str) -> String {
 }
 
 async fn scrape(builder: &mut Builder) -> String {
-    let addr = builder.metrics_addr();
+    let addr = builder.metrics_addr().await;
     let (status, body) = http_get(&addr, "/metrics").await;
     assert_eq!(status, 200);
     body
@@ -49,7 +56,7 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> std::process::Output {
 #[tokio::test]
 async fn metrics_count_builds_hosts_and_rejections_and_pass_promtool() {
     let flake = Flake::homelab();
-    let (nats, mut builder) = start_service(&flake, |o| o);
+    let (nats, mut builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let before = std::time::SystemTime::now()
@@ -158,7 +165,7 @@ async fn metrics_count_builds_hosts_and_rejections_and_pass_promtool() {
 #[tokio::test]
 async fn queue_length_and_build_age_follow_a_running_build() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
-    let (nats, mut builder) = start_service(&flake, |o| o);
+    let (nats, mut builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let (mut running, _) = client.send_until_started("build.homelab.slow").await;
@@ -205,8 +212,8 @@ async fn queue_length_and_build_age_follow_a_running_build() {
 #[tokio::test]
 async fn healthz_follows_the_nats_connection() {
     let flake = Flake::homelab();
-    let (mut nats, mut builder) = start_service(&flake, |o| o);
-    let addr = builder.metrics_addr();
+    let (mut nats, mut builder) = start_service(&flake, |o| o).await;
+    let addr = builder.metrics_addr().await;
 
     let (status, body) = http_get(&addr, "/healthz").await;
     assert_eq!(status, 200, "{body}");
@@ -222,7 +229,7 @@ async fn healthz_follows_the_nats_connection() {
         Some(0.0)
     );
 
-    nats.restart();
+    nats.restart().await;
     poll("/healthz to say 200", health, |(status, _)| *status == 200).await;
     let text = scrape(&mut builder).await;
     assert_eq!(
@@ -252,8 +259,8 @@ async fn healthz_follows_the_nats_connection() {
 #[tokio::test]
 async fn the_endpoint_serves_only_metrics_and_health() {
     let flake = Flake::homelab();
-    let (_nats, mut builder) = start_service(&flake, |o| o);
-    let addr = builder.metrics_addr();
+    let (_nats, mut builder) = start_service(&flake, |o| o).await;
+    let addr = builder.metrics_addr().await;
     assert_eq!(http_get(&addr, "/").await.0, 404);
     assert_eq!(http_get(&addr, "/metrics/../etc").await.0, 404);
 }
@@ -265,7 +272,7 @@ async fn status_reports_the_running_build_the_queue_and_last_results() {
         ("ns1", Host::Ok),
         ("bad", Host::FailBuild),
     ]);
-    let (nats, _builder) = start_service(&flake, |o| o.repo("ref = \"master\""));
+    let (nats, _builder) = start_service(&flake, |o| o.repo("ref = \"master\"")).await;
     let client = Requester::new(&nats).await;
 
     client.build("build.homelab.ns1", "").await;
@@ -334,7 +341,7 @@ async fn status_reports_the_running_build_the_queue_and_last_results() {
 
 #[tokio::test]
 async fn status_without_a_builder_exits_3() {
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let out = run_cli(&nats.url(), &["status"]).await;
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
 }
@@ -345,7 +352,7 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
     let socket_path = dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
     let flake = Flake::homelab();
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let options = BuilderOptions::new(&flake)
         .env("NOTIFY_SOCKET", socket_path.to_str().unwrap())
         .env("WATCHDOG_USEC", "400000");
@@ -386,7 +393,7 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
         );
         seen.push(message);
     }
-    assert!(builder.terminate().success());
+    assert!(builder.terminate().await.success());
 }
 
 #[tokio::test]
@@ -417,11 +424,18 @@ async fn systemd_hears_ready_while_nats_is_unreachable_and_builds_once_it_is_bac
         notifications.push(String::from_utf8_lossy(&buffer[..n]).trim().to_owned());
     }
     assert_eq!(notifications[0], "READY=1", "{notifications:?}");
-    let (status, body) = http_get(&builder.metrics_addr(), "/healthz").await;
+    let (status, body) = http_get(&builder.metrics_addr().await, "/healthz").await;
     assert_eq!(status, 503, "{body}");
 
-    let nats = NatsServer::start_on(port, None);
-    builder.wait_for_log("builder ready");
+    let nats = NatsServer::start_on(port, None).await;
+    // Subscribed after the wait: the status says so.
+    while !notifications.iter().any(|n| n == "STATUS=serving") {
+        let n = tokio::time::timeout(WAIT, socket.recv(&mut buffer))
+            .await
+            .unwrap_or_else(|_| panic!("not serving once NATS is up; heard {notifications:?}"))
+            .unwrap();
+        notifications.push(String::from_utf8_lossy(&buffer[..n]).trim().to_owned());
+    }
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.ns1", "").await;
     assert!(
@@ -443,7 +457,8 @@ async fn json_logs_carry_the_build_id_on_every_request_line() {
         o.arg("--log-format")
             .arg("json")
             .repo("exclude = [\"broken-eval\"]")
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     let build_id = replies[0].build_id.clone();
@@ -495,7 +510,7 @@ async fn json_logs_carry_the_build_id_on_every_request_line() {
 #[tokio::test]
 async fn text_logs_have_no_ansi_codes_off_a_terminal() {
     let flake = Flake::homelab();
-    let (nats, builder) = start_service(&flake, |o| o);
+    let (nats, builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     client.build("build.homelab.ns1", "").await;
     let log = builder.log_text();
@@ -508,10 +523,10 @@ async fn last_successes_survive_a_restart_with_a_state_file() {
     let flake = Flake::homelab();
     let state = tempfile::tempdir().unwrap();
     let state_file = state.path().join("state.json");
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let options =
         BuilderOptions::new(&flake).builder(&format!("state_file = \"{}\"", state_file.display()));
-    let mut builder = Builder::start(&nats, &options);
+    let mut builder = Builder::start(&nats, &options).await;
     let client = Requester::new(&nats).await;
     client.build("build.homelab.ns1", "").await;
     let text = scrape(&mut builder).await;
@@ -523,9 +538,9 @@ async fn last_successes_survive_a_restart_with_a_state_file() {
         ),
     )
     .unwrap();
-    assert!(builder.terminate().success());
+    assert!(builder.terminate().await.success());
 
-    let mut builder = Builder::start(&nats, &options);
+    let mut builder = Builder::start(&nats, &options).await;
     let text = scrape(&mut builder).await;
     assert_eq!(
         metric(
@@ -560,7 +575,7 @@ async fn alert_rules_pass_promtool_and_name_only_exported_metrics() {
     );
 
     let flake = Flake::homelab();
-    let (nats, mut builder) = start_service(&flake, |o| o);
+    let (nats, mut builder) = start_service(&flake, |o| o).await;
     // Per-host series exist once a host has built.
     Requester::new(&nats)
         .await

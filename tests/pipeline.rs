@@ -7,7 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
+use common::builder::start_service;
+use common::flake::{Flake, Host};
+use common::nix::NixRecorder;
+use common::process::processes_matching;
+use common::replies::{event_names, host_outcomes, log_lines, terminal};
+use common::requester::Requester;
+use common::wait::{WAIT, wait_for};
 use homelab_deploy::protocol::{
     BuildStatus, ErrorCode, Event, HostStatus, MAX_LOG_EVENT_BYTES, Reply,
 };
@@ -26,7 +32,7 @@ async fn a_host_builds_while_a_later_host_is_still_evaluating() {
     // "z-last" cannot finish evaluating until the gate opens; "a-first"
     // must build (and finish) in the meantime.
     let flake = Flake::new(&[("a-first", Host::Ok), ("z-last", Host::EvalGated)]);
-    let (nats, builder) = start_service(&flake, |o| o.builder("eval_workers = 1"));
+    let (nats, builder) = start_service(&flake, |o| o.builder("eval_workers = 1")).await;
     let client = Requester::new(&nats).await;
 
     let mut pending = client.send("build.homelab.all", "").await;
@@ -79,7 +85,8 @@ async fn evaluation_failures_stay_with_their_host() {
     let recorder = NixRecorder::new();
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder("eval_workers = 1").path_prefix(recorder.path())
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.all", "").await;
@@ -119,7 +126,8 @@ async fn hosts_share_one_evaluator_unless_it_outgrows_eval_max_memory() {
     let recorder = NixRecorder::new();
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder("eval_workers = 1").path_prefix(recorder.path())
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     assert!(matches!(
@@ -139,7 +147,8 @@ async fn hosts_share_one_evaluator_unless_it_outgrows_eval_max_memory() {
     let (nats, builder) = start_service(&flake, |o| {
         o.builder("eval_workers = 1\neval_max_memory = \"1KiB\"")
             .path_prefix(recorder.path())
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let mut pending = client.send("build.homelab.all", "").await;
     wait_for("a second evaluator process", WAIT, || {
@@ -178,7 +187,8 @@ async fn parallel_evaluators_split_the_hosts() {
     let recorder = NixRecorder::new();
     let (nats, _builder) = start_service(&flake, |o| {
         o.builder("eval_workers = 2").path_prefix(recorder.path())
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     assert!(matches!(
@@ -214,7 +224,8 @@ async fn outputs_already_in_the_store_are_reported_without_building() {
     let (nats, _builder) = start_service(&flake, |o| {
         o.repo("exclude = [\"broken-build\", \"broken-eval\"]")
             .path_prefix(recorder.path())
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
 
     let first = client.build("build.homelab.all", "").await;
@@ -258,7 +269,7 @@ async fn outputs_already_in_the_store_are_reported_without_building() {
 #[tokio::test]
 async fn logs_are_streamed_in_bounded_batches_when_asked_for() {
     let flake = Flake::new(&[("noisy", Host::Noisy { lines: 3000 }), ("quiet", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
 
     let mut pending = client.send("build.homelab.noisy", r#"{"logs":true}"#).await;
@@ -302,7 +313,7 @@ async fn logs_are_streamed_in_bounded_batches_when_asked_for() {
     // Nix's own error, which quotes the build log over several lines,
     // arrives line by line too.
     let flake = Flake::new(&[("broken", Host::FailBuild)]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let replies = client
         .build("build.homelab.broken", r#"{"logs":true}"#)
@@ -316,7 +327,7 @@ async fn logs_are_streamed_in_bounded_batches_when_asked_for() {
 
     // Without the flag there are no log events.
     let flake = Flake::new(&[("noisy", Host::Noisy { lines: 100 })]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.noisy", "").await;
     assert!(!event_names(&replies).contains(&"log"));
@@ -330,7 +341,8 @@ async fn a_hung_evaluation_times_out_alone() {
     let flake = Flake::new(&[("a-hung", Host::EvalGated), ("b-fine", Host::Ok)]);
     let (nats, _builder) = start_service(&flake, |o| {
         o.host_timeout("10s").builder("eval_workers = 1")
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     let hosts = host_outcomes(&replies);

@@ -11,7 +11,15 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::*;
+use common::builder::start_service;
+use common::cli::describe;
+use common::flake::{Flake, Host};
+use common::net::{http_get, metric};
+use common::nix::{nix_command, nix_config};
+use common::remote::RemoteStore;
+use common::replies::{finished, host_outcomes, terminal};
+use common::requester::Requester;
+use common::wait::poll;
 use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, HostStatus};
 
 /// The remote's URI as events name it: the key path masked.
@@ -24,13 +32,6 @@ fn skip_without_remote_builds() -> bool {
             true
         }
         None => false,
-    }
-}
-
-fn finished_status(replies: &[homelab_deploy::protocol::Reply]) -> BuildStatus {
-    match terminal(replies) {
-        Event::Finished { status, .. } => *status,
-        other => panic!("not finished: {other:?}"),
     }
 }
 
@@ -49,20 +50,21 @@ async fn without_local_builds_every_host_builds_remotely_and_comes_back_rooted()
     if skip_without_remote_builds() {
         return;
     }
-    let remote = RemoteStore::start();
+    let remote = RemoteStore::start().await;
     let roots = tempfile::tempdir().unwrap();
     let flake = Flake::new(&[("ns1", Host::Ok), ("ns2", Host::Ok)]);
     let (nats, mut builder) = start_service(&flake, |o| {
         o.builder(&format!("gc_roots_dir = \"{}\"", roots.path().display()))
             .env("NIX_CONFIG", &remote.nix_config(Some(0)))
             .env("NIX_SSHOPTS", &remote.ssh_opts())
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.all", "").await;
 
     assert_eq!(
-        finished_status(&replies),
+        finished(&replies).status,
         BuildStatus::Success,
         "{replies:?}"
     );
@@ -96,7 +98,7 @@ async fn without_local_builds_every_host_builds_remotely_and_comes_back_rooted()
         remote_builds += built_remotely;
     }
 
-    let metrics = http_get(&builder.metrics_addr(), "/metrics").await.1;
+    let metrics = http_get(&builder.metrics_addr().await, "/metrics").await.1;
     let series = format!("homelab_deploy_builder_remote_builds_total{{machine=\"{REMOTE}\"}}");
     assert_eq!(
         metric(&metrics, &series),
@@ -110,15 +112,16 @@ async fn a_remote_machine_that_is_down_falls_back_to_local_builds() {
     if skip_without_remote_builds() {
         return;
     }
-    let mut remote = RemoteStore::start();
+    let mut remote = RemoteStore::start().await;
     remote.stop();
     let flake = Flake::new(&[("ns1", Host::Ok), ("ns2", Host::Ok)]);
     let (nats, mut builder) = start_service(&flake, |o| {
         o.env("NIX_CONFIG", &remote.nix_config(None))
             .env("NIX_SSHOPTS", &remote.ssh_opts())
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
-    let addr = builder.metrics_addr();
+    let addr = builder.metrics_addr().await;
     let up = format!("homelab_deploy_builder_machine_up{{machine=\"{REMOTE}\"}}");
     poll(
         "the first check to find the machine down",
@@ -135,7 +138,7 @@ async fn a_remote_machine_that_is_down_falls_back_to_local_builds() {
     let replies = client.build("build.homelab.all", "").await;
 
     assert_eq!(
-        finished_status(&replies),
+        finished(&replies).status,
         BuildStatus::Success,
         "{replies:?}"
     );
@@ -156,13 +159,14 @@ async fn without_local_builds_and_every_machine_down_hosts_fail_naming_the_machi
     if skip_without_remote_builds() {
         return;
     }
-    let mut remote = RemoteStore::start();
+    let mut remote = RemoteStore::start().await;
     remote.stop();
     let flake = Flake::new(&[("ns1", Host::Ok)]);
     let (nats, _builder) = start_service(&flake, |o| {
         o.env("NIX_CONFIG", &remote.nix_config(Some(0)))
             .env("NIX_SSHOPTS", &remote.ssh_opts())
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
 
     let replies = client.build("build.homelab.ns1", "").await;
@@ -219,7 +223,8 @@ async fn build_slow_hosts(
             o = o.env(key, value);
         }
         o
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let timed = client
         .send("build.homelab.all", "")
@@ -308,7 +313,7 @@ async fn parallel_hosts_uses_a_remote_builders_capacity() {
     if skip_without_remote_builds() {
         return;
     }
-    let remote = RemoteStore::start();
+    let remote = RemoteStore::start().await;
     let env = [
         (
             "NIX_CONFIG",
@@ -331,7 +336,8 @@ async fn with_parallel_hosts_the_status_shows_every_host_building() {
             "NIX_CONFIG",
             &format!("{}build-poll-interval = 1\n", nix_config()),
         )
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
     let mut request = client.send("build.homelab.all", "").await;
     let mut started = 0;
@@ -357,6 +363,6 @@ async fn with_parallel_hosts_the_status_shows_every_host_building() {
         .into_iter()
         .map(|t| t.reply)
         .collect();
-    assert_eq!(finished_status(&replies), BuildStatus::Success);
+    assert_eq!(finished(&replies).status, BuildStatus::Success);
     assert!(client.status().await.running.is_none());
 }

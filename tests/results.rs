@@ -6,17 +6,14 @@
 
 mod common;
 
-use common::*;
+use common::builder::start_service;
+use common::flake::{Flake, GitOverHttp, Host};
+use common::replies::{event_names, finished, host_outcomes, terminal};
+use common::requester::Requester;
+use common::wait::WAIT;
 use homelab_deploy::protocol::{
     BuildStatus, CancelEvent, CancelledState, ErrorCode, Event, HostStatus, Reply,
 };
-
-fn finished(replies: &[Reply]) -> (BuildStatus, Option<ErrorCode>) {
-    match terminal(replies) {
-        Event::Finished { status, error, .. } => (*status, error.as_ref().map(|e| e.code)),
-        other => panic!("not finished: {other:?}"),
-    }
-}
 
 fn started_rev(replies: &[Reply]) -> Option<String> {
     replies.iter().find_map(|r| match &r.event {
@@ -45,7 +42,7 @@ fn dotted_flake() -> Flake {
 #[tokio::test]
 async fn hosts_all_cannot_build_are_listed_and_fail_the_request() {
     let flake = dotted_flake();
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
 
@@ -67,7 +64,7 @@ async fn hosts_all_cannot_build_are_listed_and_fail_the_request() {
     // ns1 still builds; the request fails because of the skipped host.
     out_path(&replies);
     assert_eq!(
-        finished(&replies),
+        finished(&replies).status_and_code(),
         (BuildStatus::Failed, Some(ErrorCode::HostsSkipped))
     );
     match terminal(&replies) {
@@ -84,10 +81,14 @@ async fn hosts_all_cannot_build_are_listed_and_fail_the_request() {
     }
 
     // Excluding it by its attribute name makes `all` whole again.
-    let (nats, _builder) = start_service(&flake, |o| o.repo(r#"exclude = ["nix-cache02.home"]"#));
+    let (nats, _builder) =
+        start_service(&flake, |o| o.repo(r#"exclude = ["nix-cache02.home"]"#)).await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
-    assert_eq!(finished(&replies), (BuildStatus::Success, None));
+    assert_eq!(
+        finished(&replies).status_and_code(),
+        (BuildStatus::Success, None)
+    );
 }
 
 #[tokio::test]
@@ -95,22 +96,22 @@ async fn an_empty_host_list_fails_with_its_own_code() {
     let empty = Flake::with_source(|_, _| {
         "{ outputs = { self }: { nixosConfigurations = { }; }; }\n".to_owned()
     });
-    let (nats, _builder) = start_service(&empty, |o| o);
+    let (nats, _builder) = start_service(&empty, |o| o).await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     assert_eq!(event_names(&replies), ["accepted", "finished"]);
     assert_eq!(
-        finished(&replies),
+        finished(&replies).status_and_code(),
         (BuildStatus::Failed, Some(ErrorCode::NoHosts))
     );
 
     // An exclude that covers every host is no better.
     let flake = Flake::new(&[("ns1", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| o.repo(r#"exclude = ["ns1"]"#));
+    let (nats, _builder) = start_service(&flake, |o| o.repo(r#"exclude = ["ns1"]"#)).await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     assert_eq!(
-        finished(&replies),
+        finished(&replies).status_and_code(),
         (BuildStatus::Failed, Some(ErrorCode::NoHosts))
     );
     let Event::Finished { error, .. } = terminal(&replies) else {
@@ -125,7 +126,7 @@ async fn an_empty_host_list_fails_with_its_own_code() {
 #[tokio::test]
 async fn changed_content_of_an_unlocked_flake_is_rebuilt() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let clean = out_path(&client.build("build.homelab.ns1", "").await);
 
@@ -149,17 +150,21 @@ async fn a_tag_builds_from_a_repository_fetched_over_http() {
     flake.tag("v1.0");
     let tagged = flake.head();
     let head = flake.commit_change("after the tag");
-    let server = GitOverHttp::serve(&flake);
+    let server = GitOverHttp::serve(&flake).await;
     let (nats, _builder) = start_service(&flake, |mut o| {
         o.repos[0].1 = server.url(None);
         o
-    });
+    })
+    .await;
     let client = Requester::new(&nats).await;
 
     let replies = client
         .build("build.homelab.ns1", r#"{"ref": "v1.0"}"#)
         .await;
-    assert_eq!(finished(&replies), (BuildStatus::Success, None));
+    assert_eq!(
+        finished(&replies).status_and_code(),
+        (BuildStatus::Success, None)
+    );
     assert_eq!(started_rev(&replies).as_deref(), Some(tagged.as_str()));
     let content = std::fs::read_to_string(out_path(&replies)).unwrap();
     assert!(content.starts_with("initial"), "{content:?}");
@@ -177,7 +182,7 @@ async fn a_tag_builds_from_a_repository_fetched_over_http() {
         .build("build.homelab.ns1", r#"{"ref": "nope"}"#)
         .await;
     assert_eq!(
-        finished(&replies),
+        finished(&replies).status_and_code(),
         (BuildStatus::Failed, Some(ErrorCode::FetchFailed))
     );
 }
@@ -185,7 +190,7 @@ async fn a_tag_builds_from_a_repository_fetched_over_http() {
 #[tokio::test]
 async fn a_cancel_after_the_last_host_is_answered_truthfully() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     for _ in 0..3 {
         let mut pending = client.send("build.homelab.ns1", "").await;
@@ -206,7 +211,7 @@ async fn a_cancel_after_the_last_host_is_answered_truthfully() {
                 .unwrap();
         let CancelEvent::Cancel(outcome) = serde_json::from_slice(&message.payload).unwrap();
         replies.extend(pending.until_terminal().await.into_iter().map(|t| t.reply));
-        let (status, code) = finished(&replies);
+        let (status, code) = finished(&replies).status_and_code();
         match (outcome.found, outcome.state) {
             // Every host was done: too late, and the build says success.
             (false, Some(CancelledState::Finishing)) | (false, None) => {

@@ -10,7 +10,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::builder::{Builder, BuilderOptions};
+use common::cli::{BIN, describe};
+use common::flake::{Flake, Host};
+use common::nats::NatsServer;
+use common::replies::{host_outcomes, terminal, untimed};
+use common::requester::Requester;
+use common::wait::{WAIT, poll};
 use homelab_deploy::protocol::{BuildStatus, Event, HostStatus, Reply};
 
 /// Options for a builder journaling into `dir`; the same options start
@@ -20,10 +26,6 @@ fn journaled(flake: &Flake, dir: &std::path::Path) -> BuilderOptions {
         "journal_file = \"{}\"",
         dir.join("journal").display()
     ))
-}
-
-fn replies(timed: Vec<Timed>) -> Vec<Reply> {
-    timed.into_iter().map(|t| t.reply).collect()
 }
 
 /// The hosts that got `host_started` in `replies`.
@@ -40,9 +42,9 @@ fn started_hosts(replies: &[Reply]) -> Vec<String> {
 async fn a_stopped_builder_resumes(crash: bool) {
     let dir = tempfile::tempdir().unwrap();
     let flake = Flake::new(&[("a", Host::Ok), ("b", Host::Gated), ("c", Host::Ok)]);
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let options = journaled(&flake, dir.path());
-    let mut builder = Builder::start(&nats, &options);
+    let mut builder = Builder::start(&nats, &options).await;
     let client = Requester::new(&nats).await;
 
     let mut all = client.send("build.homelab.all", "").await;
@@ -50,7 +52,7 @@ async fn a_stopped_builder_resumes(crash: bool) {
         .until(|e| matches!(e, Event::HostStarted { host, .. } if host == "b"))
         .await;
     let build_id = before[0].reply.build_id.clone();
-    let built_a = host_outcomes(&replies(before.clone()));
+    let built_a = host_outcomes(&untimed(before.clone()));
     assert_eq!(built_a.len(), 1);
     assert_eq!(built_a[0].status, HostStatus::Success);
     let mut waiting = client.send("build.homelab.c", "").await;
@@ -60,7 +62,7 @@ async fn a_stopped_builder_resumes(crash: bool) {
         builder.kill();
     } else {
         let stopping = Instant::now();
-        assert!(builder.terminate().success());
+        assert!(builder.terminate().await.success());
         assert!(stopping.elapsed() < homelab_deploy::SHUTDOWN_BUDGET);
         for pending in [&mut all, &mut waiting] {
             let event = pending
@@ -76,10 +78,10 @@ async fn a_stopped_builder_resumes(crash: bool) {
         }
     }
     // The builder is back with the same configuration.
-    let _builder = Builder::start(&nats, &options);
+    let _builder = Builder::start(&nats, &options).await;
     flake.open_gate();
 
-    let after = replies(all.until_terminal().await);
+    let after = untimed(all.until_terminal().await);
     assert!(after.iter().all(|r| r.build_id == build_id), "{after:?}");
     match &after[0].event {
         Event::Resumed { done, .. } => assert_eq!(done, &["a"]),
@@ -104,7 +106,7 @@ async fn a_stopped_builder_resumes(crash: bool) {
         other => panic!("{other:?}"),
     }
 
-    let rest = replies(waiting.until_terminal().await);
+    let rest = untimed(waiting.until_terminal().await);
     assert!(rest.iter().all(|r| r.build_id == waiting_id), "{rest:?}");
     assert!(matches!(rest[0].event, Event::Resumed { .. }), "{rest:?}");
     assert_eq!(rest.iter().filter(|r| r.is_terminal()).count(), 1);
@@ -134,9 +136,9 @@ async fn requests_cut_off_by_a_crash_resume_after_a_restart() {
 async fn a_journal_with_a_torn_last_record_still_starts_and_resumes_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let options = journaled(&flake, dir.path());
-    let mut builder = Builder::start(&nats, &options);
+    let mut builder = Builder::start(&nats, &options).await;
     let client = Requester::new(&nats).await;
     let (mut running, _) = client.send_until_started("build.homelab.slow").await;
     builder.kill();
@@ -146,14 +148,14 @@ async fn a_journal_with_a_torn_last_record_still_starts_and_resumes_the_rest() {
     text.push_str("{\"record\":\"accepted\",\"build_id\":\"00");
     std::fs::write(&journal, text).unwrap();
 
-    let builder = Builder::start(&nats, &options);
+    let builder = Builder::start(&nats, &options).await;
     assert!(
         builder
             .log_text()
             .contains("skipped unreadable journal lines")
     );
     flake.open_gate();
-    let rest = replies(running.until_terminal().await);
+    let rest = untimed(running.until_terminal().await);
     assert!(matches!(rest[0].event, Event::Resumed { .. }), "{rest:?}");
     assert!(
         matches!(
@@ -171,13 +173,13 @@ async fn a_journal_with_a_torn_last_record_still_starts_and_resumes_the_rest() {
 async fn without_resume_a_stop_cancels_as_before() {
     let dir = tempfile::tempdir().unwrap();
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let options = journaled(&flake, dir.path()).arg("--no-resume");
-    let mut builder = Builder::start(&nats, &options);
+    let mut builder = Builder::start(&nats, &options).await;
     let client = Requester::new(&nats).await;
     let (mut running, _) = client.send_until_started("build.homelab.slow").await;
-    assert!(builder.terminate().success());
-    let rest = replies(running.until_terminal().await);
+    assert!(builder.terminate().await.success());
+    let rest = untimed(running.until_terminal().await);
     assert!(
         matches!(
             terminal(&rest),
@@ -190,7 +192,7 @@ async fn without_resume_a_stop_cancels_as_before() {
     );
     flake.open_gate();
     // Nothing is left for the next start.
-    let _builder = Builder::start(&nats, &options);
+    let _builder = Builder::start(&nats, &options).await;
     assert!(running.try_next().is_none());
 }
 
@@ -198,7 +200,7 @@ async fn without_resume_a_stop_cancels_as_before() {
 async fn a_client_waiting_for_the_builder_succeeds_once_one_starts() {
     let dir = tempfile::tempdir().unwrap();
     let flake = Flake::homelab();
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let client = tokio::process::Command::new(BIN)
         .args(["build", "homelab", "ns1", "--wait-for-builder", "60s"])
         .env("HOMELAB_DEPLOY_NATS_URL", nats.url())
@@ -217,7 +219,7 @@ async fn a_client_waiting_for_the_builder_succeeds_once_one_starts() {
         |refused| *refused,
     )
     .await;
-    let _builder = Builder::start(&nats, &journaled(&flake, dir.path()));
+    let _builder = Builder::start(&nats, &journaled(&flake, dir.path())).await;
     let out = tokio::time::timeout(WAIT, client.wait_with_output())
         .await
         .unwrap()
@@ -232,7 +234,7 @@ async fn a_client_waiting_for_the_builder_succeeds_once_one_starts() {
 async fn every_accepted_request_gets_exactly_one_terminal_event_across_kills() {
     let dir = tempfile::tempdir().unwrap();
     let flake = Flake::new(&[("a", Host::Ok), ("b", Host::Ok), ("c", Host::FailBuild)]);
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let options = journaled(&flake, dir.path());
     let client = Requester::new(&nats).await;
     let seed: u64 = u64::from_str_radix(&homelab_deploy::protocol::random_hex::<4>(), 16).unwrap();
@@ -247,7 +249,7 @@ async fn every_accepted_request_gets_exactly_one_terminal_event_across_kills() {
     };
     let started = Instant::now();
     let (mut accepted_total, mut resumed_total) = (0, 0);
-    let mut builder = Builder::start(&nats, &options);
+    let mut builder = Builder::start(&nats, &options).await;
     for round in 0..20 {
         let mut pending = Vec::new();
         let mut first = Vec::new();
@@ -261,13 +263,13 @@ async fn every_accepted_request_gets_exactly_one_terminal_event_across_kills() {
         if round % 2 == 0 {
             builder.kill();
         } else {
-            assert!(builder.terminate().success());
+            assert!(builder.terminate().await.success());
         }
-        builder = Builder::start(&nats, &options);
+        builder = Builder::start(&nats, &options).await;
         for (i, (request, first)) in pending.iter_mut().zip(first).enumerate() {
             let mut events = vec![first];
             if !events[0].is_terminal() {
-                events.extend(replies(request.until_terminal().await));
+                events.extend(untimed(request.until_terminal().await));
             }
             let id = &events[0].build_id;
             assert!(

@@ -13,9 +13,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use common::builder::{Builder, BuilderOptions, start_service};
+use common::cli::{describe, run_cli};
+use common::flake::{Flake, GitOverHttp, Host};
+use common::nats::NatsServer;
+use common::net::http_get;
+use common::replies::{Finished, finished};
+use common::requester::Requester;
+use common::wait::{WAIT, poll, wait_for};
 use futures_util::StreamExt;
-use homelab_deploy::protocol::{BuildStatus, Event, Reply, random_hex};
+use homelab_deploy::protocol::{BuildStatus, random_hex};
 
 /// Every message on every subject, as text: subject, reply subject, payload.
 async fn spy_on_everything(nats: &NatsServer) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
@@ -40,19 +47,6 @@ async fn spy_on_everything(nats: &NatsServer) -> (async_nats::Client, Arc<Mutex<
     (client, seen)
 }
 
-fn finished_error(replies: &[Reply]) -> (BuildStatus, String) {
-    match terminal(replies) {
-        Event::Finished { status, error, .. } => (
-            *status,
-            error
-                .as_ref()
-                .map(|error| error.message.clone())
-                .unwrap_or_default(),
-        ),
-        other => panic!("not finished: {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
@@ -60,11 +54,11 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
     // whole URL, token included.
     let no_hosts =
         Flake::with_source(|_, _| "{ outputs = { self }: { packages = { }; }; }\n".into());
-    let http = GitOverHttp::serve(&flake);
+    let http = GitOverHttp::serve(&flake).await;
     http.push_branch(&no_hosts, "no-hosts");
     let token = format!("glpat{}", random_hex::<10>());
 
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await;
     let (spy, seen) = spy_on_everything(&nats).await;
     let mut options = BuilderOptions::new(&flake);
     options.repos = vec![(
@@ -72,14 +66,17 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
         http.url(Some(&format!("oauth2:{token}"))),
         None,
     )];
-    let mut builder = Builder::start(&nats, &options);
-    let metrics_addr = builder.metrics_addr();
+    let mut builder = Builder::start(&nats, &options).await;
+    let metrics_addr = builder.metrics_addr().await;
     let requester = Requester::new(&nats).await;
 
     let replies = requester
         .build("build.homelab.all", r#"{"ref":"no-hosts","logs":true}"#)
         .await;
-    let (status, message) = finished_error(&replies);
+    let Finished {
+        status, message, ..
+    } = finished(&replies);
+    let message = message.unwrap_or_default();
     assert_eq!(status, BuildStatus::Failed, "{replies:?}");
     // The URL is still there for the reader, its userinfo masked.
     let masked = format!("http://***@127.0.0.1:{}/repo.git", http.port);
@@ -92,7 +89,7 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
         )
         .await;
     assert_eq!(
-        finished_error(&replies).0,
+        finished(&replies).status,
         BuildStatus::Failed,
         "{replies:?}"
     );
@@ -101,7 +98,7 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
         .build("build.homelab.all", r#"{"logs":true}"#)
         .await;
     assert_eq!(
-        finished_error(&replies).0,
+        finished(&replies).status,
         BuildStatus::Success,
         "{replies:?}"
     );
@@ -124,7 +121,7 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
             .any(|m| m.starts_with("security.sentinel"))
     })
     .await;
-    builder.terminate();
+    builder.terminate().await;
     let log = builder.log_text();
 
     let messages = seen.lock().unwrap().clone();
@@ -219,8 +216,8 @@ const IDLE_CONNECTIONS: usize = 2000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_metrics_connections_cannot_starve_builds_under_a_1024_fd_limit() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
-    let (nats, mut builder) = start_service(&flake, |options| options);
-    let addr = builder.metrics_addr();
+    let (nats, mut builder) = start_service(&flake, |options| options).await;
+    let addr = builder.metrics_addr().await;
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     let pid = builder.pid();
 
@@ -282,8 +279,11 @@ async fn idle_metrics_connections_cannot_starve_builds_under_a_1024_fd_limit() {
 
     let requester = Requester::new(&nats).await;
     let replies = requester.build("build.homelab.all", "").await;
+    let Finished {
+        status, message, ..
+    } = finished(&replies);
     assert_eq!(
-        finished_error(&replies),
+        (status, message.unwrap_or_default()),
         (BuildStatus::Success, String::new()),
         "{replies:?}\n{}",
         builder.log_text()
@@ -310,8 +310,8 @@ async fn idle_metrics_connections_cannot_starve_builds_under_a_1024_fd_limit() {
 #[tokio::test]
 async fn failed_accepts_back_off_and_the_server_recovers() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
-    let (_nats, mut builder) = start_service(&flake, |options| options);
-    let addr = builder.metrics_addr();
+    let (_nats, mut builder) = start_service(&flake, |options| options).await;
+    let addr = builder.metrics_addr().await;
     let pid = builder.pid();
     // Only stdin, stdout and stderr fit: every accept fails with EMFILE.
     set_fd_limit(pid, 3);
@@ -392,8 +392,8 @@ async fn hold_open(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrapes_get_through_while_an_attacker_holds_and_reopens_every_metrics_connection() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
-    let (_nats, mut builder) = start_service(&flake, |options| options);
-    let addr = builder.metrics_addr();
+    let (_nats, mut builder) = start_service(&flake, |options| options).await;
+    let addr = builder.metrics_addr().await;
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
 
     let stop = tokio_util::sync::CancellationToken::new();

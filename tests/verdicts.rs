@@ -10,21 +10,30 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::builder::{Builder, BuilderOptions, start_service};
+use common::cli::{describe, run_cli, spawn_cli};
+use common::flake::{Flake, Host};
+use common::identity::{Identities, nkey_user};
+use common::nats::NatsServer;
+use common::net::{free_port, http_get, metric};
+use common::process::processes_matching;
+use common::replies::{event_names, terminal};
+use common::requester::{Requester, connect_as};
+use common::wait::{WAIT, poll, wait_for};
 use futures_util::StreamExt;
 use homelab_deploy::protocol::{BuildStatus, ErrorBody, ErrorCode, Event, Reply};
 
 /// A nats-server with `file`'s permission table, and a builder signing
 /// with its key (plus `configure`).
-fn signed_service(
+async fn signed_service(
     ids: &Identities,
     file: &str,
     flake: &Flake,
     configure: impl FnOnce(BuilderOptions) -> BuilderOptions,
 ) -> (NatsServer, Builder) {
-    let nats = NatsServer::start_with_config(&ids.server_config(file));
-    let options = configure(BuilderOptions::new(flake).signing_with(&ids.builder.0));
-    let builder = Builder::start(&nats, &options);
+    let nats = NatsServer::start_with_config(&ids.server_config(file)).await;
+    let options = configure(BuilderOptions::new(flake).signing_with(&ids.builder.seed_file));
+    let builder = Builder::start(&nats, &options).await;
     (nats, builder)
 }
 
@@ -36,7 +45,7 @@ async fn wait_for_ignored(builder: &mut Builder, reason: &str, count: f64) {
         &format!("{count} requests ignored for {reason}"),
         async || {
             metric(
-                &http_get(&builder.metrics_addr(), "/metrics").await.1,
+                &http_get(&builder.metrics_addr().await, "/metrics").await.1,
                 &series,
             )
         },
@@ -101,15 +110,15 @@ async fn watched_victim(
     configure: impl FnOnce(BuilderOptions) -> BuilderOptions,
 ) -> Watched {
     let ids = Identities::new();
-    let (nats, builder) = signed_service(&ids, "nats-server.example.conf", flake, configure);
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let (nats, builder) = signed_service(&ids, "nats-server.example.conf", flake, configure).await;
+    let attacker = connect_as(&nats, &ids.test_deployer).await;
     let everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
     attacker.nats.flush().await.unwrap();
     let mut args = vec!["build", "homelab"];
     args.extend(targets);
-    args.extend(["--nkey-file", ids.admin.0.to_str().unwrap()]);
+    args.extend(["--nkey-file", ids.admin.seed_arg()]);
     if builder_key {
-        args.extend(["--builder-key", ids.builder.1.as_str()]);
+        args.extend(["--builder-key", ids.builder.public_key.as_str()]);
     }
     let victim = spawn_cli(&nats.url(), &args);
     Watched {
@@ -181,8 +190,8 @@ async fn events_of_another_build_on_the_clients_subject_are_ignored() {
     // Even without a key, the client keeps to the build its `accepted` named.
     let ids = Identities::new();
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o).await;
+    let attacker = connect_as(&nats, &ids.test_deployer).await;
     let mut everything = attacker.nats.subscribe("build.responses.>").await.unwrap();
     attacker.nats.flush().await.unwrap();
     let victim = spawn_cli(
@@ -193,7 +202,7 @@ async fn events_of_another_build_on_the_clients_subject_are_ignored() {
             "slow",
             "--json",
             "--nkey-file",
-            ids.admin.0.to_str().unwrap(),
+            ids.admin.seed_arg(),
         ],
     );
     let (subject, _) = watch_for(&mut everything, |r| {
@@ -226,9 +235,9 @@ async fn events_of_another_build_on_the_clients_subject_are_ignored() {
 async fn borrowed_reply_subjects_change_nothing(file: &str) {
     let ids = Identities::new();
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok), ("ns2", Host::Ok)]);
-    let (nats, mut builder) = signed_service(&ids, file, &flake, |o| o);
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
-    let victim = connect_as(&nats, &ids.admin.0).await;
+    let (nats, mut builder) = signed_service(&ids, file, &flake, |o| o).await;
+    let attacker = connect_as(&nats, &ids.test_deployer).await;
+    let victim = connect_as(&nats, &ids.admin).await;
 
     let (mut blocker, _) = attacker.send_until_started("build.homelab.slow").await;
     let mut real = victim.send("build.homelab.ns2", "").await;
@@ -294,11 +303,11 @@ async fn replies_never_go_outside_build_responses() {
     let ids = Identities::new();
     let flake = Flake::homelab();
     let (nats, mut builder) =
-        signed_service(&ids, "nats-server.strict.example.conf", &flake, |o| o);
-    let admin = connect_as(&nats, &ids.admin.0).await;
+        signed_service(&ids, "nats-server.strict.example.conf", &flake, |o| o).await;
+    let admin = connect_as(&nats, &ids.admin).await;
     let mut prod = admin.nats.subscribe("deploy.prod.>").await.unwrap();
     admin.nats.flush().await.unwrap();
-    let attacker = connect_as(&nats, &ids.test_deployer.0).await;
+    let attacker = connect_as(&nats, &ids.test_deployer).await;
     for subject in [
         "build.nope.x",
         "build.homelab.ns1",
@@ -347,8 +356,8 @@ async fn reply_signatures_verify_with_an_independent_ed25519_implementation() {
 
     let ids = Identities::new();
     let flake = Flake::homelab();
-    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o);
-    let client = connect_as(&nats, &ids.admin.0).await;
+    let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| o).await;
+    let client = connect_as(&nats, &ids.admin).await;
     let reply_to = client.reply_subject();
     let mut subscriber = client.nats.subscribe(reply_to.clone()).await.unwrap();
     client
@@ -374,7 +383,7 @@ async fn reply_signatures_verify_with_an_independent_ed25519_implementation() {
             .unwrap()
             .as_str()
             .to_owned();
-        assert_eq!(key, ids.builder.1);
+        assert_eq!(key, ids.builder.public_key);
         let body = dir.path().join("body");
         std::fs::write(&body, &message.payload).unwrap();
         let verify = |subject: &str| {
@@ -408,9 +417,10 @@ async fn unsigned_requests_are_refused_when_signatures_are_required() {
     let flake = Flake::homelab();
     let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| {
         o.auth("require_signed = true")
-    });
+    })
+    .await;
     // A plain NATS client authenticates with the key but signs nothing.
-    let deployer = connect_as(&nats, &ids.test_deployer.0).await;
+    let deployer = connect_as(&nats, &ids.test_deployer).await;
     let replies = deployer.build("build.homelab.ns1", "").await;
     match terminal(&replies) {
         Event::Rejected { error, .. } => assert_eq!(error.code, ErrorCode::Unauthorized),
@@ -424,7 +434,7 @@ async fn unsigned_requests_are_refused_when_signatures_are_required() {
             "homelab",
             "ns1",
             "--nkey-file",
-            ids.test_deployer.0.to_str().unwrap(),
+            ids.test_deployer.seed_arg(),
         ],
     )
     .await;
@@ -443,22 +453,23 @@ async fn only_listed_requesters_may_build_when_the_builder_lists_them() {
     let (nats, _builder) = signed_service(&ids, "nats-server.example.conf", &flake, |o| {
         o.auth(&format!(
             "require_signed = true\nrequesters = [\"{}\"]",
-            ids.admin.1
+            ids.admin.public_key
         ))
-    });
+    })
+    .await;
     let build_as = |seed: &std::path::Path| {
         let seed = seed.to_str().unwrap().to_owned();
         let url = nats.url();
         async move { run_cli(&url, &["build", "homelab", "ns1", "--nkey-file", &seed]).await }
     };
-    let refused = build_as(&ids.test_deployer.0).await;
+    let refused = build_as(&ids.test_deployer.seed_file).await;
     assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
     assert!(
         String::from_utf8_lossy(&refused.stdout).contains("unauthorized"),
         "{}",
         describe(&refused)
     );
-    let built = build_as(&ids.admin.0).await;
+    let built = build_as(&ids.admin.seed_file).await;
     assert_eq!(built.status.code(), Some(0), "{}", describe(&built));
 }
 
@@ -469,12 +480,13 @@ async fn builds_are_cancelled_only_by_their_owner_or_an_admin() {
     let ids = Identities::new();
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok), ("ns2", Host::Ok)]);
     let (nats, _builder) = start_service(&flake, |o| {
-        o.signing_with(&ids.builder.0)
-            .auth(&format!("admins = [\"{}\"]", ids.admin.1))
-    });
-    let owner = ids.test_deployer.0.to_str().unwrap();
-    let admin = ids.admin.0.to_str().unwrap();
-    let stranger_seed = &ids.outsider.0;
+        o.signing_with(&ids.builder.seed_file)
+            .auth(&format!("admins = [\"{}\"]", ids.admin.public_key))
+    })
+    .await;
+    let owner = ids.test_deployer.seed_arg();
+    let admin = ids.admin.seed_arg();
+    let stranger_seed = &ids.outsider.seed_file;
 
     // A signed running build, a signed waiting one, an unsigned waiting one.
     let running = spawn_cli(
@@ -498,7 +510,7 @@ async fn builds_are_cancelled_only_by_their_owner_or_an_admin() {
     .await;
     assert_eq!(
         status().await["running"]["owner"],
-        ids.test_deployer.1.as_str()
+        ids.test_deployer.public_key.as_str()
     );
     let waiting = spawn_cli(
         &nats.url(),
@@ -586,7 +598,7 @@ async fn builds_are_cancelled_only_by_their_owner_or_an_admin() {
 #[tokio::test]
 async fn one_build_takes_at_most_64_requesters() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let client = Requester::new(&nats).await;
     let (mut blocker, _) = client.send_until_started("build.homelab.slow").await;
     let mut requests = Vec::new();
@@ -616,9 +628,12 @@ async fn one_build_takes_at_most_64_requesters() {
 #[tokio::test]
 async fn a_killed_builder_makes_the_client_exit_3_within_the_heartbeat_bound() {
     let flake = Flake::new(&[("slow", Host::Gated)]);
-    let (nats, mut builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\""));
+    let (nats, builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\"")).await;
     let client = spawn_cli(&nats.url(), &["build", "homelab", "slow"]);
-    builder.wait_for_log("host started");
+    wait_for("the build to run", WAIT, || {
+        !processes_matching(&flake.gate().display().to_string()).is_empty()
+    })
+    .await;
     let killed = Instant::now();
     std::process::Command::new("kill")
         .args(["-KILL", &builder.pid().to_string()])
@@ -640,7 +655,7 @@ async fn a_killed_builder_makes_the_client_exit_3_within_the_heartbeat_bound() {
 #[tokio::test]
 async fn a_waiting_request_hears_heartbeats() {
     let flake = Flake::new(&[("slow", Host::Gated), ("ns1", Host::Ok)]);
-    let (nats, _builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\""));
+    let (nats, _builder) = start_service(&flake, |o| o.builder("progress_interval = \"1s\"")).await;
     let client = Requester::new(&nats).await;
     let (mut blocker, _) = client.send_until_started("build.homelab.slow").await;
     let mut waiting = client.send("build.homelab.ns1", "").await;
@@ -670,8 +685,8 @@ async fn a_finished_too_large_for_max_payload_is_shortened_not_lost() {
         .collect();
     let hosts: Vec<(&str, Host)> = hosts.iter().map(|(n, h)| (n.as_str(), h.clone())).collect();
     let flake = Flake::new(&hosts);
-    let nats = NatsServer::start_with_config("max_payload: 2048\n");
-    let builder = Builder::start(&nats, &BuilderOptions::new(&flake));
+    let nats = NatsServer::start_with_config("max_payload: 2048\n").await;
+    let builder = Builder::start(&nats, &BuilderOptions::new(&flake)).await;
     let client = Requester::new(&nats).await;
     let replies = client.build("build.homelab.all", "").await;
     match terminal(&replies) {
@@ -693,7 +708,7 @@ async fn a_finished_too_large_for_max_payload_is_shortened_not_lost() {
 #[tokio::test]
 async fn local_configuration_errors_exit_2_and_an_absent_server_3() {
     let dir = tempfile::tempdir().unwrap();
-    let (seed, _) = nkey_user(dir.path(), "me");
+    let seed = nkey_user(dir.path(), "me").seed_file;
     let open = dir.path().join("open.nk");
     std::fs::copy(&seed, &open).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -827,7 +842,7 @@ async fn hostile_attribute_names_reach_the_client_quoted() {
         "ns1",
         r#"${builtins.fromJSON ''"evil\u001b]0;title\u0007\u001b[2K\u009b2J"''}"#,
     ]);
-    let (nats, _builder) = start_service(&flake, |o| o);
+    let (nats, _builder) = start_service(&flake, |o| o).await;
     let out = finish(spawn_cli(&nats.url(), &["build", "homelab", "nope"])).await;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let shown = format!(
@@ -968,7 +983,7 @@ async fn replayed_accepted_events_do_not_keep_a_client_waiting_on_a_killed_build
     let Watched {
         _ids,
         _nats,
-        mut builder,
+        builder,
         attacker,
         mut everything,
         victim,
@@ -981,7 +996,10 @@ async fn replayed_accepted_events_do_not_keep_a_client_waiting_on_a_killed_build
         matches!(r.event, Event::Accepted { .. })
     })
     .await;
-    builder.wait_for_log("host started");
+    wait_for("the build to run", WAIT, || {
+        !processes_matching(&flake.gate().display().to_string()).is_empty()
+    })
+    .await;
     let killed = Instant::now();
     std::process::Command::new("kill")
         .args(["-KILL", &builder.pid().to_string()])

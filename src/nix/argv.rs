@@ -10,9 +10,6 @@ use std::fmt;
 
 use super::NixVersion;
 
-// The flake URLs these command lines take are built in `flake_url`; they
-// stay importable from here too.
-pub use super::flake_url::{Locked, evaluation_url, flake_fetch_urls, flake_url_with_ref};
 
 /// Prefix of the trace lines the evaluation expression prints per host.
 pub const EVAL_MARKER: &str = "@homelab-deploy-eval ";

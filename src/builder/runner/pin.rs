@@ -6,7 +6,7 @@ use tokio::time::Instant;
 use super::{Run, Runner};
 use crate::builder::request::HostFailure;
 use crate::config::RepoConfig;
-use crate::nix::argv::{Locked, evaluation_url, flake_fetch_urls};
+use crate::nix::flake_url::{Locked, evaluation_url, flake_fetch_urls};
 use crate::nix::json::{FlakeMetadata, host_names};
 use crate::protocol::{
     ErrorCode, HostStatus, MAX_NAME_BYTES, SkippedHost, Target, is_valid_name, quote_for_error,
