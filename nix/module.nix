@@ -14,6 +14,19 @@
   stateDir = "/var/lib/${user}";
   credentials = unit: "/run/credentials/${unit}.service";
 
+  # A builder setting that points at the service's credential `name` when
+  # the module option `from` (a secret's path) is set.
+  credentialSetting = from: name:
+    lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default =
+        if cfg.${from} != null
+        then "${credentials "homelab-deploy-builder"}/${name}"
+        else null;
+      defaultText = lib.literalMD "the service's credential when `${from}` is set, else `null`";
+      description = "Set from `${from}`.";
+    };
+
   # The names the protocol accepts (src/protocol/request.rs: is_valid_name,
   # validate_ref), so a scheduled build is never rejected for its name and
   # its unit name is a valid one.
@@ -184,24 +197,8 @@ in {
                   example = "nats://nats.home.2rjus.net:4222";
                   description = "NATS server URL, or a list of them.";
                 };
-                nkey_seed_file = lib.mkOption {
-                  type = lib.types.nullOr lib.types.str;
-                  default =
-                    if cfg.nkeyFile != null
-                    then "${credentials "homelab-deploy-builder"}/nkey"
-                    else null;
-                  defaultText = lib.literalMD "the service's credential when `nkeyFile` is set, else `null`";
-                  description = "Set from `nkeyFile`.";
-                };
-                credentials_file = lib.mkOption {
-                  type = lib.types.nullOr lib.types.str;
-                  default =
-                    if cfg.credentialsFile != null
-                    then "${credentials "homelab-deploy-builder"}/creds"
-                    else null;
-                  defaultText = lib.literalMD "the service's credential when `credentialsFile` is set, else `null`";
-                  description = "Set from `credentialsFile`.";
-                };
+                nkey_seed_file = credentialSetting "nkeyFile" "nkey";
+                credentials_file = credentialSetting "credentialsFile" "creds";
                 tls_ca_file = lib.mkOption {
                   type = lib.types.nullOr lib.types.str;
                   default = null;

@@ -99,11 +99,7 @@ mod tests {
     use crate::protocol::{BuildStatus, ErrorBody, ErrorCode, Event, HostStatus, HostSummary};
 
     fn reply(event: Event) -> Reply {
-        Reply {
-            build_id: "b1".into(),
-            seq: None,
-            event,
-        }
+        Reply::new("b1", event)
     }
 
     fn render(events: Vec<Event>) -> String {

@@ -10,7 +10,6 @@ use std::fmt;
 
 use super::NixVersion;
 
-
 /// Prefix of the trace lines the evaluation expression prints per host.
 pub const EVAL_MARKER: &str = "@homelab-deploy-eval ";
 

@@ -394,6 +394,15 @@ mod tests {
         text.lines().map(|line| parser.parse(line)).collect()
     }
 
+    /// What the error tail of a whole captured log says.
+    fn summary_of(log: &str) -> String {
+        let mut tail = ErrorTail::default();
+        for event in parse_all(log) {
+            tail.observe(&event);
+        }
+        tail.summary()
+    }
+
     fn progress(events: &[LogEvent]) -> Vec<(u64, u64)> {
         events
             .iter()
@@ -431,12 +440,8 @@ mod tests {
 
     #[test]
     fn nix_2_8_error_tail_has_the_error_and_the_log() {
-        let mut tail = ErrorTail::default();
-        for event in parse_all(NIX_2_8_FAILED_BUILD) {
-            tail.observe(&event);
-        }
         assert_eq!(
-            tail.summary(),
+            summary_of(NIX_2_8_FAILED_BUILD),
             "error: builder for '/nix/store/k41ilxm0q77sq0igsw0vymk1wmljb9s0-bad.drv' failed with exit code 3\nlast log lines:\n> about to fail\n> red"
         );
     }
@@ -473,12 +478,8 @@ mod tests {
 
     #[test]
     fn nix_2_26_error_tail_has_the_error_and_the_log_but_no_info_messages() {
-        let mut tail = ErrorTail::default();
-        for event in parse_all(NIX_2_26_FAILED_BUILD) {
-            tail.observe(&event);
-        }
         assert_eq!(
-            tail.summary(),
+            summary_of(NIX_2_26_FAILED_BUILD),
             "error: builder for '/nix/store/wm2hix6bnsr0yw02kj1309arp2chlfj2-bad.drv' failed with exit code 3\nlast log lines:\n> dep\n> about to fail\n> red"
         );
     }

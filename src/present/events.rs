@@ -407,11 +407,7 @@ mod tests {
     use crate::protocol::{Changes, ErrorCode, HostSummary, SkippedHost};
 
     fn reply(event: Event) -> Reply {
-        Reply {
-            build_id: "b1".into(),
-            seq: None,
-            event,
-        }
+        Reply::new("b1", event)
     }
 
     fn plain() -> Style {
