@@ -74,77 +74,52 @@ async fn metrics_count_builds_hosts_and_rejections_and_pass_promtool() {
         metric(&text, &series(name, labels))
             .unwrap_or_else(|| panic!("no {name}{{{labels}}} in\n{text}"))
     };
-    assert_eq!(
-        value(
+    let expected = [
+        (
             "host_builds_total",
-            r#"host="ns1",repo="homelab",status="success""#
+            r#"host="ns1",repo="homelab",status="success""#,
+            1.0,
         ),
-        1.0
-    );
-    assert_eq!(
-        value(
+        (
             "host_builds_total",
-            r#"host="broken-build",repo="homelab",status="failed""#
+            r#"host="broken-build",repo="homelab",status="failed""#,
+            1.0,
         ),
-        1.0
-    );
-    assert_eq!(
-        value("builds_total", r#"repo="homelab",status="success""#),
-        1.0
-    );
-    assert_eq!(
-        value("builds_total", r#"repo="homelab",status="failed""#),
-        1.0
-    );
-    assert_eq!(
-        value("builds_total", r#"repo="homelab",status="cancelled""#),
-        0.0
-    );
-    assert_eq!(
-        value("requests_rejected_total", r#"reason="unknown_repo""#),
-        1.0
-    );
-    assert_eq!(
-        value("requests_rejected_total", r#"reason="invalid_request""#),
-        2.0
-    );
-    assert_eq!(
-        value("requests_rejected_total", r#"reason="queue_full""#),
-        0.0
-    );
-    assert_eq!(
-        value("build_duration_seconds_count", r#"repo="homelab""#),
-        2.0
-    );
-    assert_eq!(
-        value(
+        ("builds_total", r#"repo="homelab",status="success""#, 1.0),
+        ("builds_total", r#"repo="homelab",status="failed""#, 1.0),
+        ("builds_total", r#"repo="homelab",status="cancelled""#, 0.0),
+        ("requests_rejected_total", r#"reason="unknown_repo""#, 1.0),
+        (
+            "requests_rejected_total",
+            r#"reason="invalid_request""#,
+            2.0,
+        ),
+        ("requests_rejected_total", r#"reason="queue_full""#, 0.0),
+        ("build_duration_seconds_count", r#"repo="homelab""#, 2.0),
+        (
             "host_build_duration_seconds_count",
-            r#"host="ns1",repo="homelab""#
+            r#"host="ns1",repo="homelab""#,
+            1.0,
         ),
-        1.0
-    );
+    ];
+    for (name, labels, count) in expected {
+        assert_eq!(value(name, labels), count, "{name}{{{labels}}}");
+    }
     let stamped = value(
         "host_last_success_timestamp_seconds",
         r#"host="ns1",repo="homelab""#,
     );
     assert!(stamped >= before.floor(), "{stamped} < {before}");
     assert!(!text.contains(r#"last_success_timestamp_seconds{host="broken-build""#));
-    assert_eq!(
-        metric(&text, "homelab_deploy_builder_nats_connected"),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&text, "homelab_deploy_builder_build_in_progress"),
-        Some(0.0)
-    );
-    assert_eq!(
-        metric(&text, "homelab_deploy_builder_queue_length"),
-        Some(0.0)
-    );
-    assert_eq!(
-        metric(&text, "homelab_deploy_builder_oldest_active_age_seconds"),
-        Some(0.0)
-    );
+    for (gauge, now) in [
+        ("nats_connected", 1.0),
+        ("build_in_progress", 0.0),
+        ("queue_length", 0.0),
+        ("oldest_active_age_seconds", 0.0),
+    ] {
+        let name = format!("homelab_deploy_builder_{gauge}");
+        assert_eq!(metric(&text, &name), Some(now), "{name}");
+    }
     assert!(text.contains(&format!(
         "homelab_deploy_builder_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")

@@ -503,7 +503,7 @@ async fn builds_are_cancelled_only_by_their_owner_or_an_admin() {
         async || {
             let now = status().await;
             running_id = now["running"]["build_id"].as_str().unwrap_or("").to_owned();
-            now["running"]["host"] == "slow"
+            now["running"]["hosts"][0]["host"] == "slow"
         },
         |running| *running,
     )

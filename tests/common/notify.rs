@@ -1,6 +1,6 @@
 //! The builder's state as systemd sees it: a unix datagram socket passed
 //! to the builder as `NOTIFY_SOCKET`, and the `KEY=value` lines it sends
-//! there (`READY=1`, `STATUS=...`, `STOPPING=1`, the metrics address).
+//! there (`READY=1`, `STATUS=...`, `STOPPING=1`).
 
 use std::path::{Path, PathBuf};
 
@@ -15,8 +15,6 @@ pub struct Notified {
     pub status: Option<String>,
     /// `STOPPING=1` came.
     pub stopping: bool,
-    /// The address the metrics endpoint listens on (`X_METRICS_LISTEN=`).
-    pub metrics: Option<String>,
 }
 
 impl Notified {
@@ -26,7 +24,6 @@ impl Notified {
                 Some(("READY", "1")) => self.ready = true,
                 Some(("STOPPING", "1")) => self.stopping = true,
                 Some(("STATUS", status)) => self.status = Some(status.to_owned()),
-                Some(("X_METRICS_LISTEN", addr)) => self.metrics = Some(addr.to_owned()),
                 _ => {}
             }
         }
