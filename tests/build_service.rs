@@ -9,7 +9,7 @@ use common::builder::start_service;
 use common::flake::{Flake, Host};
 use common::nix::nix_command;
 use common::process::{child_pids, processes_matching};
-use common::replies::{event_names, host_outcomes, terminal};
+use common::replies::{event_names, host_outcomes, terminal, untimed};
 use common::requester::Requester;
 use common::wait::{WAIT, wait_for};
 use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, HostStatus, Reply};
@@ -722,12 +722,7 @@ async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
     assert!(status.success(), "{status:?}");
     assert!(took < homelab_deploy::SHUTDOWN_BUDGET, "{took:?}");
 
-    let rest: Vec<Reply> = running
-        .until_terminal()
-        .await
-        .into_iter()
-        .map(|t| t.reply)
-        .collect();
+    let rest: Vec<Reply> = untimed(running.until_terminal().await);
     assert_eq!(host_outcomes(&rest)[0].status, HostStatus::Cancelled);
     assert!(matches!(
         terminal(&rest),
@@ -736,12 +731,7 @@ async fn sigterm_cancels_running_and_queued_builds_with_terminal_events() {
             ..
         }
     ));
-    let rest: Vec<Reply> = queued
-        .until_terminal()
-        .await
-        .into_iter()
-        .map(|t| t.reply)
-        .collect();
+    let rest: Vec<Reply> = untimed(queued.until_terminal().await);
     assert_eq!(event_names(&rest), ["finished"]);
     assert!(matches!(
         terminal(&rest),

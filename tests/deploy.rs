@@ -8,6 +8,7 @@ mod common;
 
 use common::cli::{describe, run_cli};
 use common::nix::nix_command;
+use common::process::output_ok;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -17,15 +18,13 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 fn module_config(extra: &str) -> String {
     let expression =
         format!("let defaults = (import {ROOT}/nix/defaults.nix).settings; in defaults // {extra}");
-    let out = nix_command("nix-instantiate")
-        .args(["--eval", "--strict", "--json", "--expr", &expression])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = output_ok(nix_command("nix-instantiate").args([
+        "--eval",
+        "--strict",
+        "--json",
+        "--expr",
+        &expression,
+    ]));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     toml::to_string(&toml::Value::try_from(json).unwrap()).unwrap()
 }

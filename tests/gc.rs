@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::process::output_ok;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -30,15 +31,7 @@ static STORE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Runs the garbage collector (the `nix-collect-garbage` beside `nix` on
 /// PATH) and checks that it ran.
 fn collect_garbage() {
-    let out = std::process::Command::new("nix-collect-garbage")
-        .env("NIX_CONFIG", nix_config())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nix-collect-garbage failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    output_ok(std::process::Command::new("nix-collect-garbage").env("NIX_CONFIG", nix_config()));
 }
 
 fn roots_option(roots: &Path, extra: &str) -> String {

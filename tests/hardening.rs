@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::process::output_ok;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -191,15 +192,7 @@ async fn tls_servers_are_reached_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
     let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        output_ok(std::process::Command::new("openssl").args(args));
     };
     openssl(&[
         "req",

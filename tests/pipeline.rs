@@ -11,7 +11,7 @@ use common::builder::start_service;
 use common::flake::{Flake, Host};
 use common::nix::NixRecorder;
 use common::process::processes_matching;
-use common::replies::{event_names, host_outcomes, log_lines, terminal};
+use common::replies::{event_names, host_outcomes, log_lines, terminal, untimed};
 use common::requester::Requester;
 use common::wait::{WAIT, wait_for};
 use homelab_deploy::protocol::{
@@ -54,12 +54,7 @@ async fn a_host_builds_while_a_later_host_is_still_evaluating() {
     assert!(!flake.gate().exists());
 
     flake.open_gate();
-    let rest: Vec<Reply> = pending
-        .until_terminal()
-        .await
-        .into_iter()
-        .map(|t| t.reply)
-        .collect();
+    let rest: Vec<Reply> = untimed(pending.until_terminal().await);
     let last = host_outcomes(&rest);
     assert_eq!(last[0].host, "z-last");
     assert_eq!(last[0].status, HostStatus::Success, "{}", last[0].message);
@@ -156,12 +151,7 @@ async fn hosts_share_one_evaluator_unless_it_outgrows_eval_max_memory() {
     })
     .await;
     flake.open_gate();
-    let replies: Vec<Reply> = pending
-        .until_terminal()
-        .await
-        .into_iter()
-        .map(|t| t.reply)
-        .collect();
+    let replies: Vec<Reply> = untimed(pending.until_terminal().await);
     assert!(
         matches!(
             terminal(&replies),

@@ -17,7 +17,7 @@ use common::flake::{Flake, Host};
 use common::net::{http_get, metric};
 use common::nix::{nix_command, nix_config};
 use common::remote::RemoteStore;
-use common::replies::{finished, host_outcomes, terminal};
+use common::replies::{finished, host_outcomes, terminal, untimed};
 use common::requester::Requester;
 use common::wait::poll;
 use homelab_deploy::protocol::{BuildStatus, ErrorCode, Event, HostStatus};
@@ -357,12 +357,7 @@ async fn with_parallel_hosts_the_status_shows_every_host_building() {
     assert_eq!(building, [("h1", 1), ("h2", 2)], "{running:?}");
     assert_eq!((running.finished, running.total), (0, Some(2)));
 
-    let replies: Vec<_> = request
-        .until_terminal()
-        .await
-        .into_iter()
-        .map(|t| t.reply)
-        .collect();
+    let replies: Vec<_> = untimed(request.until_terminal().await);
     assert_eq!(finished(&replies).status, BuildStatus::Success);
     assert!(client.status().await.running.is_none());
 }

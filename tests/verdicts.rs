@@ -17,7 +17,7 @@ use common::identity::{Identities, nkey_user};
 use common::nats::NatsServer;
 use common::net::{free_port, http_get, metric};
 use common::process::processes_matching;
-use common::replies::{event_names, terminal};
+use common::replies::{event_names, terminal, untimed};
 use common::requester::{Requester, connect_as};
 use common::wait::{WAIT, poll, wait_for};
 use futures_util::StreamExt;
@@ -259,12 +259,7 @@ async fn borrowed_reply_subjects_change_nothing(file: &str) {
     flake.open_gate();
     blocker.until_terminal().await;
     cheap.until_terminal().await;
-    let rest: Vec<Reply> = real
-        .until_terminal()
-        .await
-        .into_iter()
-        .map(|t| t.reply)
-        .collect();
+    let rest: Vec<Reply> = untimed(real.until_terminal().await);
     assert!(
         rest.iter().all(|r| r.build_id == real_id),
         "{file}: another build's event reached the victim: {rest:?}"
@@ -577,12 +572,7 @@ async fn builds_are_cancelled_only_by_their_owner_or_an_admin() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"cancelled\""));
     assert_eq!(finish(waiting).await.status.code(), Some(1));
-    let rest: Vec<Reply> = unsigned
-        .until_terminal()
-        .await
-        .into_iter()
-        .map(|t| t.reply)
-        .collect();
+    let rest: Vec<Reply> = untimed(unsigned.until_terminal().await);
     assert!(matches!(
         terminal(&rest),
         Event::Finished {
@@ -615,12 +605,7 @@ async fn one_build_takes_at_most_64_requesters() {
     flake.open_gate();
     blocker.until_terminal().await;
     for request in &mut requests {
-        let rest: Vec<Reply> = request
-            .until_terminal()
-            .await
-            .into_iter()
-            .map(|t| t.reply)
-            .collect();
+        let rest: Vec<Reply> = untimed(request.until_terminal().await);
         assert_eq!(rest.iter().filter(|r| r.is_terminal()).count(), 1);
     }
 }

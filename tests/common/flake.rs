@@ -1,6 +1,7 @@
 //! Offline fixture flakes in git repositories, built by the real Nix, and
 //! one served over HTTP.
 
+use super::process::output_ok;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -187,22 +188,16 @@ impl Flake {
 
     /// Runs git in the repository; panics with its stderr on failure.
     pub fn git(&self, args: &[&str]) -> Output {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(self.path())
-            .env("GIT_AUTHOR_NAME", "test")
-            .env("GIT_AUTHOR_EMAIL", "test@localhost")
-            .env("GIT_COMMITTER_NAME", "test")
-            .env("GIT_COMMITTER_EMAIL", "test@localhost")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        output_ok(
+            Command::new("git")
+                .args(args)
+                .current_dir(self.path())
+                .env("GIT_AUTHOR_NAME", "test")
+                .env("GIT_AUTHOR_EMAIL", "test@localhost")
+                .env("GIT_COMMITTER_NAME", "test")
+                .env("GIT_COMMITTER_EMAIL", "test@localhost")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null"),
+        )
     }
 
     fn write_files(&self, marker: &str) {

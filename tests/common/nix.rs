@@ -1,6 +1,7 @@
 //! The Nix the tests run: its PATH, its settings (offline, no sandbox),
 //! building plain expressions, and recording the builder's Nix calls.
 
+use super::process::output_ok;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -124,15 +125,10 @@ pub fn nix_build_expression(dir: &Path, name: &str, expression: &str) -> String 
     let file = dir.join(format!("{name}.nix"));
     std::fs::write(&file, expression).unwrap();
     // The selected Nix's own nix-build, with the settings made for it.
-    let out = nix_command("nix-build")
-        .args(["--no-out-link", "--quiet"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        nix_command("nix-build")
+            .args(["--no-out-link", "--quiet"])
+            .arg(&file),
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }

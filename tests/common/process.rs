@@ -1,4 +1,19 @@
-//! What /proc says about the builder and the processes it started.
+//! Commands the tests run to their end, and what /proc says about the
+//! builder and the processes it started.
+
+/// Runs `command` to its end and asserts that it succeeded (showing the
+/// command and its stderr when not); gives its output.
+pub fn output_ok(command: &mut std::process::Command) -> std::process::Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
 
 /// Resident memory of `pid` (`VmRSS`) or its peak (`VmHWM`), in KiB.
 pub fn memory_kib(pid: u32, field: &str) -> u64 {
