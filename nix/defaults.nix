@@ -16,6 +16,7 @@
       keep_roots = 3;
       state_file = "/var/lib/homelab-deploy-builder/state.json";
       journal_file = "/var/lib/homelab-deploy-builder/journal";
+      eval_memory_budget = "40%";
     };
   };
 

@@ -231,6 +231,10 @@ in {
                 keep_roots = option lib.types.ints.positive defaults.settings.builder.keep_roots "Root generations kept per host.";
                 state_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
                 journal_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.journal_file "Journal of accepted requests, resumed after a restart or a crash; `null`: a stop cancels them.";
+                eval_memory_budget =
+                  option (lib.types.strMatching "([1-9][0-9]?|100)%|[0-9]+(\\.[0-9]+)? ?([KMGT]i?B?|[kmgt]i?b?|B|b)?")
+                  defaults.settings.builder.eval_memory_budget
+                  "Memory all evaluator processes may hold together: a size (`\"6GiB\"`) or a share of the machine's memory (`\"40%\"`). Leave room for builds, the Nix daemon and the cache.";
               };
             };
           };
@@ -468,6 +472,11 @@ in {
               # shutdown budget (SHUTDOWN_BUDGET, 15 s), room for a loaded host.
               KillMode = "mixed";
               TimeoutStopSec = "${toString (2 * defaults.shutdown_budget_secs)}s";
+              # The kernel's OOM killer passes over the builder (and what it
+              # runs inherits this) but for the evaluators, which raise their
+              # own score to the top: under memory pressure an evaluation is
+              # lost and retried, never the builder or a build.
+              OOMScoreAdjust = -500;
               User = user;
               Group = user;
               StateDirectory = user;

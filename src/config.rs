@@ -174,6 +174,16 @@ pub struct BuilderConfig {
     /// fresh one (checked after each host), e.g. `"2GiB"`. Lower means less
     /// memory and more re-evaluation of what hosts share; see docs/performance.md.
     pub eval_max_memory: ByteSize,
+    /// Memory all evaluator processes may hold together, e.g. `"6GiB"`,
+    /// or a share of the machine's memory, e.g. `"40%"` (the default,
+    /// which leaves the rest to builds, the Nix daemon and the cache).
+    /// Evaluations wait for room rather than pass it; a host that alone
+    /// needs more fails with `eval_out_of_memory`.
+    pub eval_memory_budget: MemoryShare,
+    /// What a host's evaluation is expected to need before one of its
+    /// repo's evaluations was ever measured, e.g. `"2GiB"`. Measured peaks
+    /// replace it (kept in `state_file`).
+    pub eval_memory_estimate: ByteSize,
     /// File that keeps every host's last result across restarts (so the
     /// last-success metric and `build.status` survive them). Optional.
     pub state_file: Option<PathBuf>,
@@ -210,6 +220,8 @@ impl Default for BuilderConfig {
             side_roots_max: 32,
             eval_workers: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             eval_max_memory: ByteSize(2 << 30),
+            eval_memory_budget: MemoryShare::OfMachine(40),
+            eval_memory_estimate: ByteSize(2 << 30),
             state_file: None,
             journal_file: None,
             resume: true,
@@ -340,6 +352,60 @@ impl std::fmt::Display for ByteSize {
         {
             Some((shift, unit)) => write!(f, "{}{unit}", bytes >> shift),
             None => write!(f, "{bytes}B"),
+        }
+    }
+}
+
+/// An amount of memory: bytes, or a percentage of the machine's memory
+/// (`"40%"`), worked out when the builder starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryShare {
+    Bytes(ByteSize),
+    /// Percent of the machine's memory, 1 to 100.
+    OfMachine(u8),
+}
+
+impl MemoryShare {
+    /// Parses `"40%"` or a size such as `"6GiB"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().strip_suffix('%') {
+            Some(percent) => match percent.trim().parse::<u8>() {
+                Ok(percent @ 1..=100) => Ok(Self::OfMachine(percent)),
+                _ => Err(format!("{text:?} is not a share of memory from 1% to 100%")),
+            },
+            None => ByteSize::parse(text).map(Self::Bytes),
+        }
+    }
+
+    /// The bytes this is on a machine with `machine` bytes of memory.
+    pub fn bytes(self, machine: u64) -> u64 {
+        match self {
+            Self::Bytes(size) => size.0,
+            Self::OfMachine(percent) => machine / 100 * u64::from(percent),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryShare {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Bytes(bytes) => Ok(Self::Bytes(ByteSize(bytes))),
+            Raw::Text(text) => Self::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for MemoryShare {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Bytes(size) => size.serialize(serializer),
+            Self::OfMachine(percent) => serializer.collect_str(&format_args!("{percent}%")),
         }
     }
 }
@@ -485,6 +551,16 @@ impl Config {
                 key: "parallel_hosts",
             });
         }
+        if self.builder.eval_memory_budget == MemoryShare::Bytes(ByteSize(0)) {
+            return Err(ConfigError::Zero {
+                key: "eval_memory_budget",
+            });
+        }
+        if self.builder.eval_memory_estimate.0 == 0 {
+            return Err(ConfigError::Zero {
+                key: "eval_memory_estimate",
+            });
+        }
         if self.builder.eval_max_memory.0 == 0 {
             return Err(ConfigError::Zero {
                 key: "eval_max_memory",
@@ -613,6 +689,38 @@ url = "nats://127.0.0.1:4222"
 [repos.demo]
 url = "git+file:///srv/demo"
 "#;
+
+    #[test]
+    fn the_evaluators_budget_is_a_size_or_a_share_of_the_machine() {
+        assert_eq!(MemoryShare::parse("40%"), Ok(MemoryShare::OfMachine(40)));
+        assert_eq!(
+            MemoryShare::parse("6GiB"),
+            Ok(MemoryShare::Bytes(ByteSize(6 << 30)))
+        );
+        for bad in ["0%", "101%", "-5%", "half"] {
+            assert!(MemoryShare::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            MemoryShare::OfMachine(40).bytes(16 << 30),
+            (16 << 30) / 100 * 40
+        );
+        assert_eq!(MemoryShare::Bytes(ByteSize(7)).bytes(16 << 30), 7);
+        let config = parse(&format!(
+            "{MINIMAL}[builder]\neval_memory_budget = \"25%\"\neval_memory_estimate = \"1GiB\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.builder.eval_memory_budget,
+            MemoryShare::OfMachine(25)
+        );
+        assert_eq!(config.builder.eval_memory_estimate, ByteSize(1 << 30));
+        let zero = parse(&format!("{MINIMAL}[builder]\neval_memory_budget = \"0\"\n"));
+        assert!(zero.is_err());
+        assert_eq!(
+            serde_json::to_value(MemoryShare::OfMachine(40)).unwrap(),
+            "40%"
+        );
+    }
 
     #[test]
     fn listed_requesters_and_admins_may_request_and_nobody_else() {

@@ -80,6 +80,18 @@ pub struct Metrics {
     pub remote_builds: IntCounterVec,
     /// 1 when the last check reached the remote builder, 0 when not.
     pub machine_up: IntGaugeVec,
+    /// The evaluators' memory budget (`eval_memory_budget`).
+    pub eval_memory_budget: IntGauge,
+    /// Memory reserved of it now.
+    pub eval_memory_reserved: IntGauge,
+    /// Summed resident memory of the evaluator processes, as last sampled.
+    pub eval_resident: IntGauge,
+    /// Evaluations waiting for room in the budget.
+    pub eval_waiting_for_memory: IntGauge,
+    /// The learned peak of each host's evaluation.
+    pub eval_host_peak: IntGaugeVec,
+    /// Evaluator processes stopped before their hosts were done, by why.
+    pub eval_restarts: IntCounterVec,
 }
 
 fn name(suffix: &str) -> String {
@@ -228,6 +240,53 @@ impl Metrics {
                     &["machine"],
                 )?,
             )?,
+            eval_memory_budget: registered(
+                &registry,
+                IntGauge::new(
+                    name("eval_memory_budget_bytes"),
+                    "Memory all evaluator processes may hold together (eval_memory_budget).",
+                )?,
+            )?,
+            eval_memory_reserved: registered(
+                &registry,
+                IntGauge::new(
+                    name("eval_memory_reserved_bytes"),
+                    "Memory of the budget reserved by evaluator processes now.",
+                )?,
+            )?,
+            eval_resident: registered(
+                &registry,
+                IntGauge::new(
+                    name("eval_resident_bytes"),
+                    "Summed resident memory of the evaluator processes, sampled every 100 ms.",
+                )?,
+            )?,
+            eval_waiting_for_memory: registered(
+                &registry,
+                IntGauge::new(
+                    name("eval_waiting_for_memory"),
+                    "Evaluator processes waiting for room in the memory budget.",
+                )?,
+            )?,
+            eval_host_peak: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        name("eval_host_peak_bytes"),
+                        "Resident memory of the evaluator at its peak while on the host, \
+                         as last measured: what its next evaluation reserves.",
+                    ),
+                    &["repo", "host"],
+                )?,
+            )?,
+            eval_restarts: counter_vec(
+                "eval_restarts_total",
+                "Evaluator processes stopped before their hosts were done, by reason: \
+                 memory (to stay within eval_memory_budget), max_memory (replaced after a \
+                 host past eval_max_memory), oom_killed (killed by the kernel), failed \
+                 (an evaluation error), timeout.",
+                &["reason"],
+            )?,
             registry,
         };
         let info = registered(
@@ -256,6 +315,9 @@ impl Metrics {
         }
         for reason in IGNORE_REASONS {
             metrics.ignored.with_label_values(&[reason]);
+        }
+        for reason in EVAL_RESTART_REASONS {
+            metrics.eval_restarts.with_label_values(&[reason]);
         }
         Ok(metrics)
     }
@@ -327,6 +389,11 @@ pub const IGNORE_REASONS: [&str; 3] = [
     "reply_subject_in_use",
     "overloaded",
 ];
+
+/// Why an evaluator process was stopped before its hosts were done (the
+/// `reason` label of `eval_restarts_total`).
+pub const EVAL_RESTART_REASONS: [&str; 5] =
+    ["memory", "max_memory", "oom_killed", "failed", "timeout"];
 
 #[cfg(test)]
 mod tests {

@@ -200,7 +200,13 @@ pub fn status_report(status: &BuilderStatus) -> String {
     text.push_str(&format!("repos: {}\n", repos.join(", ")));
     match &status.running {
         Some(running) => {
-            let host = building_hosts(running);
+            let mut host = building_hosts(running);
+            if !running.waiting_for_memory.is_empty() {
+                host.push_str(&format!(
+                    "; waiting for memory to evaluate: {}",
+                    running.waiting_for_memory.join(", ")
+                ));
+            }
             text.push_str(&format!(
                 "running: {} {}/{}{host}, since {}{}\n",
                 running.build_id,
@@ -368,6 +374,7 @@ mod tests {
                     expected: 0,
                 }],
                 finished: 2,
+                waiting_for_memory: vec!["ns5".into()],
                 total: Some(16),
                 started_at: "2026-11-28T01:00:00Z".into(),
             }),
@@ -400,7 +407,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "running: b1 nixos-servers/all, host 3 of 16: ns1, since 2026-11-28T01:00:00Z"
+                "running: b1 nixos-servers/all, host 3 of 16: ns1; waiting for memory to evaluate: ns5, since 2026-11-28T01:00:00Z"
             ),
             "{text}"
         );

@@ -292,6 +292,10 @@
         TimeoutStopSec = true;
       };
     };
+    "test ${name}: the kernel's OOM killer passes over the builder" = {
+      expr = sc.OOMScoreAdjust < 0;
+      expected = true;
+    };
     "test ${name}: needs the Nix daemon's socket" = {
       expr = {
         requires = lib.elem "nix-daemon.socket" s.service.requires;
@@ -426,6 +430,7 @@
         "RestartSec"
         "KillMode"
         "TimeoutStopSec"
+        "OOMScoreAdjust"
         "User"
         "Group"
         "StateDirectory"

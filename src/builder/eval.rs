@@ -13,8 +13,8 @@
 //! with the lane's remaining hosts. A process whose memory passes
 //! `eval_max_memory` is likewise replaced after its current host.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::cancel::Cancellation;
+use super::memory::Reservation;
+use super::monitor::Monitor;
 use super::request::HostFailure;
 use super::roots::RequestRoots;
 use super::step::{self, StepFailure};
@@ -43,12 +45,31 @@ pub(crate) struct Evaluated {
 }
 
 /// What the evaluator lanes need to know.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct EvalSettings {
     pub(crate) workers: usize,
     pub(crate) max_memory: u64,
     pub(crate) host_timeout: Duration,
+    /// The repo the hosts belong to: their learned peaks are kept by it.
+    pub(crate) repo: String,
+    /// Holds the memory budget and the learned peaks, and counts restarts.
+    pub(crate) monitor: Arc<Monitor>,
 }
+
+/// How often each evaluator's resident memory is sampled: often enough to
+/// stop one before it passes what it reserved by much, and five times as
+/// often once it holds three quarters of its reservation (an evaluator can
+/// allocate hundreds of megabytes a second).
+const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+const MEMORY_SAMPLE_CLOSE: Duration = Duration::from_millis(20);
+/// What an evaluator reserves beyond its resident memory when it grows
+/// past its reservation: one eighth more, so it does not ask at every
+/// sample.
+const GROWTH_HEADROOM_DIVISOR: u64 = 8;
+/// Evaluator processes stopped for memory (the budget, or the kernel)
+/// while on one host before that host fails: each retry reserves what the
+/// last one reached, so a host that fits gets there well before.
+const MEMORY_ATTEMPTS: u32 = 4;
 
 type EvalResult = Result<Evaluated, HostFailure>;
 
@@ -226,6 +247,8 @@ struct ProcessState {
     pid: Option<u32>,
     /// The host being evaluated.
     current: Option<String>,
+    /// The process's highest resident memory sampled while on `current`.
+    host_peak: u64,
     /// When the process, or its current host, started: the watchdog's base.
     since: Instant,
     /// Messages since `current` started: its error, if it fails.
@@ -239,7 +262,7 @@ struct ProcessState {
 struct ProcessObserver<'a> {
     state: &'a Mutex<ProcessState>,
     parser: LogParser,
-    max_memory: u64,
+    settings: &'a EvalSettings,
     stop: &'a CancellationToken,
     /// The lane's remaining hosts, with their index in the request.
     hosts: &'a VecDeque<(usize, String)>,
@@ -248,6 +271,7 @@ struct ProcessObserver<'a> {
 
 impl Observer for ProcessObserver<'_> {
     fn started(&mut self, pid: u32) {
+        process::prefer_for_oom_kill(pid);
         let mut state = lock(self.state);
         state.pid = Some(pid);
         state.since = Instant::now();
@@ -262,11 +286,17 @@ impl Observer for ProcessObserver<'_> {
         let mut state = lock(self.state);
         match Marker::find(text) {
             Some(Marker::Start { start }) => {
+                state.host_peak = state.pid.and_then(process::resident_bytes).unwrap_or(0);
                 state.current = Some(start);
                 state.since = Instant::now();
                 state.tail = ErrorTail::default();
             }
             Some(Marker::Done { done, drv, out }) => {
+                let resident = state.pid.and_then(process::resident_bytes).unwrap_or(0);
+                let peak = state.host_peak.max(resident);
+                self.settings
+                    .monitor
+                    .learn_eval_peak(&self.settings.repo, &done, peak);
                 state.current = None;
                 state.since = Instant::now();
                 // Sent at once: this host can build while the rest evaluate.
@@ -289,8 +319,7 @@ impl Observer for ProcessObserver<'_> {
                     let _ = self.results.try_send((*index, result));
                     state.finished.push(done);
                 }
-                let resident = state.pid.and_then(process::resident_bytes).unwrap_or(0);
-                if resident > self.max_memory {
+                if resident > self.settings.max_memory {
                     state.over_memory = true;
                     self.stop.cancel();
                 }
@@ -300,7 +329,20 @@ impl Observer for ProcessObserver<'_> {
     }
 }
 
+/// Why an evaluator process stopped for memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemoryStop {
+    /// It grew past its reservation and the budget had no more room.
+    OverBudget,
+    /// It holds the whole budget and grew past even that.
+    PastWholeBudget,
+}
+
 /// Evaluates one lane's hosts, in order, with as many processes as needed.
+/// Each process first reserves what its first host is expected to need of
+/// the memory budget (waiting for room), then more as it grows; one that
+/// cannot get more is killed at once and its host tried again in a fresh
+/// process that reserves what it reached.
 async fn run_lane(
     nix: NixCli,
     locked_url: String,
@@ -314,24 +356,43 @@ async fn run_lane(
         // closed channel means the request is over.
         let _ = results.try_send((index, result));
     };
+    let monitor = &settings.monitor;
+    let budget = monitor.memory_budget();
+    let mut memory_attempts: HashMap<String, u32> = HashMap::new();
     while !hosts.is_empty() && !cancel.is_cancelled() {
+        let Some((_, first)) = hosts.front().cloned() else {
+            return;
+        };
+        let expected = monitor.expected_eval_peak(&settings.repo, &first);
+        monitor.waiting_for_memory(&first, true);
+        let reserved = tokio::select! {
+            reservation = budget.reserve(expected) => Some(reservation),
+            () = cancel.cancelled() => None,
+        };
+        monitor.waiting_for_memory(&first, false);
+        let Some(mut reservation) = reserved else {
+            return;
+        };
+
         let names: Vec<String> = hosts.iter().map(|(_, h)| h.clone()).collect();
         let invocation = nix.eval_hosts(&locked_url, &names);
         let stop = cancel.child_token();
         let state = Mutex::new(ProcessState {
             pid: None,
             current: None,
+            host_peak: 0,
             since: Instant::now(),
             tail: ErrorTail::default(),
             finished: Vec::new(),
             over_memory: false,
         });
         let mut timed_out = false;
+        let mut memory_stop = None;
         let outcome = {
             let mut observer = ProcessObserver {
                 state: &state,
                 parser: LogParser::new(),
-                max_memory: settings.max_memory,
+                settings: &settings,
                 stop: &stop,
                 hosts: &hosts,
                 results: &results,
@@ -346,6 +407,7 @@ async fn run_lane(
             };
             let run = process::run_limited(&invocation, limits, &stop, &mut observer);
             tokio::pin!(run);
+            let mut next_sample = Instant::now() + MEMORY_SAMPLE_EVERY;
             loop {
                 let since = lock(&state).since;
                 tokio::select! {
@@ -356,11 +418,19 @@ async fn run_lane(
                             stop.cancel();
                         }
                     }
-                    // Re-arm the watchdog when the next host starts.
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = tokio::time::sleep_until(next_sample), if memory_stop.is_none() => {
+                        let sampled = keep_within_reservation(&state, &mut reservation);
+                        memory_stop = sampled.err();
+                        let close = sampled.is_ok_and(|resident| {
+                            resident > reservation.held() / 4 * 3
+                        });
+                        next_sample = Instant::now()
+                            + if close { MEMORY_SAMPLE_CLOSE } else { MEMORY_SAMPLE_EVERY };
+                    }
                 }
             }
         };
+        drop(reservation);
 
         let state = match state.into_inner() {
             Ok(state) => state,
@@ -387,8 +457,56 @@ async fn run_lane(
                 error: state.tail.summary(),
             },
         };
+        // SIGKILL that the lane did not send: the kernel's OOM killer.
+        let killed_by_kernel = memory_stop.is_none()
+            && matches!(
+                &failure,
+                StepFailure::Exited { status, .. }
+                    if std::os::unix::process::ExitStatusExt::signal(status) == Some(9)
+            );
+        if memory_stop.is_some() || killed_by_kernel {
+            // Tried again with what it reached reserved (or, killed by the
+            // kernel, half as much again), unless it alone passed the
+            // budget or has had its tries.
+            let Some((index, host)) = hosts.get(culprit).cloned() else {
+                return;
+            };
+            let reached = if killed_by_kernel {
+                state.host_peak.saturating_mul(3) / 2
+            } else {
+                state.host_peak
+            };
+            let learned = monitor.expected_eval_peak(&settings.repo, &host);
+            monitor.learn_eval_peak(&settings.repo, &host, learned.max(reached));
+            let tries = memory_attempts.entry(host.clone()).or_default();
+            *tries += 1;
+            let reason = if killed_by_kernel {
+                "oom_killed"
+            } else {
+                "memory"
+            };
+            monitor.eval_restarted(reason);
+            let alone_too_large = memory_stop == Some(MemoryStop::PastWholeBudget);
+            if alone_too_large || *tries >= MEMORY_ATTEMPTS {
+                hosts.remove(culprit);
+                tracing::warn!(%host, peak = state.host_peak, budget = budget.total(), "evaluation does not fit the memory budget");
+                send(
+                    index,
+                    Err(out_of_memory(
+                        &host,
+                        state.host_peak,
+                        budget.total(),
+                        killed_by_kernel,
+                    )),
+                );
+            } else {
+                tracing::info!(%host, peak = state.host_peak, reason, "evaluator stopped for memory; the host is tried again");
+            }
+            continue;
+        }
         match failure {
             StepFailure::Exited { status, error } => {
+                monitor.eval_restarted("failed");
                 let Some((index, host)) = hosts.remove(culprit) else {
                     return;
                 };
@@ -401,6 +519,7 @@ async fn run_lane(
                 );
             }
             StepFailure::Cancelled if timed_out => {
+                monitor.eval_restarted("timeout");
                 let Some((index, host)) = hosts.remove(culprit) else {
                     return;
                 };
@@ -414,6 +533,7 @@ async fn run_lane(
                 );
             }
             StepFailure::Cancelled if state.over_memory => {
+                monitor.eval_restarted("max_memory");
                 tracing::info!(
                     limit = settings.max_memory,
                     remaining = hosts.len(),
@@ -434,6 +554,57 @@ async fn run_lane(
             }
         }
     }
+}
+
+/// Samples the evaluator's resident memory and keeps it within its
+/// reservation, growing that while the budget has room; gives the
+/// resident memory (0 before the process is known), or kills the process
+/// at once when it cannot stay within (see [`MemoryStop`]).
+fn keep_within_reservation(
+    state: &Mutex<ProcessState>,
+    reservation: &mut Reservation,
+) -> Result<u64, MemoryStop> {
+    let mut state = lock(state);
+    let Some(pid) = state.pid else {
+        return Ok(0);
+    };
+    let Some(resident) = process::resident_bytes(pid) else {
+        return Ok(0);
+    };
+    state.host_peak = state.host_peak.max(resident);
+    reservation.sampled(resident);
+    if resident <= reservation.held() {
+        return Ok(resident);
+    }
+    let wanted = resident + resident / GROWTH_HEADROOM_DIVISOR;
+    // Past all it may hold: grow to what it needs if that much is free.
+    if reservation.try_grow(wanted) || reservation.try_grow(resident) {
+        return Ok(resident);
+    }
+    process::kill_group_now(pid);
+    Err(if reservation.is_whole_budget() {
+        MemoryStop::PastWholeBudget
+    } else {
+        MemoryStop::OverBudget
+    })
+}
+
+/// The failure of a host whose evaluation does not fit the budget.
+fn out_of_memory(host: &str, peak: u64, budget: u64, killed_by_kernel: bool) -> HostFailure {
+    let mib = |bytes: u64| bytes >> 20;
+    let how = if killed_by_kernel {
+        "was killed by the kernel for memory"
+    } else {
+        "needs more memory than the evaluators' whole budget"
+    };
+    HostFailure::failed(
+        ErrorCode::EvalOutOfMemory,
+        format!(
+            "evaluating {host} {how}: it reached {} MiB, eval_memory_budget is {} MiB",
+            mib(peak),
+            mib(budget)
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod intake;
 mod journal;
 mod live;
 mod machines;
+mod memory;
 mod monitor;
 mod queue;
 mod replies;

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use super::cancel::{Cancellation, StopReason};
 use super::journal::Journaling;
+use super::memory::{self, MemoryBudget};
 use super::queue::Queue;
 use super::request::Job;
 use super::roots::Lineage;
@@ -46,6 +47,10 @@ pub(crate) struct Monitor {
     nats: watch::Receiver<ConnectionState>,
     worker_alive: AtomicBool,
     journal: Journaling,
+    /// The evaluators' shared memory budget.
+    memory: Arc<MemoryBudget>,
+    /// What an evaluation never measured in its repo is expected to need.
+    eval_estimate: u64,
 }
 
 /// Remote machines given metric series at most: more than a homelab
@@ -64,6 +69,8 @@ struct State {
     machine_series: BTreeSet<String>,
     /// The configured remote builders and their last check.
     machines: Vec<MachineStatus>,
+    /// The learned peak of each host's evaluation, by repo and host.
+    eval_peaks: BTreeMap<(String, String), u64>,
 }
 
 struct Running {
@@ -134,6 +141,17 @@ impl HostRecord {
 struct StateFile {
     version: u32,
     hosts: Vec<HostRecord>,
+    /// The learned peak of each host's evaluation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    eval_peaks: Vec<EvalPeak>,
+}
+
+/// How much memory a host's evaluation took, at its peak, last time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EvalPeak {
+    repo: String,
+    host: String,
+    bytes: u64,
 }
 
 impl Monitor {
@@ -163,7 +181,13 @@ impl Monitor {
             nats,
             worker_alive: AtomicBool::new(false),
             journal,
+            memory: MemoryBudget::new(memory::budget_bytes(config.builder.eval_memory_budget)),
+            eval_estimate: config.builder.eval_memory_estimate.0,
         };
+        monitor
+            .metrics
+            .eval_memory_budget
+            .set(i64::try_from(monitor.memory.total()).unwrap_or(i64::MAX));
         monitor.restore(config);
         Ok(monitor)
     }
@@ -207,6 +231,7 @@ impl Monitor {
                 resumed: job.resume.is_some(),
                 hosts: Vec::new(),
                 finished: 0,
+                waiting_for_memory: Vec::new(),
                 total: None,
                 started_at: rfc3339(SystemTime::now()),
             },
@@ -271,6 +296,26 @@ impl Monitor {
             );
             running.status.total = Some(total);
         }
+    }
+
+    /// `host` of the running request waits for room in the evaluators'
+    /// memory budget (`waiting`), or no longer.
+    pub(crate) fn waiting_for_memory(&self, host: &str, waiting: bool) {
+        if let Some(running) = self.lock().running.as_mut() {
+            let hosts = &mut running.status.waiting_for_memory;
+            hosts.retain(|h| h != host);
+            if waiting {
+                hosts.push(host.to_owned());
+            }
+        }
+    }
+
+    /// Whether `host` of the running request waits for memory.
+    pub(crate) fn is_waiting_for_memory(&self, host: &str) -> bool {
+        self.lock()
+            .running
+            .as_ref()
+            .is_some_and(|r| r.status.waiting_for_memory.iter().any(|h| h == host))
     }
 
     /// A building host's progress, as its last `progress` event said.
@@ -571,13 +616,85 @@ impl Monitor {
             state.hosts.insert(record.key(), record);
         }
         bound_side_records(&mut state.hosts);
+        for peak in stored.eval_peaks {
+            if !config.repos.contains_key(&peak.repo) {
+                continue;
+            }
+            self.metrics
+                .eval_host_peak
+                .with_label_values(&[&peak.repo, &peak.host])
+                .set(i64::try_from(peak.bytes).unwrap_or(i64::MAX));
+            state.eval_peaks.insert((peak.repo, peak.host), peak.bytes);
+        }
         tracing::info!(hosts = state.hosts.len(), path = %path.display(), "restored host results");
     }
 
     fn save(&self, hosts: Vec<HostRecord>) {
         if let Some(writer) = &self.writer {
-            writer.save(hosts);
+            let eval_peaks = self
+                .lock()
+                .eval_peaks
+                .iter()
+                .map(|((repo, host), bytes)| EvalPeak {
+                    repo: repo.clone(),
+                    host: host.clone(),
+                    bytes: *bytes,
+                })
+                .collect();
+            writer.save(StateFile {
+                version: 1,
+                hosts,
+                eval_peaks,
+            });
         }
+    }
+
+    /// The evaluators' shared memory budget.
+    pub(crate) fn memory_budget(&self) -> Arc<MemoryBudget> {
+        Arc::clone(&self.memory)
+    }
+
+    /// What evaluating `repo`'s `host` is expected to need: its learned
+    /// peak, else the largest learned in its repo, else the configured
+    /// estimate.
+    pub(crate) fn expected_eval_peak(&self, repo: &str, host: &str) -> u64 {
+        let state = self.lock();
+        let key = (repo.to_owned(), host.to_owned());
+        state.eval_peaks.get(&key).copied().unwrap_or_else(|| {
+            state
+                .eval_peaks
+                .iter()
+                .filter(|((r, _), _)| r == repo)
+                .map(|(_, bytes)| *bytes)
+                .max()
+                .unwrap_or(self.eval_estimate)
+        })
+    }
+
+    /// Learns the peak of an evaluation of `repo`'s `host` (kept in the
+    /// state file).
+    pub(crate) fn learn_eval_peak(&self, repo: &str, host: &str, bytes: u64) {
+        self.metrics
+            .eval_host_peak
+            .with_label_values(&[repo, host])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        let snapshot = {
+            let mut state = self.lock();
+            state
+                .eval_peaks
+                .insert((repo.to_owned(), host.to_owned()), bytes);
+            state.hosts.values().cloned().collect::<Vec<_>>()
+        };
+        self.save(snapshot);
+    }
+
+    /// An evaluator process was stopped before its hosts were done, for
+    /// `reason` (one of [`crate::metrics::EVAL_RESTART_REASONS`]).
+    pub(crate) fn eval_restarted(&self, reason: &str) {
+        self.metrics
+            .eval_restarts
+            .with_label_values(&[reason])
+            .inc();
     }
 }
 
@@ -606,7 +723,7 @@ fn bound_side_records(hosts: &mut BTreeMap<(String, String, String), HostRecord>
 
 /// What the state file's thread is asked to do.
 enum WriterMessage {
-    Save(Vec<HostRecord>),
+    Save(StateFile),
     /// Answer once everything before is written.
     Flush(std::sync::mpsc::Sender<()>),
 }
@@ -628,12 +745,11 @@ impl StateWriter {
                     let mut waiting = Vec::new();
                     for message in std::iter::once(message).chain(receiver.try_iter()) {
                         match message {
-                            WriterMessage::Save(hosts) => newest = Some(hosts),
+                            WriterMessage::Save(state) => newest = Some(state),
                             WriterMessage::Flush(done) => waiting.push(done),
                         }
                     }
-                    if let Some(hosts) = newest {
-                        let state = StateFile { version: 1, hosts };
+                    if let Some(state) = newest {
                         if let Err(err) = write_atomically(&path, &state) {
                             tracing::warn!(path = %path.display(), %err, "cannot write the state file");
                         }
@@ -651,8 +767,8 @@ impl StateWriter {
         }
     }
 
-    fn save(&self, hosts: Vec<HostRecord>) {
-        let _ = crate::sync::lock(&self.sender).send(WriterMessage::Save(hosts));
+    fn save(&self, state: StateFile) {
+        let _ = crate::sync::lock(&self.sender).send(WriterMessage::Save(state));
     }
 
     fn flush(&self) {
@@ -689,6 +805,14 @@ impl Exporter for Monitor {
             .journal_bytes
             .set(i64::try_from(self.journal.bytes()).unwrap_or(i64::MAX));
         metrics.nats_connected.set(i64::from(nats.connected));
+        let bytes = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics
+            .eval_memory_reserved
+            .set(bytes(self.memory.reserved()));
+        metrics.eval_resident.set(bytes(self.memory.resident()));
+        metrics
+            .eval_waiting_for_memory
+            .set(bytes(self.memory.waiting() as u64));
         // Every connection after the first is a reconnection.
         let reconnects = nats.connects.saturating_sub(1);
         let counted = metrics.nats_reconnects.get();
@@ -731,10 +855,49 @@ mod tests {
                 side: None,
                 finished: unix,
             };
-            let bytes = serde_json::to_vec(&StateFile { version: 1, hosts: vec![record] }).unwrap();
+            let bytes = serde_json::to_vec(&StateFile { version: 1, hosts: vec![record], eval_peaks: Vec::new() }).unwrap();
             let restored: StateFile = serde_json::from_slice(&bytes).unwrap();
             prop_assert_eq!(restored.hosts[0].last_success, Some(unix));
         }
+    }
+
+    #[test]
+    fn learned_evaluation_peaks_estimate_new_hosts_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[nats]\nurl = \"nats://127.0.0.1:4222\"\n[repos.homelab]\nurl = \"git+file:///srv/h\"\n\
+             [builder]\neval_memory_estimate = \"1GiB\"\nstate_file = \"{}\"\n",
+            dir.path().join("state.json").display()
+        );
+        let config = Config::parse(&text, Path::new("test.toml")).unwrap();
+        let monitor = |config: &Config| {
+            let queue = Arc::new(Queue::shared(4, 4, |job: &Job| job.owner.clone()));
+            let (_, nats) = watch::channel(ConnectionState {
+                connected: true,
+                connects: 1,
+                since: Instant::now(),
+            });
+            Monitor::new(config, queue, nats, Journaling::default()).unwrap()
+        };
+        let first = monitor(&config);
+        assert_eq!(first.expected_eval_peak("homelab", "ns1"), 1 << 30);
+        first.learn_eval_peak("homelab", "ns1", 300 << 20);
+        first.learn_eval_peak("homelab", "ns2", 500 << 20);
+        assert_eq!(first.expected_eval_peak("homelab", "ns1"), 300 << 20);
+        // A host never measured is expected to need the most of its repo.
+        assert_eq!(first.expected_eval_peak("homelab", "ns9"), 500 << 20);
+        assert_eq!(first.expected_eval_peak("other", "ns1"), 1 << 30);
+        first.flush_state();
+
+        let restarted = monitor(&config);
+        assert_eq!(restarted.expected_eval_peak("homelab", "ns2"), 500 << 20);
+        assert!(
+            restarted
+                .metrics()
+                .contains("homelab_deploy_builder_eval_host_peak_bytes{host=\"ns2\",repo=\"homelab\"} 524288000"),
+            "{}",
+            restarted.metrics()
+        );
     }
 
     fn side_record(host: &str, finished: f64) -> HostRecord {
@@ -773,7 +936,11 @@ mod tests {
         let path = dir.path().join("state.json");
         let writer = StateWriter::start(path.clone());
         for i in 0..50 {
-            writer.save(vec![side_record("ns1", f64::from(i))]);
+            writer.save(StateFile {
+                version: 1,
+                hosts: vec![side_record("ns1", f64::from(i))],
+                eval_peaks: Vec::new(),
+            });
         }
         writer.flush();
         let stored: StateFile = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

@@ -41,6 +41,7 @@ struct Progress {
     expected: u64,
     building: Option<String>,
     machine: Option<String>,
+    waiting_for_memory: bool,
 }
 
 impl WatchState {
@@ -158,7 +159,8 @@ impl<'a> HostWatch<'a> {
                         log_at = Instant::now();
                         self.flush_log(LOG_EVENTS_PER_FLUSH);
                     }
-                    let now = lock(&self.state).now.clone();
+                    let mut now = lock(&self.state).now.clone();
+                    now.waiting_for_memory = self.monitor.is_waiting_for_memory(self.host);
                     let since = progress_at.elapsed();
                     if (now != sent && since >= PROGRESS_AT_MOST_EVERY) || since >= self.interval {
                         progress_at = Instant::now();
@@ -181,6 +183,7 @@ impl<'a> HostWatch<'a> {
                 expected: progress.expected,
                 building: progress.building,
                 machine: progress.machine,
+                waiting_for_memory: progress.waiting_for_memory,
             },
         );
     }

@@ -304,6 +304,24 @@ async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, observer: &mut impl Ob
     }
 }
 
+/// Kills the process group `pid` at once (SIGKILL, no grace): for an
+/// evaluator that must not grow any further. Its runner then sees it exit
+/// by that signal.
+pub fn kill_group_now(pid: u32) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = kill_process_group(pid, Signal::KILL);
+    }
+}
+
+/// Makes `pid` the kernel's first choice when memory runs out
+/// (`oom_score_adj` 1000), so an evaluator goes before the builder or the
+/// Nix daemon. Raising the score needs no privilege.
+pub fn prefer_for_oom_kill(pid: u32) {
+    if let Err(err) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000") {
+        tracing::debug!(pid, %err, "cannot raise the evaluator's oom_score_adj");
+    }
+}
+
 /// Resident memory of a process in bytes, from `/proc/<pid>/status`.
 pub fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

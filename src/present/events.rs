@@ -39,6 +39,8 @@ struct HostProgress {
     done: u64,
     expected: u64,
     building: Option<String>,
+    /// Its evaluation waits for room in the builder's memory budget.
+    waiting_for_memory: bool,
 }
 
 impl HostProgress {
@@ -48,6 +50,7 @@ impl HostProgress {
             done: 0,
             expected: 0,
             building: None,
+            waiting_for_memory: false,
         }
     }
 }
@@ -66,6 +69,7 @@ impl BuildState {
                 done,
                 expected,
                 building,
+                waiting_for_memory,
                 ..
             } => {
                 if self.finished.contains(host) {
@@ -78,6 +82,7 @@ impl BuildState {
                 progress.done = *done;
                 progress.expected = *expected;
                 progress.building.clone_from(building);
+                progress.waiting_for_memory = *waiting_for_memory;
             }
             Event::HostFinished { host, .. } => {
                 self.building.remove(host);
@@ -380,6 +385,9 @@ pub fn status_lines(state: &BuildState, now: Instant, elapsed: Duration) -> Vec<
         .enumerate()
         .map(|(n, (host, progress))| {
             let mut details = human_duration(now.saturating_duration_since(progress.since));
+            if progress.waiting_for_memory {
+                details.push_str(", waiting for memory");
+            }
             if progress.expected > 0 {
                 details.push_str(&format!(", {}/{} drvs", progress.done, progress.expected));
             }
@@ -449,6 +457,7 @@ mod tests {
             expected,
             building: building.map(Into::into),
             machine: None,
+            waiting_for_memory: false,
         }
     }
 
@@ -902,6 +911,31 @@ mod tests {
         assert_eq!(
             status_lines(&state, at(16), Duration::from_secs(24)),
             ["  waiting, 24.0s in total"]
+        );
+    }
+
+    #[test]
+    fn a_host_waiting_for_memory_says_so_until_it_no_longer_does() {
+        let t0 = Instant::now();
+        let mut state = BuildState::default();
+        state.apply(&host_started("a", 1, 2), t0);
+        let waiting = Event::Progress {
+            host: "a".into(),
+            done: 0,
+            expected: 0,
+            building: None,
+            machine: None,
+            waiting_for_memory: true,
+        };
+        state.apply(&waiting, t0);
+        assert_eq!(
+            status_lines(&state, t0, Duration::from_secs(3)),
+            ["  building host 1 of 2: a (0ms, waiting for memory), 3.0s in total"]
+        );
+        state.apply(&progress("a", 1, 2, None), t0);
+        assert!(
+            !status_lines(&state, t0, Duration::from_secs(3))[0].contains("memory"),
+            "no longer waiting"
         );
     }
 

@@ -26,6 +26,9 @@ pub enum ErrorCode {
     UnknownHost,
     /// Nix could not evaluate the flake or the host.
     EvalFailed,
+    /// Evaluating the host alone needs more memory than the evaluators'
+    /// whole budget (`eval_memory_budget`).
+    EvalOutOfMemory,
     /// The host's build failed.
     BuildFailed,
     /// The host's build ran past `host_timeout` and was killed.
@@ -61,6 +64,7 @@ impl ErrorCode {
             Self::FetchFailed => "fetch_failed",
             Self::UnknownHost => "unknown_host",
             Self::EvalFailed => "eval_failed",
+            Self::EvalOutOfMemory => "eval_out_of_memory",
             Self::BuildFailed => "build_failed",
             Self::Timeout => "timeout",
             Self::Cancelled => "cancelled",
@@ -139,6 +143,7 @@ mod tests {
             ErrorCode::FetchFailed,
             ErrorCode::UnknownHost,
             ErrorCode::EvalFailed,
+            ErrorCode::EvalOutOfMemory,
             ErrorCode::BuildFailed,
             ErrorCode::Timeout,
             ErrorCode::Cancelled,

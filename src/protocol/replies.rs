@@ -254,6 +254,10 @@ pub enum Event {
         /// (credentials masked) or `localhost`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         machine: Option<String>,
+        /// The host's evaluation waits for room in the evaluators' memory
+        /// budget.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        waiting_for_memory: bool,
     },
     /// Lines of build output, for requests that asked for `logs`.
     Log { host: String, lines: Vec<String> },
@@ -517,9 +521,11 @@ mod tests {
             expected: 1,
             building: Some("x".into()),
             machine: Some("localhost".into()),
+            waiting_for_memory: false,
         };
         let json = serde_json::to_string(&event).unwrap();
         assert!(json.contains(r#""machine":"localhost""#), "{json}");
+        assert!(!json.contains("waiting_for_memory"), "{json}");
     }
 
     #[test]

@@ -123,6 +123,10 @@ pub struct RunningBuild {
     /// Hosts of the request finished so far.
     #[serde(default)]
     pub finished: usize,
+    /// Hosts whose evaluation waits for room in the evaluators' memory
+    /// budget (`eval_memory_budget`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for_memory: Vec<String>,
     /// The number of hosts the request builds (`null` until they are
     /// resolved).
     pub total: Option<usize>,

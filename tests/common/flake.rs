@@ -33,6 +33,9 @@ pub enum Host {
     EvalGated,
     /// Its build takes `millis` milliseconds (at most a minute).
     Slow { millis: u32 },
+    /// Its evaluation holds a list of `million` million numbers at once
+    /// (about 60 MB of evaluator memory per million), then builds quickly.
+    EvalHeavy { million: u32 },
 }
 
 /// An offline homelab flake in a git repository: plain derivations with
@@ -234,6 +237,9 @@ impl Flake {
                 ),
                 Host::Noisy { lines } => format!(
                     r#"mk "{name}" "i=0; while [ $i -lt {lines} ]; do echo log line $i of {name}; i=$((i+1)); done; echo $marker > $out""#
+                ),
+                Host::EvalHeavy { million } => format!(
+                    r#"mk "{name}" "echo $marker ${{toString (builtins.foldl' (a: b: a + b) 0 (builtins.genList (i: i) ({million} * 1000000)))}} > $out""#
                 ),
                 Host::Slow { millis } => format!(
                     r#"mk "{name}" "/bin/sleep {}.{:03}; echo $marker > $out""#,

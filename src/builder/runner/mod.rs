@@ -233,6 +233,8 @@ impl Runner {
             workers: self.config.builder.eval_workers,
             max_memory: self.config.builder.eval_max_memory.0,
             host_timeout: self.config.builder.host_timeout,
+            repo: job.repo.clone(),
+            monitor: Arc::clone(&self.monitor),
         };
         let evaluations = tokio::sync::Mutex::new(Evaluations::start(
             &self.nix,
