@@ -66,10 +66,13 @@ const MEMORY_SAMPLE_CLOSE: Duration = Duration::from_millis(20);
 /// past its reservation: one eighth more, so it does not ask at every
 /// sample.
 const GROWTH_HEADROOM_DIVISOR: u64 = 8;
-/// Evaluator processes stopped for memory (the budget, or the kernel)
-/// while on one host before that host fails: each retry reserves what the
-/// last one reached, so a host that fits gets there well before.
-const MEMORY_ATTEMPTS: u32 = 4;
+/// Evaluator processes stopped for the budget while on one host before
+/// that host is evaluated alone (holding the whole budget): each retry
+/// first reserves what the last one reached.
+const ATTEMPTS_BEFORE_ALONE: u32 = 2;
+/// Evaluator processes killed by the kernel while on one host before that
+/// host fails: it cannot be evaluated on this machine.
+const KERNEL_KILLS: u32 = 3;
 
 type EvalResult = Result<Evaluated, HostFailure>;
 
@@ -363,7 +366,12 @@ async fn run_lane(
         let Some((_, first)) = hosts.front().cloned() else {
             return;
         };
-        let expected = monitor.expected_eval_peak(&settings.repo, &first);
+        let expected = if memory_attempts.get(&first).copied().unwrap_or(0) >= ATTEMPTS_BEFORE_ALONE
+        {
+            budget.total()
+        } else {
+            monitor.expected_eval_peak(&settings.repo, &first)
+        };
         monitor.waiting_for_memory(&first, true);
         let reserved = tokio::select! {
             reservation = budget.reserve(expected) => Some(reservation),
@@ -466,8 +474,8 @@ async fn run_lane(
             );
         if memory_stop.is_some() || killed_by_kernel {
             // Tried again with what it reached reserved (or, killed by the
-            // kernel, half as much again), unless it alone passed the
-            // budget or has had its tries.
+            // kernel, half as much again), then alone; it fails only when it
+            // alone passed the whole budget, or the kernel kept killing it.
             let Some((index, host)) = hosts.get(culprit).cloned() else {
                 return;
             };
@@ -487,7 +495,7 @@ async fn run_lane(
             };
             monitor.eval_restarted(reason);
             let alone_too_large = memory_stop == Some(MemoryStop::PastWholeBudget);
-            if alone_too_large || *tries >= MEMORY_ATTEMPTS {
+            if alone_too_large || (killed_by_kernel && *tries >= KERNEL_KILLS) {
                 hosts.remove(culprit);
                 tracing::warn!(%host, peak = state.host_peak, budget = budget.total(), "evaluation does not fit the memory budget");
                 send(
