@@ -342,8 +342,8 @@ enum MemoryStop {
 }
 
 /// Evaluates one lane's hosts, in order, with as many processes as needed.
-/// Each process first reserves what its first host is expected to need of
-/// the memory budget (waiting for room), then more as it grows; one that
+/// Each process first reserves what its hosts are expected to need of the
+/// memory budget (waiting for room), then more as it grows; one that
 /// cannot get more is killed at once and its host tried again in a fresh
 /// process that reserves what it reached.
 async fn run_lane(
@@ -366,11 +366,19 @@ async fn run_lane(
         let Some((_, first)) = hosts.front().cloned() else {
             return;
         };
+        // One process evaluates the lane's hosts one after the other and
+        // keeps most of what it allocated, so it reserves the most any of
+        // them is expected to take (a learned peak is the process's, taken
+        // while on that host).
         let expected = if memory_attempts.get(&first).copied().unwrap_or(0) >= ATTEMPTS_BEFORE_ALONE
         {
             budget.total()
         } else {
-            monitor.expected_eval_peak(&settings.repo, &first)
+            hosts
+                .iter()
+                .map(|(_, host)| monitor.expected_eval_peak(&settings.repo, host))
+                .max()
+                .unwrap_or(0)
         };
         monitor.waiting_for_memory(&first, true);
         let reserved = tokio::select! {
