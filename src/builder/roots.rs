@@ -37,6 +37,13 @@
 //! bound what the collector may not take. A request's own directory
 //! holds its derivations and outputs until it ends; the builder removes it
 //! then, and removes any left over by a crash when it starts.
+//!
+//! An output that is its lineage's current result already (an unchanged
+//! host) gets no link in the request's directory: that generation roots it
+//! for the whole request. Nothing else moves it meanwhile — requests run one
+//! at a time, only the host's own result replaces its current link, and a
+//! request evicts side lineages other than its own only, while expiry runs
+//! between requests.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -213,16 +220,36 @@ impl GcRoots {
             .collect()
     }
 
-    /// The store path `repo`/`host` on the default ref points to now (its
-    /// newest generation), if it has one.
-    pub(crate) fn default_result(&self, repo: &str, host: &str) -> Option<String> {
-        let path = std::fs::canonicalize(self.dir.join(repo).join(host)).ok()?;
+    /// Where `repo`'s roots in `lineage` live.
+    fn lineage_dir(&self, repo: &str, lineage: &Lineage) -> PathBuf {
+        match lineage {
+            Lineage::Default => self.dir.join(repo),
+            Lineage::Side(key) => self.dir.join(repo).join(SIDE_DIR).join(key),
+        }
+    }
+
+    /// The store path `repo`/`host` in `lineage` points to now (its newest
+    /// generation), if it has one.
+    pub(crate) fn current_result(
+        &self,
+        repo: &str,
+        lineage: &Lineage,
+        host: &str,
+    ) -> Option<String> {
+        let path = std::fs::canonicalize(self.lineage_dir(repo, lineage).join(host)).ok()?;
         path.to_str().map(str::to_owned)
     }
 
+    /// The store path `repo`/`host` on the default ref points to now, if it
+    /// has one.
+    pub(crate) fn default_result(&self, repo: &str, host: &str) -> Option<String> {
+        self.current_result(repo, &Lineage::Default, host)
+    }
+
     /// Roots `out_path` as the newest generation of `repo`/`host` in
-    /// `lineage`. The output is rooted already (by the request), so there
-    /// is no window in which the collector could take it. A new side
+    /// `lineage`. The output is rooted already (by the request, or as this
+    /// generation), so there is no window in which the collector could take
+    /// it; an unchanged output costs no Nix call. A new side
     /// lineage may evict older ones (`side_max`): their keys are returned.
     pub(crate) async fn record(
         &self,
@@ -233,13 +260,10 @@ impl GcRoots {
         deadline: Instant,
         cancel: &Cancellation,
     ) -> Result<Vec<String>, HostFailure> {
-        let (dir, keep, evicted) = match lineage {
-            Lineage::Default => (self.dir.join(repo), self.keep.max(1), Vec::new()),
-            Lineage::Side(key) => (
-                self.dir.join(repo).join(SIDE_DIR).join(key),
-                1,
-                self.make_room_for_side(repo, key),
-            ),
+        let dir = self.lineage_dir(repo, lineage);
+        let (keep, evicted) = match lineage {
+            Lineage::Default => (self.keep.max(1), Vec::new()),
+            Lineage::Side(key) => (1, self.make_room_for_side(repo, key)),
         };
         std::fs::create_dir_all(&dir)
             .map_err(|err| failure("create the directory of", &dir, err))?;

@@ -15,7 +15,7 @@ use crate::builder::request::{HostFailure, millis};
 use crate::builder::roots::Lineage;
 use crate::builder::step;
 use crate::builder::watch::HostWatch;
-use crate::changes::host_changes;
+use crate::changes::changes_known;
 use crate::nix::json::out_path_from_build_json;
 use crate::nix::process::Limits;
 use crate::protocol::{Against, Changes, ErrorCode, Event, HostStatus, HostSummary};
@@ -167,22 +167,37 @@ impl Runner {
             changes: None,
             machines,
         };
-        let (Some(out_path), Some(against)) = (out_path, against) else {
+        let default_ref = run.lineage == Lineage::Default;
+        let Some(out_path) = out_path.filter(|_| against.is_some() || default_ref) else {
             job.replies.send(&job.build_id, finished);
             return (summary, None);
         };
         // What the build changes is worked out beside the next host's
         // build; `host_finished` goes out with it.
-        let default_ref = run.lineage == Lineage::Default;
         let task = tokio::spawn({
             let nix = self.nix.clone();
             let monitor = Arc::clone(&self.monitor);
+            let sizes = Arc::clone(&self.closure_sizes);
             let replies = job.replies.clone();
             let (build_id, repo, host) = (job.build_id.clone(), job.repo.clone(), host.to_owned());
             let cancel = cancel.token().clone();
             async move {
                 let deadline = Instant::now() + CHANGES_TIME_LIMIT;
-                let changes = match host_changes(&nix, &out_path, against, deadline, &cancel).await
+                let Some(against) = against else {
+                    // The host's first result on the default ref: nothing to
+                    // compare with, but its size is the host's gauge, and what
+                    // a rebuild that changes nothing reports without Nix.
+                    replies.send(&build_id, finished);
+                    match sizes.read(&nix, &out_path, deadline, &cancel).await {
+                        Ok(size) => monitor.closure_size(&repo, &host, size),
+                        Err(err) => tracing::warn!(%host, %err, "cannot read the closure size"),
+                    }
+                    return (host, None);
+                };
+                let changes = match changes_known(
+                    &nix, &out_path, against, &sizes, deadline, &cancel,
+                )
+                .await
                 {
                     Ok(changes) => Some(changes),
                     Err(err) => {
@@ -216,8 +231,22 @@ impl Runner {
     ) -> Result<Built, HostFailure> {
         let deadline = Instant::now() + self.config.builder.host_timeout;
         let out_link = run.roots.as_ref().map(|roots| roots.out_link(host));
+        // An unchanged host's output is its lineage's current generation,
+        // which roots it for the whole request (see `roots`).
+        let rooted = self.roots.as_ref().is_none_or(|roots| {
+            roots
+                .current_result(&run.job.repo, &run.lineage, host)
+                .as_deref()
+                == Some(evaluated.out_path.as_str())
+        });
         let mut built = self
-            .build_or_find(run, evaluated, out_link.as_deref(), watch, deadline)
+            .build_or_find(
+                run,
+                evaluated,
+                (out_link.as_deref(), rooted),
+                watch,
+                deadline,
+            )
             .await?;
         built.against = self
             .roots
@@ -242,17 +271,18 @@ impl Runner {
     /// Builds the host's derivation into `out_link` (rooted from the moment
     /// the output exists). An output already in the store is reported as
     /// cached; it is still "built" (nothing to do but link it), so it is
-    /// rooted before anything could collect it.
+    /// rooted before anything could collect it — unless it is `rooted`
+    /// already (or there are no roots).
     async fn build_or_find(
         &self,
         run: &Run<'_>,
         evaluated: &Evaluated,
-        out_link: Option<&str>,
+        (out_link, rooted): (Option<&str>, bool),
         watch: &HostWatch<'_>,
         deadline: Instant,
     ) -> Result<Built, HostFailure> {
         let cached = self.is_valid(&evaluated.out_path, deadline, run).await;
-        if cached && out_link.is_none() {
+        if cached && rooted {
             return Ok(Built {
                 out_path: evaluated.out_path.clone(),
                 cached: true,

@@ -22,6 +22,7 @@ use super::monitor::Monitor;
 use super::request::{HostFailure, Job, Report, millis};
 use super::roots::{GcRoots, Lineage, RequestRoots};
 use super::step::{self, StepFailure};
+use crate::changes::ClosureSizes;
 use crate::config::Config;
 use crate::nix::NixCli;
 use crate::nix::argv::Invocation;
@@ -40,6 +41,8 @@ pub(crate) struct Runner {
     monitor: Arc<Monitor>,
     roots: Option<GcRoots>,
     memo: Mutex<Memo>,
+    /// Closure sizes of results, for `changes` without Nix.
+    closure_sizes: Arc<ClosureSizes>,
     /// Where each request's progress is recorded for a restart.
     journal: Journaling,
 }
@@ -74,6 +77,7 @@ impl Runner {
             roots,
             journal,
             memo: Mutex::new(Memo::default()),
+            closure_sizes: Arc::default(),
         }
     }
 
