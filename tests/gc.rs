@@ -156,14 +156,18 @@ async fn unchanged_hosts_stay_rooted_by_their_generation_through_a_collection() 
     while !unchanged_finished(&replies) {
         replies.push(pending.next().await.reply);
     }
-    // Their outputs got no link of the request: their generations root them.
+    // Their outputs got no link of the request, nor their remembered
+    // derivations: their generations root the outputs.
     let request = roots.path().join(".requests").join(&build_id);
     for host in ["b", "c"] {
-        assert!(
-            std::fs::symlink_metadata(request.join(host)).is_err(),
-            "{host} was linked into the request"
-        );
+        for link in [host.to_owned(), format!("{host}.drv")] {
+            assert!(
+                std::fs::symlink_metadata(request.join(&link)).is_err(),
+                "{link} was linked into the request"
+            );
+        }
     }
+    assert!(request.join("a-gated.drv").exists());
     collect_garbage();
     flake.open_gate();
     replies.extend(pending.until_terminal().await.into_iter().map(|t| t.reply));

@@ -233,21 +233,28 @@ impl Runner {
         let out_link = run.roots.as_ref().map(|roots| roots.out_link(host));
         // An unchanged host's output is its lineage's current generation,
         // which roots it for the whole request (see `roots`).
-        let rooted = self.roots.as_ref().is_none_or(|roots| {
+        let unchanged = self.roots.as_ref().is_some_and(|roots| {
             roots
                 .current_result(&run.job.repo, &run.lineage, host)
                 .as_deref()
                 == Some(evaluated.out_path.as_str())
         });
-        let mut built = self
-            .build_or_find(
-                run,
-                evaluated,
-                (out_link.as_deref(), rooted),
-                watch,
-                deadline,
-            )
-            .await?;
+        let mut built = if unchanged && self.is_valid(&evaluated.out_path, deadline, run).await {
+            Built {
+                out_path: evaluated.out_path.clone(),
+                cached: true,
+                against: None,
+            }
+        } else {
+            if let (true, Some(roots)) = (unchanged, &run.roots) {
+                // Its derivation may have been left unrooted (see `roots`).
+                roots
+                    .root_drv_to_build(&self.nix, host, &evaluated.drv_path, deadline, run.cancel)
+                    .await?;
+            }
+            self.build_or_find(run, evaluated, out_link.as_deref(), watch, deadline)
+                .await?
+        };
         built.against = self
             .roots
             .as_ref()
@@ -271,18 +278,17 @@ impl Runner {
     /// Builds the host's derivation into `out_link` (rooted from the moment
     /// the output exists). An output already in the store is reported as
     /// cached; it is still "built" (nothing to do but link it), so it is
-    /// rooted before anything could collect it — unless it is `rooted`
-    /// already (or there are no roots).
+    /// rooted before anything could collect it.
     async fn build_or_find(
         &self,
         run: &Run<'_>,
         evaluated: &Evaluated,
-        (out_link, rooted): (Option<&str>, bool),
+        out_link: Option<&str>,
         watch: &HostWatch<'_>,
         deadline: Instant,
     ) -> Result<Built, HostFailure> {
         let cached = self.is_valid(&evaluated.out_path, deadline, run).await;
-        if cached && rooted {
+        if cached && out_link.is_none() {
             return Ok(Built {
                 out_path: evaluated.out_path.clone(),
                 cached: true,

@@ -224,7 +224,7 @@ impl Runner {
             .filter(|(_, evaluation)| evaluation.is_some())
             .map(|(host, _)| host.clone())
             .collect();
-        let known = {
+        let known: Vec<_> = {
             let memo = self.memo();
             todo.iter()
                 .map(|host| {
@@ -238,13 +238,21 @@ impl Runner {
             max_memory: self.config.builder.eval_max_memory.0,
             host_timeout: self.config.builder.host_timeout,
         };
+        let eval_roots = match (&self.roots, &run.roots) {
+            (Some(roots), Some(request)) => Some(request.leaving_out_unchanged(
+                roots,
+                (&job.repo, &run.lineage),
+                (&todo, &known),
+            )),
+            _ => None,
+        };
         let evaluations = tokio::sync::Mutex::new(Evaluations::start(
             &self.nix,
             &pinned.locked_url,
             &todo,
             known,
             &settings,
-            run.roots.clone(),
+            eval_roots,
             cancel,
         ));
 
