@@ -30,7 +30,9 @@ struct Built {
     against: Option<String>,
 }
 
-/// A host's `host_finished`, sent once its closure comparison is done.
+/// A host's closure work beside the next host's build: its `host_finished`,
+/// sent once its closure comparison is done, or its first result's closure
+/// size.
 pub(super) type PendingChanges = tokio::task::JoinHandle<(String, Option<Changes>)>;
 
 /// Longest a closure comparison may take before `host_finished` goes out
@@ -168,9 +170,16 @@ impl Runner {
             machines,
         };
         let default_ref = run.lineage == Lineage::Default;
-        let Some(out_path) = out_path.filter(|_| against.is_some() || default_ref) else {
+        // The host's first result on the default ref: nothing to compare
+        // with, but its closure size is the host's gauge, and what a rebuild
+        // that changes nothing reports without Nix.
+        let first = (self.roots.is_some() && default_ref && against.is_none())
+            .then(|| out_path.clone())
+            .flatten();
+        let (Some(out_path), Some(against)) = (out_path, against) else {
             job.replies.send(&job.build_id, finished);
-            return (summary, None);
+            let task = first.map(|out_path| self.read_closure_size(run, host, out_path));
+            return (summary, task);
         };
         // What the build changes is worked out beside the next host's
         // build; `host_finished` goes out with it.
@@ -183,17 +192,6 @@ impl Runner {
             let cancel = cancel.token().clone();
             async move {
                 let deadline = Instant::now() + CHANGES_TIME_LIMIT;
-                let Some(against) = against else {
-                    // The host's first result on the default ref: nothing to
-                    // compare with, but its size is the host's gauge, and what
-                    // a rebuild that changes nothing reports without Nix.
-                    replies.send(&build_id, finished);
-                    match sizes.read(&nix, &out_path, deadline, &cancel).await {
-                        Ok(size) => monitor.closure_size(&repo, &host, size),
-                        Err(err) => tracing::warn!(%host, %err, "cannot read the closure size"),
-                    }
-                    return (host, None);
-                };
                 let changes = match changes_known(
                     &nix, &out_path, against, &sizes, deadline, &cancel,
                 )
@@ -218,6 +216,28 @@ impl Runner {
             .instrument(tracing::Span::current())
         });
         (summary, Some(task))
+    }
+
+    /// Reads the closure size of `host`'s new result (rooted as its
+    /// generation) beside the next host's build, for its gauge and later
+    /// comparisons.
+    fn read_closure_size(&self, run: &Run<'_>, host: &str, out_path: String) -> PendingChanges {
+        let nix = self.nix.clone();
+        let monitor = Arc::clone(&self.monitor);
+        let sizes = Arc::clone(&self.closure_sizes);
+        let (repo, host) = (run.job.repo.clone(), host.to_owned());
+        let cancel = run.cancel.token().clone();
+        tokio::spawn(
+            async move {
+                let deadline = Instant::now() + CHANGES_TIME_LIMIT;
+                match sizes.read(&nix, &out_path, deadline, &cancel).await {
+                    Ok(size) => monitor.closure_size(&repo, &host, size),
+                    Err(err) => tracing::warn!(%host, %err, "cannot read the closure size"),
+                }
+                (host, None)
+            }
+            .instrument(tracing::Span::current()),
+        )
     }
 
     /// Builds an evaluated host from its derivation (no second evaluation),
