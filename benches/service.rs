@@ -178,9 +178,13 @@ async fn main() {
     let gate = Flake::new(&[("gated", Host::Gated), ("noop", Host::Ok)]);
 
     let nats = NatsServer::start().await;
+    // GC roots on, as in production: each result is rooted, and compared
+    // with the host's previous one.
+    let roots = tempfile::tempdir().unwrap();
     let mut options = BuilderOptions::new(&flake_a)
         .host_timeout("10m")
-        .builder(&format!("queue_limit = {}", LATENCY_REQUESTS + 10));
+        .builder(&format!("queue_limit = {}", LATENCY_REQUESTS + 10))
+        .builder(&format!("gc_roots_dir = \"{}\"", roots.path().display()));
     options.repos = vec![
         ("bench".into(), flake_a.url(), None),
         ("gate".into(), gate.url(), None),

@@ -4,9 +4,12 @@
 //!
 //! [`diff`] is pure; [`host_changes`] reads both closures (concurrently)
 //! and diffs them. Neither touches the build: the caller runs
-//! [`host_changes`] beside the next host's build.
+//! [`host_changes`] beside the next host's build. [`changes_known`] answers
+//! a result compared with itself without Nix, from the closure sizes
+//! [`ClosureSizes`] remembers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -17,6 +20,7 @@ use crate::nix::closure::{Closure, ClosureError, package_of, read_closures};
 use crate::nix::version::VersionError;
 use crate::nix::{NixCli, NixVersion};
 use crate::protocol::{Against, ChangedPackage, Changes, MAX_CHANGED_PACKAGES, Rebuilt};
+use crate::sync::lock;
 
 /// One package name's paths on each side.
 #[derive(Default)]
@@ -114,6 +118,89 @@ pub async fn host_changes(
         }
     };
     Ok(diff(before, after, against))
+}
+
+/// What a result changes against itself: nothing. `closure_size` is its
+/// closure's size.
+pub fn unchanged(against: Against, closure_size: u64) -> Changes {
+    Changes {
+        against,
+        packages: Vec::new(),
+        more: 0,
+        rebuilt: Rebuilt::default(),
+        closure_size,
+        closure_size_delta: 0,
+    }
+}
+
+/// Closure sizes read before, by store path. A store path's closure never
+/// changes, so its size, once read, stays right.
+#[derive(Debug, Default)]
+pub struct ClosureSizes {
+    sizes: Mutex<HashMap<String, u64>>,
+}
+
+impl ClosureSizes {
+    /// Enough for every host's last results of many repos; then start over.
+    const MAX_ENTRIES: usize = 10_000;
+
+    /// The closure size of `path`, if it was read.
+    pub fn get(&self, path: &str) -> Option<u64> {
+        lock(&self.sizes).get(path).copied()
+    }
+
+    /// Remembers that `path`'s closure is `size` bytes.
+    pub fn remember(&self, path: &str, size: u64) {
+        let mut sizes = lock(&self.sizes);
+        if sizes.len() >= Self::MAX_ENTRIES && !sizes.contains_key(path) {
+            sizes.clear();
+        }
+        sizes.insert(path.to_owned(), size);
+    }
+
+    /// The closure size of `path` (valid in the store): remembered, or
+    /// read with one `nix path-info` call and remembered.
+    pub async fn read(
+        &self,
+        nix: &NixCli,
+        path: &str,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<u64, ClosureError> {
+        if let Some(size) = self.get(path) {
+            return Ok(size);
+        }
+        let closures = read_closures(nix, &[path], deadline, cancel).await?;
+        let [closure] = closures.as_slice() else {
+            return Err(ClosureError::Failed {
+                path: path.to_owned(),
+                message: "not one closure per path".to_owned(),
+            });
+        };
+        let size = closure.size();
+        self.remember(path, size);
+        Ok(size)
+    }
+}
+
+/// [`host_changes`], remembering the new closure's size in `sizes`; a
+/// result compared with itself is [`unchanged`], and costs no Nix call when its
+/// closure size is remembered (one short one otherwise).
+pub async fn changes_known(
+    nix: &NixCli,
+    out_path: &str,
+    against: Against,
+    sizes: &ClosureSizes,
+    deadline: Instant,
+    cancel: &CancellationToken,
+) -> Result<Changes, ClosureError> {
+    if out_path == against.out_path {
+        let size = sizes.read(nix, out_path, deadline, cancel).await?;
+        return Ok(unchanged(against, size));
+    }
+    let changes = host_changes(nix, out_path, against, deadline, cancel).await?;
+    sizes.remember(out_path, changes.closure_size);
+    Ok(changes)
 }
 
 /// Why [`compare`] could not compare.
@@ -256,6 +343,36 @@ mod tests {
         assert_eq!(delta(0, u64::MAX), i64::MAX);
         assert_eq!(delta(u64::MAX, 0), i64::MIN);
         assert_eq!(delta(5, 3), -2);
+    }
+
+    #[tokio::test]
+    async fn a_result_compared_with_itself_needs_no_nix_once_its_size_is_known() {
+        // Any Nix call fails: this program does not exist.
+        let nix = NixCli::new("/nonexistent/nix", NixVersion::new(2, 8, 0));
+        let sizes = ClosureSizes::default();
+        let out_path = against().out_path;
+        let cancel = CancellationToken::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let known = |out_path: &str| {
+            let out_path = out_path.to_owned();
+            let (nix, sizes, cancel) = (&nix, &sizes, &cancel);
+            async move { changes_known(nix, &out_path, against(), sizes, deadline, cancel).await }
+        };
+        assert!(known(&out_path).await.is_err(), "the size is not known yet");
+        sizes.remember(&out_path, 4096);
+        assert_eq!(known(&out_path).await.unwrap(), unchanged(against(), 4096));
+        let other = "/nix/store/11111111111111111111111111111111-nixos-system-ns1";
+        assert!(known(other).await.is_err(), "another result needs Nix");
+    }
+
+    #[test]
+    fn remembered_sizes_are_bounded() {
+        let sizes = ClosureSizes::default();
+        for n in 0..=ClosureSizes::MAX_ENTRIES {
+            sizes.remember(&n.to_string(), 1);
+        }
+        assert!(lock(&sizes.sizes).len() <= ClosureSizes::MAX_ENTRIES);
+        assert_eq!(sizes.get(&ClosureSizes::MAX_ENTRIES.to_string()), Some(1));
     }
 
     fn any_closure() -> impl Strategy<Value = Closure> {

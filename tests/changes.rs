@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use common::builder::start_service;
 use common::flake::Flake;
-use common::nix::{nix_build_expression, nix_config};
+use common::net::http_get;
+use common::nix::{NixRecorder, nix_build_expression, nix_config, which};
 use common::replies::terminal;
 use common::requester::Requester;
-use homelab_deploy::changes::compare;
+use homelab_deploy::changes::{compare, unchanged};
 use homelab_deploy::protocol::{Against, ChangedPackage, Changes};
 
 /// A host's system: a top-level referencing `packages` (name, content).
@@ -350,4 +351,57 @@ async fn every_result_says_what_it_changes_against_the_default_ref() {
     assert_eq!(changes.packages[0].before, ["1.3"]);
     assert_eq!(changes.packages[0].after, ["1.3.1"]);
     assert_eq!(count, Some(1));
+}
+
+#[tokio::test]
+async fn an_unchanged_rebuild_reports_its_closure_size_without_reading_closures() {
+    let flake = package_flake();
+    commit_packages(&flake, &[("htop-3.3.0", "h"), ("zlib-1.3", "z")], "first");
+    let roots = tempfile::tempdir().unwrap();
+    let recorder = NixRecorder::new();
+    let (nats, mut builder) = start_service(&flake, |o| {
+        o.builder(&format!("gc_roots_dir = \"{}\"", roots.path().display()))
+            .path_prefix(recorder.path())
+    })
+    .await;
+    let client = Requester::new(&nats).await;
+    let first = client.build("build.homelab.ns1", "").await;
+    let out_path = match terminal(&first) {
+        homelab_deploy::protocol::Event::Finished { hosts, .. } => hosts[0].out_path.clone(),
+        other => panic!("{other:?}"),
+    }
+    .expect("no out path");
+    let dir = tempfile::tempdir().unwrap();
+    let nix = nix_wrapper(dir.path(), "nix", &which("nix").unwrap());
+    let size = changes(&nix, &out_path, &out_path).await.closure_size;
+
+    // The first result's closure size is the host's gauge already.
+    let (_, metrics) = http_get(&builder.metrics_addr().await, "/metrics").await;
+    let gauge = format!(
+        "homelab_deploy_builder_host_closure_size_bytes{{host=\"ns1\",repo=\"homelab\"}} {size}\n"
+    );
+    assert!(metrics.contains(&gauge), "{metrics}");
+
+    recorder.clear();
+    let again = client.build("build.homelab.ns1", "").await;
+    let against = Against {
+        out_path: out_path.clone(),
+        rev: Some(flake.head()),
+    };
+    assert_eq!(
+        reported_changes(&again),
+        (Some(unchanged(against, size)), Some(0), Some(0))
+    );
+    assert!(
+        recorder.with_arg("path-info").is_empty(),
+        "closures were read: {:?}",
+        recorder.invocations()
+    );
+    let request = roots.path().join(".requests").join(&again[0].build_id);
+    let link = request.join("ns1").display().to_string();
+    assert!(
+        recorder.with_arg(&link).is_empty(),
+        "the unchanged output was linked again: {:?}",
+        recorder.invocations()
+    );
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use common::builder::start_service;
 use common::cli::describe;
 use common::flake::{Flake, Host};
-use common::nix::{nix_command, nix_config};
+use common::nix::{NixRecorder, nix_command, nix_config};
 use common::process::processes_matching;
 use common::replies::{host_outcomes, terminal};
 use common::requester::Requester;
@@ -120,6 +120,80 @@ async fn a_collection_during_an_all_build_loses_no_host() {
     for (host, out_path) in &built {
         assert!(Path::new(out_path).exists(), "{host}: {out_path} collected");
     }
+}
+
+#[tokio::test]
+async fn unchanged_hosts_stay_rooted_by_their_generation_through_a_collection() {
+    let _store = STORE.lock().await;
+    let flake = Flake::new(&[("a-gated", Host::Gated), ("b", Host::Ok), ("c", Host::Ok)]);
+    let roots = tempfile::tempdir().unwrap();
+    let recorder = NixRecorder::new();
+    let (nats, _builder) = start_service(&flake, |o| {
+        o.builder(&roots_option(roots.path(), "parallel_hosts = 2"))
+            .path_prefix(recorder.path())
+    })
+    .await;
+    let client = Requester::new(&nats).await;
+    let mut before = Vec::new();
+    for host in ["b", "c"] {
+        before.extend(out_paths(
+            &client.build(&format!("build.homelab.{host}"), "").await,
+        ));
+    }
+
+    // `b` and `c` finish unchanged while `a-gated` still builds.
+    recorder.clear();
+    let (mut pending, events) = client.send_until_started("build.homelab.all").await;
+    let build_id = events[0].reply.build_id.clone();
+    let mut replies: Vec<Reply> = events.into_iter().map(|t| t.reply).collect();
+    let unchanged_finished = |replies: &[Reply]| {
+        ["b", "c"].iter().all(|host| {
+            replies
+                .iter()
+                .any(|r| matches!(&r.event, Event::HostFinished { host: h, .. } if h == host))
+        })
+    };
+    while !unchanged_finished(&replies) {
+        replies.push(pending.next().await.reply);
+    }
+    // Their outputs got no link of the request, nor their remembered
+    // derivations: their generations root the outputs.
+    let request = roots.path().join(".requests").join(&build_id);
+    for host in ["b", "c"] {
+        for link in [host.to_owned(), format!("{host}.drv")] {
+            assert!(
+                std::fs::symlink_metadata(request.join(&link)).is_err(),
+                "{link} was linked into the request"
+            );
+        }
+    }
+    assert!(request.join("a-gated.drv").exists());
+    collect_garbage();
+    flake.open_gate();
+    replies.extend(pending.until_terminal().await.into_iter().map(|t| t.reply));
+    assert_eq!(finished(&replies), BuildStatus::Success);
+
+    let built = out_paths(&replies);
+    for (host, out_path) in &before {
+        assert!(
+            built.contains(&(host.clone(), out_path.clone())),
+            "{host}: {built:?}"
+        );
+        assert!(Path::new(out_path).exists(), "{host}: {out_path} collected");
+        let current = roots.path().join("homelab").join(host);
+        assert_eq!(resolved(&current).as_deref(), Some(Path::new(out_path)));
+        // Not built into the request's link either.
+        let link = request.join(host).display().to_string();
+        assert!(
+            recorder.with_arg(&link).is_empty(),
+            "{host}: {:?}",
+            recorder.invocations()
+        );
+    }
+    let generations = std::fs::read_dir(roots.path().join("homelab/.gen"))
+        .unwrap()
+        .count();
+    assert_eq!(generations, 3, "an unchanged host got a new generation");
 }
 
 #[tokio::test]

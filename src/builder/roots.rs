@@ -37,13 +37,25 @@
 //! bound what the collector may not take. A request's own directory
 //! holds its derivations and outputs until it ends; the builder removes it
 //! then, and removes any left over by a crash when it starts.
+//!
+//! An output that is its lineage's current result already (an unchanged
+//! host) gets no link in the request's directory: that generation roots it
+//! for the whole request. Nothing else moves it meanwhile — requests run one
+//! at a time, only the host's own result replaces its current link, and a
+//! request evicts side lineages other than its own only, while expiry runs
+//! between requests. Nor is its remembered derivation rooted: nothing is
+//! built from it unless the output is not valid, and the host roots it then,
+//! before building.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use super::cancel::Cancellation;
+use super::eval::Evaluated;
 use super::request::HostFailure;
 use super::step::{self, StepFailure};
 use crate::nix::NixCli;
@@ -132,7 +144,10 @@ impl GcRoots {
         let dir = self.requests_dir().join(build_id);
         std::fs::create_dir_all(&dir)
             .map_err(|err| failure("create the directory of", &dir, err))?;
-        Ok(RequestRoots { dir })
+        Ok(RequestRoots {
+            dir,
+            unchanged: Arc::default(),
+        })
     }
 
     /// Removes the temporary roots of requests that did not end (a crash).
@@ -213,16 +228,36 @@ impl GcRoots {
             .collect()
     }
 
-    /// The store path `repo`/`host` on the default ref points to now (its
-    /// newest generation), if it has one.
-    pub(crate) fn default_result(&self, repo: &str, host: &str) -> Option<String> {
-        let path = std::fs::canonicalize(self.dir.join(repo).join(host)).ok()?;
+    /// Where `repo`'s roots in `lineage` live.
+    fn lineage_dir(&self, repo: &str, lineage: &Lineage) -> PathBuf {
+        match lineage {
+            Lineage::Default => self.dir.join(repo),
+            Lineage::Side(key) => self.dir.join(repo).join(SIDE_DIR).join(key),
+        }
+    }
+
+    /// The store path `repo`/`host` in `lineage` points to now (its newest
+    /// generation), if it has one.
+    pub(crate) fn current_result(
+        &self,
+        repo: &str,
+        lineage: &Lineage,
+        host: &str,
+    ) -> Option<String> {
+        let path = std::fs::canonicalize(self.lineage_dir(repo, lineage).join(host)).ok()?;
         path.to_str().map(str::to_owned)
     }
 
+    /// The store path `repo`/`host` on the default ref points to now, if it
+    /// has one.
+    pub(crate) fn default_result(&self, repo: &str, host: &str) -> Option<String> {
+        self.current_result(repo, &Lineage::Default, host)
+    }
+
     /// Roots `out_path` as the newest generation of `repo`/`host` in
-    /// `lineage`. The output is rooted already (by the request), so there
-    /// is no window in which the collector could take it. A new side
+    /// `lineage`. The output is rooted already (by the request, or as this
+    /// generation), so there is no window in which the collector could take
+    /// it; an unchanged output costs no Nix call. A new side
     /// lineage may evict older ones (`side_max`): their keys are returned.
     pub(crate) async fn record(
         &self,
@@ -233,13 +268,10 @@ impl GcRoots {
         deadline: Instant,
         cancel: &Cancellation,
     ) -> Result<Vec<String>, HostFailure> {
-        let (dir, keep, evicted) = match lineage {
-            Lineage::Default => (self.dir.join(repo), self.keep.max(1), Vec::new()),
-            Lineage::Side(key) => (
-                self.dir.join(repo).join(SIDE_DIR).join(key),
-                1,
-                self.make_room_for_side(repo, key),
-            ),
+        let dir = self.lineage_dir(repo, lineage);
+        let (keep, evicted) = match lineage {
+            Lineage::Default => (self.keep.max(1), Vec::new()),
+            Lineage::Side(key) => (1, self.make_room_for_side(repo, key)),
         };
         std::fs::create_dir_all(&dir)
             .map_err(|err| failure("create the directory of", &dir, err))?;
@@ -432,16 +464,60 @@ fn remove_tree(path: &Path) {
 #[derive(Debug, Clone)]
 pub(crate) struct RequestRoots {
     dir: PathBuf,
+    /// Derivations [`RequestRoots::root_drv`] leaves out: their outputs are
+    /// their lineage's current generations.
+    unchanged: Arc<HashSet<String>>,
 }
 
 impl RequestRoots {
+    /// These roots, leaving out the derivations of `hosts` evaluated in
+    /// earlier requests (`remembered`, one per host) whose outputs are
+    /// `repo`'s current generations in `lineage` (see the module docs).
+    pub(crate) fn leaving_out_unchanged(
+        &self,
+        roots: &GcRoots,
+        (repo, lineage): (&str, &Lineage),
+        (hosts, remembered): (&[String], &[Option<Evaluated>]),
+    ) -> Self {
+        let unchanged = hosts
+            .iter()
+            .zip(remembered)
+            .filter_map(|(host, evaluated)| {
+                let evaluated = evaluated.as_ref()?;
+                let current = roots.current_result(repo, lineage, host)?;
+                (current == evaluated.out_path).then(|| evaluated.drv_path.clone())
+            })
+            .collect();
+        Self {
+            dir: self.dir.clone(),
+            unchanged: Arc::new(unchanged),
+        }
+    }
+
     /// Where `host`'s output is built to.
     pub(crate) fn out_link(&self, host: &str) -> String {
         self.dir.join(host).to_string_lossy().into_owned()
     }
 
-    /// Roots `host`'s derivation file.
+    /// Roots `host`'s derivation file, unless its output is its current
+    /// generation ([`RequestRoots::leaving_out_unchanged`]).
     pub(crate) async fn root_drv(
+        &self,
+        nix: &NixCli,
+        host: &str,
+        drv_path: &str,
+        deadline: Instant,
+        cancel: &Cancellation,
+    ) -> Result<(), HostFailure> {
+        if self.unchanged.contains(drv_path) {
+            return Ok(());
+        }
+        self.root_drv_to_build(nix, host, drv_path, deadline, cancel)
+            .await
+    }
+
+    /// Roots `host`'s derivation file, to build from it.
+    pub(crate) async fn root_drv_to_build(
         &self,
         nix: &NixCli,
         host: &str,
@@ -476,6 +552,8 @@ impl RequestRoots {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::builder::cancel::StopReason;
+    use crate::nix::NixVersion;
 
     #[test]
     fn generation_names_are_recognised_per_host() {
@@ -622,6 +700,58 @@ mod tests {
         let mut found = earlier_current_links(dir.path());
         found.sort();
         assert_eq!(found, [("ns1".to_owned(), "ns1-2-link".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn only_derivations_of_current_outputs_are_left_unrooted() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = GcRoots {
+            dir: dir.path().join("roots"),
+            keep: 3,
+            side_ttl: Duration::from_secs(60),
+            side_max: 32,
+        };
+        // `ns1`'s current generation, pointing at a stand-in output.
+        let out = dir.path().join("out-ns1");
+        std::fs::write(&out, b"").unwrap();
+        let generations = roots.dir.join("homelab").join(GENERATIONS_DIR);
+        std::fs::create_dir_all(&generations).unwrap();
+        std::os::unix::fs::symlink(&out, generations.join("ns1-1-link")).unwrap();
+        point_current_at(&roots.dir.join("homelab"), "ns1", "ns1-1-link").unwrap();
+        let evaluated = |host: &str, out_path: &Path| Evaluated {
+            drv_path: format!("/nix/store/{host}.drv"),
+            out_path: out_path.to_string_lossy().into_owned(),
+        };
+        let out = std::fs::canonicalize(&out).unwrap();
+        let hosts = ["ns1", "ns2", "ns3"].map(str::to_owned);
+        let remembered = [
+            Some(evaluated("ns1", &out)),
+            Some(evaluated("ns2", &out)), // not ns2's current output
+            None,
+        ];
+        let request = roots.request("0123456789abcdef").unwrap();
+        let request = request.leaving_out_unchanged(
+            &roots,
+            ("homelab", &Lineage::Default),
+            (&hosts, &remembered),
+        );
+        // Rooting anything else runs Nix, which is not there.
+        let nix = NixCli::new("/nonexistent/nix", NixVersion::new(2, 8, 0));
+        let cancel = Cancellation::root(Default::default(), StopReason::Shutdown);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let root = |host: &'static str| {
+            let (nix, request, cancel) = (&nix, &request, &cancel);
+            async move {
+                let drv = format!("/nix/store/{host}.drv");
+                request.root_drv(nix, host, &drv, deadline, cancel).await
+            }
+        };
+        assert!(root("ns1").await.is_ok());
+        assert!(root("ns2").await.is_err());
+        let ns1 = request
+            .root_drv_to_build(&nix, "ns1", "/nix/store/ns1.drv", deadline, &cancel)
+            .await;
+        assert!(ns1.is_err(), "rooting to build always runs Nix");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::builder::request::{HostFailure, millis};
 use crate::builder::roots::Lineage;
 use crate::builder::step;
 use crate::builder::watch::HostWatch;
-use crate::changes::host_changes;
+use crate::changes::changes_known;
 use crate::nix::json::out_path_from_build_json;
 use crate::nix::process::Limits;
 use crate::protocol::{Against, Changes, ErrorCode, Event, HostStatus, HostSummary};
@@ -30,7 +30,9 @@ struct Built {
     against: Option<String>,
 }
 
-/// A host's `host_finished`, sent once its closure comparison is done.
+/// A host's closure work beside the next host's build: its `host_finished`,
+/// sent once its closure comparison is done, or its first result's closure
+/// size.
 pub(super) type PendingChanges = tokio::task::JoinHandle<(String, Option<Changes>)>;
 
 /// Longest a closure comparison may take before `host_finished` goes out
@@ -167,22 +169,33 @@ impl Runner {
             changes: None,
             machines,
         };
+        let default_ref = run.lineage == Lineage::Default;
+        // The host's first result on the default ref: nothing to compare
+        // with, but its closure size is the host's gauge, and what a rebuild
+        // that changes nothing reports without Nix.
+        let first = (self.roots.is_some() && default_ref && against.is_none())
+            .then(|| out_path.clone())
+            .flatten();
         let (Some(out_path), Some(against)) = (out_path, against) else {
             job.replies.send(&job.build_id, finished);
-            return (summary, None);
+            let task = first.map(|out_path| self.read_closure_size(run, host, out_path));
+            return (summary, task);
         };
         // What the build changes is worked out beside the next host's
         // build; `host_finished` goes out with it.
-        let default_ref = run.lineage == Lineage::Default;
         let task = tokio::spawn({
             let nix = self.nix.clone();
             let monitor = Arc::clone(&self.monitor);
+            let sizes = Arc::clone(&self.closure_sizes);
             let replies = job.replies.clone();
             let (build_id, repo, host) = (job.build_id.clone(), job.repo.clone(), host.to_owned());
             let cancel = cancel.token().clone();
             async move {
                 let deadline = Instant::now() + CHANGES_TIME_LIMIT;
-                let changes = match host_changes(&nix, &out_path, against, deadline, &cancel).await
+                let changes = match changes_known(
+                    &nix, &out_path, against, &sizes, deadline, &cancel,
+                )
+                .await
                 {
                     Ok(changes) => Some(changes),
                     Err(err) => {
@@ -205,6 +218,28 @@ impl Runner {
         (summary, Some(task))
     }
 
+    /// Reads the closure size of `host`'s new result (rooted as its
+    /// generation) beside the next host's build, for its gauge and later
+    /// comparisons.
+    fn read_closure_size(&self, run: &Run<'_>, host: &str, out_path: String) -> PendingChanges {
+        let nix = self.nix.clone();
+        let monitor = Arc::clone(&self.monitor);
+        let sizes = Arc::clone(&self.closure_sizes);
+        let (repo, host) = (run.job.repo.clone(), host.to_owned());
+        let cancel = run.cancel.token().clone();
+        tokio::spawn(
+            async move {
+                let deadline = Instant::now() + CHANGES_TIME_LIMIT;
+                match sizes.read(&nix, &out_path, deadline, &cancel).await {
+                    Ok(size) => monitor.closure_size(&repo, &host, size),
+                    Err(err) => tracing::warn!(%host, %err, "cannot read the closure size"),
+                }
+                (host, None)
+            }
+            .instrument(tracing::Span::current()),
+        )
+    }
+
     /// Builds an evaluated host from its derivation (no second evaluation),
     /// or finds its output already in the store.
     async fn build_evaluated(
@@ -216,9 +251,30 @@ impl Runner {
     ) -> Result<Built, HostFailure> {
         let deadline = Instant::now() + self.config.builder.host_timeout;
         let out_link = run.roots.as_ref().map(|roots| roots.out_link(host));
-        let mut built = self
-            .build_or_find(run, evaluated, out_link.as_deref(), watch, deadline)
-            .await?;
+        // An unchanged host's output is its lineage's current generation,
+        // which roots it for the whole request (see `roots`).
+        let unchanged = self.roots.as_ref().is_some_and(|roots| {
+            roots
+                .current_result(&run.job.repo, &run.lineage, host)
+                .as_deref()
+                == Some(evaluated.out_path.as_str())
+        });
+        let mut built = if unchanged && self.is_valid(&evaluated.out_path, deadline, run).await {
+            Built {
+                out_path: evaluated.out_path.clone(),
+                cached: true,
+                against: None,
+            }
+        } else {
+            if let (true, Some(roots)) = (unchanged, &run.roots) {
+                // Its derivation may have been left unrooted (see `roots`).
+                roots
+                    .root_drv_to_build(&self.nix, host, &evaluated.drv_path, deadline, run.cancel)
+                    .await?;
+            }
+            self.build_or_find(run, evaluated, out_link.as_deref(), watch, deadline)
+                .await?
+        };
         built.against = self
             .roots
             .as_ref()

@@ -22,6 +22,7 @@ use super::monitor::Monitor;
 use super::request::{HostFailure, Job, Report, millis};
 use super::roots::{GcRoots, Lineage, RequestRoots};
 use super::step::{self, StepFailure};
+use crate::changes::ClosureSizes;
 use crate::config::Config;
 use crate::nix::NixCli;
 use crate::nix::argv::Invocation;
@@ -40,6 +41,8 @@ pub(crate) struct Runner {
     monitor: Arc<Monitor>,
     roots: Option<GcRoots>,
     memo: Mutex<Memo>,
+    /// Closure sizes of results, for `changes` without Nix.
+    closure_sizes: Arc<ClosureSizes>,
     /// Where each request's progress is recorded for a restart.
     journal: Journaling,
 }
@@ -74,6 +77,7 @@ impl Runner {
             roots,
             journal,
             memo: Mutex::new(Memo::default()),
+            closure_sizes: Arc::default(),
         }
     }
 
@@ -220,7 +224,7 @@ impl Runner {
             .filter(|(_, evaluation)| evaluation.is_some())
             .map(|(host, _)| host.clone())
             .collect();
-        let known = {
+        let known: Vec<_> = {
             let memo = self.memo();
             todo.iter()
                 .map(|host| {
@@ -236,13 +240,21 @@ impl Runner {
             repo: job.repo.clone(),
             monitor: Arc::clone(&self.monitor),
         };
+        let eval_roots = match (&self.roots, &run.roots) {
+            (Some(roots), Some(request)) => Some(request.leaving_out_unchanged(
+                roots,
+                (&job.repo, &run.lineage),
+                (&todo, &known),
+            )),
+            _ => None,
+        };
         let evaluations = tokio::sync::Mutex::new(Evaluations::start(
             &self.nix,
             &pinned.locked_url,
             &todo,
             known,
             &settings,
-            run.roots.clone(),
+            eval_roots,
             cancel,
         ));
 
