@@ -4,6 +4,11 @@
 //! host's modules) — plus request latency and the builder's memory.
 //!
 //! Not a test: it prints numbers for docs/performance.md.
+//!
+//! Arguments name the parts to run (all by default): `compare` (the
+//! builder against `nix build`), `latency` (request to `accepted` and
+//! memory), `metrics` (`GET /metrics` at scale), e.g.
+//! `cargo bench --bench service -- latency metrics`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -163,49 +168,22 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-#[tokio::main]
-async fn main() {
-    let nix_version = String::from_utf8(nix(&["--version"]).output().unwrap().stdout).unwrap();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "homelab-deploy benchmark: {HOSTS} hosts, {cpus} CPUs, {}",
-        nix_version.trim()
-    );
-
-    let flake_a = Flake::with_source(bench_flake_source);
-    let flake_b = Flake::with_source(bench_flake_source);
-    let flake_c = Flake::with_source(bench_flake_source);
-    let gate = Flake::new(&[("gated", Host::Gated), ("noop", Host::Ok)]);
-
-    let nats = NatsServer::start().await;
-    let mut options = BuilderOptions::new(&flake_a)
-        .host_timeout("10m")
-        .builder(&format!("queue_limit = {}", LATENCY_REQUESTS + 10));
-    options.repos = vec![
-        ("bench".into(), flake_a.url(), None),
-        ("gate".into(), gate.url(), None),
-    ];
-    let mut builder = Builder::start(&nats, &options).await;
-    let pid = builder.pid();
-    let client = Requester::new(&nats).await;
-
-    // Let the process settle before reading its idle footprint.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = memory_kib(pid, "VmRSS:");
-
+/// (a), (b) and (c) on fresh store paths, then again already built; each
+/// on its own copy of the flake.
+async fn compare(client: &Requester, [flake_a, flake_b, flake_c]: [&Flake; 3]) {
     println!("\nfresh store paths:");
-    let (fresh_a, results) = builder_all(&client, "bench").await;
+    let (fresh_a, results) = builder_all(client, "bench").await;
     println!("  (a) builder, target all              {}", secs(fresh_a));
-    let fresh_b = shell_loop(&flake_b);
+    let fresh_b = shell_loop(flake_b);
     println!("  (b) shell loop of nix build          {}", secs(fresh_b));
-    let fresh_c = one_nix_build(&flake_c);
+    let fresh_c = one_nix_build(flake_c);
     println!("  (c) one nix build --keep-going       {}", secs(fresh_c));
     println!(
         "  a/b = {:.2}",
         fresh_a.as_secs_f64() / fresh_b.as_secs_f64()
     );
 
-    let expected = expected_out_paths(&flake_a);
+    let expected = expected_out_paths(flake_a);
     let identical = results.len() == HOSTS
         && results
             .iter()
@@ -219,18 +197,20 @@ async fn main() {
     );
 
     println!("\nalready built, unchanged flake:");
-    let (cached_a, _) = builder_all(&client, "bench").await;
+    let (cached_a, _) = builder_all(client, "bench").await;
     println!("  (a) builder, target all              {}", secs(cached_a));
-    let cached_b = shell_loop(&flake_b);
+    let cached_b = shell_loop(flake_b);
     println!("  (b) shell loop of nix build          {}", secs(cached_b));
-    let cached_c = one_nix_build(&flake_c);
+    let cached_c = one_nix_build(flake_c);
     println!("  (c) one nix build --keep-going       {}", secs(cached_c));
     println!(
         "  a/b = {:.2}",
         cached_a.as_secs_f64() / cached_b.as_secs_f64()
     );
-    let build_peak = memory_kib(pid, "VmHWM:");
+}
 
+/// Request to `accepted` while a build runs.
+async fn accept_latency(client: &Requester) {
     // Latency while a build runs: one request at a time, from publishing it
     // to receiving `accepted`, on a connection already subscribed to the
     // replies (so the client's own subscribe and flush are not counted).
@@ -274,6 +254,56 @@ async fn main() {
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().unwrap().as_secs_f64() * 1e3
     );
+}
+
+/// Whether the command line asks for `part` (no parts named: all of them).
+fn runs(part: &str) -> bool {
+    // Cargo passes `--bench` to a benchmark without a harness.
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    named.is_empty() || named.iter().any(|a| a == part)
+}
+
+#[tokio::main]
+async fn main() {
+    let nix_version = String::from_utf8(nix(&["--version"]).output().unwrap().stdout).unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "homelab-deploy benchmark: {HOSTS} hosts, {cpus} CPUs, {}",
+        nix_version.trim()
+    );
+
+    let flake_a = Flake::with_source(bench_flake_source);
+    let flake_b = Flake::with_source(bench_flake_source);
+    let flake_c = Flake::with_source(bench_flake_source);
+    let gate = Flake::new(&[("gated", Host::Gated), ("noop", Host::Ok)]);
+
+    let nats = NatsServer::start().await;
+    let mut options = BuilderOptions::new(&flake_a)
+        .host_timeout("10m")
+        .builder(&format!("queue_limit = {}", LATENCY_REQUESTS + 10));
+    options.repos = vec![
+        ("bench".into(), flake_a.url(), None),
+        ("gate".into(), gate.url(), None),
+    ];
+    let mut builder = Builder::start(&nats, &options).await;
+    let pid = builder.pid();
+    let client = Requester::new(&nats).await;
+
+    // Let the process settle before reading its idle footprint.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = memory_kib(pid, "VmRSS:");
+
+    if runs("compare") {
+        compare(&client, [&flake_a, &flake_b, &flake_c]).await;
+    }
+    let build_peak = memory_kib(pid, "VmHWM:");
+
+    if runs("latency") {
+        accept_latency(&client).await;
+    }
     let peak_rss = memory_kib(pid, "VmHWM:");
 
     println!("\nbuilder memory:");
@@ -295,7 +325,9 @@ async fn main() {
     assert!(status.success());
     gate.open_gate();
 
-    metrics_with_many_series(&nats).await;
+    if runs("metrics") {
+        metrics_with_many_series(&nats).await;
+    }
 }
 
 const METRIC_REPOS: usize = 50;
