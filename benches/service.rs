@@ -283,7 +283,11 @@ async fn main() {
     let nats = NatsServer::start().await;
     let mut options = BuilderOptions::new(&flake_a)
         .host_timeout("10m")
-        .builder(&format!("queue_limit = {}", LATENCY_REQUESTS + 10));
+        // Every latency request is one more unsigned request waiting.
+        .builder(&format!(
+            "queue_limit = {0}\nqueue_per_owner = {0}",
+            LATENCY_REQUESTS + 10
+        ));
     options.repos = vec![
         ("bench".into(), flake_a.url(), None),
         ("gate".into(), gate.url(), None),
