@@ -209,31 +209,108 @@ async fn compare(client: &Requester, [flake_a, flake_b, flake_c]: [&Flake; 3]) {
     );
 }
 
-/// Request to `accepted` while a build runs.
-async fn accept_latency(client: &Requester) {
-    // Latency while a build runs: one request at a time, from publishing it
-    // to receiving `accepted`, on a connection already subscribed to the
-    // replies (so the client's own subscribe and flush are not counted).
+/// Request to `accepted` while a build runs: one request at a time, from
+/// publishing it to receiving `accepted`, on a connection already
+/// subscribed to the replies (so the client's own subscribe and flush are
+/// not counted).
+async fn accept_latency(client: &Requester, nats_url: String) {
     let mut running = client.send("build.gate.gated", "").await;
     running
         .until(|e| matches!(e, Event::HostStarted { .. }))
         .await;
-    let mut replies = client
-        .nats
-        .subscribe("build.responses.bench.*")
-        .await
-        .unwrap();
-    client.nats.flush().await.unwrap();
+    // The measuring client has a runtime of one thread to itself: a reply
+    // reaches the loop without waking another thread, so less of the
+    // client's own scheduling is counted.
+    let (accepts, echoes) = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let accepts = runtime.block_on(time_accepts(&nats_url));
+        let echoes = runtime.block_on(time_echoes(&nats_url));
+        (accepts, echoes)
+    })
+    .await
+    .unwrap();
+    println!(
+        "\nrequest to accepted while a build runs ({LATENCY_REQUESTS} requests, one at a time):"
+    );
+    print_latencies(accepts);
+    println!("  the same round trip to a responder that only echoes, right after:");
+    print_latencies(echoes);
+}
+
+fn print_latencies(mut latencies: Vec<Duration>) {
+    latencies.sort();
+    let ms = |p| percentile(&latencies, p).as_secs_f64() * 1e3;
+    println!(
+        "  p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(0.50),
+        ms(0.90),
+        ms(0.99),
+        ms(1.0)
+    );
+}
+
+/// The floor under the builder's latency on this machine as loaded now:
+/// the same publish and reply through nats-server, answered at once by a
+/// responder on a thread and connection of its own.
+async fn time_echoes(nats_url: &str) -> Vec<Duration> {
+    let (ready, subscribed) = tokio::sync::oneshot::channel();
+    let url = nats_url.to_owned();
+    let echo = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let responder = async_nats::connect(url).await.unwrap();
+                let mut requests = responder.subscribe("bench.echo").await.unwrap();
+                responder.flush().await.unwrap();
+                ready.send(()).unwrap();
+                let accepted = vec![b'x'; 300];
+                for _ in 0..LATENCY_REQUESTS {
+                    let request = futures_util::StreamExt::next(&mut requests).await.unwrap();
+                    let reply = request.reply.unwrap();
+                    responder
+                        .publish(reply, accepted.clone().into())
+                        .await
+                        .unwrap();
+                }
+                responder.flush().await.unwrap();
+            });
+    });
+    subscribed.await.unwrap();
+    let nats = async_nats::connect(nats_url).await.unwrap();
+    let mut replies = nats.subscribe("bench.echoed.*").await.unwrap();
+    nats.flush().await.unwrap();
     let mut latencies = Vec::with_capacity(LATENCY_REQUESTS);
     for i in 0..LATENCY_REQUESTS {
         let started = Instant::now();
-        client
-            .nats
-            .publish_with_reply(
-                "build.gate.noop",
-                format!("build.responses.bench.{i}"),
-                "".into(),
-            )
+        nats.publish_with_reply("bench.echo", format!("bench.echoed.{i}"), "".into())
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut replies))
+            .await
+            .unwrap()
+            .unwrap();
+        latencies.push(started.elapsed());
+    }
+    echo.join().unwrap();
+    latencies
+}
+
+/// Sends [`LATENCY_REQUESTS`] build requests one after the other from a
+/// connection of its own; the time from each publish to its `accepted`.
+async fn time_accepts(nats_url: &str) -> Vec<Duration> {
+    let nats = async_nats::connect(nats_url).await.unwrap();
+    let mut replies = nats.subscribe("build.responses.bench.*").await.unwrap();
+    nats.flush().await.unwrap();
+    let mut latencies = Vec::with_capacity(LATENCY_REQUESTS);
+    for i in 0..LATENCY_REQUESTS {
+        let reply_to = format!("build.responses.bench.{i}");
+        let started = Instant::now();
+        nats.publish_with_reply("build.gate.noop", reply_to, "".into())
             .await
             .unwrap();
         let message = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut replies))
@@ -244,15 +321,24 @@ async fn accept_latency(client: &Requester) {
         let first: Reply = serde_json::from_slice(&message.payload).unwrap();
         assert!(matches!(first.event, Event::Accepted { .. }), "{first:?}");
     }
-    latencies.sort();
+    latencies
+}
+
+/// The builder's resident memory, in KiB: idle, after the `all` builds,
+/// with the latency requests queued.
+fn print_memory(idle_rss: u64, build_peak: u64, peak_rss: u64) {
+    println!("\nbuilder memory:");
     println!(
-        "\nrequest to accepted while a build runs ({LATENCY_REQUESTS} requests, one at a time):"
+        "  idle RSS                             {:.1} MB",
+        idle_rss as f64 / 1024.0
     );
     println!(
-        "  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        latencies.last().unwrap().as_secs_f64() * 1e3
+        "  peak RSS during the all builds       {:.1} MB",
+        build_peak as f64 / 1024.0
+    );
+    println!(
+        "  peak RSS after {LATENCY_REQUESTS} queued requests  {:.1} MB",
+        peak_rss as f64 / 1024.0
     );
 }
 
@@ -306,23 +392,13 @@ async fn main() {
     let build_peak = memory_kib(pid, "VmHWM:");
 
     if runs("latency") {
-        accept_latency(&client).await;
+        accept_latency(&client, nats.url()).await;
     }
     let peak_rss = memory_kib(pid, "VmHWM:");
 
-    println!("\nbuilder memory:");
-    println!(
-        "  idle RSS                             {:.1} MB",
-        idle_rss as f64 / 1024.0
-    );
-    println!(
-        "  peak RSS during the all builds       {:.1} MB",
-        build_peak as f64 / 1024.0
-    );
-    println!(
-        "  peak RSS after {LATENCY_REQUESTS} queued requests  {:.1} MB",
-        peak_rss as f64 / 1024.0
-    );
+    if runs("compare") || runs("latency") {
+        print_memory(idle_rss, build_peak, peak_rss);
+    }
 
     // Cancels the gated build and the queued ones.
     let status = builder.terminate().await;
@@ -354,13 +430,17 @@ async fn metrics_with_many_series(nats: &NatsServer) {
     let client = Requester::new(nats).await;
     for i in 1..=METRIC_REPOS {
         let replies = client.build(&format!("build.repo{i:02}.all"), "").await;
-        assert!(matches!(
-            replies.last().unwrap().event,
-            Event::Finished {
-                status: BuildStatus::Success,
-                ..
-            }
-        ));
+        let last = &replies.last().unwrap().event;
+        assert!(
+            matches!(
+                last,
+                Event::Finished {
+                    status: BuildStatus::Success,
+                    ..
+                }
+            ),
+            "repo{i:02}: {last:?}"
+        );
     }
     let addr = builder.metrics_addr().await;
     let mut times = Vec::with_capacity(SCRAPES);
