@@ -4,6 +4,11 @@
 //! host's modules) — plus request latency and the builder's memory.
 //!
 //! Not a test: it prints numbers for docs/performance.md.
+//!
+//! Arguments name the parts to run (all by default): `compare` (the
+//! builder against `nix build`), `latency` (request to `accepted` and
+//! memory), `metrics` (`GET /metrics` at scale), e.g.
+//! `cargo bench --bench service -- latency metrics`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -163,6 +168,190 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
+/// (a), (b) and (c) on fresh store paths, then again already built; each
+/// on its own copy of the flake.
+async fn compare(client: &Requester, [flake_a, flake_b, flake_c]: [&Flake; 3]) {
+    println!("\nfresh store paths:");
+    let (fresh_a, results) = builder_all(client, "bench").await;
+    println!("  (a) builder, target all              {}", secs(fresh_a));
+    let fresh_b = shell_loop(flake_b);
+    println!("  (b) shell loop of nix build          {}", secs(fresh_b));
+    let fresh_c = one_nix_build(flake_c);
+    println!("  (c) one nix build --keep-going       {}", secs(fresh_c));
+    println!(
+        "  a/b = {:.2}",
+        fresh_a.as_secs_f64() / fresh_b.as_secs_f64()
+    );
+
+    let expected = expected_out_paths(flake_a);
+    let identical = results.len() == HOSTS
+        && results
+            .iter()
+            .zip(&expected)
+            .all(|((_, status, out), want)| {
+                *status == HostStatus::Success && out.as_deref() == Some(want.as_str())
+            });
+    println!(
+        "  builder's per-host results identical to Nix's own: {}",
+        if identical { "yes" } else { "NO" }
+    );
+
+    println!("\nalready built, unchanged flake:");
+    let (cached_a, _) = builder_all(client, "bench").await;
+    println!("  (a) builder, target all              {}", secs(cached_a));
+    let cached_b = shell_loop(flake_b);
+    println!("  (b) shell loop of nix build          {}", secs(cached_b));
+    let cached_c = one_nix_build(flake_c);
+    println!("  (c) one nix build --keep-going       {}", secs(cached_c));
+    println!(
+        "  a/b = {:.2}",
+        cached_a.as_secs_f64() / cached_b.as_secs_f64()
+    );
+}
+
+/// Request to `accepted` while a build runs: one request at a time, from
+/// publishing it to receiving `accepted`, on a connection already
+/// subscribed to the replies (so the client's own subscribe and flush are
+/// not counted).
+async fn accept_latency(client: &Requester, nats_url: String) {
+    let mut running = client.send("build.gate.gated", "").await;
+    running
+        .until(|e| matches!(e, Event::HostStarted { .. }))
+        .await;
+    // The measuring client has a runtime of one thread to itself: a reply
+    // reaches the loop without waking another thread, so less of the
+    // client's own scheduling is counted.
+    let (accepts, echoes) = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let accepts = runtime.block_on(time_accepts(&nats_url));
+        let echoes = runtime.block_on(time_echoes(&nats_url));
+        (accepts, echoes)
+    })
+    .await
+    .unwrap();
+    println!(
+        "\nrequest to accepted while a build runs ({LATENCY_REQUESTS} requests, one at a time):"
+    );
+    print_latencies(accepts);
+    println!("  the same round trip to a responder that only echoes, right after:");
+    print_latencies(echoes);
+}
+
+fn print_latencies(mut latencies: Vec<Duration>) {
+    latencies.sort();
+    let ms = |p| percentile(&latencies, p).as_secs_f64() * 1e3;
+    println!(
+        "  p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(0.50),
+        ms(0.90),
+        ms(0.99),
+        ms(1.0)
+    );
+}
+
+/// The floor under the builder's latency on this machine as loaded now:
+/// the same publish and reply through nats-server, answered at once by a
+/// responder on a thread and connection of its own.
+async fn time_echoes(nats_url: &str) -> Vec<Duration> {
+    let (ready, subscribed) = tokio::sync::oneshot::channel();
+    let url = nats_url.to_owned();
+    let echo = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let responder = async_nats::connect(url).await.unwrap();
+                let mut requests = responder.subscribe("bench.echo").await.unwrap();
+                responder.flush().await.unwrap();
+                ready.send(()).unwrap();
+                let accepted = vec![b'x'; 300];
+                for _ in 0..LATENCY_REQUESTS {
+                    let request = futures_util::StreamExt::next(&mut requests).await.unwrap();
+                    let reply = request.reply.unwrap();
+                    responder
+                        .publish(reply, accepted.clone().into())
+                        .await
+                        .unwrap();
+                }
+                responder.flush().await.unwrap();
+            });
+    });
+    subscribed.await.unwrap();
+    let nats = async_nats::connect(nats_url).await.unwrap();
+    let mut replies = nats.subscribe("bench.echoed.*").await.unwrap();
+    nats.flush().await.unwrap();
+    let mut latencies = Vec::with_capacity(LATENCY_REQUESTS);
+    for i in 0..LATENCY_REQUESTS {
+        let started = Instant::now();
+        nats.publish_with_reply("bench.echo", format!("bench.echoed.{i}"), "".into())
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut replies))
+            .await
+            .unwrap()
+            .unwrap();
+        latencies.push(started.elapsed());
+    }
+    echo.join().unwrap();
+    latencies
+}
+
+/// Sends [`LATENCY_REQUESTS`] build requests one after the other from a
+/// connection of its own; the time from each publish to its `accepted`.
+async fn time_accepts(nats_url: &str) -> Vec<Duration> {
+    let nats = async_nats::connect(nats_url).await.unwrap();
+    let mut replies = nats.subscribe("build.responses.bench.*").await.unwrap();
+    nats.flush().await.unwrap();
+    let mut latencies = Vec::with_capacity(LATENCY_REQUESTS);
+    for i in 0..LATENCY_REQUESTS {
+        let reply_to = format!("build.responses.bench.{i}");
+        let started = Instant::now();
+        nats.publish_with_reply("build.gate.noop", reply_to, "".into())
+            .await
+            .unwrap();
+        let message = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut replies))
+            .await
+            .unwrap()
+            .unwrap();
+        latencies.push(started.elapsed());
+        let first: Reply = serde_json::from_slice(&message.payload).unwrap();
+        assert!(matches!(first.event, Event::Accepted { .. }), "{first:?}");
+    }
+    latencies
+}
+
+/// The builder's resident memory, in KiB: idle, after the `all` builds,
+/// with the latency requests queued.
+fn print_memory(idle_rss: u64, build_peak: u64, peak_rss: u64) {
+    println!("\nbuilder memory:");
+    println!(
+        "  idle RSS                             {:.1} MB",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "  peak RSS during the all builds       {:.1} MB",
+        build_peak as f64 / 1024.0
+    );
+    println!(
+        "  peak RSS after {LATENCY_REQUESTS} queued requests  {:.1} MB",
+        peak_rss as f64 / 1024.0
+    );
+}
+
+/// Whether the command line asks for `part` (no parts named: all of them).
+fn runs(part: &str) -> bool {
+    // Cargo passes `--bench` to a benchmark without a harness.
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    named.is_empty() || named.iter().any(|a| a == part)
+}
+
 #[tokio::main]
 async fn main() {
     let nix_version = String::from_utf8(nix(&["--version"]).output().unwrap().stdout).unwrap();
@@ -183,7 +372,11 @@ async fn main() {
     let roots = tempfile::tempdir().unwrap();
     let mut options = BuilderOptions::new(&flake_a)
         .host_timeout("10m")
-        .builder(&format!("queue_limit = {}", LATENCY_REQUESTS + 10))
+        // Every latency request is one more unsigned request waiting.
+        .builder(&format!(
+            "queue_limit = {0}\nqueue_per_owner = {0}",
+            LATENCY_REQUESTS + 10
+        ))
         .builder(&format!("gc_roots_dir = \"{}\"", roots.path().display()));
     options.repos = vec![
         ("bench".into(), flake_a.url(), None),
@@ -197,109 +390,28 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = memory_kib(pid, "VmRSS:");
 
-    println!("\nfresh store paths:");
-    let (fresh_a, results) = builder_all(&client, "bench").await;
-    println!("  (a) builder, target all              {}", secs(fresh_a));
-    let fresh_b = shell_loop(&flake_b);
-    println!("  (b) shell loop of nix build          {}", secs(fresh_b));
-    let fresh_c = one_nix_build(&flake_c);
-    println!("  (c) one nix build --keep-going       {}", secs(fresh_c));
-    println!(
-        "  a/b = {:.2}",
-        fresh_a.as_secs_f64() / fresh_b.as_secs_f64()
-    );
-
-    let expected = expected_out_paths(&flake_a);
-    let identical = results.len() == HOSTS
-        && results
-            .iter()
-            .zip(&expected)
-            .all(|((_, status, out), want)| {
-                *status == HostStatus::Success && out.as_deref() == Some(want.as_str())
-            });
-    println!(
-        "  builder's per-host results identical to Nix's own: {}",
-        if identical { "yes" } else { "NO" }
-    );
-
-    println!("\nalready built, unchanged flake:");
-    let (cached_a, _) = builder_all(&client, "bench").await;
-    println!("  (a) builder, target all              {}", secs(cached_a));
-    let cached_b = shell_loop(&flake_b);
-    println!("  (b) shell loop of nix build          {}", secs(cached_b));
-    let cached_c = one_nix_build(&flake_c);
-    println!("  (c) one nix build --keep-going       {}", secs(cached_c));
-    println!(
-        "  a/b = {:.2}",
-        cached_a.as_secs_f64() / cached_b.as_secs_f64()
-    );
+    if runs("compare") {
+        compare(&client, [&flake_a, &flake_b, &flake_c]).await;
+    }
     let build_peak = memory_kib(pid, "VmHWM:");
 
-    // Latency while a build runs: one request at a time, from publishing it
-    // to receiving `accepted`, on a connection already subscribed to the
-    // replies (so the client's own subscribe and flush are not counted).
-    let mut running = client.send("build.gate.gated", "").await;
-    running
-        .until(|e| matches!(e, Event::HostStarted { .. }))
-        .await;
-    let mut replies = client
-        .nats
-        .subscribe("build.responses.bench.*")
-        .await
-        .unwrap();
-    client.nats.flush().await.unwrap();
-    let mut latencies = Vec::with_capacity(LATENCY_REQUESTS);
-    for i in 0..LATENCY_REQUESTS {
-        let started = Instant::now();
-        client
-            .nats
-            .publish_with_reply(
-                "build.gate.noop",
-                format!("build.responses.bench.{i}"),
-                "".into(),
-            )
-            .await
-            .unwrap();
-        let message = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut replies))
-            .await
-            .unwrap()
-            .unwrap();
-        latencies.push(started.elapsed());
-        let first: Reply = serde_json::from_slice(&message.payload).unwrap();
-        assert!(matches!(first.event, Event::Accepted { .. }), "{first:?}");
+    if runs("latency") {
+        accept_latency(&client, nats.url()).await;
     }
-    latencies.sort();
-    println!(
-        "\nrequest to accepted while a build runs ({LATENCY_REQUESTS} requests, one at a time):"
-    );
-    println!(
-        "  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        latencies.last().unwrap().as_secs_f64() * 1e3
-    );
     let peak_rss = memory_kib(pid, "VmHWM:");
 
-    println!("\nbuilder memory:");
-    println!(
-        "  idle RSS                             {:.1} MB",
-        idle_rss as f64 / 1024.0
-    );
-    println!(
-        "  peak RSS during the all builds       {:.1} MB",
-        build_peak as f64 / 1024.0
-    );
-    println!(
-        "  peak RSS after {LATENCY_REQUESTS} queued requests  {:.1} MB",
-        peak_rss as f64 / 1024.0
-    );
+    if runs("compare") || runs("latency") {
+        print_memory(idle_rss, build_peak, peak_rss);
+    }
 
     // Cancels the gated build and the queued ones.
     let status = builder.terminate().await;
     assert!(status.success());
     gate.open_gate();
 
-    metrics_with_many_series(&nats).await;
+    if runs("metrics") {
+        metrics_with_many_series(&nats).await;
+    }
 }
 
 const METRIC_REPOS: usize = 50;
@@ -322,13 +434,17 @@ async fn metrics_with_many_series(nats: &NatsServer) {
     let client = Requester::new(nats).await;
     for i in 1..=METRIC_REPOS {
         let replies = client.build(&format!("build.repo{i:02}.all"), "").await;
-        assert!(matches!(
-            replies.last().unwrap().event,
-            Event::Finished {
-                status: BuildStatus::Success,
-                ..
-            }
-        ));
+        let last = &replies.last().unwrap().event;
+        assert!(
+            matches!(
+                last,
+                Event::Finished {
+                    status: BuildStatus::Success,
+                    ..
+                }
+            ),
+            "repo{i:02}: {last:?}"
+        );
     }
     let addr = builder.metrics_addr().await;
     let mut times = Vec::with_capacity(SCRAPES);

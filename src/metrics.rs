@@ -4,22 +4,26 @@
 //! The metric names and labels are a contract with dashboards and alert
 //! rules (`docs/monitoring/`). Label values are bounded: repos come from the
 //! config, hosts from the flakes, reasons from the protocol's error codes;
-//! nothing taken raw from a request ever becomes a label.
+//! nothing taken raw from a request ever becomes a label. Every labelled
+//! metric is [`Masked`]: credentials in label values are masked when a
+//! series is made, so a scrape sends the encoded text as it is.
 
 use std::net::SocketAddr;
 
-use prometheus::core::Collector;
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use thiserror::Error;
 
 use crate::protocol::{BuildStatus, ErrorCode, HostStatus};
 
+mod labels;
 mod server;
 mod slots;
 
+pub use labels::Masked;
 pub use server::{Exporter, Health, bind, serve};
 
 const PREFIX: &str = "homelab_deploy_builder";
@@ -47,21 +51,21 @@ pub enum MetricsError {
 pub struct Metrics {
     registry: Registry,
     /// Finished requests by status.
-    pub builds: IntCounterVec,
+    pub builds: Masked<IntCounterVec>,
     /// Request wall time.
-    pub build_duration: HistogramVec,
+    pub build_duration: Masked<HistogramVec>,
     /// Per-host results.
-    pub host_builds: IntCounterVec,
+    pub host_builds: Masked<IntCounterVec>,
     /// Per-host wall time.
-    pub host_build_duration: HistogramVec,
+    pub host_build_duration: Masked<HistogramVec>,
     /// Unix time of each host's last successful build.
-    pub host_last_success: GaugeVec,
+    pub host_last_success: Masked<GaugeVec>,
     /// Closure size of each host's current result on the default ref.
-    pub host_closure_size: IntGaugeVec,
+    pub host_closure_size: Masked<IntGaugeVec>,
     /// Rejected requests by error code.
-    pub rejected: IntCounterVec,
+    pub rejected: Masked<IntCounterVec>,
     /// Requests answered with nothing, by why.
-    pub ignored: IntCounterVec,
+    pub ignored: Masked<IntCounterVec>,
     /// Requests waiting behind the running one.
     pub queue_length: IntGauge,
     /// 1 while a build runs.
@@ -77,9 +81,9 @@ pub struct Metrics {
     /// Size of the journal of accepted requests.
     pub journal_bytes: IntGauge,
     /// Derivations Nix sent to each remote builder.
-    pub remote_builds: IntCounterVec,
+    pub remote_builds: Masked<IntCounterVec>,
     /// 1 when the last check reached the remote builder, 0 when not.
-    pub machine_up: IntGaugeVec,
+    pub machine_up: Masked<IntGaugeVec>,
     /// The evaluators' memory budget (`eval_memory_budget`).
     pub eval_memory_budget: IntGauge,
     /// Memory reserved of it now.
@@ -89,9 +93,9 @@ pub struct Metrics {
     /// Evaluations waiting for room in the budget.
     pub eval_waiting_for_memory: IntGauge,
     /// The learned peak of each host's evaluation.
-    pub eval_host_peak: IntGaugeVec,
+    pub eval_host_peak: Masked<IntGaugeVec>,
     /// Evaluator processes stopped before their hosts were done, by why.
-    pub eval_restarts: IntCounterVec,
+    pub eval_restarts: Masked<IntCounterVec>,
 }
 
 fn name(suffix: &str) -> String {
@@ -108,19 +112,27 @@ fn registered<M: Collector + Clone + 'static>(
     Ok(metric)
 }
 
+/// [`registered`] for a labelled metric: its label values are masked.
+fn masked<B: MetricVecBuilder + 'static>(
+    registry: &Registry,
+    vec: MetricVec<B>,
+) -> Result<Masked<MetricVec<B>>, prometheus::Error> {
+    registered(registry, vec).map(Masked::new)
+}
+
 impl Metrics {
     /// Creates and registers every metric; series for the configured repos
     /// and every status start at zero so rates are defined from the start.
     pub fn new<'a>(repos: impl IntoIterator<Item = &'a str>) -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let counter_vec = |suffix: &str, help: &str, labels: &[&str]| {
-            registered(
+            masked(
                 &registry,
                 IntCounterVec::new(Opts::new(name(suffix), help), labels)?,
             )
         };
         let histogram_vec = |suffix: &str, help: &str, labels: &[&str]| {
-            registered(
+            masked(
                 &registry,
                 HistogramVec::new(
                     HistogramOpts::new(name(suffix), help).buckets(DURATION_BUCKETS.to_vec()),
@@ -149,7 +161,7 @@ impl Metrics {
                 "Wall time of host builds (waiting for evaluation included).",
                 &["repo", "host"],
             )?,
-            host_last_success: registered(
+            host_last_success: masked(
                 &registry,
                 GaugeVec::new(
                     Opts::new(
@@ -159,7 +171,7 @@ impl Metrics {
                     &["repo", "host"],
                 )?,
             )?,
-            host_closure_size: registered(
+            host_closure_size: masked(
                 &registry,
                 IntGaugeVec::new(
                     Opts::new(
@@ -230,7 +242,7 @@ impl Metrics {
                 "Derivations Nix built on each remote builder (machine URI, credentials masked).",
                 &["machine"],
             )?,
-            machine_up: registered(
+            machine_up: masked(
                 &registry,
                 IntGaugeVec::new(
                     Opts::new(
@@ -268,7 +280,7 @@ impl Metrics {
                     "Evaluator processes waiting for room in the memory budget.",
                 )?,
             )?,
-            eval_host_peak: registered(
+            eval_host_peak: masked(
                 &registry,
                 IntGaugeVec::new(
                     Opts::new(
@@ -361,14 +373,16 @@ impl Metrics {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    /// The Prometheus text format (0.0.4).
+    /// The Prometheus text format (0.0.4). Label values were masked as
+    /// they entered the registry (see [`Masked`]), so the text is sent as
+    /// it is.
     pub fn render(&self) -> String {
-        let mut buffer = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metrics.
-        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+        let mut text = String::new();
+        // Encoding into a String cannot fail for well-formed metrics.
+        if let Err(err) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
             tracing::error!(%err, "cannot encode metrics");
         }
-        String::from_utf8_lossy(&buffer).into_owned()
+        text
     }
 }
 

@@ -4,8 +4,10 @@
 //! `…?access_token=TOKEN`), and Nix and git repeat the URL in their
 //! messages. [`redact`] replaces such secrets with [`MASK`] in any text: a
 //! Nix message, a log line, a whole JSON payload. It is applied where text
-//! leaves the process (the reply outbox, the log writer, the metrics
-//! endpoint, MCP results), not at every place a message is made.
+//! leaves the process (the reply outbox, the log writer, MCP results), not
+//! at every place a message is made; metric label values are masked as
+//! they enter the registry ([`crate::metrics::Masked`]), so a scrape is
+//! not scanned.
 //!
 //! What is hidden:
 //! - the userinfo of a URL (`scheme://USERINFO@host`): all of it, user name

@@ -27,25 +27,26 @@ use crate::signing::{self, Signature};
 /// What identifies a request for coalescing: the same repo, target, ref,
 /// rev and log choice build the same thing; the same owner (or none) may
 /// share it, so a cancel by one owner never ends another's request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Identity {
-    repo: String,
-    target: Target,
-    git_ref: Option<String>,
-    rev: Option<String>,
+/// Borrowed: every waiting job is compared without copying it.
+#[derive(Debug, PartialEq, Eq)]
+struct Identity<'a> {
+    repo: &'a str,
+    target: &'a Target,
+    git_ref: Option<&'a str>,
+    rev: Option<&'a str>,
     logs: bool,
-    owner: Option<String>,
+    owner: Option<&'a str>,
 }
 
-impl Identity {
-    fn of(job: &Job) -> Self {
+impl<'a> Identity<'a> {
+    fn of(job: &'a Job) -> Self {
         Self {
-            repo: job.repo.clone(),
-            target: job.target.clone(),
-            git_ref: job.git_ref.clone(),
-            rev: job.rev.clone(),
+            repo: &job.repo,
+            target: &job.target,
+            git_ref: job.git_ref.as_deref(),
+            rev: job.rev.as_deref(),
             logs: job.logs,
-            owner: job.owner.clone(),
+            owner: job.owner.as_deref(),
         }
     }
 }

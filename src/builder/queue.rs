@@ -84,23 +84,36 @@ impl<J> Queue<J> {
     }
 
     /// The indices of the waiting jobs in the order they will be taken:
-    /// each time, the earliest job of the owner served longest ago.
+    /// each time, the earliest job of the owner served longest ago. That
+    /// is a round robin over the owners, each taking its jobs in arrival
+    /// order, starting with the owners never served (by their earliest
+    /// job), then the others by when they were served; linear in the
+    /// number of waiting jobs, as every accepted request asks for it.
     fn service_order(&self, state: &State<J>) -> Vec<usize> {
-        let owners: Vec<Owner> = state.waiting.iter().map(self.owner).collect();
-        let mut last_served = state.last_served.clone();
-        let mut taken_count = state.taken;
-        let mut taken = vec![false; owners.len()];
-        let mut order = Vec::with_capacity(owners.len());
-        for _ in 0..owners.len() {
-            let mut seen = HashSet::new();
-            let next = (0..owners.len())
-                .filter(|&i| !taken[i] && seen.insert(&owners[i]))
-                .min_by_key(|&i| (last_served.get(&owners[i]).copied(), i));
-            let Some(next) = next else { break };
-            taken[next] = true;
-            taken_count += 1;
-            last_served.insert(owners[next].clone(), taken_count);
-            order.push(next);
+        // Each owner's jobs, owners in the order of their earliest job.
+        let mut turns: Vec<(Option<u64>, Vec<usize>)> = Vec::new();
+        let mut slots: HashMap<Owner, usize> = HashMap::new();
+        for (index, job) in state.waiting.iter().enumerate() {
+            let owner = (self.owner)(job);
+            let slot = *slots.entry(owner).or_insert_with_key(|owner| {
+                turns.push((state.last_served.get(owner).copied(), Vec::new()));
+                turns.len() - 1
+            });
+            turns[slot].1.push(index);
+        }
+        // Stable: owners never served (`None`) keep their earliest job's
+        // order; served ones have distinct times.
+        turns.sort_by_key(|(served, _)| *served);
+        let mut round: VecDeque<_> = turns
+            .into_iter()
+            .map(|(_, jobs)| jobs.into_iter())
+            .collect();
+        let mut order = Vec::with_capacity(state.waiting.len());
+        while let Some(mut jobs) = round.pop_front() {
+            if let Some(index) = jobs.next() {
+                order.push(index);
+                round.push_back(jobs);
+            }
         }
         order
     }
@@ -350,6 +363,64 @@ mod tests {
         assert_eq!(queue.next().await, Some("d:1"));
         queue.done();
         assert_eq!(queue.push("b:3"), Ok(3), "after a:2, b:2 and a:3");
+    }
+
+    /// The order [`Queue::service_order`] computes, one pick at a time as
+    /// its documentation says: the earliest job of the owner served
+    /// longest ago (never served first, then the earliest job first).
+    fn order_by_picking(
+        owners: &[Owner],
+        last_served: &HashMap<Owner, u64>,
+        taken: u64,
+    ) -> Vec<usize> {
+        let mut last_served = last_served.clone();
+        let mut taken_count = taken;
+        let mut taken = vec![false; owners.len()];
+        let mut order = Vec::new();
+        for _ in 0..owners.len() {
+            let mut seen = HashSet::new();
+            let next = (0..owners.len())
+                .filter(|&i| !taken[i] && seen.insert(&owners[i]))
+                .min_by_key(|&i| (last_served.get(&owners[i]).copied(), i))
+                .unwrap();
+            taken[next] = true;
+            taken_count += 1;
+            last_served.insert(owners[next].clone(), taken_count);
+            order.push(next);
+        }
+        order
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_service_order_picks_the_earliest_job_of_the_owner_served_longest_ago(
+            steps in proptest::collection::vec(proptest::option::of(0u8..5), 0..60),
+        ) {
+            // Pushes by owners 0..4 (4: unsigned), with a job taken now and then.
+            let queue: Queue<(Owner, usize)> = Queue::shared(64, 64, |job| job.0.clone());
+            for (n, step) in steps.into_iter().enumerate() {
+                match step {
+                    Some(owner) => {
+                        let owner = (owner < 4).then(|| owner.to_string());
+                        queue.lock().waiting.push_back((owner, n));
+                    }
+                    None => {
+                        let mut state = queue.lock();
+                        let Some(&first) = queue.service_order(&state).first() else { continue };
+                        let job = state.waiting.remove(first).unwrap();
+                        state.taken += 1;
+                        let taken = state.taken;
+                        state.last_served.insert(job.0, taken);
+                    }
+                }
+                let state = queue.lock();
+                let owners: Vec<Owner> = state.waiting.iter().map(|job| job.0.clone()).collect();
+                proptest::prop_assert_eq!(
+                    queue.service_order(&state),
+                    order_by_picking(&owners, &state.last_served, state.taken)
+                );
+            }
+        }
     }
 
     #[test]
