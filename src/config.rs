@@ -322,17 +322,19 @@ impl ByteSize {
     }
 }
 
+/// A size as the config file writes it: a number of bytes, or text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Bytes(bytes) => Ok(Self(bytes)),
-            Raw::Text(text) => Self::parse(&text).map_err(serde::de::Error::custom),
+        match SizeValue::deserialize(deserializer)? {
+            SizeValue::Bytes(bytes) => Ok(Self(bytes)),
+            SizeValue::Text(text) => Self::parse(&text).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -388,15 +390,9 @@ impl MemoryShare {
 
 impl<'de> Deserialize<'de> for MemoryShare {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Bytes(bytes) => Ok(Self::Bytes(ByteSize(bytes))),
-            Raw::Text(text) => Self::parse(&text).map_err(serde::de::Error::custom),
+        match SizeValue::deserialize(deserializer)? {
+            SizeValue::Bytes(bytes) => Ok(Self::Bytes(ByteSize(bytes))),
+            SizeValue::Text(text) => Self::parse(&text).map_err(serde::de::Error::custom),
         }
     }
 }
