@@ -12,6 +12,13 @@
 //! the host it was on fails with that error, and a fresh process carries on
 //! with the lane's remaining hosts. A process whose memory passes
 //! `eval_max_memory` is likewise replaced after its current host.
+//!
+//! All processes together stay within `eval_memory_budget` (see
+//! [`super::memory`]): each reserves what its hosts took last time before
+//! it starts, its resident memory is sampled while it runs, and one that
+//! outgrows what is free is killed at once and its host tried again with
+//! more room; a host fails with `eval_out_of_memory` only when it alone
+//! passes the whole budget.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
