@@ -237,8 +237,12 @@ async fn every_accepted_request_gets_exactly_one_terminal_event_across_kills() {
     let nats = NatsServer::start().await;
     let options = journaled(&flake, dir.path());
     let client = Requester::new(&nats).await;
-    let seed: u64 = u64::from_str_radix(&homelab_deploy::protocol::random_hex::<4>(), 16).unwrap();
-    eprintln!("kill moments from seed {seed}");
+    // HOMELAB_DEPLOY_TEST_SEED replays the moments of an earlier run.
+    let seed: u64 = match std::env::var("HOMELAB_DEPLOY_TEST_SEED") {
+        Ok(seed) => seed.parse().expect("HOMELAB_DEPLOY_TEST_SEED is a number"),
+        Err(_) => u64::from_str_radix(&homelab_deploy::protocol::random_hex::<4>(), 16).unwrap(),
+    };
+    eprintln!("kill moments from seed {seed} (HOMELAB_DEPLOY_TEST_SEED replays them)");
     let mut state = seed | 1;
     let mut next_delay = || {
         // xorshift: a reproducible spread of moments from the seed.
@@ -289,9 +293,10 @@ async fn every_accepted_request_gets_exactly_one_terminal_event_across_kills() {
                     .any(|r| matches!(r.event, Event::Resumed { .. })),
             );
             // Nothing more comes after the terminal event.
+            let late = request.try_next();
             assert!(
-                request.try_next().is_none(),
-                "round {round}: an event after the terminal one"
+                late.is_none(),
+                "round {round}: {late:?} after the terminal one of {events:?}"
             );
         }
     }

@@ -246,24 +246,28 @@ impl Journal {
     }
 
     /// Appends `record` durably (written and fsynced when this returns).
-    /// An `ended` record compacts the journal instead.
+    /// An `ended` record then compacts the journal.
     pub(crate) fn append(&self, record: Record) -> Result<(), JournalError> {
         let failed = |source| JournalError {
             path: self.path.clone(),
             source,
         };
         let mut inner = lock(&self.inner);
+        let mut line = serde_json::to_vec(&record).map_err(|err| failed(err.into()))?;
+        line.push(b'\n');
+        let bytes = inner.bytes;
+        // An `ended` line too is appended first: its `finished` may be on
+        // the wire already, and a kill from here on must find the request
+        // ended (one write, where the compaction below takes a file of
+        // its own, an fsync and a rename).
+        append_line(&mut inner.file, bytes, &line).map_err(failed)?;
+        inner.bytes += line.len() as u64;
         if let Record::Ended { build_id } = &record {
             inner.live.retain(|r| r.build_id() != build_id);
             inner.bytes = rewrite(&self.path, &inner.live).map_err(failed)?;
             inner.file = append_handle(&self.path).map_err(failed)?;
             return Ok(());
         }
-        let mut line = serde_json::to_vec(&record).map_err(|err| failed(err.into()))?;
-        line.push(b'\n');
-        let bytes = inner.bytes;
-        append_line(&mut inner.file, bytes, &line).map_err(failed)?;
-        inner.bytes += line.len() as u64;
         inner.live.push(record);
         Ok(())
     }
