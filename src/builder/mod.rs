@@ -377,10 +377,12 @@ impl Service {
             let client = self.connection.client.clone();
             let queries = self.queries.client.clone();
             let mut state = self.connection.state.clone();
+            // Connected first, then a round trip on each connection: the
+            // server has taken the subscriptions (sent on connecting) once
+            // it answers, so nobody told "ready" meets "no responders".
             async move {
-                let flushed = client.flush().await.and(queries.flush().await);
                 let _ = state.wait_for(|state| state.connected).await;
-                flushed
+                client.flush().await.and(queries.flush().await)
             }
         };
         tokio::pin!(nats_up);
