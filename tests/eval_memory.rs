@@ -20,6 +20,7 @@ use common::process::child_pids;
 use common::replies::host_outcomes;
 use common::requester::Requester;
 use homelab_deploy::nix::argv::EVAL_MARKER;
+use homelab_deploy::nix::process::resident_bytes;
 use homelab_deploy::protocol::{ErrorCode, HostStatus};
 
 const BUDGET_MIB: u64 = 700;
@@ -68,18 +69,6 @@ impl Drop for Sampler {
 fn is_evaluator(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(EVAL_MARKER))
-}
-
-fn resident_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
 }
 
 async fn scrape(builder: &mut Builder) -> String {
