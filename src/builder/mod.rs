@@ -377,9 +377,12 @@ impl Service {
             let client = self.connection.client.clone();
             let queries = self.queries.client.clone();
             let mut state = self.connection.state.clone();
-            // Connected first, then a round trip on each connection: the
-            // server has taken the subscriptions (sent on connecting) once
-            // it answers, so nobody told "ready" meets "no responders".
+            // Connected first, then each connection flushed: the
+            // subscriptions have been written to the server. async-nats
+            // offers no round trip a builder allowed to publish nothing
+            // could make, so the server may take them a moment after
+            // READY=1; a request in that moment meets "no responders",
+            // as if the builder were still starting (`--wait-for-builder`).
             async move {
                 let _ = state.wait_for(|state| state.connected).await;
                 client.flush().await.and(queries.flush().await)

@@ -154,11 +154,30 @@ pub struct Builder {
 /// after the start cannot be that one.
 const NATS_READY_WAIT: Duration = Duration::from_secs(5);
 
+/// The builder's subscriptions, by the name of the connection holding each.
+const BUILDER_SUBSCRIPTIONS: &[(&str, &str)] = &[
+    (
+        "homelab-deploy-builder",
+        homelab_deploy::protocol::REQUEST_SUBSCRIPTION,
+    ),
+    (
+        "homelab-deploy-builder-queries",
+        homelab_deploy::protocol::STATUS_SUBJECT,
+    ),
+    (
+        "homelab-deploy-builder-queries",
+        homelab_deploy::protocol::CANCEL_SUBJECT,
+    ),
+];
+
 impl Builder {
-    /// Starts the builder and waits until it has subscribed.
+    /// Starts the builder and waits until it is ready and nats-server
+    /// holds its subscriptions: a request sent then reaches it.
     pub async fn start(nats: &NatsServer, options: &BuilderOptions) -> Self {
+        let before = nats.last_client_id().await;
         let mut builder = Self::spawn_with(&options.config_text(&nats.url()), options);
         builder.wait_serving().await;
+        nats.wait_subscribed(before, BUILDER_SUBSCRIPTIONS).await;
         builder
     }
 

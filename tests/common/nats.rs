@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::net::free_port;
+use super::net::{free_port, http_get};
 use super::nix::require_tool;
-use super::wait::WAIT;
+use super::wait::{WAIT, poll};
 
 /// A nats-server child process on 127.0.0.1; killed on drop.
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
+    /// The server's monitoring port (`/connz`), on 127.0.0.1 too.
+    monitor: u16,
     config: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
@@ -44,10 +46,12 @@ impl NatsServer {
             path
         });
         let port = port.unwrap_or_else(free_port);
-        let child = spawn_nats(config_path.as_deref(), port, dir.path()).await;
+        let monitor = free_port();
+        let child = spawn_nats(config_path.as_deref(), port, monitor, dir.path()).await;
         Self {
             child: Some(child),
             port,
+            monitor,
             config: config_path,
             _dir: dir,
         }
@@ -69,8 +73,73 @@ impl NatsServer {
     /// Starts it again on the same port.
     pub async fn restart(&mut self) {
         self.stop();
-        let child = spawn_nats(self.config.as_deref(), self.port, self._dir.path()).await;
+        let child = spawn_nats(
+            self.config.as_deref(),
+            self.port,
+            self.monitor,
+            self._dir.path(),
+        )
+        .await;
         self.child = Some(child);
+    }
+
+    /// The client connections the server has open, with their
+    /// subscriptions, as its monitoring endpoint lists them.
+    pub async fn connections(&self) -> Vec<ClientConnection> {
+        let (status, body) = http_get(
+            &format!("127.0.0.1:{}", self.monitor),
+            "/connz?subs=1&limit=100000",
+        )
+        .await;
+        assert_eq!(status, 200, "nats-server /connz: {body}");
+        let connz: serde_json::Value = serde_json::from_str(&body).unwrap();
+        connz["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|connection| ClientConnection {
+                cid: connection["cid"].as_u64().unwrap(),
+                name: connection["name"].as_str().unwrap_or_default().to_owned(),
+                subscriptions: connection["subscriptions_list"]
+                    .as_array()
+                    .map(|subjects| {
+                        subjects
+                            .iter()
+                            .filter_map(|s| s.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// The highest client id the server has given out to an open
+    /// connection (0 if none): connections made later have higher ones.
+    pub async fn last_client_id(&self) -> u64 {
+        self.connections()
+            .await
+            .iter()
+            .map(|c| c.cid)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the server itself holds, on connections newer than
+    /// `after_cid`, every `(connection name, subject)` subscription given.
+    /// A client's flush only says its SUB left the socket; the server's
+    /// own list says a publish from any other connection will match it.
+    pub async fn wait_subscribed(&self, after_cid: u64, wanted: &[(&str, &str)]) {
+        let holds = |connections: &Vec<ClientConnection>| {
+            wanted.iter().all(|(name, subject)| {
+                connections.iter().any(|c| {
+                    c.cid > after_cid
+                        && c.name == *name
+                        && c.subscriptions.iter().any(|s| s == subject)
+                })
+            })
+        };
+        let what = format!("nats-server to hold {wanted:?} after cid {after_cid}");
+        poll(&what, async || self.connections().await, holds).await;
     }
 
     /// A client connection for the test itself.
@@ -79,13 +148,22 @@ impl NatsServer {
     }
 }
 
+/// One client connection as nats-server's `/connz` lists it.
+#[derive(Debug)]
+pub struct ClientConnection {
+    pub cid: u64,
+    pub name: String,
+    pub subscriptions: Vec<String>,
+}
+
 /// Starts nats-server and waits until it says it listens (its stderr,
 /// read by a thread, is copied to a log file in `dir`).
-async fn spawn_nats(config: Option<&Path>, port: u16, dir: &Path) -> Child {
+async fn spawn_nats(config: Option<&Path>, port: u16, monitor: u16, dir: &Path) -> Child {
     let deadline = Instant::now() + WAIT;
     loop {
         let mut command = Command::new("nats-server");
         command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        command.args(["-m", &monitor.to_string()]);
         if let Some(config) = config {
             command.arg("-c").arg(config);
         }
