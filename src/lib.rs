@@ -16,6 +16,7 @@ pub mod changes;
 pub mod cli;
 pub(crate) mod client;
 pub(crate) mod config;
+pub mod history;
 pub(crate) mod mcp;
 pub(crate) mod metrics;
 pub mod nats;
@@ -28,6 +29,7 @@ pub(crate) mod signing;
 mod sync;
 pub(crate) mod systemd;
 pub(crate) mod text;
+pub mod web;
 
 /// How long the builder takes at most to stop after SIGTERM: it cancels the
 /// running build, answers the waiting requests and delivers every event

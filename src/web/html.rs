@@ -1,0 +1,1 @@
+//! Escaping text for HTML.
