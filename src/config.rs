@@ -28,8 +28,22 @@ pub struct Config {
     /// Who may do what beyond building (see docs/security.md).
     #[serde(default)]
     pub auth: AuthConfig,
+    /// The web pages and JSON API on the metrics listener.
+    #[serde(default)]
+    pub web: WebConfig,
     /// Repo name (the second subject token) → flake to build.
     pub repos: BTreeMap<String, RepoConfig>,
+}
+
+/// `[web]`. Unset keys take their values from `Default`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the status pages (`/`, `/builds/…`, `/hosts/…`, badges) and
+    /// the read-only JSON API (`/api/v1/…`) beside `/metrics`. Off unless
+    /// turned on: they show repo and host names, revs and build errors to
+    /// whoever reaches the port.
+    pub enabled: bool,
 }
 
 /// `[nats]`
@@ -196,6 +210,11 @@ pub struct BuilderConfig {
     /// start to resume; `false` cancels them as without one (also
     /// `builder --no-resume`).
     pub resume: bool,
+    /// SQLite database of every accepted request's outcome and every host's
+    /// result (for the web pages and the API). Unset: no history.
+    pub history_db: Option<PathBuf>,
+    /// How much history is kept; pruned as each build is recorded.
+    pub history_keep: HistoryKeep,
     /// Hosts of a request built at once. 1 (the default) builds them one
     /// after the other; more pays off only when Nix has remote builders
     /// (its `builders` setting) to take the derivations. Evaluation stays
@@ -225,7 +244,40 @@ impl Default for BuilderConfig {
             state_file: None,
             journal_file: None,
             resume: true,
+            history_db: None,
+            history_keep: HistoryKeep::default(),
             parallel_hosts: 1,
+        }
+    }
+}
+
+/// `history_keep = { builds = 1000, age = "90d" }`: the newest `builds`
+/// finished builds, none older than `age`. A key left out of a table that
+/// is given sets no limit of its kind; without the table both defaults
+/// hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryKeep {
+    #[serde(default)]
+    pub builds: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub age: Option<Duration>,
+}
+
+impl Default for HistoryKeep {
+    fn default() -> Self {
+        Self {
+            builds: Some(1000),
+            age: Some(Duration::from_secs(90 * 24 * 60 * 60)),
+        }
+    }
+}
+
+impl From<HistoryKeep> for crate::history::Keep {
+    fn from(keep: HistoryKeep) -> Self {
+        Self {
+            builds: keep.builds,
+            age: keep.age,
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub resumed_requests: IntCounter,
     /// Size of the journal of accepted requests.
     pub journal_bytes: IntGauge,
+    /// History writes that failed or were dropped.
+    pub history_write_failures: IntCounter,
     /// Derivations Nix sent to each remote builder.
     pub remote_builds: Masked<IntCounterVec>,
     /// 1 when the last check reached the remote builder, 0 when not.
@@ -235,6 +237,13 @@ impl Metrics {
                 IntGauge::new(
                     name("journal_bytes"),
                     "Size of the journal of accepted requests, in bytes.",
+                )?,
+            )?,
+            history_write_failures: registered(
+                &registry,
+                IntCounter::new(
+                    name("history_write_failures_total"),
+                    "Events the history database did not record (a failed write, or too many waiting); builds go on regardless.",
                 )?,
             )?,
             remote_builds: counter_vec(

@@ -269,11 +269,25 @@ async fn every_accepted_request_gets_exactly_one_terminal_event_across_kills() {
         } else {
             assert!(builder.terminate().await.success());
         }
+        let stopped_log = builder.log_text();
         builder = Builder::start(&nats, &options).await;
         for (i, (request, first)) in pending.iter_mut().zip(first).enumerate() {
             let mut events = vec![first];
             if !events[0].is_terminal() {
-                events.extend(untimed(request.until_terminal().await));
+                // Within Pending's own wait, so the logs can be shown.
+                let rest = tokio::time::timeout(WAIT / 2, request.until_terminal()).await;
+                let Ok(rest) = rest else {
+                    let id = &events[0].build_id;
+                    panic!(
+                        "round {round}, request {i}: no terminal event after {events:?}\n\
+                         stopped builder, lines of {id}:\n{}\n\
+                         new builder, lines of {id} and its last lines:\n{}\n...\n{}",
+                        lines_of(&stopped_log, id),
+                        lines_of(&builder.log_text(), id),
+                        last_lines(&builder.log_text(), 30),
+                    );
+                };
+                events.extend(untimed(rest));
             }
             let id = &events[0].build_id;
             assert!(
@@ -305,4 +319,18 @@ async fn every_accepted_request_gets_exactly_one_terminal_event_across_kills() {
         started.elapsed()
     );
     assert!(resumed_total > 0, "no kill caught a request in flight");
+}
+
+/// The lines of `log` that mention `needle`.
+fn lines_of(log: &str, needle: &str) -> String {
+    log.lines()
+        .filter(|line| line.contains(needle))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The last `count` lines of `log`.
+fn last_lines(log: &str, count: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
 }

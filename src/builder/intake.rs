@@ -18,6 +18,7 @@ use super::queue::{PushError, Queue, Take};
 use super::replies::{Class, Publisher, Replies};
 use super::request::{Job, Report, may_cancel};
 use crate::config::Config;
+use crate::history::{BuildMeta, EventTap};
 use crate::protocol::{
     self, BuildStatus, CancelEvent, CancelOutcome, CancelRequest, CancelledState, ErrorBody,
     ErrorCode, Event, RESPONSES_PREFIX, StatusEvent, SubjectKind, Target, ValidRequest,
@@ -69,6 +70,8 @@ pub(crate) struct Intake {
     /// The last status sent and when it was made: reused for
     /// [`STATUS_REUSE`] while answers wait to be sent.
     status_sent: std::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
+    /// Sees the events of every accepted build (history, live feed).
+    tap: Option<Arc<EventTap>>,
 }
 
 /// How long one status is sent again, while answers wait to be sent (a
@@ -177,6 +180,21 @@ impl Intake {
             finisher,
             rejection_log: RateLimit::new(20),
             status_sent: std::sync::Mutex::new(None),
+            tap: None,
+        }
+    }
+
+    /// The same intake, showing every accepted build's events to `tap`.
+    pub(crate) fn tapping(mut self, tap: Arc<EventTap>) -> Self {
+        self.tap = Some(tap);
+        self
+    }
+
+    /// `replies` for an accepted build, tapped if there is a tap.
+    fn tapped(&self, replies: Replies, meta: BuildMeta) -> Replies {
+        match &self.tap {
+            Some(tap) => replies.tapped(tap, meta),
+            None => replies,
         }
     }
 
@@ -213,7 +231,16 @@ impl Intake {
     pub(crate) fn resume(&self, unfinished: Unfinished) {
         let request = &unfinished.request;
         let mut subjects = request.replies.iter().map(|s| Subject::from(s.as_str()));
-        let replies = Replies::new(Arc::clone(&self.publisher), subjects.next()).resumed();
+        let replies = self.tapped(
+            Replies::new(Arc::clone(&self.publisher), subjects.next()).resumed(),
+            BuildMeta {
+                repo: request.repo.clone(),
+                target: request.target.clone(),
+                git_ref: request.git_ref.clone(),
+                owner: request.owner.clone(),
+                accepted_at: request.received_at(),
+            },
+        );
         for subject in subjects {
             replies.add(subject);
         }
@@ -372,12 +399,22 @@ impl Intake {
         };
         let digest = digest();
         let build_id = protocol::new_build_id();
-        let replies = Replies::new(Arc::clone(&self.publisher), reply.clone());
         let span = tracing::info_span!("request", %build_id, %repo, %target);
         let git_ref = request
             .git_ref
             .clone()
             .or_else(|| self.config.repos.get(&repo).and_then(|r| r.git_ref.clone()));
+        let received_at = SystemTime::now();
+        let replies = self.tapped(
+            Replies::new(Arc::clone(&self.publisher), reply.clone()),
+            BuildMeta {
+                repo: repo.clone(),
+                target: target.to_string(),
+                git_ref: git_ref.clone(),
+                owner: owner.clone(),
+                accepted_at: received_at,
+            },
+        );
         let job = Job {
             build_id: build_id.clone(),
             repo: repo.clone(),
@@ -387,7 +424,7 @@ impl Intake {
             logs: request.logs,
             owner: owner.clone(),
             replies: replies.clone(),
-            received_at: SystemTime::now(),
+            received_at,
             resume: None,
         };
 

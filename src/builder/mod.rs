@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::history::{EventTap, Recorder};
 use crate::metrics::{self, Exporter, MetricsError};
 use crate::nats::{self, Connection, NatsError};
 use crate::nix::NixCli;
@@ -47,6 +48,7 @@ use crate::protocol::{
     BuildStatus, CANCEL_SUBJECT, ErrorBody, ErrorCode, REQUEST_SUBSCRIPTION, STATUS_SUBJECT,
 };
 use crate::systemd;
+use crate::web::Web;
 use cancel::{Cancellation, StopReason};
 use finisher::{Finisher, Stage};
 use intake::Intake;
@@ -200,6 +202,8 @@ struct Service {
     sender: JoinHandle<()>,
     heartbeats: JoinHandle<()>,
     machines: JoinHandle<()>,
+    /// Feeds the history and `/api/v1/events`.
+    tap: Arc<EventTap>,
 }
 
 impl Service {
@@ -254,10 +258,43 @@ impl Service {
             connection.state.clone(),
             journaling.clone(),
         )?);
+        let recorder = config.builder.history_db.as_deref().and_then(|path| {
+            let resuming: Vec<String> = recovered
+                .iter()
+                .map(|unfinished| unfinished.request.build_id.clone())
+                .collect();
+            let failed = {
+                let monitor = Arc::clone(&monitor);
+                move || monitor.history_write_failed()
+            };
+            let keep = config.builder.history_keep.into();
+            match Recorder::start(path, keep, &resuming, failed) {
+                Ok(recorder) => {
+                    tracing::info!(path = %path.display(), "keeping history");
+                    Some(recorder)
+                }
+                // Builds matter more than their history: go on without it.
+                Err(err) => {
+                    tracing::error!(%err, "cannot keep history; building without it");
+                    monitor.history_write_failed();
+                    None
+                }
+            }
+        });
+        let tap = EventTap::new(recorder);
+        let web = config.web.enabled.then(|| {
+            let monitor = Arc::clone(&monitor);
+            Arc::new(Web::new(
+                move || monitor.status(),
+                Arc::clone(&tap),
+                config.builder.history_db.clone(),
+            ))
+        });
         let background = CancellationToken::new();
         let http = tokio::spawn(metrics::serve(
             listener,
             Arc::clone(&monitor) as Arc<dyn Exporter>,
+            web,
             background.clone(),
         ));
         let publisher = Publisher::new(&connection, {
@@ -319,16 +356,19 @@ impl Service {
             journaling.clone(),
             Arc::clone(&live),
         ));
-        let intake = Arc::new(Intake::new(
-            Arc::clone(&config),
-            Arc::clone(&publisher),
-            Arc::clone(&answers),
-            Arc::clone(&queue),
-            Arc::clone(&monitor),
-            Arc::clone(&live),
-            journaling,
-            Arc::clone(&finisher),
-        ));
+        let intake = Arc::new(
+            Intake::new(
+                Arc::clone(&config),
+                Arc::clone(&publisher),
+                Arc::clone(&answers),
+                Arc::clone(&queue),
+                Arc::clone(&monitor),
+                Arc::clone(&live),
+                journaling,
+                Arc::clone(&finisher),
+            )
+            .tapping(Arc::clone(&tap)),
+        );
         // Requests from before a stop or a crash run first, in their order.
         for unfinished in recovered {
             intake.resume(unfinished);
@@ -365,6 +405,7 @@ impl Service {
             sender,
             heartbeats,
             machines,
+            tap,
         })
     }
 
@@ -466,6 +507,7 @@ impl Service {
             sender,
             heartbeats,
             machines,
+            tap,
             ..
         } = self;
         if !worker.is_finished() {
@@ -488,6 +530,13 @@ impl Service {
                 "could not deliver the last replies before exiting"
             );
         }
+        // The last `finished` events go into the history too.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(recorder) = tap.recorder() {
+                recorder.close(FINAL_FLUSH);
+            }
+        })
+        .await;
         background.cancel();
         let _ = tokio::join!(http, sender, answers_sender, heartbeats, machines);
         let _ = tokio::task::spawn_blocking(move || monitor.flush_state()).await;

@@ -219,6 +219,11 @@ impl Monitor {
         self.metrics.ignored.with_label_values(&[reason]).inc();
     }
 
+    /// An event was not recorded in the history.
+    pub(crate) fn history_write_failed(&self) {
+        self.metrics.history_write_failures.inc();
+    }
+
     /// A request starts running; `cancel` stops it.
     pub(crate) fn build_started(&self, job: &Job, cancel: Cancellation) {
         self.lock().running = Some(Running {

@@ -39,6 +39,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::history::{BuildMeta, EventTap};
 use crate::nats::{Connection, ConnectionState};
 use crate::protocol::{Event, Reply};
 use crate::redact::redact;
@@ -385,6 +386,15 @@ pub(crate) struct Replies {
     last_sent: Arc<Mutex<Instant>>,
     /// The `seq` of the next event of the build.
     next_seq: Arc<AtomicU64>,
+    /// Where the build's events go besides its requesters.
+    tap: Option<Tapped>,
+}
+
+/// The build's events seen by the history and `/api/v1/events`.
+#[derive(Clone)]
+struct Tapped {
+    tap: Arc<EventTap>,
+    meta: Arc<BuildMeta>,
 }
 
 impl std::fmt::Debug for Replies {
@@ -403,7 +413,18 @@ impl Replies {
             to: Arc::new(Mutex::new(to.into_iter().collect())),
             last_sent: Arc::new(Mutex::new(Instant::now())),
             next_seq: Arc::new(AtomicU64::new(0)),
+            tap: None,
         }
+    }
+
+    /// The same, with every event also shown to `tap` as an event of the
+    /// build `meta` describes.
+    pub(crate) fn tapped(mut self, tap: &Arc<EventTap>, meta: BuildMeta) -> Self {
+        self.tap = Some(Tapped {
+            tap: Arc::clone(tap),
+            meta: Arc::new(meta),
+        });
+        self
     }
 
     /// For a build resumed after a restart: its events are numbered above
@@ -441,17 +462,17 @@ impl Replies {
     /// Sends one event to every requester; never waits.
     pub(crate) fn send(&self, build_id: &str, event: Event) {
         *lock(&self.last_sent) = Instant::now();
-        let subjects = self.subjects();
-        if subjects.is_empty() {
-            return;
-        }
         let class = Class::of(&event);
         let reply = Reply {
             build_id: build_id.to_owned(),
             seq: Some(self.take_seq()),
             event,
         };
-        send_to(&self.publisher, &subjects, &reply, class);
+        self.observe(&reply);
+        let subjects = self.subjects();
+        if !subjects.is_empty() {
+            send_to(&self.publisher, &subjects, &reply, class);
+        }
     }
 
     /// Sends one event to one subject only (e.g. `accepted` to a requester
@@ -462,12 +483,21 @@ impl Replies {
             seq: Some(self.take_seq()),
             event,
         };
+        self.observe(&reply);
         send_to(
             &self.publisher,
             std::slice::from_ref(subject),
             &reply,
             class,
         );
+    }
+}
+
+impl Replies {
+    fn observe(&self, reply: &Reply) {
+        if let Some(Tapped { tap, meta }) = &self.tap {
+            tap.observe(meta, reply);
+        }
     }
 }
 

@@ -148,6 +148,7 @@ mod tests {
                     ("ssh-ng://root@b1?ssh-key=***".to_owned(), 3),
                 ]),
                 changes: None,
+                closure_size: None,
             },
             Event::HostStarted {
                 host: "b".into(),
@@ -166,6 +167,7 @@ mod tests {
                 )),
                 machines: BTreeMap::from([("localhost".to_owned(), 1)]),
                 changes: None,
+                closure_size: None,
             },
             Event::Finished {
                 omitted_hosts: 0,

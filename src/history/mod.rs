@@ -5,11 +5,17 @@
 //! The records are made of the events the requesters received, so the
 //! API says what the CLI said. Writing never holds up a build: events go
 //! to one writer thread through a bounded queue, and what cannot be
-//! written is logged and counted.
+//! written is logged and counted ([`Recorder`]).
+
+mod recorder;
+mod store;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+pub use recorder::{EventTap, LIVE_EVENTS_BUFFER, MAX_WRITES_QUEUED, Recorder};
+pub use store::{BuildMeta, BuildQuery, DEFAULT_LIST, HistoryError, Keep, MAX_LIST, Store};
 
 use crate::protocol::{Changes, ErrorBody, HostStatus, SkippedHost};
 

@@ -1,24 +1,30 @@
-//! The tiny HTTP server of `GET /metrics` and `GET /healthz`, hardened so
+//! The tiny HTTP server of `GET /metrics`, `GET /healthz` and, when the
+//! web is on, the pages and the API ([`crate::web`]), hardened so
 //! idle or slow clients can neither exhaust the builder's file descriptors
 //! nor keep scrapes out (see [`Limits`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::MetricsError;
 use super::slots::{self, Refusal, Slot, Slots};
+use crate::web::{EVENT_STREAM_KEEPALIVE, EVENT_STREAM_LIFETIME, EventStream, Web, WebResponse};
 
 /// Whether the service is healthy, and why not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,19 +100,23 @@ pub const LIMITS: Limits = Limits {
     max_accept_pause: Duration::from_secs(1),
 };
 
-/// Serves `/metrics` and `/healthz` until `shutdown`, within [`LIMITS`].
+/// Serves `/metrics`, `/healthz` and, with `web`, the pages and the API
+/// until `shutdown`, within [`LIMITS`].
 pub async fn serve(
     listener: TcpListener,
     exporter: Arc<dyn Exporter>,
+    web: Option<Arc<Web>>,
     shutdown: CancellationToken,
 ) {
-    serve_with(listener, exporter, LIMITS, shutdown).await;
+    serve_with(listener, exporter, web, LIMITS, shutdown).await;
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown`, within `limits`.
+/// Serves `/metrics`, `/healthz` and, with `web`, the pages and the API
+/// until `shutdown`, within `limits`.
 pub async fn serve_with(
     listener: TcpListener,
     exporter: Arc<dyn Exporter>,
+    web: Option<Arc<Web>>,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
@@ -165,40 +175,72 @@ pub async fn serve_with(
             stream,
             slot,
             admitted.evict,
-            exporter,
+            Routes {
+                exporter,
+                web: web.clone(),
+            },
             limits,
         ));
     }
     connections.shutdown().await;
 }
 
+/// What the server answers with.
+#[derive(Clone)]
+struct Routes {
+    exporter: Arc<dyn Exporter>,
+    web: Option<Arc<Web>>,
+}
+
 /// Serves one connection in `slot` until it ends, outlives its lifetime or
-/// `evict` is cancelled.
+/// `evict` is cancelled. A connection carrying `/api/v1/events` lives up
+/// to [`EVENT_STREAM_LIFETIME`] instead (such streams are few: see
+/// [`crate::web::MAX_EVENT_STREAMS`]).
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     slot: Slot,
     evict: CancellationToken,
-    exporter: Arc<dyn Exporter>,
+    routes: Routes,
     limits: Limits,
 ) {
     let _held = slot.hold();
     let io = TokioIo::new(slot.watch(stream));
+    let streaming = Arc::new(AtomicBool::new(false));
     let service = service_fn({
         let slot = slot.clone();
-        move |request| {
+        let streaming = Arc::clone(&streaming);
+        move |request: Request<Incoming>| {
             slot.head_received();
-            let response = respond(&request, exporter.as_ref()).map(|body| slot.answer(body));
-            async move { Ok::<_, Infallible>(response) }
+            let (slot, routes, streaming) = (slot.clone(), routes.clone(), Arc::clone(&streaming));
+            async move {
+                let (response, events) = respond(&request, &routes).await;
+                if events {
+                    streaming.store(true, Ordering::Relaxed);
+                }
+                Ok::<_, Infallible>(response.map(|body| slot.answer(body)))
+            }
         }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read)
         .serve_connection(io, service);
-    tokio::select! {
-        _ = connection => {}
-        () = tokio::time::sleep(limits.lifetime) => {}
-        () = evict.cancelled() => {}
+    let opened = tokio::time::Instant::now();
+    let lifetime = tokio::time::sleep(limits.lifetime);
+    tokio::pin!(connection, lifetime);
+    loop {
+        tokio::select! {
+            _ = &mut connection => break,
+            () = &mut lifetime => {
+                let longer = opened + EVENT_STREAM_LIFETIME;
+                if streaming.load(Ordering::Relaxed) && tokio::time::Instant::now() < longer {
+                    lifetime.as_mut().reset(longer);
+                    continue;
+                }
+                break;
+            }
+            () = evict.cancelled() => break,
+        }
     }
 }
 
@@ -280,36 +322,103 @@ impl AcceptPause {
     }
 }
 
-fn respond(request: &Request<Incoming>, exporter: &dyn Exporter) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (
+/// A response body: whole, or the stream of `/api/v1/events`.
+pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn whole(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed_unsync()
+}
+
+/// The response to `request`, and whether it is an event stream.
+async fn respond(request: &Request<Incoming>, routes: &Routes) -> (Response<Body>, bool) {
+    let path = request.uri().path();
+    let web = routes.web.as_ref().filter(|_| Web::serves(path));
+    let (status, content_type, body) = match (request.method(), path, web) {
+        (&Method::GET, "/metrics", _) => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            exporter.metrics(),
+            whole(routes.exporter.metrics()),
         ),
-        (&Method::GET, "/healthz") => {
-            let (status, body) = exporter.health().body();
-            (status, "application/json", body)
+        (&Method::GET, "/healthz", _) => {
+            let (status, body) = routes.exporter.health().body();
+            (status, "application/json", whole(body))
         }
-        (&Method::GET, _) => (
+        (&Method::GET, _, Some(web)) => match web.respond(path, request.uri().query()).await {
+            WebResponse::Body {
+                status,
+                content_type,
+                body,
+            } => (status, content_type, whole(body)),
+            WebResponse::Events(stream) => {
+                let mut response = Response::new(event_stream(stream));
+                let headers = response.headers_mut();
+                for (name, value) in [
+                    (hyper::header::CONTENT_TYPE, "text/event-stream"),
+                    (hyper::header::CACHE_CONTROL, "no-store"),
+                ] {
+                    headers.insert(name, hyper::header::HeaderValue::from_static(value));
+                }
+                return (response, true);
+            }
+        },
+        (&Method::GET, _, None) => (
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found; try /metrics or /healthz\n".to_owned(),
+            whole(if routes.web.is_some() {
+                "not found; try /, /metrics or /healthz\n"
+            } else {
+                "not found; try /metrics or /healthz\n"
+            }),
         ),
         _ => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain; charset=utf-8",
-            "only GET\n".to_owned(),
+            whole("only GET\n"),
         ),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
         response
             .headers_mut()
             .insert(hyper::header::CONTENT_TYPE, value);
     }
-    response
+    (response, false)
+}
+
+/// The body of `/api/v1/events`: one `data:` line per event, a comment
+/// every [`EVENT_STREAM_KEEPALIVE`], ended after [`EVENT_STREAM_LIFETIME`].
+/// A reader too slow for the feed skips what it missed (said in a comment).
+fn event_stream(stream: EventStream) -> Body {
+    let deadline = tokio::time::Instant::now() + EVENT_STREAM_LIFETIME;
+    let opening = Bytes::from_static(b"retry: 2000\n: homelab-deploy events\n\n");
+    let frames = futures_util::stream::unfold(
+        (stream, Some(opening)),
+        move |(mut stream, first)| async move {
+            if let Some(first) = first {
+                return Some((Ok(Frame::data(first)), (stream, None)));
+            }
+            let chunk = tokio::select! {
+                received = stream.events.recv() => match received {
+                    Ok(event) => {
+                        let mut chunk = Vec::with_capacity(event.len() + 8);
+                        chunk.extend_from_slice(b"data: ");
+                        chunk.extend_from_slice(&event);
+                        chunk.extend_from_slice(b"\n\n");
+                        Bytes::from(chunk)
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        Bytes::from(format!(": {missed} events skipped\n\n"))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                () = tokio::time::sleep(EVENT_STREAM_KEEPALIVE) => Bytes::from_static(b": keepalive\n\n"),
+                () = tokio::time::sleep_until(deadline) => return None,
+            };
+            Some((Ok(Frame::data(chunk)), (stream, None)))
+        },
+    );
+    StreamBody::new(frames).boxed_unsync()
 }
 
 #[cfg(test)]
@@ -351,7 +460,7 @@ mod tests {
         let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve_with(listener, exporter, limits, stop.clone()));
+        tokio::spawn(serve_with(listener, exporter, None, limits, stop.clone()));
         (addr, stop.drop_guard())
     }
 

@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -204,7 +203,7 @@ impl Slot {
     }
 
     /// `body` as a response body that reports when it is all written.
-    pub fn answer(&self, body: Full<Bytes>) -> Answer {
+    pub fn answer(&self, body: super::server::Body) -> Answer {
         Answer {
             body,
             slot: self.clone(),
@@ -233,7 +232,7 @@ impl Drop for Held {
 /// A response body; hyper drops it once it has written all of it.
 #[derive(Debug)]
 pub(super) struct Answer {
-    body: Full<Bytes>,
+    body: super::server::Body,
     slot: Slot,
 }
 

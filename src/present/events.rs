@@ -259,6 +259,7 @@ fn lines_and_note(
             error,
             machines,
             changes,
+            ..
         } => {
             let position = state.position(host);
             let took = human_duration(Duration::from_millis(*duration_ms));
@@ -471,6 +472,7 @@ mod tests {
             error,
             machines: BTreeMap::new(),
             changes: None,
+            closure_size: None,
         }
     }
 
@@ -669,6 +671,7 @@ mod tests {
             error: None,
             machines: BTreeMap::from([(LOCALHOST.to_owned(), 1), ("ssh-ng://b1".to_owned(), 2)]),
             changes: Some(changes),
+            closure_size: None,
         };
         let summary_only = describe(&reply(event.clone()), &BuildState::default(), &plain());
         assert_eq!(

@@ -283,6 +283,12 @@ pub enum Event {
         /// nothing was built.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         machines: BTreeMap<String, u64>,
+        /// On success, the closure's size in bytes (the sum of its paths'
+        /// NAR sizes), when the builder measured it: with `changes`, and
+        /// for a host's first result on the default ref (with
+        /// `gc_roots_dir`). Absent otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        closure_size: Option<u64>,
     },
     /// Terminal: the request is done.
     Finished {
@@ -513,6 +519,7 @@ mod tests {
             error: None,
             changes: None,
             machines: BTreeMap::new(),
+            closure_size: None,
         };
         assert!(!serde_json::to_string(&event).unwrap().contains("machines"));
         let event = Event::Progress {

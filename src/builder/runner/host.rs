@@ -168,6 +168,7 @@ impl Runner {
             error,
             changes: None,
             machines,
+            closure_size: None,
         };
         let default_ref = run.lineage == Lineage::Default;
         // The host's first result on the default ref: nothing to compare
@@ -177,8 +178,14 @@ impl Runner {
             .then(|| out_path.clone())
             .flatten();
         let (Some(out_path), Some(against)) = (out_path, against) else {
-            job.replies.send(&job.build_id, finished);
-            let task = first.map(|out_path| self.read_closure_size(run, host, out_path));
+            // A first result's `host_finished` waits for its size.
+            let task = match first {
+                Some(out_path) => Some(self.read_closure_size(run, host, out_path, finished)),
+                None => {
+                    job.replies.send(&job.build_id, finished);
+                    None
+                }
+            };
             return (summary, task);
         };
         // What the build changes is worked out beside the next host's
@@ -207,7 +214,13 @@ impl Runner {
                     monitor.closure_size(&repo, &host, changes.closure_size);
                 }
                 let mut finished = finished;
-                if let Event::HostFinished { changes: slot, .. } = &mut finished {
+                if let Event::HostFinished {
+                    changes: slot,
+                    closure_size,
+                    ..
+                } = &mut finished
+                {
+                    *closure_size = changes.as_ref().map(|c| c.closure_size);
                     slot.clone_from(&changes);
                 }
                 replies.send(&build_id, finished);
@@ -219,21 +232,38 @@ impl Runner {
     }
 
     /// Reads the closure size of `host`'s new result (rooted as its
-    /// generation) beside the next host's build, for its gauge and later
-    /// comparisons.
-    fn read_closure_size(&self, run: &Run<'_>, host: &str, out_path: String) -> PendingChanges {
+    /// generation) beside the next host's build, for its gauge, later
+    /// comparisons and its `host_finished`, which it then sends.
+    fn read_closure_size(
+        &self,
+        run: &Run<'_>,
+        host: &str,
+        out_path: String,
+        mut finished: Event,
+    ) -> PendingChanges {
         let nix = self.nix.clone();
         let monitor = Arc::clone(&self.monitor);
         let sizes = Arc::clone(&self.closure_sizes);
         let (repo, host) = (run.job.repo.clone(), host.to_owned());
         let cancel = run.cancel.token().clone();
+        let (replies, build_id) = (run.job.replies.clone(), run.job.build_id.clone());
         tokio::spawn(
             async move {
                 let deadline = Instant::now() + CHANGES_TIME_LIMIT;
-                match sizes.read(&nix, &out_path, deadline, &cancel).await {
-                    Ok(size) => monitor.closure_size(&repo, &host, size),
-                    Err(err) => tracing::warn!(%host, %err, "cannot read the closure size"),
+                let size = match sizes.read(&nix, &out_path, deadline, &cancel).await {
+                    Ok(size) => {
+                        monitor.closure_size(&repo, &host, size);
+                        Some(size)
+                    }
+                    Err(err) => {
+                        tracing::warn!(%host, %err, "cannot read the closure size");
+                        None
+                    }
+                };
+                if let Event::HostFinished { closure_size, .. } = &mut finished {
+                    *closure_size = size;
                 }
+                replies.send(&build_id, finished);
                 (host, None)
             }
             .instrument(tracing::Span::current()),
