@@ -8,6 +8,8 @@
   # unless told and the module keeps in the builder's state directory.
   settings = {
     metrics.listen = "0.0.0.0:9973";
+    # The binary serves no pages unless told; the module's builder does.
+    web.enabled = true;
     builder = {
       queue_limit = 16;
       host_timeout = "2h";
@@ -16,6 +18,7 @@
       keep_roots = 3;
       state_file = "/var/lib/homelab-deploy-builder/state.json";
       journal_file = "/var/lib/homelab-deploy-builder/journal";
+      history_db = "/var/lib/homelab-deploy-builder/history.sqlite";
       eval_memory_budget = "40%";
     };
   };

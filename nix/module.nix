@@ -55,6 +55,7 @@
     lib.optional (settings.builder ? gc_roots_dir) settings.builder.gc_roots_dir
     ++ lib.optional (settings.builder ? state_file) (dirOf settings.builder.state_file)
     ++ lib.optional (settings.builder ? journal_file) (dirOf settings.builder.journal_file)
+    ++ lib.optional (settings.builder ? history_db) (dirOf settings.builder.history_db)
   ));
 
   scheduleUnit = i: entry: "homelab-deploy-build-${toString i}-${entry.repo}-${entry.target}";
@@ -219,6 +220,16 @@ in {
               options.listen = option lib.types.str defaults.settings.metrics.listen "Address of the Prometheus endpoint.";
             };
           };
+          web = lib.mkOption {
+            default = {};
+            type = lib.types.submodule {
+              freeformType = toml.type;
+              options = {
+                enabled = option lib.types.bool defaults.settings.web.enabled "Serve the status pages and the read-only JSON API on the metrics listener (`openFirewall` opens it).";
+                url = option (lib.types.nullOr lib.types.str) null "The address people reach the pages at, told by `homelab-deploy status`; `null`: `http://<host name>:<port>/`.";
+              };
+            };
+          };
           builder = lib.mkOption {
             default = {};
             type = lib.types.submodule {
@@ -231,6 +242,7 @@ in {
                 keep_roots = option lib.types.ints.positive defaults.settings.builder.keep_roots "Root generations kept per host.";
                 state_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
                 journal_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.journal_file "Journal of accepted requests, resumed after a restart or a crash; `null`: a stop cancels them.";
+                history_db = option (lib.types.nullOr lib.types.str) defaults.settings.builder.history_db "SQLite history of every build and host result, for the pages and the API; `null` keeps none.";
                 eval_memory_budget =
                   option (lib.types.strMatching "([1-9][0-9]?|100)%|[0-9]+(\\.[0-9]+)? ?([KMGT]i?B?|[kmgt]i?b?|B|b)?")
                   defaults.settings.builder.eval_memory_budget

@@ -44,6 +44,32 @@ pub struct WebConfig {
     /// turned on: they show repo and host names, revs and build errors to
     /// whoever reaches the port.
     pub enabled: bool,
+    /// The address people reach the pages at, told in `build.status` (and
+    /// so by `homelab-deploy status`). Unset: `http://<host name>:<port>/`
+    /// when the listener takes every address, else the listener's own.
+    pub url: Option<String>,
+}
+
+impl WebConfig {
+    /// The pages' address: [`WebConfig::url`], or one made from `listen`.
+    pub fn public_url(&self, listen: SocketAddr) -> String {
+        if let Some(url) = &self.url {
+            return url.clone();
+        }
+        let host = if listen.ip().is_unspecified() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "localhost".to_owned())
+        } else {
+            match listen.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("http://{host}:{}/", listen.port())
+    }
 }
 
 /// `[nats]`
@@ -314,18 +340,30 @@ impl BuilderConfig {
         Ok(())
     }
 
-    /// The journal and the state file each replace their file whole: one
-    /// path for both would make each overwrite the other.
+    /// The journal, the state file and the history database each own
+    /// their file: one path for two would make each overwrite the other.
     fn check_files(&self) -> Result<(), ConfigError> {
-        let (Some(journal), Some(state)) = (&self.journal_file, &self.state_file) else {
-            return Ok(());
-        };
-        let same = journal == state
-            || matches!((canonical(journal), canonical(state)), (Some(a), Some(b)) if a == b);
-        if same {
-            return Err(ConfigError::SameFile {
-                path: journal.clone(),
-            });
+        let files = [
+            ("journal_file", &self.journal_file),
+            ("state_file", &self.state_file),
+            ("history_db", &self.history_db),
+        ];
+        let files: Vec<(&'static str, &PathBuf)> = files
+            .into_iter()
+            .filter_map(|(key, path)| Some((key, path.as_ref()?)))
+            .collect();
+        for (i, (first, a)) in files.iter().enumerate() {
+            for (second, b) in &files[i + 1..] {
+                let same =
+                    a == b || matches!((canonical(a), canonical(b)), (Some(x), Some(y)) if x == y);
+                if same {
+                    return Err(ConfigError::SameFile {
+                        first,
+                        second,
+                        path: (*a).clone(),
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -519,9 +557,13 @@ pub enum ConfigError {
         limit: &'static str,
     },
     #[error(
-        "[builder] journal_file and state_file are the same file ({path}): give each a path of its own"
+        "[builder] {first} and {second} are the same file ({path}): give each a path of its own"
     )]
-    SameFile { path: PathBuf },
+    SameFile {
+        first: &'static str,
+        second: &'static str,
+        path: PathBuf,
+    },
     #[error("[auth] admins: {0}")]
     BadAdminKey(#[from] crate::signing::BadPublicKey),
     #[error("[auth] requesters: {0}")]
@@ -570,6 +612,11 @@ impl Config {
         }
         if self.builder.queue_limit == 0 {
             return Err(ConfigError::Zero { key: "queue_limit" });
+        }
+        if self.builder.history_keep.builds == Some(0) {
+            return Err(ConfigError::Zero {
+                key: "history_keep.builds",
+            });
         }
         if self.builder.queue_per_owner == 0 {
             return Err(ConfigError::Zero {
@@ -1070,6 +1117,73 @@ url = "git+file:///srv/demo"
         assert!(matches!(err, Err(ConfigError::SameFile { .. })));
         let ok = files(&format!("{dir}/journal"), &format!("{dir}/state.json"));
         assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn history_and_web_are_off_until_configured() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.builder.history_db, None);
+        assert!(!config.web.enabled);
+        assert_eq!(
+            config.builder.history_keep,
+            HistoryKeep {
+                builds: Some(1000),
+                age: Some(Duration::from_secs(90 * 86_400)),
+            }
+        );
+        let text = format!(
+            "{MINIMAL}[web]\nenabled = true\nurl = \"https://builds.home/\"\n\
+             [builder]\nhistory_db = \"/var/lib/h.sqlite\"\nhistory_keep = {{ builds = 50 }}\n"
+        );
+        let config = parse(&text).unwrap();
+        assert!(config.web.enabled);
+        assert_eq!(
+            config.web.public_url(config.metrics.listen),
+            "https://builds.home/"
+        );
+        // A key left out of the table sets no limit of its kind.
+        assert_eq!(
+            config.builder.history_keep,
+            HistoryKeep {
+                builds: Some(50),
+                age: None,
+            }
+        );
+        let by_age = text.replace("builds = 50", "age = \"30d\"");
+        assert_eq!(
+            parse(&by_age).unwrap().builder.history_keep,
+            HistoryKeep {
+                builds: None,
+                age: Some(Duration::from_secs(30 * 86_400)),
+            }
+        );
+        let none = text.replace("builds = 50", "builds = 0");
+        assert!(matches!(parse(&none), Err(ConfigError::Zero { .. })));
+        let unknown = text.replace("builds = 50", "count = 5");
+        assert!(parse(&unknown).is_err());
+        let clash = text.replace(
+            "history_db = \"/var/lib/h.sqlite\"",
+            "history_db = \"/var/lib/s.json\"\nstate_file = \"/var/lib/s.json\"",
+        );
+        let err = parse(&clash).unwrap_err();
+        assert!(err.to_string().contains("history_db"), "{err}");
+    }
+
+    #[test]
+    fn the_pages_address_is_made_from_the_listener_when_not_given() {
+        let web = WebConfig {
+            enabled: true,
+            url: None,
+        };
+        let listen: SocketAddr = "127.0.0.1:9973".parse().unwrap();
+        assert_eq!(web.public_url(listen), "http://127.0.0.1:9973/");
+        let any: SocketAddr = "0.0.0.0:9973".parse().unwrap();
+        let url = web.public_url(any);
+        assert!(
+            url.starts_with("http://") && url.ends_with(":9973/"),
+            "{url}"
+        );
+        assert!(!url.contains("0.0.0.0"), "{url}");
     }
 
     #[test]

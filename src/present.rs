@@ -198,6 +198,9 @@ pub fn status_report(status: &BuilderStatus) -> String {
         })
         .collect();
     text.push_str(&format!("repos: {}\n", repos.join(", ")));
+    if let Some(url) = &status.web_url {
+        text.push_str(&format!("page: {url}\n"));
+    }
     match &status.running {
         Some(running) => {
             let mut host = building_hosts(running);
@@ -399,6 +402,7 @@ mod tests {
             }],
             machines: vec![],
             omitted_results: 0,
+            web_url: None,
         };
         let text = status_report(&status);
         assert!(

@@ -17,11 +17,15 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Settings the binary leaves unset (it keeps no files unless told) and the
 /// module sets.
-const MODULE_ONLY: [&str; 3] = [
+const MODULE_ONLY: [&str; 4] = [
     "/builder/gc_roots_dir",
     "/builder/state_file",
     "/builder/journal_file",
+    "/builder/history_db",
 ];
+
+/// Features the binary leaves off and the module turns on.
+const MODULE_TURNS_ON: [&str; 1] = ["/web/enabled"];
 
 fn json(mut command: Command) -> Value {
     let out = command.output().unwrap();
@@ -72,12 +76,21 @@ fn the_modules_defaults_are_the_binarys() {
     let module = module_defaults();
     let binary = binary_defaults();
     let settings = leaves("", &module["settings"]);
-    assert!(settings.len() > MODULE_ONLY.len(), "{module}");
+    assert!(
+        settings.len() > MODULE_ONLY.len() + MODULE_TURNS_ON.len(),
+        "{module}"
+    );
 
     let mut wrong = Vec::new();
     for (pointer, value) in &settings {
         let theirs = binary["settings"].pointer(pointer);
-        if MODULE_ONLY.contains(&pointer.as_str()) {
+        if MODULE_TURNS_ON.contains(&pointer.as_str()) {
+            if theirs != Some(&Value::Bool(false)) || value != &Value::Bool(true) {
+                wrong.push(format!(
+                    "{pointer}: the module sets {value}, the binary's default is {theirs:?}; expected true over false"
+                ));
+            }
+        } else if MODULE_ONLY.contains(&pointer.as_str()) {
             if theirs != Some(&Value::Null) {
                 wrong.push(format!(
                     "{pointer}: the module sets {value}, where the binary's default is {theirs:?}, not unset"
@@ -89,7 +102,7 @@ fn the_modules_defaults_are_the_binarys() {
             ));
         }
     }
-    for pointer in MODULE_ONLY {
+    for pointer in MODULE_ONLY.iter().chain(&MODULE_TURNS_ON) {
         if !settings.iter().any(|(key, _)| key == pointer) {
             wrong.push(format!("{pointer}: not set by the module"));
         }

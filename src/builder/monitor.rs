@@ -40,6 +40,8 @@ use crate::protocol::{
 pub(crate) struct Monitor {
     metrics: Metrics,
     repos: Vec<RepoInfo>,
+    /// The status page's address, told in `build.status`.
+    web_url: Option<String>,
     queue: Arc<Queue<Job>>,
     state: Mutex<State>,
     state_file: Option<PathBuf>,
@@ -174,6 +176,10 @@ impl Monitor {
                     git_ref: repo.git_ref.clone(),
                 })
                 .collect(),
+            web_url: config
+                .web
+                .enabled
+                .then(|| config.web.public_url(config.metrics.listen)),
             queue,
             state: Mutex::new(State::default()),
             writer: config.builder.state_file.clone().map(StateWriter::start),
@@ -547,6 +553,7 @@ impl Monitor {
             last_results: state.hosts.values().map(|r| r.last.clone()).collect(),
             machines: state.machines.clone(),
             omitted_results: 0,
+            web_url: self.web_url.clone(),
         }
     }
 

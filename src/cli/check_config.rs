@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::Exit;
-use crate::config::{AuthConfig, BuilderConfig, Config, MetricsConfig};
+use crate::config::{AuthConfig, BuilderConfig, Config, MetricsConfig, WebConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -32,6 +32,7 @@ struct Defaults {
 #[derive(Serialize)]
 struct DefaultSettings {
     metrics: MetricsConfig,
+    web: WebConfig,
     builder: BuilderConfig,
     auth: AuthConfig,
 }
@@ -40,6 +41,7 @@ fn defaults() -> Defaults {
     Defaults {
         settings: DefaultSettings {
             metrics: MetricsConfig::default(),
+            web: WebConfig::default(),
             builder: BuilderConfig::default(),
             auth: AuthConfig::default(),
         },

@@ -35,6 +35,10 @@ pub struct BuilderStatus {
     /// the server's `max_payload`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub omitted_results: usize,
+    /// The address of the builder's status page, when it serves one
+    /// (`[web] enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
 }
 
 impl StatusEvent {
@@ -207,6 +211,7 @@ mod tests {
             last_results: vec![],
             machines: vec![],
             omitted_results: 0,
+            web_url: None,
         });
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["event"], "status");
@@ -235,6 +240,7 @@ mod tests {
             last_results: (0..2000).map(result).collect(),
             machines: vec![],
             omitted_results: 0,
+            web_url: None,
         });
         let max = 64 * 1024;
         assert!(serde_json::to_vec(&status).unwrap().len() > max);

@@ -687,6 +687,7 @@ mod tests {
             last_results: vec![],
             machines: vec![],
             omitted_results: 0,
+            web_url: None,
         }
     }
 
