@@ -21,6 +21,7 @@ use common::net::http_get;
 use common::replies::{Finished, finished};
 use common::requester::Requester;
 use common::wait::{WAIT, poll, wait_for};
+use common::web::{EventFeed, get_json};
 use futures_util::StreamExt;
 use homelab_deploy::protocol::{BuildStatus, random_hex};
 
@@ -48,7 +49,7 @@ async fn spy_on_everything(nats: &NatsServer) -> (async_nats::Client, Arc<Mutex<
 }
 
 #[tokio::test]
-async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs() {
+async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_logs_or_serves() {
     let flake = Flake::new(&[("ns1", Host::Ok)]);
     // A ref whose flake has no nixosConfigurations: Nix's error quotes the
     // whole URL, token included.
@@ -60,7 +61,13 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
 
     let nats = NatsServer::start().await;
     let (spy, seen) = spy_on_everything(&nats).await;
-    let mut options = BuilderOptions::new(&flake);
+    let history = tempfile::tempdir().unwrap();
+    let mut options = BuilderOptions::new(&flake)
+        .web("enabled = true")
+        .builder(&format!(
+            "history_db = \"{}\"",
+            history.path().join("history.sqlite").display()
+        ));
     options.repos = vec![(
         "homelab".into(),
         http.url(Some(&format!("oauth2:{token}"))),
@@ -68,6 +75,7 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
     )];
     let mut builder = Builder::start(&nats, &options).await;
     let metrics_addr = builder.metrics_addr().await;
+    let mut feed = EventFeed::open(&metrics_addr).await;
     let requester = Requester::new(&nats).await;
 
     let replies = requester
@@ -107,6 +115,41 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
     assert!(status.status.success(), "{}", describe(&status));
     let (code, metrics) = http_get(&metrics_addr, "/metrics").await;
     assert_eq!(code, 200);
+    // Every page and answer of the web side, with the failed builds in.
+    let builds = get_json(&metrics_addr, "/api/v1/builds").await;
+    let ids: Vec<String> = builds
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["build_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 3, "{builds}");
+    let mut web = vec![builds.to_string()];
+    let mut paths = vec![
+        "/".to_owned(),
+        "/api/v1/status".to_owned(),
+        "/hosts/homelab/ns1".to_owned(),
+        "/api/v1/hosts/homelab/ns1".to_owned(),
+        "/badge/homelab.svg".to_owned(),
+        "/badge/homelab/ns1.svg".to_owned(),
+    ];
+    for id in &ids {
+        paths.push(format!("/builds/{id}"));
+        paths.push(format!("/api/v1/builds/{id}"));
+    }
+    for path in &paths {
+        let (code, body) = http_get(&metrics_addr, path).await;
+        assert_eq!(code, 200, "{path}: {body}");
+        web.push(body);
+    }
+    assert!(
+        web.iter().any(|body| body.contains(&masked)),
+        "the failed fetch's error is on no page"
+    );
+    let streamed = feed
+        .next_matching(WAIT, |reply| reply["event"] == "finished")
+        .await;
+    let streamed = format!("{:?}{}", streamed.reply, feed.raw.lock().unwrap());
 
     // Everything on the wire so far has reached the spy once its own
     // message, published last, has.
@@ -135,6 +178,11 @@ async fn a_token_in_an_http_repo_url_appears_nowhere_the_builder_sends_or_logs()
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(!status.contains(&token), "in build.status: {status}");
     assert!(!metrics.contains(&token), "in /metrics: {metrics}");
+    for (path, body) in paths.iter().zip(&web[1..]) {
+        assert!(!body.contains(&token), "in {path}: {body}");
+    }
+    assert!(!web[0].contains(&token), "in /api/v1/builds: {}", web[0]);
+    assert!(!streamed.contains(&token), "in /api/v1/events: {streamed}");
     assert!(!log.contains(&token), "in the builder's log:\n{log}");
     assert!(
         log.contains(&masked),

@@ -33,6 +33,8 @@ pub struct BuilderOptions {
     pub extra_nats: String,
     /// Lines of the `[auth]` table.
     pub auth: String,
+    /// Lines of `[web]`; the section is left out when empty.
+    pub web: String,
     /// The metrics endpoint's port (a free one).
     pub metrics_port: u16,
 }
@@ -50,6 +52,7 @@ impl BuilderOptions {
             args: Vec::new(),
             extra_nats: String::new(),
             auth: String::new(),
+            web: String::new(),
             metrics_port: free_port(),
         }
     }
@@ -99,6 +102,12 @@ impl BuilderOptions {
     }
 
     /// Extra lines for the (first) repo's table.
+    pub fn web(mut self, lines: &str) -> Self {
+        self.web.push_str(lines);
+        self.web.push('\n');
+        self
+    }
+
     pub fn repo(mut self, lines: &str) -> Self {
         self.extra_repo.push_str(lines);
         self.extra_repo.push('\n');
@@ -123,6 +132,9 @@ impl BuilderOptions {
             "[nats]\nurl = \"{nats_url}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\n[builder]\nhost_timeout = \"{}\"\n{}\n[auth]\n{}\n",
             self.extra_nats, self.metrics_port, self.host_timeout, self.extra_builder, self.auth
         );
+        if !self.web.is_empty() {
+            let _ = writeln!(text, "[web]\n{}", self.web);
+        }
         for (i, (name, url, git_ref)) in self.repos.iter().enumerate() {
             let _ = writeln!(text, "[repos.{name}]\nurl = \"{url}\"");
             if let Some(git_ref) = git_ref {

@@ -19,3 +19,4 @@ pub mod remote;
 pub mod replies;
 pub mod requester;
 pub mod wait;
+pub mod web;
