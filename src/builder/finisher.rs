@@ -1,9 +1,10 @@
 //! The one way a request ends, and the one way it pauses. The order of the
 //! steps is the contract: everything that answers status and queue
-//! questions is settled before the requester hears `finished`, and the
-//! request leaves the journal and the live requests only after that event
-//! is queued for sending (so a requester who asks again, or a restart,
-//! never finds a request that is neither running nor answered).
+//! questions is settled before the requester hears `finished`; the
+//! request leaves the live requests once that event is queued for sending
+//! (so a requester who asks again never finds a request that is neither
+//! running nor answered), and the journal once it has been sent (so a
+//! restart never drops a request whose requesters were not answered).
 
 use std::sync::Arc;
 
@@ -56,10 +57,15 @@ impl Finisher {
         if stage == Stage::Running {
             self.queue.done();
         }
-        job.finish(report);
-        self.journal.note(Record::Ended {
-            build_id: job.build_id.clone(),
-        });
+        // Out of the journal only once `finished` has left for the server:
+        // a builder killed before that resumes the request at its next
+        // start and sends it again, rather than leaving its requesters
+        // waiting for an event that never comes.
+        let (journal, build_id) = (self.journal.clone(), job.build_id.clone());
+        job.finish(
+            report,
+            Box::new(move || journal.note(Record::Ended { build_id })),
+        );
         self.live.remove(&job.build_id);
     }
 
@@ -179,6 +185,43 @@ mod tests {
         assert_eq!(sent.len(), 1, "{sent:?}");
         assert_eq!(sent[0].1["event"], "finished");
         assert_eq!(sent[0].1["status"], "success");
+    }
+
+    #[test]
+    fn a_request_leaves_the_journal_only_once_finished_is_sent() {
+        use crate::builder::journal::{AcceptedRequest, Journal};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let journaling = Journaling::to(Arc::new(journal));
+        let mut f = fixture();
+        f.finisher = Finisher::new(
+            Arc::clone(&f.monitor),
+            Arc::clone(&f.queue),
+            journaling.clone(),
+            Arc::clone(&f.live),
+        );
+        let accepted = job(&f, "b-3", "build.responses.f.3");
+        journaling
+            .record(Record::Accepted(AcceptedRequest::of(&accepted)))
+            .unwrap();
+        f.queue.restore(accepted);
+        let running = run_next(&f);
+        f.finisher
+            .finish(&running, report(BuildStatus::Success), Stage::Running);
+        let unfinished = |path: &Path| {
+            let (_, recovered) = Journal::open(path).unwrap();
+            recovered
+                .requests
+                .iter()
+                .map(|u| u.request.build_id.clone())
+                .collect::<Vec<_>>()
+        };
+        // Killed now, the next start would send `finished` again.
+        assert_eq!(unfinished(&path), ["b-3"]);
+        let sent = f.publisher.take_queued();
+        assert_eq!(sent[0].1["event"], "finished", "{sent:?}");
+        assert!(unfinished(&path).is_empty());
     }
 
     #[test]

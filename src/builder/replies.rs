@@ -88,10 +88,16 @@ impl Class {
 /// Bytes of a message's `max_payload` left for its signature headers.
 const SIGNATURE_ROOM: usize = 512;
 
+/// Called once a reply has reached the server's socket.
+pub(crate) type OnSent = Box<dyn FnOnce() + Send>;
+
 struct Outgoing {
     subject: Subject,
     payload: Bytes,
     expendable: bool,
+    /// Run after the reply is published and the connection flushed; never
+    /// when it could not be.
+    on_sent: Option<OnSent>,
 }
 
 #[derive(Default)]
@@ -206,6 +212,10 @@ impl Publisher {
             .into_iter()
             .chain(answers)
             .map(|item| {
+                // Taken as if sent.
+                if let Some(on_sent) = item.on_sent {
+                    on_sent();
+                }
                 let json = serde_json::from_slice(&item.payload).expect("replies are JSON");
                 (item.subject.to_string(), json)
             })
@@ -231,6 +241,19 @@ impl Publisher {
     /// Queues `payload` for `subject`; never waits. Every reply passes
     /// here, so this is where credentials are taken out (see [`crate::redact`]).
     pub(crate) fn enqueue(&self, subject: Subject, payload: Bytes, class: Class) {
+        self.enqueue_then(subject, payload, class, None);
+    }
+
+    /// [`Publisher::enqueue`], running `on_sent` once the reply has been
+    /// published and the connection flushed (events of accepted builds
+    /// only: the others may be dropped).
+    pub(crate) fn enqueue_then(
+        &self,
+        subject: Subject,
+        payload: Bytes,
+        class: Class,
+        on_sent: Option<OnSent>,
+    ) {
         let payload = redact_payload(payload);
         let mut outbox = self.lock();
         match class {
@@ -251,6 +274,7 @@ impl Publisher {
             subject,
             payload,
             expendable: class == Class::Expendable,
+            on_sent: on_sent.filter(|_| class == Class::Event),
         };
         match class {
             Class::Answer => outbox.answers.push_back(item),
@@ -340,8 +364,17 @@ impl Publisher {
                 }
                 None => nats.publish(item.subject.clone(), item.payload).await,
             };
-            if let Err(err) = published {
-                tracing::warn!(%err, subject = %item.subject, "cannot publish a reply");
+            match (published, item.on_sent) {
+                (Err(err), _) => {
+                    tracing::warn!(%err, subject = %item.subject, "cannot publish a reply");
+                }
+                // On the way to the server: the socket has it even if the
+                // builder dies now.
+                (Ok(()), Some(on_sent)) => match nats.flush().await {
+                    Ok(()) => on_sent(),
+                    Err(err) => tracing::warn!(%err, "cannot flush a terminal reply"),
+                },
+                (Ok(()), None) => {}
             }
             let mut outbox = self.lock();
             outbox.sending = false;
@@ -475,6 +508,31 @@ impl Replies {
         }
     }
 
+    /// Sends one event to every requester, then runs `on_sent` once all of
+    /// them are on their way to the server (at once without requesters).
+    pub(crate) fn send_then(&self, build_id: &str, event: Event, on_sent: OnSent) {
+        *lock(&self.last_sent) = Instant::now();
+        let reply = Reply {
+            build_id: build_id.to_owned(),
+            seq: Some(self.take_seq()),
+            event,
+        };
+        self.observe(&reply);
+        let subjects = self.subjects();
+        let Some((last, others)) = subjects.split_last() else {
+            return on_sent();
+        };
+        let Some(payload) = encode(&self.publisher, &reply) else {
+            return;
+        };
+        for subject in others {
+            self.publisher
+                .enqueue(subject.clone(), payload.clone(), Class::Event);
+        }
+        self.publisher
+            .enqueue_then(last.clone(), payload, Class::Event, Some(on_sent));
+    }
+
     /// Sends one event to one subject only (e.g. `accepted` to a requester
     /// joining a coalesced build), queued as `class`.
     pub(crate) fn send_to(&self, subject: &Subject, build_id: &str, event: Event, class: Class) {
@@ -509,14 +567,21 @@ fn redact_payload(payload: Bytes) -> Bytes {
     }
 }
 
-fn send_to(publisher: &Publisher, subjects: &[Subject], reply: &Reply, class: Class) {
-    // A terminal event too large for the server is shortened, never lost.
-    let payload = match reply.to_json_within(publisher.max_reply_bytes()) {
-        Ok(payload) => Bytes::from(payload),
+/// `reply` as sent: a terminal event too large for the server is
+/// shortened, never lost.
+fn encode(publisher: &Publisher, reply: &Reply) -> Option<Bytes> {
+    match reply.to_json_within(publisher.max_reply_bytes()) {
+        Ok(payload) => Some(Bytes::from(payload)),
         Err(err) => {
             tracing::error!(%err, event = reply.event.name(), "cannot encode a reply");
-            return;
+            None
         }
+    }
+}
+
+fn send_to(publisher: &Publisher, subjects: &[Subject], reply: &Reply, class: Class) {
+    let Some(payload) = encode(publisher, reply) else {
+        return;
     };
     for subject in subjects {
         publisher.enqueue(subject.clone(), payload.clone(), class);

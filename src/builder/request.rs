@@ -44,9 +44,9 @@ pub(crate) struct Resume {
 
 impl Job {
     /// Sends `finished` for `report` to every requester.
-    pub(crate) fn finish(&self, report: Report) {
+    pub(crate) fn finish(&self, report: Report, on_sent: super::replies::OnSent) {
         self.replies
-            .send(&self.build_id, self.finished_event(report));
+            .send_then(&self.build_id, self.finished_event(report), on_sent);
     }
 
     fn finished_event(&self, report: Report) -> Event {
