@@ -216,9 +216,14 @@ impl Service {
 
         // Metrics come up first: a taken port fails the start at once.
         let listener = metrics::bind(config.metrics.listen).await?;
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "metrics listening");
-        }
+        // The port actually bound (`:0` picks one).
+        let listening = listener.local_addr().unwrap_or(config.metrics.listen);
+        tracing::info!(addr = %listening, "metrics listening");
+        let web_url = config.web.enabled.then(|| {
+            let url = config.web.public_url(listening);
+            tracing::info!(%url, "serving the status pages");
+            url
+        });
         let settings = nats::ConnectSettings {
             subscription_capacity: Some(SUBSCRIPTION_CAPACITY),
             ..nats::ConnectSettings::from_config(&config.nats, "homelab-deploy-builder")
@@ -252,12 +257,15 @@ impl Service {
             config.builder.queue_per_owner,
             |job: &Job| job.owner.clone(),
         ));
-        let monitor = Arc::new(Monitor::new(
-            &config,
-            Arc::clone(&queue),
-            connection.state.clone(),
-            journaling.clone(),
-        )?);
+        let monitor = Arc::new(
+            Monitor::new(
+                &config,
+                Arc::clone(&queue),
+                connection.state.clone(),
+                journaling.clone(),
+            )?
+            .with_web_url(web_url),
+        );
         let recorder = config.builder.history_db.as_deref().and_then(|path| {
             let resuming: Vec<String> = recovered
                 .iter()

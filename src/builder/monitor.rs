@@ -176,10 +176,7 @@ impl Monitor {
                     git_ref: repo.git_ref.clone(),
                 })
                 .collect(),
-            web_url: config
-                .web
-                .enabled
-                .then(|| config.web.public_url(config.metrics.listen)),
+            web_url: None,
             queue,
             state: Mutex::new(State::default()),
             writer: config.builder.state_file.clone().map(StateWriter::start),
@@ -531,6 +528,12 @@ impl Monitor {
     /// A request from the journal was queued again.
     pub(crate) fn resumed(&self) {
         self.metrics.resumed_requests.inc();
+    }
+
+    /// The same monitor, telling `url` as the status page's address.
+    pub(crate) fn with_web_url(mut self, url: Option<String>) -> Self {
+        self.web_url = url;
+        self
     }
 
     /// The `build.status` report.
