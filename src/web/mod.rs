@@ -462,6 +462,66 @@ mod tests {
         }
     }
 
+    fn idle_status() -> BuilderStatus {
+        BuilderStatus {
+            version: "test".into(),
+            repos: Vec::new(),
+            running: None,
+            queue: Vec::new(),
+            last_results: Vec::new(),
+            machines: Vec::new(),
+            omitted_results: 0,
+            web_url: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn event_streams_are_bounded_and_free_their_place_when_closed() {
+        let web = Web::new(idle_status, EventTap::new(None), None);
+        let mut open = Vec::new();
+        for _ in 0..MAX_EVENT_STREAMS {
+            match web.respond("/api/v1/events", None).await {
+                WebResponse::Events(stream) => open.push(stream),
+                WebResponse::Body { status, .. } => panic!("refused: {status}"),
+            }
+        }
+        let WebResponse::Body { status, .. } = web.respond("/api/v1/events", None).await else {
+            panic!("a stream beyond the limit");
+        };
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        // Pages still answer.
+        let WebResponse::Body { status, .. } = web.respond("/", None).await else {
+            panic!("no page");
+        };
+        assert_eq!(status, StatusCode::OK);
+        open.pop();
+        assert!(matches!(
+            web.respond("/api/v1/events", None).await,
+            WebResponse::Events(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn without_history_its_answers_say_so_and_the_rest_works() {
+        let web = Web::new(idle_status, EventTap::new(None), None);
+        for path in ["/api/v1/builds", "/api/v1/hosts/r/h", "/api/v1/builds/abc"] {
+            let WebResponse::Body { status, body, .. } = web.respond(path, None).await else {
+                panic!("{path}: a stream");
+            };
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+            assert!(
+                String::from_utf8_lossy(&body).contains("history_db"),
+                "{path}"
+            );
+        }
+        for path in ["/", "/api/v1/status", "/badge/r.svg", "/badge/r/h.svg"] {
+            let WebResponse::Body { status, .. } = web.respond(path, None).await else {
+                panic!("{path}: a stream");
+            };
+            assert_eq!(status, StatusCode::OK, "{path}");
+        }
+    }
+
     #[test]
     fn the_builds_query_is_checked() {
         let query = build_query(Some("repo=nixos-servers&host=ns1&status=failed&limit=5000"))
