@@ -402,11 +402,11 @@ mod tests {
             }],
             machines: vec![],
             omitted_results: 0,
-            web_url: None,
+            web_url: Some("http://nix-cache02:9973/".into()),
         };
         let text = status_report(&status);
         assert!(
-            text.contains("repos: nixos-servers (ref master), nixos (default branch)"),
+            text.contains("repos: nixos-servers (ref master), nixos (default branch)\npage: http://nix-cache02:9973/\n"),
             "{text}"
         );
         assert!(
