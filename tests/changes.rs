@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::builder::start_service;
-use common::flake::Flake;
+use common::flake::{commit_packages, package_flake};
 use common::net::http_get;
 use common::nix::{NixRecorder, nix_build_expression, nix_config, which};
 use common::replies::terminal;
@@ -188,44 +188,6 @@ async fn a_path_not_in_the_store_is_an_error_not_a_download() {
 // ---------------------------------------------------------------------------
 // Through the builder
 
-/// A flake whose host `ns1` references one derivation per entry of its
-/// `packages.nix` (name with version, and content), so commits can bump,
-/// add and remove packages.
-fn package_flake() -> Flake {
-    Flake::with_source(|salt, system| {
-        format!(
-            r#"{{
-  outputs = {{ self }}:
-    let
-      system = "{system}";
-      salt = "{salt}";
-      drv = name: script: deps: derivation {{
-        inherit name system salt deps;
-        builder = "/bin/sh";
-        args = [ "-c" script ];
-      }};
-      packages = map (p: drv p.name "echo ${{p.content}} > $out" [ ]) (import ./packages.nix);
-    in {{
-      nixosConfigurations.ns1.config.system.build.toplevel =
-        drv "nixos-system-ns1" "echo $deps > $out" packages;
-    }};
-}}
-"#
-        )
-    })
-}
-
-/// Commits `packages` (name-version, content) as the flake's package list.
-fn commit_packages(flake: &Flake, packages: &[(&str, &str)], message: &str) {
-    let list: String = packages
-        .iter()
-        .map(|(name, content)| format!("  {{ name = \"{name}\"; content = \"{content}\"; }}\n"))
-        .collect();
-    std::fs::write(flake.path().join("packages.nix"), format!("[\n{list}]\n")).unwrap();
-    flake.git(&["add", "-A"]);
-    flake.git(&["commit", "-q", "-m", message]);
-}
-
 /// The `changes` of the one `host_finished`, and the `finished` host line's
 /// counts.
 fn reported_changes(
@@ -262,6 +224,7 @@ async fn every_result_says_what_it_changes_against_the_default_ref() {
             ("nano-7.2", "an editor"),
             ("zlib-1.3", "z"),
         ],
+        false,
         "first",
     );
     let roots = tempfile::tempdir().unwrap();
@@ -295,6 +258,7 @@ async fn every_result_says_what_it_changes_against_the_default_ref() {
             ("htop-3.3.0", "a process viewer"),
             ("zlib-1.3", "z"),
         ],
+        false,
         "update",
     );
     let updated = client.build("build.homelab.ns1", "").await;
@@ -338,6 +302,7 @@ async fn every_result_says_what_it_changes_against_the_default_ref() {
             ("htop-3.3.0", "a process viewer"),
             ("zlib-1.3.1", "zz"),
         ],
+        false,
         "feature",
     );
     let branch = client
@@ -356,7 +321,12 @@ async fn every_result_says_what_it_changes_against_the_default_ref() {
 #[tokio::test]
 async fn an_unchanged_rebuild_reports_its_closure_size_without_reading_closures() {
     let flake = package_flake();
-    commit_packages(&flake, &[("htop-3.3.0", "h"), ("zlib-1.3", "z")], "first");
+    commit_packages(
+        &flake,
+        &[("htop-3.3.0", "h"), ("zlib-1.3", "z")],
+        false,
+        "first",
+    );
     let roots = tempfile::tempdir().unwrap();
     let recorder = NixRecorder::new();
     let (nats, mut builder) = start_service(&flake, |o| {

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::builder::{Builder, BuilderOptions};
-use common::flake::Flake;
+use common::flake::{Flake, commit_packages, package_flake};
 use common::nats::NatsServer;
 use common::net::http_get;
 use common::requester::{Requester, Timed};
@@ -20,54 +20,17 @@ use common::web::{EventFeed, get_json};
 use homelab_deploy::protocol::{Event, Reply};
 use serde_json::{Value, json};
 
-/// A flake of two hosts: `ns1` references one derivation per entry of
-/// `packages.nix` (so commits can bump a package), `ns2`'s build fails
-/// while `fail.nix` says `true`.
+/// The package flake (`ns1` with packages, `ns2` that can be made to
+/// fail), with its first commit.
 fn homelab_flake() -> Flake {
-    let flake = Flake::with_source(|salt, system| {
-        format!(
-            r#"{{
-  outputs = {{ self }}:
-    let
-      system = "{system}";
-      salt = "{salt}";
-      drv = name: script: deps: derivation {{
-        inherit name system salt deps;
-        builder = "/bin/sh";
-        args = [ "-c" script ];
-      }};
-      packages = map (p: drv p.name "echo ${{p.content}} > $out" [ ]) (import ./packages.nix);
-      fail = import ./fail.nix;
-    in {{
-      nixosConfigurations.ns1.config.system.build.toplevel =
-        drv "nixos-system-ns1" "echo $deps > $out" packages;
-      nixosConfigurations.ns2.config.system.build.toplevel =
-        drv "nixos-system-ns2"
-          (if fail then "echo ns2 cannot build >&2; exit 3" else "echo ok > $out") [ ];
-    }};
-}}
-"#
-        )
-    });
-    commit(
+    let flake = package_flake();
+    commit_packages(
         &flake,
         &[("openssl-3.0.14", "ssl"), ("zlib-1.3", "z")],
         false,
         "first",
     );
     flake
-}
-
-/// Commits the package list and whether `ns2` fails.
-fn commit(flake: &Flake, packages: &[(&str, &str)], fail: bool, message: &str) {
-    let list: String = packages
-        .iter()
-        .map(|(name, content)| format!("  {{ name = \"{name}\"; content = \"{content}\"; }}\n"))
-        .collect();
-    std::fs::write(flake.path().join("packages.nix"), format!("[\n{list}]\n")).unwrap();
-    std::fs::write(flake.path().join("fail.nix"), format!("{fail}\n")).unwrap();
-    flake.git(&["add", "-A"]);
-    flake.git(&["commit", "-q", "-m", message]);
 }
 
 fn options(flake: &Flake, state: &Path, keep: &str) -> BuilderOptions {
@@ -153,14 +116,14 @@ async fn the_history_is_what_requesters_heard_and_survives_a_restart() {
     let mut feed = EventFeed::open(&addr).await;
 
     let first = build_all(&client).await;
-    commit(
+    commit_packages(
         &flake,
         &[("openssl-3.0.15", "a newer ssl"), ("zlib-1.3", "z")],
         false,
         "bump openssl",
     );
     let bumped = build_all(&client).await;
-    commit(
+    commit_packages(
         &flake,
         &[("openssl-3.0.15", "a newer ssl"), ("zlib-1.3", "z")],
         true,

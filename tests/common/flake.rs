@@ -341,3 +341,48 @@ impl Drop for GitOverHttp {
         let _ = self.server.wait();
     }
 }
+
+/// A flake whose host `ns1` references one derivation per entry of its
+/// `packages.nix` (name with version, and content), so commits can bump,
+/// add and remove packages; host `ns2` builds, or fails while `fail.nix`
+/// says `true`. Nothing is committed yet: see [`commit_packages`].
+pub fn package_flake() -> Flake {
+    Flake::with_source(|salt, system| {
+        format!(
+            r#"{{
+  outputs = {{ self }}:
+    let
+      system = "{system}";
+      salt = "{salt}";
+      drv = name: script: deps: derivation {{
+        inherit name system salt deps;
+        builder = "/bin/sh";
+        args = [ "-c" script ];
+      }};
+      packages = map (p: drv p.name "echo ${{p.content}} > $out" [ ]) (import ./packages.nix);
+      fail = import ./fail.nix;
+    in {{
+      nixosConfigurations.ns1.config.system.build.toplevel =
+        drv "nixos-system-ns1" "echo $deps > $out" packages;
+      nixosConfigurations.ns2.config.system.build.toplevel =
+        drv "nixos-system-ns2"
+          (if fail then "echo ns2 cannot build >&2; exit 3" else "echo ok > $out") [ ];
+    }};
+}}
+"#
+        )
+    })
+}
+
+/// Commits `packages` (name-version, content) as a [`package_flake`]'s
+/// package list, and whether its `ns2` fails.
+pub fn commit_packages(flake: &Flake, packages: &[(&str, &str)], ns2_fails: bool, message: &str) {
+    let list: String = packages
+        .iter()
+        .map(|(name, content)| format!("  {{ name = \"{name}\"; content = \"{content}\"; }}\n"))
+        .collect();
+    std::fs::write(flake.path().join("packages.nix"), format!("[\n{list}]\n")).unwrap();
+    std::fs::write(flake.path().join("fail.nix"), format!("{ns2_fails}\n")).unwrap();
+    flake.git(&["add", "-A"]);
+    flake.git(&["commit", "-q", "-m", message]);
+}
