@@ -41,7 +41,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::net::{free_port, try_http_json, try_http_json_blocking};
-use super::nix::{require_tool, which};
+use super::nix::which;
 use super::wait::{WAIT, poll};
 
 /// Debian's `/usr/bin/chromium` is a shell script that adds flags from
@@ -89,8 +89,16 @@ impl Browser {
     /// Starts chromedriver on a free loopback port, waits until it says it
     /// is ready, and opens a session with a headless Chromium.
     pub async fn start() -> Browser {
-        require_tool("chromedriver");
-        require_tool("chromium");
+        for (tool, package) in [
+            ("chromedriver", "chromium-driver"),
+            ("chromium", "chromium"),
+        ] {
+            assert!(
+                which(tool).is_some(),
+                "`{tool}` is not installed; run ./scripts/test, which installs it \
+                 (Debian: apt-get install {package})"
+            );
+        }
         let chromium = if Path::new(DEBIAN_CHROMIUM).is_file() {
             DEBIAN_CHROMIUM.to_owned()
         } else {
