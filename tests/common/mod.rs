@@ -1,10 +1,12 @@
 //! Shared helpers for the integration tests: a real nats-server on a free
 //! loopback port, the real builder binary, offline fixture flakes built by
-//! the real `nix`, and waiting with deadlines instead of sleeping. Each
-//! module is one concern; tests import what they use by name.
+//! the real `nix`, a real headless browser for the web pages, and waiting
+//! with deadlines instead of sleeping. Each module is one concern; tests
+//! import what they use by name.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod browser;
 pub mod builder;
 pub mod cli;
 pub mod flake;
