@@ -364,6 +364,7 @@ mod tests {
                 },
             ],
             running: Some(RunningBuild {
+                rev: None,
                 owner: None,
                 resumed: false,
                 build_id: "b1".into(),

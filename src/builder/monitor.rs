@@ -231,6 +231,7 @@ impl Monitor {
     pub(crate) fn build_started(&self, job: &Job, cancel: Cancellation) {
         self.lock().running = Some(Running {
             status: RunningBuild {
+                rev: None,
                 build_id: job.build_id.clone(),
                 repo: job.repo.clone(),
                 target: job.target.to_string(),
@@ -303,6 +304,15 @@ impl Monitor {
                 },
             );
             running.status.total = Some(total);
+        }
+    }
+
+    /// The running request `build_id` builds `rev` (its flake is pinned).
+    pub(crate) fn build_pinned(&self, build_id: &str, rev: Option<&str>) {
+        if let Some(running) = self.lock().running.as_mut() {
+            if running.status.build_id == build_id {
+                running.status.rev = rev.map(str::to_owned);
+            }
         }
     }
 

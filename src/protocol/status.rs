@@ -113,6 +113,9 @@ pub struct RunningBuild {
     pub target: String,
     #[serde(rename = "ref")]
     pub git_ref: Option<String>,
+    /// The commit it builds, once the flake is pinned (absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
     /// The NKey public key that signed the request (`null`: unsigned).
     #[serde(default)]
     pub owner: Option<String>,

@@ -89,14 +89,17 @@ fn running_section(running: Option<&RunningBuild>) -> String {
             .to_owned();
     };
     let mut out = format!(
-        "<section id=\"running\" data-build-id=\"{}\" data-repo=\"{}\"><h2>Building now</h2>\n\
-         <p>{} <b>{}</b> · target {} · ref {} · started {} · ",
+        "<section id=\"running\" data-build-id=\"{}\" data-repo=\"{}\" data-rev=\"{}\">\
+         <h2>Building now</h2>\n\
+         <p>{} <b>{}</b> · target {} · ref {} · rev <code>{}</code> · started {} · ",
         text(&running.build_id),
         text(&running.repo),
+        text(running.rev.as_deref().unwrap_or_default()),
         build_link(&running.build_id),
         text(&running.repo),
         code(&running.target),
         maybe_code(running.git_ref.as_deref()),
+        short_rev(running.rev.as_deref()),
         time(&running.started_at),
     );
     match running.total {
@@ -658,6 +661,7 @@ mod tests {
                 },
             ],
             running: running.then(|| RunningBuild {
+                rev: None,
                 build_id: "a1b2c3d4e5f60718".into(),
                 repo: "nixos-servers".into(),
                 target: "all".into(),
@@ -892,7 +896,7 @@ mod tests {
         let html = index(&status(true), &twelve_hosts(), &summaries(10));
         check_page(&html, "index");
         assert!(html.contains(
-            "<section id=\"running\" data-build-id=\"a1b2c3d4e5f60718\" data-repo=\"nixos-servers\">"
+            "<section id=\"running\" data-build-id=\"a1b2c3d4e5f60718\" data-repo=\"nixos-servers\" data-rev=\"\">"
         ));
         assert!(html.contains("<tr data-running-host=\"web-01\">"));
         assert!(html.contains("<progress value=\"12\" max=\"40\"></progress> 12/40"));

@@ -213,6 +213,8 @@ impl Runner {
                 (hosts, skipped)
             }
         };
+        self.monitor
+            .build_pinned(&job.build_id, pinned.rev.as_deref());
         // Hosts that finished before a restart keep their results.
         let done_before = |host: &str| {
             resumed.and_then(|resume| resume.done.iter().find(|done| done.host == host))

@@ -7,7 +7,8 @@
   const $ = (id) => document.getElementById(id);
   const body = document.body, run = $("running"), DASH = "\u2013";
   const builds = {}; // build id -> {repo, target, rev}
-  if (run && run.dataset.buildId) builds[run.dataset.buildId] = { repo: run.dataset.repo };
+  if (run && run.dataset.buildId)
+    builds[run.dataset.buildId] = { repo: run.dataset.repo, rev: run.dataset.rev || undefined };
 
   const put = (node, content) => node && node.replaceChildren(content);
   const el = (tag, content, attrs = {}) => {
@@ -112,7 +113,14 @@
       cell(tr, "changes", e.changes ? e.changes.packages.length + e.changes.more : DASH);
       cell(tr, "build", link(["builds", id], el("code", id)));
     },
-    finished: (id) => {
+    finished: (id, e) => {
+      // Its line among the recent builds, if it has one.
+      const recent = find(document.querySelectorAll("#recent-rows tr"), { "data-build-id": id });
+      if (recent) {
+        cell(recent, "status", (recent.dataset.status = e.status));
+        cell(recent, "duration", duration(e.duration_ms));
+        cell(recent, "hosts", String(e.hosts.length + (e.omitted_hosts || 0)));
+      }
       if (run.dataset.buildId !== id) return;
       run.replaceChildren(el("h2", "Building now"), el("p", "Nothing is building.", { class: "empty" }));
       delete run.dataset.buildId;
