@@ -57,11 +57,7 @@ impl WebConfig {
             return url.clone();
         }
         let host = if listen.ip().is_unspecified() {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|name| name.trim().to_owned())
-                .filter(|name| !name.is_empty())
-                .unwrap_or_else(|| "localhost".to_owned())
+            host_name()
         } else {
             match listen.ip() {
                 std::net::IpAddr::V6(ip) => format!("[{ip}]"),
@@ -82,6 +78,12 @@ pub struct NatsConfig {
     pub nkey_seed_file: Option<PathBuf>,
     /// A `.creds` file (user JWT and seed), the alternative to `nkey_seed_file`.
     pub credentials_file: Option<PathBuf>,
+    /// The NATS queue group the builder takes build requests in. Builders
+    /// in the same group share the requests of the repos they both serve
+    /// (each request goes to one of them). Unset: one group per repo,
+    /// `homelab-deploy-<repo>`, so builders configured alike share it.
+    #[serde(default)]
+    pub queue_group: Option<String>,
     /// CA certificate (PEM) to verify a `tls://` server with, instead of the
     /// system's roots. Setting it requires TLS.
     pub tls_ca_file: Option<PathBuf>,
@@ -157,6 +159,24 @@ impl Default for MetricsConfig {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9973)),
         }
     }
+}
+
+/// This machine's host name (`localhost` when it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Whether `name` may name a builder: 1 to 64 letters, digits, `.`, `_`
+/// and `-` (a host name, short or qualified).
+fn is_valid_builder_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// `[builder]`. Unset keys take their values from `Default`, the one
@@ -236,6 +256,9 @@ pub struct BuilderConfig {
     /// start to resume; `false` cancels them as without one (also
     /// `builder --no-resume`).
     pub resume: bool,
+    /// The builder's name, in `accepted` and in its status (several
+    /// builders may share a NATS server). Unset: the host name.
+    pub name: Option<String>,
     /// SQLite database of every accepted request's outcome and every host's
     /// result (for the web pages and the API). Unset: no history.
     pub history_db: Option<PathBuf>,
@@ -270,6 +293,7 @@ impl Default for BuilderConfig {
             state_file: None,
             journal_file: None,
             resume: true,
+            name: None,
             history_db: None,
             history_keep: HistoryKeep::default(),
             parallel_hosts: 1,
@@ -338,6 +362,11 @@ impl BuilderConfig {
             }
         }
         Ok(())
+    }
+
+    /// The builder's name: `name`, or the host name.
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(host_name)
     }
 
     /// The journal, the state file and the history database each own
@@ -548,6 +577,8 @@ pub enum ConfigError {
         "[repos.{repo}] exclude: {host:?} is not a host name (empty, control characters or over 128 bytes)"
     )]
     BadExclude { repo: String, host: String },
+    #[error("{key} = {value:?}: use 1 to 64 letters, digits, '.', '_' and '-'")]
+    BadName { key: &'static str, value: String },
     #[error("[builder] {key} must be greater than zero")]
     Zero { key: &'static str },
     #[error("[builder] {key} = {value:?} is longer than the limit of {limit:?}")]
@@ -612,6 +643,22 @@ impl Config {
         }
         if self.builder.queue_limit == 0 {
             return Err(ConfigError::Zero { key: "queue_limit" });
+        }
+        if let Some(name) = &self.builder.name {
+            if !is_valid_builder_name(name) {
+                return Err(ConfigError::BadName {
+                    key: "[builder] name",
+                    value: name.clone(),
+                });
+            }
+        }
+        if let Some(group) = &self.nats.queue_group {
+            if !is_valid_builder_name(group) {
+                return Err(ConfigError::BadName {
+                    key: "[nats] queue_group",
+                    value: group.clone(),
+                });
+            }
         }
         if self.builder.history_keep.builds == Some(0) {
             return Err(ConfigError::Zero {

@@ -352,6 +352,7 @@ mod tests {
     #[test]
     fn status_reads_as_a_summary() {
         let status = BuilderStatus {
+            builder: None,
             version: "0.1.0".into(),
             repos: vec![
                 RepoInfo {

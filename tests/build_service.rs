@@ -89,7 +89,9 @@ async fn single_host_build_sends_the_documented_sequence() {
             git_ref,
             queue_position,
             heartbeat_ms,
+            builder,
         } => {
+            assert!(builder.as_deref().is_some_and(|name| !name.is_empty()));
             let digest = request_digest.as_deref().expect("no request_digest");
             assert!(
                 digest.len() == 64

@@ -45,7 +45,8 @@ use crate::nats::{self, Connection, NatsError};
 use crate::nix::NixCli;
 use crate::nix::version::{NixVersion, VersionError};
 use crate::protocol::{
-    BuildStatus, CANCEL_SUBJECT, ErrorBody, ErrorCode, REQUEST_SUBSCRIPTION, STATUS_SUBJECT,
+    BuildStatus, CANCEL_SUBJECT, ErrorBody, ErrorCode, STATUS_SUBJECT, default_queue_group,
+    repo_subscription,
 };
 use crate::systemd;
 use crate::web::Web;
@@ -116,18 +117,23 @@ fn stop_reason(config: &Config) -> StopReason {
 /// messages to the intake: a flood on one (of status requests, say) never
 /// holds up the others, and they run side by side.
 struct Readers {
-    builds: JoinHandle<Subscriber>,
+    /// One per repo.
+    builds: Vec<JoinHandle<Subscriber>>,
     status: JoinHandle<Subscriber>,
     cancels: JoinHandle<Subscriber>,
     /// Stops them, once the last request has its answer.
     stop: CancellationToken,
-    /// Fires if NATS ends the build subscription.
+    /// Fires if NATS ends a build subscription.
     builds_ended: CancellationToken,
 }
 
 impl Readers {
-    fn start(subscriptions: [Subscriber; 3], intake: &Arc<Intake>) -> Self {
-        let [builds, status, cancels] = subscriptions;
+    fn start(subscriptions: Subscriptions, intake: &Arc<Intake>) -> Self {
+        let Subscriptions {
+            builds,
+            status,
+            cancels,
+        } = subscriptions;
         let stop = CancellationToken::new();
         let builds_ended = CancellationToken::new();
         let spawn = |subscription, ended, handle: fn(&Intake, Message)| {
@@ -137,7 +143,10 @@ impl Readers {
             }))
         };
         Self {
-            builds: spawn(builds, Some(builds_ended.clone()), Intake::build),
+            builds: builds
+                .into_iter()
+                .map(|repo| spawn(repo, Some(builds_ended.clone()), Intake::build))
+                .collect(),
             status: spawn(status, None, Intake::status),
             cancels: spawn(cancels, None, Intake::cancel),
             stop,
@@ -148,12 +157,20 @@ impl Readers {
     /// Stops taking requests and unsubscribes.
     async fn stop(self) {
         self.stop.cancel();
-        for reader in [self.builds, self.status, self.cancels] {
+        for reader in self.builds.into_iter().chain([self.status, self.cancels]) {
             if let Ok(mut subscription) = reader.await {
                 let _ = subscription.unsubscribe().await;
             }
         }
     }
+}
+
+/// The builder's subscriptions.
+struct Subscriptions {
+    /// `build.<repo>.*` of each repo, in its queue group.
+    builds: Vec<Subscriber>,
+    status: Subscriber,
+    cancels: Subscriber,
 }
 
 /// Hands every message of `subscription` to `handle` until `stop`, or
@@ -326,23 +343,38 @@ impl Service {
             move || monitor.ignored("overloaded")
         });
         let answers_sender = tokio::spawn(Arc::clone(&answers).run(background.clone()));
-        let subscribe = |connection: &Connection, subject: &'static str| {
+        let subscribe = |connection: &Connection, subject: String, group: Option<String>| {
             let client = connection.client.clone();
             async move {
-                client
-                    .subscribe(subject)
-                    .await
-                    .map_err(|err| BuilderError::Subscribe {
-                        subject: subject.to_owned(),
-                        reason: err.to_string(),
-                    })
+                let subscribed = match group {
+                    Some(group) => client.queue_subscribe(subject.clone(), group).await,
+                    None => client.subscribe(subject.clone()).await,
+                };
+                subscribed.map_err(|err| BuilderError::Subscribe {
+                    subject,
+                    reason: err.to_string(),
+                })
             }
         };
-        let subscriptions = [
-            subscribe(&connection, REQUEST_SUBSCRIPTION).await?,
-            subscribe(&queries, STATUS_SUBJECT).await?,
-            subscribe(&queries, CANCEL_SUBJECT).await?,
-        ];
+        // Only the builder's own repos, each in its queue group: a request
+        // for a repo nobody serves gets NATS's "no responders", and
+        // builders serving the same repo share its requests.
+        let mut builds = Vec::with_capacity(config.repos.len());
+        for repo in config.repos.keys() {
+            let group = config
+                .nats
+                .queue_group
+                .clone()
+                .unwrap_or_else(|| default_queue_group(repo));
+            builds.push(subscribe(&connection, repo_subscription(repo), Some(group)).await?);
+        }
+        // Every builder answers status; cancels reach every builder, and
+        // the one that has the build answers.
+        let subscriptions = Subscriptions {
+            builds,
+            status: subscribe(&queries, STATUS_SUBJECT.to_owned(), None).await?,
+            cancels: subscribe(&queries, CANCEL_SUBJECT.to_owned(), None).await?,
+        };
 
         let machines = tokio::spawn(machines::check_machines(
             NixCli::new("nix", version),
@@ -453,8 +485,8 @@ impl Service {
                     match flushed {
                         Ok(()) => {
                             tracing::info!(
-                                subject = REQUEST_SUBSCRIPTION,
-                                repos = self.config.repos.len(),
+                                name = %self.config.builder.display_name(),
+                                repos = ?self.config.repos.keys().collect::<Vec<_>>(),
                                 workers = self.config.builder.eval_workers,
                                 max_memory = %self.config.builder.eval_max_memory,
                                 "builder ready"

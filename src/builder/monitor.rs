@@ -42,6 +42,8 @@ pub(crate) struct Monitor {
     repos: Vec<RepoInfo>,
     /// The status page's address, told in `build.status`.
     web_url: Option<String>,
+    /// The builder's name, told in `build.status`.
+    name: Option<String>,
     queue: Arc<Queue<Job>>,
     state: Mutex<State>,
     state_file: Option<PathBuf>,
@@ -177,6 +179,7 @@ impl Monitor {
                 })
                 .collect(),
             web_url: None,
+            name: Some(config.builder.display_name()),
             queue,
             state: Mutex::new(State::default()),
             writer: config.builder.state_file.clone().map(StateWriter::start),
@@ -559,6 +562,7 @@ impl Monitor {
         });
         let state = self.lock();
         BuilderStatus {
+            builder: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             repos: self.repos.clone(),
             running: state.running.as_ref().map(|r| r.status.clone()),

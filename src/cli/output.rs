@@ -117,6 +117,7 @@ mod tests {
     fn plain_output_is_one_line_per_step() {
         let text = render(vec![
             Event::Accepted {
+                builder: None,
                 request_digest: None,
                 repo: "demo".into(),
                 target: "all".into(),

@@ -347,6 +347,7 @@ mod tests {
     fn events() -> Vec<Event> {
         vec![
             Event::Accepted {
+                builder: None,
                 request_digest: None,
                 repo: "servers".into(),
                 target: "all".into(),

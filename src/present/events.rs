@@ -513,6 +513,7 @@ mod tests {
     #[test]
     fn accepted_notes_only_a_wait_in_the_queue() {
         let accepted = |queue_position| Event::Accepted {
+            builder: None,
             request_digest: None,
             repo: "demo".into(),
             target: "ns1".into(),

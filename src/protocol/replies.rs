@@ -210,6 +210,10 @@ pub enum Event {
         git_ref: Option<String>,
         /// How many requests are ahead of this one (0: it starts now).
         queue_position: usize,
+        /// The name of the builder that took it (`[builder] name`); absent
+        /// from builders that do not say.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        builder: Option<String>,
         /// The builder sends some event at least this often (milliseconds)
         /// until the terminal one: a client that hears nothing for much
         /// longer may take the builder for dead. 0 from builders that do
@@ -455,6 +459,7 @@ mod tests {
             build_id: "abc".into(),
             seq: None,
             event: Event::Accepted {
+                builder: None,
                 request_digest: None,
                 repo: "r".into(),
                 target: "all".into(),

@@ -16,6 +16,11 @@ pub enum StatusEvent {
 /// The builder's state, as `build.status` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BuilderStatus {
+    /// The builder's name (`[builder] name`, by default its host name).
+    /// Names are not unique by force: tell builders apart by the key that
+    /// signed their answers. Absent from builders that do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<String>,
     /// The builder's version.
     pub version: String,
     /// The configured repos (names and default refs; never URLs, which may
@@ -204,6 +209,7 @@ mod tests {
     #[test]
     fn status_replies_are_tagged_status() {
         let status = StatusEvent::Status(BuilderStatus {
+            builder: None,
             version: "1.0.0".into(),
             repos: vec![RepoInfo {
                 name: "nixos".into(),
@@ -236,6 +242,7 @@ mod tests {
             pinned: false,
         };
         let status = StatusEvent::Status(BuilderStatus {
+            builder: None,
             version: "1.0.0".into(),
             repos: vec![],
             running: None,

@@ -7,8 +7,20 @@ pub const SUBJECT_ROOT: &str = "build";
 pub const RESPONSES_TOKEN: &str = "responses";
 /// Prefix of every reply subject (`build.responses.<client>.<unique>`).
 pub const RESPONSES_PREFIX: &str = "build.responses.";
-/// What the builder subscribes to for build requests.
+/// What every build request matches (`build.<repo>.<target>`); a builder
+/// subscribes to [`repo_subscription`] of each of its repos only.
 pub const REQUEST_SUBSCRIPTION: &str = "build.*.*";
+
+/// What a builder subscribes to for the build requests of `repo`.
+pub fn repo_subscription(repo: &str) -> String {
+    format!("{SUBJECT_ROOT}.{repo}.*")
+}
+
+/// The NATS queue group the builders of `repo` share by default: builders
+/// configured alike share its requests, each request going to one of them.
+pub fn default_queue_group(repo: &str) -> String {
+    format!("homelab-deploy-{repo}")
+}
 /// Where the builder answers with its [`StatusEvent`](super::StatusEvent).
 pub const STATUS_SUBJECT: &str = "build.status";
 /// Where a build is cancelled ([`CancelRequest`](super::CancelRequest) → [`CancelEvent`](super::CancelEvent)).

@@ -464,6 +464,7 @@ mod tests {
 
     fn idle_status() -> BuilderStatus {
         BuilderStatus {
+            builder: None,
             version: "test".into(),
             repos: Vec::new(),
             running: None,

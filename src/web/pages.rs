@@ -649,6 +649,7 @@ mod tests {
 
     fn status(running: bool) -> BuilderStatus {
         BuilderStatus {
+            builder: None,
             version: "1.4.0".into(),
             repos: vec![
                 RepoInfo {

@@ -166,12 +166,10 @@ pub struct Builder {
 /// after the start cannot be that one.
 const NATS_READY_WAIT: Duration = Duration::from_secs(5);
 
-/// The builder's subscriptions, by the name of the connection holding each.
-const BUILDER_SUBSCRIPTIONS: &[(&str, &str)] = &[
-    (
-        "homelab-deploy-builder",
-        homelab_deploy::protocol::REQUEST_SUBSCRIPTION,
-    ),
+/// The builder's subscriptions to status and cancel requests, by the name
+/// of the connection holding them; its build requests are on
+/// `homelab-deploy-builder`, `build.<repo>.*` for each repo.
+const QUERY_SUBSCRIPTIONS: &[(&str, &str)] = &[
     (
         "homelab-deploy-builder-queries",
         homelab_deploy::protocol::STATUS_SUBJECT,
@@ -189,7 +187,17 @@ impl Builder {
         let before = nats.last_client_id().await;
         let mut builder = Self::spawn_with(&options.config_text(&nats.url()), options);
         builder.wait_serving().await;
-        nats.wait_subscribed(before, BUILDER_SUBSCRIPTIONS).await;
+        let repos: Vec<String> = options
+            .repos
+            .iter()
+            .map(|(repo, ..)| homelab_deploy::protocol::repo_subscription(repo))
+            .collect();
+        let mut wanted: Vec<(&str, &str)> = repos
+            .iter()
+            .map(|subject| ("homelab-deploy-builder", subject.as_str()))
+            .collect();
+        wanted.extend_from_slice(QUERY_SUBSCRIPTIONS);
+        nats.wait_subscribed(before, &wanted).await;
         builder
     }
 
