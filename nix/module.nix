@@ -198,6 +198,7 @@ in {
                   example = "nats://nats.home.2rjus.net:4222";
                   description = "NATS server URL, or a list of them.";
                 };
+                queue_group = option (lib.types.nullOr (lib.types.strMatching "[A-Za-z0-9._-]{1,64}")) null "NATS queue group of the builder's build requests: builders in one group share the requests of the repos they both serve, and one takes over when another is gone (a standby, or two build hosts during a migration). `null`: one group per repo, `homelab-deploy-<repo>`, so builders configured alike share it.";
                 nkey_seed_file = credentialSetting "nkeyFile" "nkey";
                 credentials_file = credentialSetting "credentialsFile" "creds";
                 tls_ca_file = lib.mkOption {
@@ -242,6 +243,7 @@ in {
                 keep_roots = option lib.types.ints.positive defaults.settings.builder.keep_roots "Root generations kept per host.";
                 state_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.state_file "Keeps every host's last result across restarts; `null` keeps nothing.";
                 journal_file = option (lib.types.nullOr lib.types.str) defaults.settings.builder.journal_file "Journal of accepted requests, resumed after a restart or a crash; `null`: a stop cancels them.";
+                name = option (lib.types.nullOr (lib.types.strMatching "[A-Za-z0-9._-]{1,64}")) null "The builder's name in `accepted` and in its status, where several builders share a NATS server; `null`: the host name.";
                 history_db = option (lib.types.nullOr lib.types.str) defaults.settings.builder.history_db "SQLite history of every build and host result, for the pages and the API; `null` keeps none.";
                 eval_memory_budget =
                   option (lib.types.strMatching "([1-9][0-9]?|100)%|[0-9]+(\\.[0-9]+)? ?([KMGT]i?B?|[kmgt]i?b?|B|b)?")

@@ -1217,6 +1217,36 @@ url = "git+file:///srv/demo"
     }
 
     #[test]
+    fn a_builder_has_a_name_and_a_queue_group_only_of_safe_characters() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.builder.name, None);
+        assert!(!config.builder.display_name().is_empty());
+        assert_eq!(config.nats.queue_group, None);
+        let named = MINIMAL.replace(
+            "[repos.demo]",
+            "queue_group = \"builders-x86\"\n[builder]\nname = \"nix-cache02.home\"\n[repos.demo]",
+        );
+        let config = parse(&named).unwrap();
+        assert_eq!(config.builder.display_name(), "nix-cache02.home");
+        assert_eq!(config.nats.queue_group.as_deref(), Some("builders-x86"));
+        // As written in TOML.
+        let long = format!("\"{}\"", "x".repeat(65));
+        for bad in ["\"\"", "\"two words\"", "\"a\\u001b[31m\"", long.as_str()] {
+            let text = MINIMAL.replace(
+                "[repos.demo]",
+                &format!("[builder]\nname = {bad}\n[repos.demo]"),
+            );
+            let err = parse(&text).unwrap_err();
+            assert!(matches!(err, ConfigError::BadName { .. }), "{bad}: {err}");
+            let text = MINIMAL.replace(
+                "[repos.demo]",
+                &format!("queue_group = {bad}\n[repos.demo]"),
+            );
+            assert!(parse(&text).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn the_pages_address_is_made_from_the_listener_when_not_given() {
         let web = WebConfig {
             enabled: true,

@@ -133,6 +133,20 @@
     ];
   };
 
+  # README, "Several builders": nix-cache01 beside nix-cache02, sharing
+  # the repo's requests in one queue group.
+  standby = system {
+    modules = [
+      ../module.nix
+      {
+        services.homelab-deploy.builder = lib.recursiveUpdate base {
+          settings.nats.queue_group = "homelab-builders";
+          settings.builder.name = "nix-cache01";
+        };
+      }
+    ];
+  };
+
   # Two remote builders, hosts built two at once.
   remote = system {
     modules = [
@@ -466,6 +480,7 @@
   tests =
     serviceChecks "readme" readme
     // serviceChecks "minimal" minimal
+    // serviceChecks "standby" standby
     // serviceChecks "tls" tls
     // serviceChecks "overlay" overlayOnly
     // scheduleChecks "readme" readme scheduled0
@@ -498,6 +513,22 @@
             exclude = ["template"];
           };
         };
+      };
+      testStandbySharesTheQueueGroupUnderItsOwnName = {
+        expr = {
+          inherit (standby.settings.nats) queue_group;
+          inherit (standby.settings.builder) name;
+          minimalHasNeither = minimal.settings.nats ? queue_group || minimal.settings.builder ? name;
+        };
+        expected = {
+          queue_group = "homelab-builders";
+          name = "nix-cache01";
+          minimalHasNeither = false;
+        };
+      };
+      testReadmeRendersTheWebSettings = {
+        expr = readme.settings.web;
+        expected = defaults.settings.web;
       };
       testReadmeOpensTheMetricsPort = {
         expr = readme.config.networking.firewall.allowedTCPPorts;
@@ -878,7 +909,7 @@ in {
 
   # Each scenario's settings, for check-config.
   configs = lib.mapAttrs (_: s: s.settings) {
-    inherit readme minimal tls both remote;
+    inherit readme minimal tls both remote standby;
     overlay = overlayOnly;
     group-allowed = groupAllowed;
   };
