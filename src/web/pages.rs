@@ -69,8 +69,14 @@ fn closure(size_bytes: Option<u64>, delta: Option<i64>) -> String {
 /// `/`: the build running now, the queue, every host's latest result per
 /// repo, and recent builds.
 pub fn index(status: &BuilderStatus, latest: &[LatestHost], recent: &[BuildSummary]) -> String {
+    // The builder's name tells builders sharing a NATS server apart.
+    let name = status
+        .builder
+        .as_deref()
+        .map(|name| format!(" <span class=\"builder\">{}</span>", text(name)))
+        .unwrap_or_default();
     let mut out = format!(
-        "<header><h1>homelab-deploy</h1><span class=\"version\">{}</span></header>\n<main>\n",
+        "<header><h1>homelab-deploy{name}</h1><span class=\"version\">{}</span></header>\n<main>\n",
         text(&status.version)
     );
     out.push_str(&running_section(status.running.as_ref()));
