@@ -1,5 +1,5 @@
 //! `homelab-deploy mcp`: an MCP server over stdio that lets an assistant
-//! look at the builder (`build_status`) and, with `--enable-builds`, start
+//! look at the builders (`build_status`) and, with `--enable-builds`, start
 //! and cancel builds (`build`, `cancel_build`).
 //!
 //! Tool inputs are checked with the same code as the CLI client; a build
@@ -37,7 +37,8 @@ pub struct BuildTools {
     client: Arc<BuildClient>,
     enable_builds: bool,
     timeouts: Timeouts,
-    /// How long `build_status` and `cancel_build` wait for the builder.
+    /// How long `build_status` and `cancel_build` wait for a builder's
+    /// answer (a cancel of a build no builder has hears none).
     ask_timeout: Duration,
 }
 
