@@ -35,6 +35,10 @@ pub enum ClientError {
     InvalidRepo(String),
     #[error("no builder is listening on {subject} (NATS reported no responders)")]
     NoResponders { subject: String },
+    #[error("no builder serves repo {repo} (nobody is subscribed to {subject})")]
+    NoBuilderServesRepo { repo: String, subject: String },
+    #[error("no builder has a running or waiting build {build_id} (none answered within {})", humantime::format_duration(*.waited))]
+    NoSuchBuild { build_id: String, waited: Duration },
     #[error("no builder acknowledged the request on {subject} within {}", humantime::format_duration(*.waited))]
     NotAcknowledged { subject: String, waited: Duration },
     #[error("gave up after {}: the build did not finish in time (raise --timeout)", humantime::format_duration(*.waited))]
@@ -159,6 +163,91 @@ pub struct Received {
     pub raw: Bytes,
 }
 
+/// How long a status query keeps listening after the first answer, for
+/// the other builders sharing the NATS server.
+pub const GATHER: Duration = Duration::from_millis(500);
+/// Most answers a status query collects; more are ignored.
+pub const MAX_ANSWERS: usize = 64;
+
+/// One builder's answer to `build.status`.
+#[derive(Debug, Clone)]
+pub struct StatusAnswer {
+    pub status: BuilderStatus,
+    /// The exact bytes (for `--json`).
+    pub raw: Bytes,
+    /// What the answer's signature headers say.
+    pub signature: Signature,
+}
+
+impl StatusAnswer {
+    /// The key that validly signed the answer; `None` when it is unsigned
+    /// or its signature does not check out.
+    pub fn key(&self) -> Option<&str> {
+        match &self.signature {
+            Signature::Valid(key) => Some(key),
+            Signature::Unsigned | Signature::Invalid(_) => None,
+        }
+    }
+
+    /// The order answers are shown in: by builder name (unnamed last),
+    /// then by key (unsigned last).
+    fn order(&self) -> (bool, Option<&str>, bool, Option<&str>) {
+        let name = self.status.builder.as_deref();
+        (name.is_none(), name, self.key().is_none(), self.key())
+    }
+}
+
+/// The answers of a status query as they come in: until when to listen,
+/// and a bound on how many are kept.
+#[derive(Debug)]
+struct Gathering {
+    answers: Vec<StatusAnswer>,
+    deadline: Instant,
+    /// Answers beyond [`MAX_ANSWERS`], ignored.
+    ignored: usize,
+}
+
+impl Gathering {
+    /// A query published at `now`, waiting up to `wait` for a first answer.
+    fn new(now: Instant, wait: Duration) -> Self {
+        Self {
+            answers: Vec::new(),
+            deadline: now + wait,
+            ignored: 0,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+
+    /// An answer received at `now`: the first leaves [`GATHER`] for the rest.
+    fn add(&mut self, answer: StatusAnswer, now: Instant) {
+        if self.answers.is_empty() {
+            self.deadline = now + GATHER;
+        }
+        if self.answers.len() >= MAX_ANSWERS {
+            if self.ignored == 0 {
+                tracing::warn!("more than {MAX_ANSWERS} builders answered; ignoring the rest");
+            }
+            self.ignored += 1;
+            return;
+        }
+        self.answers.push(answer);
+    }
+
+    /// The answers, sorted by builder name, then key (a stable sort: equal
+    /// ones stay in the order they came).
+    fn finish(mut self) -> Vec<StatusAnswer> {
+        self.answers.sort_by(|a, b| a.order().cmp(&b.order()));
+        self.answers
+    }
+}
+
 impl BuildClient {
     /// Connects with the CLI's settings; fails at once if no server answers
     /// (unless the settings retry). With `builder_key`, only replies signed
@@ -269,12 +358,62 @@ impl BuildClient {
         Ok(())
     }
 
-    /// Asks the builder for its status; returns it and the exact reply.
-    pub async fn status(&self, wait: Duration) -> Result<(BuilderStatus, Bytes), ClientError> {
-        let (StatusEvent::Status(status), raw) = self
-            .ask(STATUS_SUBJECT, Bytes::new(), wait, |_| true)
-            .await?;
-        Ok((status, raw))
+    /// Asks every builder for its status: publishes `build.status` once
+    /// and collects the answers until [`GATHER`] has passed since the
+    /// first (or until `wait` if none comes), at most [`MAX_ANSWERS`].
+    /// Answers are never merged: two builders may share a name and are
+    /// told apart by the key that signed them. Sorted by name, then key.
+    pub async fn status(&self, wait: Duration) -> Result<Vec<StatusAnswer>, ClientError> {
+        let (mut subscriber, _) = self.publish_request(STATUS_SUBJECT, Bytes::new()).await?;
+        let mut gathering = Gathering::new(Instant::now(), wait);
+        loop {
+            let message =
+                match tokio::time::timeout_at(gathering.deadline(), subscriber.next()).await {
+                    Ok(Some(message)) => message,
+                    Ok(None) if gathering.is_empty() => return Err(ClientError::Closed),
+                    Ok(None) | Err(_) => break,
+                };
+            if message.status == Some(StatusCode::NO_RESPONDERS) {
+                if gathering.is_empty() {
+                    return Err(ClientError::NoResponders {
+                        subject: STATUS_SUBJECT.to_owned(),
+                    });
+                }
+                continue;
+            }
+            if message.status.is_some() || !self.is_from_builder(&message) {
+                continue;
+            }
+            let StatusEvent::Status(status) =
+                match serde_json::from_slice::<StatusEvent>(&message.payload) {
+                    Ok(event) => event,
+                    Err(err) => {
+                        tracing::warn!(%err, "ignoring a malformed status answer");
+                        continue;
+                    }
+                };
+            let signature = signing::verify(
+                message.headers.as_ref(),
+                &message.subject,
+                "",
+                &message.payload,
+            );
+            gathering.add(
+                StatusAnswer {
+                    status,
+                    raw: message.payload,
+                    signature,
+                },
+                Instant::now(),
+            );
+        }
+        if gathering.is_empty() {
+            return Err(ClientError::NotAcknowledged {
+                subject: STATUS_SUBJECT.to_owned(),
+                waited: wait,
+            });
+        }
+        Ok(gathering.finish())
     }
 
     /// Asks the builder to cancel a build.
@@ -290,6 +429,8 @@ impl BuildClient {
         let body =
             serde_json::to_vec(&request).map_err(|err| ClientError::Nats(err.to_string()))?;
         // An answer about another build is not an answer to this cancel.
+        // Only the builder that has the build answers (every builder
+        // answers a cancel it cannot accept): silence means none has it.
         let (CancelEvent::Cancel(outcome), raw) = self
             .ask(
                 CANCEL_SUBJECT,
@@ -297,7 +438,14 @@ impl BuildClient {
                 wait,
                 |CancelEvent::Cancel(outcome)| outcome.build_id == build_id,
             )
-            .await?;
+            .await
+            .map_err(|err| match err {
+                ClientError::NotAcknowledged { waited, .. } => ClientError::NoSuchBuild {
+                    build_id: build_id.to_owned(),
+                    waited,
+                },
+                err => err,
+            })?;
         Ok((outcome, raw))
     }
 
@@ -310,12 +458,13 @@ impl BuildClient {
         answers: impl Fn(&T) -> bool,
     ) -> Result<(T, Bytes), ClientError> {
         let (mut subscriber, _) = self.publish_request(subject, body).await?;
+        let deadline = Instant::now() + wait;
         let not_acknowledged = || ClientError::NotAcknowledged {
             subject: subject.to_owned(),
             waited: wait,
         };
         loop {
-            let message = tokio::time::timeout(wait, subscriber.next())
+            let message = tokio::time::timeout_at(deadline, subscriber.next())
                 .await
                 .map_err(|_| not_acknowledged())?
                 .ok_or(ClientError::Closed)?;
@@ -485,7 +634,8 @@ impl BuildEvents<'_> {
                     self.accept_deadline = self.accept_deadline.max(now + self.accept_wait);
                     continue;
                 }
-                return Err(ClientError::NoResponders {
+                return Err(ClientError::NoBuilderServesRepo {
+                    repo: self.expected.repo.clone(),
                     subject: self.subject.clone(),
                 });
             }
@@ -735,6 +885,119 @@ mod tests {
         assert_eq!(
             silence_limit(u64::MAX),
             Some(Duration::from_millis(u64::MAX) + SILENCE_GRACE)
+        );
+    }
+
+    fn answer(name: Option<&str>, signature: Signature) -> StatusAnswer {
+        StatusAnswer {
+            status: BuilderStatus {
+                builder: name.map(str::to_owned),
+                version: "1.0.0".into(),
+                repos: vec![],
+                running: None,
+                queue: vec![],
+                last_results: vec![],
+                machines: vec![],
+                omitted_results: 0,
+                web_url: None,
+            },
+            raw: Bytes::from(name.unwrap_or("-").to_owned()),
+            signature,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_query_listens_a_short_while_after_the_first_answer() {
+        let start = Instant::now();
+        let mut gathering = Gathering::new(start, Duration::from_secs(10));
+        assert_eq!(gathering.deadline(), start + Duration::from_secs(10));
+        assert!(gathering.is_empty());
+        let first = start + Duration::from_secs(3);
+        gathering.add(answer(Some("a"), Signature::Unsigned), first);
+        assert_eq!(gathering.deadline(), first + GATHER);
+        // Later answers do not extend the window.
+        gathering.add(
+            answer(Some("b"), Signature::Unsigned),
+            first + Duration::from_millis(400),
+        );
+        assert_eq!(gathering.deadline(), first + GATHER);
+        assert_eq!(gathering.finish().len(), 2);
+    }
+
+    #[test]
+    fn a_status_query_keeps_at_most_64_answers() {
+        let now = Instant::now();
+        let mut gathering = Gathering::new(now, Duration::from_secs(1));
+        for _ in 0..MAX_ANSWERS + 3 {
+            gathering.add(answer(Some("a"), Signature::Unsigned), now);
+        }
+        assert_eq!(gathering.ignored, 3);
+        assert_eq!(gathering.finish().len(), MAX_ANSWERS);
+    }
+
+    #[test]
+    fn answers_are_sorted_by_name_then_key_and_never_merged() {
+        let key = |c: char| format!("U{}", c.to_string().repeat(55));
+        let now = Instant::now();
+        let mut gathering = Gathering::new(now, Duration::from_secs(1));
+        for (name, signature) in [
+            (None, Signature::Unsigned),
+            (Some("b"), Signature::Valid(key('B'))),
+            (Some("a"), Signature::Unsigned),
+            (Some("a"), Signature::Valid(key('C'))),
+            (Some("a"), Signature::Invalid("bad")),
+            (Some("a"), Signature::Valid(key('A'))),
+        ] {
+            gathering.add(answer(name, signature), now);
+        }
+        let order: Vec<(Option<String>, Option<String>)> = gathering
+            .finish()
+            .iter()
+            .map(|a| (a.status.builder.clone(), a.key().map(str::to_owned)))
+            .collect();
+        let named = |name: &str, key: Option<String>| (Some(name.to_owned()), key);
+        assert_eq!(
+            order,
+            [
+                named("a", Some(key('A'))),
+                named("a", Some(key('C'))),
+                // Unsigned, then badly signed: the order they came in.
+                named("a", None),
+                named("a", None),
+                named("b", Some(key('B'))),
+                (None, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_valid_signature_gives_an_answer_a_key() {
+        assert_eq!(
+            answer(None, Signature::Valid("UKEY".into())).key(),
+            Some("UKEY")
+        );
+        assert_eq!(answer(None, Signature::Unsigned).key(), None);
+        assert_eq!(answer(None, Signature::Invalid("forged")).key(), None);
+    }
+
+    #[test]
+    fn a_build_nobody_serves_names_the_repo() {
+        let err = ClientError::NoBuilderServesRepo {
+            repo: "nixos".into(),
+            subject: "build.nixos.ns1".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "no builder serves repo nixos (nobody is subscribed to build.nixos.ns1)"
+        );
+        let err = ClientError::NoSuchBuild {
+            build_id: "0123456789abcdef".into(),
+            waited: Duration::from_secs(10),
+        };
+        assert!(
+            err.to_string()
+                .starts_with("no builder has a running or waiting build 0123456789abcdef"),
+            "{err}"
         );
     }
 

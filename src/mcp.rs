@@ -1,5 +1,5 @@
 //! `homelab-deploy mcp`: an MCP server over stdio that lets an assistant
-//! look at the builder (`build_status`) and, with `--enable-builds`, start
+//! look at the builders (`build_status`) and, with `--enable-builds`, start
 //! and cancel builds (`build`, `cancel_build`).
 //!
 //! Tool inputs are checked with the same code as the CLI client; a build
@@ -21,9 +21,9 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::client::{BuildClient, ClientError, Timeouts};
+use crate::client::{BuildClient, ClientError, StatusAnswer, Timeouts};
 use crate::present::events::{BuildState, Style, describe};
-use crate::present::{cancel_outcome, changes_lines, changes_summary, status_report};
+use crate::present::{cancel_outcome, changes_lines, changes_summary, status_reports};
 use crate::protocol::{
     BuildRequest, BuildStatus, Changes, ErrorBody, Event, HostStatus, HostSummary, Reply,
 };
@@ -37,7 +37,8 @@ pub struct BuildTools {
     client: Arc<BuildClient>,
     enable_builds: bool,
     timeouts: Timeouts,
-    /// How long `build_status` and `cancel_build` wait for the builder.
+    /// How long `build_status` and `cancel_build` wait for a builder's
+    /// answer (a cancel of a build no builder has hears none).
     ask_timeout: Duration,
 }
 
@@ -99,7 +100,8 @@ impl BuildTools {
     pub fn tools(&self) -> Vec<Tool> {
         let mut status = Tool::new(
             "build_status",
-            "What the homelab build host is doing: configured repos, the running build \
+            "What every homelab builder on the NATS server is doing, one report per builder \
+             (headed by its name and signing key): configured repos, the running build \
              (and its current host), the queue, and the last result of every host.",
             schema(json!({"type": "object", "properties": {}, "additionalProperties": false})),
         );
@@ -141,12 +143,12 @@ impl BuildTools {
 
     async fn build_status(&self) -> CallToolResult {
         match self.client.status(self.ask_timeout).await {
-            Ok((status, _)) => {
-                let mut result = text_result(status_report(&status), false);
-                result.structured_content = serde_json::to_value(&status).ok();
+            Ok(answers) => {
+                let mut result = text_result(status_reports(&answers), false);
+                result.structured_content = Some(structured_statuses(&answers));
                 result
             }
-            Err(err) => text_result(format!("cannot get the builder's status: {err}"), true),
+            Err(err) => text_result(format!("cannot get the builders' status: {err}"), true),
         }
     }
 
@@ -230,6 +232,29 @@ impl BuildTools {
             }
         }
     }
+}
+
+/// `build_status`'s structured content: `{"builders": [...]}`, one entry
+/// per answer with the builder's status as sent, the key that signed it
+/// (`null` when none did) and `signature`: `signed`, `unsigned` or
+/// `invalid`.
+fn structured_statuses(answers: &[StatusAnswer]) -> serde_json::Value {
+    let builders: Vec<serde_json::Value> = answers
+        .iter()
+        .map(|answer| {
+            let signature = match answer.signature {
+                crate::signing::Signature::Valid(_) => "signed",
+                crate::signing::Signature::Unsigned => "unsigned",
+                crate::signing::Signature::Invalid(_) => "invalid",
+            };
+            json!({
+                "key": answer.key(),
+                "signature": signature,
+                "status": answer.status,
+            })
+        })
+        .collect();
+    json!({ "builders": builders })
 }
 
 fn client_error(err: &ClientError) -> CallToolResult {

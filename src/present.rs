@@ -7,9 +7,11 @@ use std::time::Duration;
 
 pub mod events;
 
+use crate::client::StatusAnswer;
 use crate::protocol::{
     BuilderStatus, CancelOutcome, CancelledState, ChangedPackage, Changes, RunningBuild,
 };
+use crate::signing::Signature;
 
 /// Formats a duration the way people read build times: `850ms`, `12.3s`,
 /// `4m05s`, `1h02m`.
@@ -306,6 +308,36 @@ pub fn status_report(status: &BuilderStatus) -> String {
     text
 }
 
+/// The line that heads one builder's status: its name and how its answer
+/// was signed (builders may share a name; their keys tell them apart).
+pub fn builder_heading(name: Option<&str>, signature: &Signature) -> String {
+    let name = name.map_or_else(
+        || "unnamed builder".to_owned(),
+        |name| format!("builder {name}"),
+    );
+    match signature {
+        Signature::Valid(key) => format!("{name} (key {key}, signed)"),
+        Signature::Unsigned => format!("{name} (unsigned)"),
+        Signature::Invalid(why) => format!("{name} (signature not valid: {why})"),
+    }
+}
+
+/// Every builder's status in the order given, each under its
+/// [`builder_heading`], with a blank line between builders.
+pub fn status_reports(answers: &[StatusAnswer]) -> String {
+    answers
+        .iter()
+        .map(|answer| {
+            format!(
+                "{}\n{}",
+                builder_heading(answer.status.builder.as_deref(), &answer.signature),
+                status_report(&answer.status)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `, by U…` for a signed request, nothing otherwise.
 fn owned_by(owner: Option<&str>) -> String {
     owner.map_or_else(String::new, |key| format!(", by {key}"))
@@ -425,6 +457,71 @@ mod tests {
             text.contains("nixos-servers/ns2  failed    rev 609da7ab2bec"),
             "{text}"
         );
+    }
+
+    fn bare_status(name: Option<&str>) -> BuilderStatus {
+        BuilderStatus {
+            builder: name.map(str::to_owned),
+            version: "0.1.0".into(),
+            repos: vec![RepoInfo {
+                name: "nixos".into(),
+                git_ref: None,
+            }],
+            running: None,
+            queue: vec![],
+            last_results: vec![],
+            machines: vec![],
+            omitted_results: 0,
+            web_url: None,
+        }
+    }
+
+    #[test]
+    fn a_builder_is_headed_by_its_name_and_how_it_signed() {
+        let key = format!("U{}", "A".repeat(55));
+        assert_eq!(
+            builder_heading(Some("nix-cache02"), &Signature::Valid(key.clone())),
+            format!("builder nix-cache02 (key {key}, signed)")
+        );
+        assert_eq!(
+            builder_heading(Some("nix-cache02"), &Signature::Unsigned),
+            "builder nix-cache02 (unsigned)"
+        );
+        assert_eq!(
+            builder_heading(None, &Signature::Invalid("the signature does not match")),
+            "unnamed builder (signature not valid: the signature does not match)"
+        );
+    }
+
+    #[test]
+    fn several_builders_read_one_after_the_other() {
+        let key = format!("U{}", "B".repeat(55));
+        let answer = |name, signature| StatusAnswer {
+            status: bare_status(name),
+            raw: bytes::Bytes::new(),
+            signature,
+        };
+        let one = status_reports(&[answer(Some("a"), Signature::Unsigned)]);
+        assert_eq!(
+            one,
+            format!(
+                "builder a (unsigned)\n{}",
+                status_report(&bare_status(Some("a")))
+            )
+        );
+        let two = status_reports(&[
+            answer(Some("a"), Signature::Valid(key.clone())),
+            answer(Some("a"), Signature::Unsigned),
+        ]);
+        assert_eq!(
+            two,
+            format!(
+                "builder a (key {key}, signed)\n{body}\nbuilder a (unsigned)\n{body}",
+                body = status_report(&bare_status(Some("a")))
+            )
+        );
+        assert!(two.contains("last results: none yet\n\nbuilder a (unsigned)\n"));
+        assert_eq!(status_reports(&[]), "");
     }
 
     fn example_changes() -> Changes {

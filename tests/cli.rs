@@ -5,9 +5,10 @@
 
 mod common;
 
-use common::builder::start_service;
+use common::builder::{Builder, BuilderOptions, start_service};
 use common::cli::{describe, run_cli};
 use common::flake::{Flake, Host};
+use common::identity::nkey_user;
 use common::nats::NatsServer;
 use common::replies::{event_names, terminal};
 use homelab_deploy::protocol::{Event, Reply};
@@ -72,14 +73,6 @@ async fn exit_2_when_rejected_or_given_bad_arguments() {
     let flake = Flake::homelab();
     let (nats, _builder) = start_service(&flake, |o| o).await;
 
-    let out = run_cli(&nats.url(), &["build", "nope", "ns1"]).await;
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
-    assert!(
-        stdout(&out).contains("rejected (unknown_repo)"),
-        "{}",
-        describe(&out)
-    );
-
     for args in [
         &["build", "homelab"][..],
         &["build", "homelab", "--ref", "a..b", "ns1"],
@@ -101,10 +94,18 @@ async fn exit_3_when_no_builder_answers() {
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("no builder is listening on build.homelab.ns1"),
+        err.contains("no builder serves repo homelab (nobody is subscribed to build.homelab.ns1)"),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+
+    let out = run_cli(&nats.url(), &["status"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("no builder is listening on build.status"),
+        "{}",
+        describe(&out)
+    );
 
     // No NATS server at all.
     let port = {
@@ -122,6 +123,106 @@ async fn exit_3_when_no_builder_answers() {
         "{}",
         describe(&out)
     );
+}
+
+#[tokio::test]
+async fn exit_3_when_no_builder_serves_the_repo() {
+    let flake = Flake::homelab();
+    let (nats, _builder) = start_service(&flake, |o| o).await;
+    // The builder is not subscribed to repos it does not serve: NATS
+    // answers "no responders", and the remaining targets are not asked.
+    let out = run_cli(&nats.url(), &["build", "nope", "ns1", "ns2"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("no builder serves repo nope (nobody is subscribed to build.nope.ns1)"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(stdout(&out).is_empty(), "{}", describe(&out));
+}
+
+#[tokio::test]
+async fn exit_1_when_no_builder_has_the_build_to_cancel() {
+    let flake = Flake::homelab();
+    let (nats, _builder) = start_service(&flake, |o| o).await;
+    for json in [false, true] {
+        let mut args = vec!["cancel", "0123456789abcdef", "--timeout", "2s"];
+        if json {
+            args.push("--json");
+        }
+        let started = std::time::Instant::now();
+        let out = run_cli(&nats.url(), &args).await;
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        assert!(
+            stderr(&out).contains("no builder has a running or waiting build 0123456789abcdef"),
+            "{}",
+            describe(&out)
+        );
+        assert!(stdout(&out).is_empty(), "{}", describe(&out));
+        // Silence is the answer: it takes the whole wait.
+        assert!(started.elapsed() >= std::time::Duration::from_secs(2));
+    }
+}
+
+#[tokio::test]
+async fn status_shows_every_builder_told_apart_by_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = nkey_user(dir.path(), "builder");
+    let flake = Flake::homelab();
+    // Two builders of the same name: one signs its answers, one does not.
+    let (nats, _signed) = start_service(&flake, |o| {
+        o.signing_with(&signer.seed_file).builder("name = \"twin\"")
+    })
+    .await;
+    let _unsigned = Builder::start(
+        &nats,
+        &BuilderOptions::new(&flake).builder("name = \"twin\""),
+    )
+    .await;
+
+    let out = run_cli(&nats.url(), &["status"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    let headings: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("builder "))
+        .collect();
+    let signed = format!("builder twin (key {}, signed)", signer.public_key);
+    assert_eq!(
+        headings,
+        [signed.as_str(), "builder twin (unsigned)"],
+        "{text}"
+    );
+    assert_eq!(text.matches("repos: homelab").count(), 2, "{text}");
+    assert!(
+        text.starts_with(&format!("{signed}\nhomelab-deploy builder ")),
+        "{text}"
+    );
+
+    // One JSON object per builder and line, in the same order.
+    let out = run_cli(&nats.url(), &["status", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let answers: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 2, "{}", describe(&out));
+    for answer in &answers {
+        assert_eq!(answer["event"], "status");
+        assert_eq!(answer["builder"], "twin");
+    }
+
+    // With --builder-key, only the builder signing with it counts.
+    let out = run_cli(
+        &nats.url(),
+        &["status", "--builder-key", &signer.public_key],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with(&signed), "{text}");
+    assert!(!text.contains("(unsigned)"), "{text}");
 }
 
 #[tokio::test]

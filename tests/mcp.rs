@@ -126,16 +126,28 @@ async fn builds_run_and_report_through_the_tools() {
     let status = &results[4];
     assert_eq!(status["is_error"], false, "{status}");
     let text = status["text"].as_str().unwrap();
+    assert!(text.starts_with("builder "), "{text}");
+    assert!(
+        text.contains(" (unsigned)\nhomelab-deploy builder "),
+        "{text}"
+    );
     assert!(text.contains("homelab/ns1"), "{text}");
     assert!(text.contains("homelab/broken-build  failed"), "{text}");
+    let builders = status["structured"]["builders"].as_array().unwrap();
+    assert_eq!(builders.len(), 1, "{status}");
+    assert_eq!(builders[0]["signature"], "unsigned", "{status}");
+    assert_eq!(builders[0]["key"], Value::Null, "{status}");
+    assert_eq!(builders[0]["status"]["repos"][0]["name"], "homelab");
 
+    // Only the builder that has a build answers its cancel: none does.
     let cancel = &results[5];
     assert_eq!(cancel["is_error"], true, "{cancel}");
     assert!(
         cancel["text"]
             .as_str()
             .unwrap()
-            .contains("no running or queued build")
+            .contains("no builder has a running or waiting build 0123456789abcdef"),
+        "{cancel}"
     );
 }
 
@@ -168,8 +180,13 @@ async fn bad_arguments_and_rejections_are_tool_errors_with_the_reason() {
     assert!(texts[1].contains("unsafe ref"), "{}", texts[1]);
     assert!(texts[2].contains("missing field `target`"), "{}", texts[2]);
     assert!(texts[3].contains("unknown field `extra`"), "{}", texts[3]);
+    // No builder is subscribed to a repo none serves.
+    assert!(
+        texts[4].contains("no builder serves repo nope (nobody is subscribed to build.nope.ns1)"),
+        "{}",
+        texts[4]
+    );
     // From the builder itself:
-    assert!(texts[4].contains("rejected (unknown_repo)"), "{}", texts[4]);
     assert!(texts[5].contains("unknown_host"), "{}", texts[5]);
     assert!(texts[6].contains("invalid build id"), "{}", texts[6]);
 }
@@ -183,7 +200,7 @@ async fn build_status_says_when_no_builder_answers() {
         results[1]["text"]
             .as_str()
             .unwrap()
-            .contains("no builder is listening"),
+            .contains("no builder is listening on build.status"),
         "{}",
         results[1]
     );

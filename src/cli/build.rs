@@ -40,9 +40,9 @@ pub struct Args {
     /// resume the build.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     resume_timeout: Duration,
-    /// While no builder listens (NATS "no responders", e.g. it is
-    /// restarting), keep asking for this long (e.g. 5m) instead of giving
-    /// up at once.
+    /// While no builder serves the repo (NATS "no responders", e.g. it
+    /// is restarting), keep asking for this long (e.g. 5m) instead of
+    /// giving up at once.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     wait_for_builder: Option<Duration>,
     #[command(flatten)]

@@ -128,13 +128,14 @@ impl NatsArgs {
     }
 }
 
-/// Options shared by the subcommands that ask the builder one question.
+/// Options shared by the subcommands that ask the builders one question.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueryArgs {
-    /// Print the builder's reply as received (one JSON object).
+    /// Print each builder's reply as received, one JSON object per line.
     #[arg(long)]
     json: bool,
-    /// How long to wait for the builder to answer.
+    /// How long to wait for an answer (a cancel of a build no builder
+    /// has hears none, and takes this long to say so).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
     #[command(flatten)]
@@ -167,9 +168,11 @@ pub fn client_exit(err: &crate::client::ClientError) -> Exit {
         ClientError::Invalid(_) | ClientError::InvalidRepo(_) | ClientError::BadBuilderKey(_) => {
             Exit::Usage
         }
+        ClientError::NoSuchBuild { .. } => Exit::Failed,
         ClientError::Connect(err) if err.is_local() => Exit::Usage,
         ClientError::Connect(_)
         | ClientError::NoResponders { .. }
+        | ClientError::NoBuilderServesRepo { .. }
         | ClientError::NotAcknowledged { .. }
         | ClientError::TimedOut { .. }
         | ClientError::BuilderSilent { .. }

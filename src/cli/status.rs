@@ -1,8 +1,8 @@
-//! `homelab-deploy status`: what the builder is doing and how every host
-//! last went.
+//! `homelab-deploy status`: what every builder on the NATS server is doing
+//! and how each host last went.
 
 use super::{Exit, QueryArgs, client_exit, connect, print_raw};
-use crate::present::status_report;
+use crate::present::status_reports;
 use crate::printable::printable;
 
 #[derive(Debug, clap::Args)]
@@ -18,8 +18,12 @@ pub async fn run(args: Args) -> Exit {
         Err(exit) => return exit,
     };
     match client.status(query.timeout).await {
-        Ok((_, raw)) if query.json => print_raw(&raw),
-        Ok((status, _)) => print!("{}", printable(&status_report(&status))),
+        Ok(answers) if query.json => {
+            for answer in &answers {
+                print_raw(&answer.raw);
+            }
+        }
+        Ok(answers) => print!("{}", printable(&status_reports(&answers))),
         Err(err) => {
             eprintln!("error: {}", printable(&err.to_string()));
             return client_exit(&err);
