@@ -72,6 +72,9 @@ pub(crate) struct Intake {
     status_sent: std::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
     /// Sees the events of every accepted build (history, live feed).
     tap: Option<Arc<EventTap>>,
+    /// The builder's name, told in `accepted` (read once: the host name
+    /// is a file read).
+    name: String,
 }
 
 /// How long one status is sent again, while answers wait to be sent (a
@@ -170,6 +173,7 @@ impl Intake {
         finisher: Arc<Finisher>,
     ) -> Self {
         Self {
+            name: config.builder.display_name(),
             config,
             publisher,
             answers,
@@ -436,7 +440,7 @@ impl Intake {
 
         let heartbeat_ms = super::request::millis(self.config.builder.progress_interval);
         let accepted = |queue_position| Event::Accepted {
-            builder: Some(self.config.builder.display_name()),
+            builder: Some(self.name.clone()),
             request_digest: Some(digest.clone()),
             repo: repo.clone(),
             target: target.to_string(),
@@ -572,7 +576,7 @@ impl Intake {
                 // Attached and `accepted` sent under the queue's lock:
                 // `accepted` comes before anything the build sends later.
                 let accepted = Event::Accepted {
-                    builder: Some(self.config.builder.display_name()),
+                    builder: Some(self.name.clone()),
                     request_digest: Some(digest.to_owned()),
                     repo: waiting.repo.clone(),
                     target: waiting.target.to_string(),
