@@ -31,9 +31,8 @@ pub use status::{
     StatusEvent, rfc3339,
 };
 pub use subjects::{
-    CANCEL_SUBJECT, REQUEST_SUBSCRIPTION, RESPONSES_PREFIX, RESPONSES_TOKEN, STATUS_SUBJECT,
-    SUBJECT_ROOT, SubjectKind, classify_subject, default_queue_group, repo_subscription,
-    request_subject,
+    CANCEL_SUBJECT, RESPONSES_PREFIX, RESPONSES_TOKEN, STATUS_SUBJECT, SUBJECT_ROOT, SubjectKind,
+    classify_subject, default_queue_group, repo_subscription, request_subject,
 };
 
 /// Room kept for the fields of a shortened answer (`finished`, `status`)

@@ -25,7 +25,7 @@ pub struct ValidRequest {
     pub body: BuildRequest,
 }
 
-/// Parses and validates a message received on [`REQUEST_SUBSCRIPTION`](super::REQUEST_SUBSCRIPTION).
+/// Parses and validates a message received on a [`repo_subscription`](super::repo_subscription).
 /// `Ok(None)`: not a request at all (a reply, or not this protocol), to be
 /// ignored; `Err`: a request to reject with the error's code.
 pub fn parse_build_request(

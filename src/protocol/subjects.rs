@@ -7,10 +7,6 @@ pub const SUBJECT_ROOT: &str = "build";
 pub const RESPONSES_TOKEN: &str = "responses";
 /// Prefix of every reply subject (`build.responses.<client>.<unique>`).
 pub const RESPONSES_PREFIX: &str = "build.responses.";
-/// What every build request matches (`build.<repo>.<target>`); a builder
-/// subscribes to [`repo_subscription`] of each of its repos only.
-pub const REQUEST_SUBSCRIPTION: &str = "build.*.*";
-
 /// What a builder subscribes to for the build requests of `repo`.
 pub fn repo_subscription(repo: &str) -> String {
     format!("{SUBJECT_ROOT}.{repo}.*")
@@ -31,7 +27,7 @@ pub fn request_subject(repo: &str, target: &str) -> String {
     format!("{SUBJECT_ROOT}.{repo}.{target}")
 }
 
-/// What a subject received on [`REQUEST_SUBSCRIPTION`] means.
+/// What a subject received on a [`repo_subscription`] means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubjectKind<'a> {
     /// `build.<repo>.<target>`: a build request (not yet validated).
