@@ -343,7 +343,7 @@ impl Intake {
         log
     }
 
-    /// Handles a message on `build.*.*`.
+    /// Handles a message on `build.<repo>.*` of one of the builder's repos.
     pub(crate) fn build(&self, message: Message) {
         if !matches!(
             protocol::classify_subject(&message.subject),
